@@ -1,0 +1,787 @@
+"""PyTorch resource-accounting lab: FLOPs, memory, training strategies, mixed precision.
+
+One command draws five figures, and every number on them is counted or measured on the
+machine that runs it:
+
+    python pytorch_practice_demo.py                 # five PNGs + results.json in 生成的图片/
+    python pytorch_practice_demo.py --quick         # smaller sizes, a fast check
+    python pytorch_practice_demo.py --only flop,amp --lang en
+
+The helpers behind the figures work on your own models:
+
+    from pytorch_practice_demo import FLOPCalculator
+    result = FLOPCalculator().analyze_model(model, (32, 1024))
+    print(result["flops_readable"], result["parameters_readable"])
+
+Conventions (stated once, used everywhere):
+- FLOPs = 2 x multiply-adds (MACs). Bias adds are not counted. ``flops`` holds the matmul-class
+  work (linear, matmul, conv, attention, RNN); elementwise/normalisation/softmax/pooling work is
+  kept apart in ``other_flops`` so ``flops`` stays comparable with published numbers.
+- Memory is the peak of live tensor storage bytes during one steady-state step.
+
+References behind the formulas:
+- torch/utils/flop_counter.py (per-op formulas, conv and SDPA backward conventions).
+- Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1 (transformer FLOPs).
+- Chowdhery et al. 2022, "PaLM", Appendix B (model FLOPs utilisation, MFU).
+- Rajbhandari et al. 2020, "ZeRO", Section 3 and Figure 1 (16 bytes/parameter for mixed-precision
+  Adam; ZeRO-1/2/3 partitioning).
+- Micikevicius et al. 2018, "Mixed Precision Training" (loss scaling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import json
+import math
+import os
+import random
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+# -----------------------------------------------------------------------------
+# Constants, labels and output helpers
+# -----------------------------------------------------------------------------
+
+DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "生成的图片"
+FIGURE_FILES = {
+    "flop": "FLOP分析可视化.png",
+    "memory": "内存分析可视化.png",
+    "training": "训练性能可视化.png",
+    "amp": "混合精度效益对比.png",
+    "dashboard": "综合性能仪表板.png",
+}
+
+# Bytes per element of each dtype the lab talks about.
+BYTES_PER_ELEMENT = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+# Families that ship CJK glyphs, in order of preference, looked up among installed fonts.
+CJK_FONT_FAMILIES = ["Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
+                     "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC",
+                     "Heiti SC", "Arial Unicode MS"]
+
+# Every label of every figure, Chinese and English side by side: one table, one lookup (_t).
+LABELS = {
+    # FLOP figure
+    "flop_title": ("FLOP 分析：模型规模与计算量", "FLOP analysis: model size and compute"),
+    "flop_sub": ("每个数字均由 FLOPCalculator 在 meta 张量上计数（无真实计算）；batch={batch}；FLOPs = 2 × 乘加",
+                 "Every number counted by FLOPCalculator on meta tensors (no real compute); "
+                 "batch={batch}; FLOPs = 2 × multiply-adds"),
+    "flop_bars": ("前向 FLOPs（对数轴）", "Forward FLOPs (log scale)"),
+    "matmul_flops": ("矩阵乘类（线性/卷积/注意力/RNN）", "matmul-class (linear/conv/attention/RNN)"),
+    "other_flops": ("其他（逐元素/归一化/softmax/池化）", "other (elementwise/norm/softmax/pool)"),
+    "params_bars": ("参数数量（对数轴）", "Parameter count (log scale)"),
+    "parameters": ("参数量", "parameters"),
+    "flops_vs_params": ("FLOPs 与参数量不成正比", "FLOPs are not proportional to parameters"),
+    "flops_per_param": ("每个参数的前向 FLOPs = 2 × 复用次数", "Forward FLOPs per parameter = 2 × reuse"),
+    "train_ratio": ("训练/前向 FLOP 比（反向实际运行的算子）", "Training/forward FLOP ratio (backward ops that ran)"),
+    "reuse_note": ("卷积核在每个空间位置、权重在每个 token 上被复用",
+                   "conv kernels reused at every position, weights at every token"),
+    "ratio_2x": ("2×：每次前向乘加 ↔ 1 FLOP 参数", "2×: one multiply-add per parameter"),
+    "ratio_3x": ("常用的 3× 估计", "the common 3× rule"),
+    "fwd_flops_axis": ("前向 FLOPs", "forward FLOPs"),
+    "kind_mlp": ("MLP", "MLP"), "kind_cnn": ("CNN", "CNN"), "kind_transformer": ("Transformer", "Transformer"),
+    "kind_rnn": ("RNN", "RNN"),
+}
+
+_LANG = None  # "zh" or "en"; resolved on first use by _lang()
+_CJK_FONT = None  # family name registered with matplotlib, or "" when none is usable
+
+
+def _find_cjk_font():
+    """Return a CJK font family usable by matplotlib, registering mplfonts' file if needed."""
+    from matplotlib import font_manager
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    for family in CJK_FONT_FAMILIES:
+        if family in installed:
+            return family
+    try:
+        import mplfonts
+    except ImportError:
+        return ""
+    path = Path(mplfonts.__file__).parent / "fonts" / "NotoSansCJKsc-Regular.otf"
+    if not path.exists():
+        return ""
+    font_manager.fontManager.addfont(str(path))  # registers for this process only
+    return font_manager.FontProperties(fname=str(path)).get_name()
+
+
+def set_language(lang="auto"):
+    """Choose figure labels: "zh", "en" or "auto" (Chinese when a CJK font can be used)."""
+    global _LANG, _CJK_FONT
+    if lang not in ("auto", "zh", "en"):
+        raise ValueError(f"lang must be 'auto', 'zh' or 'en', got {lang!r}")
+    if _CJK_FONT is None:
+        _CJK_FONT = _find_cjk_font()
+    if lang == "en":
+        _LANG = "en"
+    elif _CJK_FONT:
+        _LANG = "zh"
+    else:
+        _LANG = "en"
+        warnings.warn("No CJK font found, figure labels are in English. For Chinese labels: "
+                      "pip install mplfonts (or install a font such as Noto Sans CJK SC).",
+                      stacklevel=2)
+    return _LANG
+
+
+def _lang():
+    return _LANG or set_language("auto")
+
+
+def _t(key, **fmt):
+    """The label for `key` in the current language, formatted with `fmt`."""
+    zh, en = LABELS[key]
+    text = zh if _lang() == "zh" else en
+    return text.format(**fmt) if fmt else text
+
+
+@contextlib.contextmanager
+def _figure_style(style="whitegrid"):
+    """Seaborn theme and a concrete CJK-capable font family, applied only inside the block."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    families = ([_CJK_FONT] if _lang() == "zh" else []) + ["DejaVu Sans"]
+    with sns.axes_style(style), plt.rc_context({"font.family": families,
+                                                "axes.unicode_minus": False}):
+        yield
+
+
+def save_figure(fig, path, dpi=120):
+    """Write `fig` to `path` atomically (temp file + os.replace) and close it; return the path."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def write_json_atomic(data, path):
+    """Write `data` as JSON to `path` atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def readable(n, unit=""):
+    """42_106_880 -> '42.11 M' + unit (decimal SI prefixes, two decimals)."""
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= factor:
+            return f"{n / factor:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+def seed_everything(seed):
+    """Seed torch, numpy and random from one number."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Model zoo: small models written here, torchvision models built with weights=None
+# -----------------------------------------------------------------------------
+
+def mlp(width=512, in_features=1024, classes=10):
+    """The seed MLP, Linear(1024, w) -> Linear(w, w/2) -> Linear(w/2, 10), at any width."""
+    return nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, width // 2),
+                         nn.ReLU(), nn.Linear(width // 2, classes))
+
+
+class MnistNet(nn.Module):
+    """The CNN of PyTorch's MNIST example (pytorch/examples, mnist/main.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(9216, 128)  # 64 channels * 12 * 12 after one 2x2 max-pool
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):                                    # (B, 1, 28, 28)
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))        # (B, 64, 24, 24)
+        x = self.dropout1(F.max_pool2d(x, 2)).flatten(1)     # (B, 9216)
+        x = self.dropout2(F.relu(self.fc1(x)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(self, x):                                    # (B, T, C)
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, as in nanoGPT."""
+
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = CausalSelfAttention(n_embd, n_head)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyGPT(nn.Module):
+    """A small GPT: token + position embeddings, `n_layer` blocks, LM head tied to the embedding."""
+
+    def __init__(self, vocab_size=1024, n_layer=4, n_embd=256, n_head=4, block_size=256):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, n_embd)
+        self.pos = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # weight tying: one parameter, counted once
+
+    def forward(self, idx):                                  # (B, T) token ids
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok(idx) + self.pos(positions)              # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))                       # (B, T, vocab)
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding -> 2-layer LSTM -> linear on the last hidden state: a text classifier."""
+
+    def __init__(self, vocab_size=10000, embed=128, hidden=256, layers=2, classes=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=layers, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, idx):                                  # (B, T) token ids
+        out, _ = self.lstm(self.embed(idx))                  # (B, T, H)
+        return self.fc(out[:, -1])
+
+
+# -----------------------------------------------------------------------------
+# FLOP counting
+# -----------------------------------------------------------------------------
+# FLOPs = 2 * MACs; bias adds not counted.  MAC formulas below return multiply-adds for the
+# matmul-class ops; "other" formulas return FLOPs directly (one per elementwise operation).
+
+_FORMULAS = {}  # aten op name -> (kind, formula); kind is "macs" or "other"
+
+
+def _register(kind, *op_names):
+    """Register `formula` for aten ops by name (names, not objects: older torch lacks some ops)."""
+    def decorator(fn):
+        for name in op_names:
+            if name in _FORMULAS:
+                raise RuntimeError(f"a formula for aten.{name} is already registered")
+            _FORMULAS[name] = (kind, fn)
+        return fn
+    return decorator
+
+
+macs_formula = functools.partial(_register, "macs")
+other_formula = functools.partial(_register, "other")
+
+
+def _numel(shape):
+    return math.prod(shape)
+
+
+@macs_formula("mm")
+def mm_macs(a, b, *args, **kwargs) -> int:
+    """(m, k) @ (k, n): m*k*n multiply-adds."""
+    return a.shape[0] * a.shape[1] * b.shape[1]
+
+
+@macs_formula("addmm", "_addmm_activation")
+def addmm_macs(bias, a, b, *args, **kwargs) -> int:
+    """bias + a @ b: the matmul only (bias adds not counted)."""
+    return mm_macs(a, b)
+
+
+@macs_formula("bmm")
+def bmm_macs(a, b, *args, **kwargs) -> int:
+    """(B, m, k) @ (B, k, n): B*m*k*n."""
+    return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+@macs_formula("baddbmm")
+def baddbmm_macs(bias, a, b, *args, **kwargs) -> int:
+    return bmm_macs(a, b)
+
+
+@macs_formula("mv", "addmv")
+def mv_macs(*args, **kwargs) -> int:
+    """(m, k) @ (k,): m*k.  addmv(bias, mat, vec) shares the formula."""
+    mat, vec = (args[0], args[1]) if args[0].dim() == 2 else (args[1], args[2])
+    return mat.shape[0] * vec.shape[0]
+
+
+@macs_formula("dot", "vdot")
+def dot_macs(a, b, *args, **kwargs) -> int:
+    return a.shape[0]
+
+
+def _conv_macs(x_shape, w_shape, out_shape, transposed) -> int:
+    """Every output element of a conv is a dot product over (C_in/groups) * kernel elements.
+
+    For a transposed conv the roles swap: every *input* element is scattered over
+    (C_out/groups) * kernel outputs (as in torch/utils/flop_counter.py conv_flop_count).
+    """
+    per_element = w_shape[1] * _numel(w_shape[2:])
+    return (_numel(x_shape) if transposed else _numel(out_shape)) * per_element
+
+
+@macs_formula("convolution", "_convolution")
+def conv_macs(x, w, bias, stride, padding, dilation, transposed, *args, out=None, **kwargs) -> int:
+    return _conv_macs(x.shape, w.shape, out.shape, transposed)
+
+
+@macs_formula("convolution_backward")
+def conv_backward_macs(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed,
+                       output_padding, groups, output_mask, *args, **kwargs) -> int:
+    """grad_input and grad_weight each cost one forward conv (flop_counter.py conv_backward_flop)."""
+    forward = _conv_macs(x.shape, w.shape, grad_out.shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def _sdpa_macs(q, k, v) -> int:
+    """softmax(q @ k^T) @ v with q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev)."""
+    b, h, l, e = q.shape
+    s, ev = k.shape[-2], v.shape[-1]
+    return b * h * l * s * e + b * h * l * s * ev  # scores + weighted sum of values
+
+
+@macs_formula("_scaled_dot_product_flash_attention_for_cpu",
+              "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention")
+def sdpa_macs(q, k, v, *args, **kwargs) -> int:
+    return _sdpa_macs(q, k, v)
+
+
+@macs_formula("_scaled_dot_product_flash_attention_for_cpu_backward",
+              "_scaled_dot_product_flash_attention_backward",
+              "_scaled_dot_product_efficient_attention_backward",
+              "_scaled_dot_product_cudnn_attention_backward")
+def sdpa_backward_macs(grad_out, q, k, v, *args, **kwargs) -> int:
+    """Recompute scores, then grad_scores, grad_v, grad_q, grad_k: flop_counter.py's 5 bmms."""
+    b, h, l, e = q.shape
+    s, ev = k.shape[-2], v.shape[-1]
+    return b * h * l * s * (2 * e + 2 * ev + e)
+
+
+@macs_formula("_native_multi_head_attention")
+def mha_fastpath_macs(q, k, v, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight,
+                      *args, **kwargs) -> int:
+    """nn.MultiheadAttention's eval fast path: q/k/v projections, attention, out projection."""
+    b, l, e = q.shape
+    s = k.shape[1]
+    projections = b * l * e * e + 2 * b * s * e * e + b * l * e * e
+    return projections + 2 * b * l * s * e  # scores and weighted values over all heads
+
+
+@macs_formula("_transformer_encoder_layer_fwd")
+def encoder_fastpath_macs(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight,
+                          proj_bias, use_gelu, norm_first, eps, nw1, nb1, nw2, nb2,
+                          ffn_weight_1, *args, **kwargs) -> int:
+    """nn.TransformerEncoderLayer's eval fast path: self-attention plus the two FFN linears."""
+    b, l, e = src.shape
+    ffn = 2 * b * l * e * ffn_weight_1.shape[0]
+    return mha_fastpath_macs(src, src, src, embed_dim, num_heads, qkv_weight, qkv_bias,
+                             proj_weight) + ffn
+
+
+def _rnn_weight_macs(x, weights, batch_first) -> int:
+    """Each time step multiplies every weight matrix (W_ih and W_hh) once per sequence."""
+    steps_times_batch = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
+    return steps_times_batch * sum(w.numel() for w in weights if w.dim() == 2)
+
+
+@macs_formula("mkldnn_rnn_layer")
+def mkldnn_rnn_macs(x, w_ih, w_hh, b_ih, b_hh, *args, **kwargs) -> int:
+    """The CPU (oneDNN) LSTM/GRU layer: T*B*(W_ih + W_hh) multiply-adds."""
+    return _rnn_weight_macs(x, [w_ih, w_hh], batch_first=False)
+
+
+@macs_formula("_cudnn_rnn")
+def cudnn_rnn_macs(x, weights, *args, **kwargs) -> int:
+    """The cuDNN RNN over all layers and directions: T*B*(sum of weight matrices)."""
+    return _rnn_weight_macs(x, weights, batch_first=False)
+
+
+@macs_formula("mkldnn_rnn_layer_backward", "_cudnn_rnn_backward")
+def rnn_backward_macs(x, w1, w2, *args, **kwargs) -> int:
+    """NB: grad wrt inputs/hidden and grad wrt weights: 2x the forward (an approximation)."""
+    weights = w1 if isinstance(w1, (list, tuple)) else [w1, w2]
+    return 2 * _rnn_weight_macs(x, weights, batch_first=False)
+
+
+# --- other FLOPs: per-element conventions. NB: these are rough by nature (an exp is not one
+# multiply); they are kept apart from `flops` for exactly that reason.
+NORM_FLOPS_PER_ELEMENT = 5      # mean, subtract, variance, normalise, scale-and-shift
+SOFTMAX_FLOPS_PER_ELEMENT = 5   # max, subtract, exp, sum, divide
+
+
+@other_formula("sum", "mean", "amax", "amin", "max", "min", "var",
+               "var_mean", "std", "prod", "norm", "linalg_vector_norm",
+               "logsumexp", "argmax", "argmin", "nll_loss_forward",
+               "_adaptive_avg_pool2d", "adaptive_max_pool2d",
+               "_adaptive_avg_pool2d_backward", "embedding_dense_backward",
+               "nll_loss_backward", "max_pool2d_with_indices_backward",
+               "avg_pool2d_backward", "mse_loss", "mse_loss_backward")
+def reduction_flops(x, *args, **kwargs) -> int:
+    """One operation per input element."""
+    return x.numel()
+
+
+@other_formula("threshold_backward", "hardtanh_backward", "gelu_backward",
+               "silu_backward", "sigmoid_backward", "tanh_backward",
+               "hardswish_backward", "hardsigmoid_backward", "leaky_relu_backward",
+               "elu_backward", "native_dropout_backward")
+def activation_backward_flops(grad, *args, **kwargs) -> int:
+    """One operation per gradient element (these backward ops carry no pointwise tag)."""
+    return grad.numel()
+
+
+@other_formula("eq", "ne", "lt", "gt", "le", "ge", "where",
+               "native_dropout")
+def untagged_elementwise_flops(*args, out=None, **kwargs) -> int:
+    """One operation per output element, for elementwise ops without the pointwise tag."""
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    return first.numel()
+
+
+@other_formula("_softmax", "_safe_softmax", "_log_softmax",
+               "_softmax_backward_data", "_log_softmax_backward_data")
+def softmax_flops(x, *args, **kwargs) -> int:
+    return SOFTMAX_FLOPS_PER_ELEMENT * x.numel()
+
+
+@other_formula("native_layer_norm", "native_batch_norm", "_native_batch_norm_legit",
+               "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
+               "native_group_norm", "native_layer_norm_backward",
+               "native_batch_norm_backward", "native_group_norm_backward",
+               "_fused_rms_norm", "_fused_rms_norm_backward")
+def norm_flops(x, *args, **kwargs) -> int:
+    if not isinstance(x, torch.Tensor):  # the backward ops take grad_out first; same size
+        x = args[0]
+    return NORM_FLOPS_PER_ELEMENT * x.numel()
+
+
+@other_formula("max_pool2d_with_indices", "avg_pool2d", "max_pool3d_with_indices",
+               "avg_pool3d")
+def pool_flops(x, kernel_size, *args, out=None, **kwargs) -> int:
+    """One comparison/add per window element for each output element."""
+    window = _numel(kernel_size) if len(kernel_size) > 1 else kernel_size[0] ** (x.dim() - 2)
+    return _numel(out[0].shape if isinstance(out, tuple) else out.shape) * window
+
+
+# Ops that move or create data without arithmetic: neither counted nor "unsupported".
+ZERO_COST_OPS = {
+    "detach", "clone", "copy_", "_to_copy", "empty", "empty_like", "empty_strided", "zeros",
+    "zeros_like", "ones", "ones_like", "full", "full_like", "fill_", "zero_", "new_empty",
+    "new_empty_strided", "new_zeros", "new_ones", "new_full", "arange", "cat", "stack",
+    "embedding", "index_select", "gather", "lift_fresh", "lift_fresh_copy", "constant_pad_nd",
+    "scalar_tensor", "_local_scalar_dense", "_unsafe_view", "contiguous", "index", "index_put_",
+    "scatter", "scatter_", "masked_fill_", "masked_fill", "uniform_", "normal_", "bernoulli_",
+    "randn", "rand", "randint", "randperm", "resize_", "set_", "_assert_async", "sym_size",
+    "sym_numel", "sym_stride", "sym_storage_offset", "is_same_size",
+    "_has_compatible_shallow_copy_type",
+    "split_with_sizes_copy", "unbind_copy", "tril", "triu", "flip", "roll", "repeat",
+    "_pin_memory", "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk", "select_backward",
+    "slice_backward", "select_scatter", "slice_scatter", "as_strided_scatter", "index_add_", "index_put",
+}
+
+
+def _op_cost(func, args, kwargs, out):
+    """Return (kind, amount) for one op: kind in {"macs", "other", "zero", "unsupported"}."""
+    name = func.overloadpacket.__name__
+    if name in _FORMULAS:
+        kind, formula = _FORMULAS[name]
+        return kind, int(formula(*args, **kwargs, out=out))
+    if func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
+        return "zero", 0
+    if torch.Tag.pointwise in func.tags:  # one FLOP per output element
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        return "other", first.numel() if isinstance(first, torch.Tensor) else 0
+    return "unsupported", 0
+
+
+class _CountingMode(TorchDispatchMode):
+    """Dispatch mode that prices every op with the registry and attributes it to modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "forward"
+        self.macs = Counter()          # phase -> multiply-adds
+        self.other = Counter()         # phase -> other FLOPs
+        self.by_operator = Counter()   # forward op name -> FLOPs (matmul-class and other)
+        self.by_module = Counter()     # module name -> forward matmul-class FLOPs
+        self.unsupported = Counter()   # op name -> calls
+        self.module_stack = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind, amount = _op_cost(func, args, kwargs, out)
+        name = func.overloadpacket.__name__
+        if kind == "unsupported":
+            self.unsupported[name] += 1
+        elif kind == "macs":
+            self.macs[self.phase] += amount
+        elif kind == "other":
+            self.other[self.phase] += amount
+        if self.phase == "forward" and kind in ("macs", "other"):
+            self.by_operator[name] += 2 * amount if kind == "macs" else amount
+            if kind == "macs":
+                for module_name in dict.fromkeys(self.module_stack):
+                    self.by_module[module_name] += 2 * amount
+        return out
+
+
+@contextlib.contextmanager
+def _track_modules(model, mode):
+    """Keep mode.module_stack in step with module calls, via global hooks removed on exit."""
+    names = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+
+    def pre(module, args):
+        mode.module_stack.append(names.get(id(module), type(module).__name__))
+
+    def post(module, args, output):
+        if mode.module_stack:
+            mode.module_stack.pop()
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(pre),
+               nn.modules.module.register_module_forward_hook(post, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# --- running a model on a replica: the user's module is never touched -------------------
+
+def _replica(model, device, real):
+    """A deep copy of `model` whose parameters and buffers live on `device`.
+
+    With real=False they are empty meta tensors (no memory, no arithmetic); with real=True
+    they are clones of the user's values.  Tied weights stay tied (deepcopy's memo).
+    """
+    memo = {}
+    for p in model.parameters():
+        data = p.detach().to(device, copy=True) if real else torch.empty_like(p, device="meta")
+        memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to(device, copy=True) if real else torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _model_device(model):
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _normalize_inputs(inputs):
+    """Turn `inputs` into (args, kwargs) of tensors; validate shapes given as tuples."""
+    if isinstance(inputs, torch.Size) or (isinstance(inputs, (tuple, list)) and inputs
+                                          and all(isinstance(d, int) for d in inputs)):
+        shape = tuple(inputs)
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"input shape {shape} has a zero or negative dimension; "
+                             "every dimension must be a positive integer")
+        return (torch.empty(shape, device="meta"),), {}, True
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}, False
+    if isinstance(inputs, dict):
+        return (), dict(inputs), False
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return tuple(inputs), {}, False
+    raise TypeError("inputs must be a shape tuple such as (32, 1024), a tensor, a tuple/list "
+                    f"of tensors (positional arguments) or a dict (keyword arguments); "
+                    f"got {type(inputs).__name__}")
+
+
+def _to_device(tree, device, real, generator=None):
+    """Move tensors in `tree` to `device`: meta stand-ins, or real copies (random for meta input).
+
+    The same tensor passed twice stays one tensor (nn.MultiheadAttention's fast path checks
+    `query is key`).
+    """
+    moved = {}
+
+    def move(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if id(x) not in moved:
+            moved[id(x)] = _move_one(x)
+        return moved[id(x)]
+
+    def _move_one(x):
+        if not real:
+            return torch.empty_like(x, device="meta")
+        if x.is_meta:  # a shape given by the user: a random tensor of that shape
+            if x.is_floating_point():
+                return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
+            return torch.zeros(x.shape, dtype=x.dtype, device=device)
+        return x.detach().to(device, copy=True)
+    return tree_map(move, tree)
+
+
+def _shapes(args, kwargs):
+    leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+    shapes = [tuple(x.shape) for x in leaves]
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def _check_model(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _scalar_loss(output):
+    """Sum of every floating-point output tensor that requires grad (None if there is none)."""
+    leaves = [x for x in tree_flatten(output)[0]
+              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+    if not leaves:
+        return None
+    return sum(x.float().sum() for x in leaves)
+
+
+class ModelRunError(ValueError):
+    """The model could not run on the inputs given (shape mismatch and the like)."""
+
+
+def _run_error(model, args, kwargs, err):
+    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelRunError(f"{type(model).__name__} could not run on inputs of shape "
+                         f"{_shapes(args, kwargs)}: {message}")
+
+
+class FLOPCalculator:
+    """Count FLOPs (2 per multiply-add), MACs and parameters of any nn.Module.
+
+    Counting runs on meta tensors by default: a replica of the model whose weights take no
+    memory, so the cost does not grow with the batch and the user's model is never touched.
+    A model that needs real values (data-dependent control flow) falls back to a real run on a
+    clone of its weights; ``result["mode"]`` says which was used.
+    """
+
+    MODES = ("auto", "meta", "real")
+
+    def analyze_model(self, model, inputs, *, mode="auto"):
+        """Count one forward (inference) and one forward + backward (training) of `model`.
+
+        Parameters
+        ----------
+        model : nn.Module
+        inputs : shape tuple (batch first), tensor, tuple/list of tensors, or dict of kwargs.
+        mode : "auto" (meta, real if meta fails), "meta" or "real".
+        """
+        _check_model(model)
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        args, kwargs, _ = _normalize_inputs(inputs)
+        can_run_real = _model_device(model).type != "meta"
+        if mode in ("auto", "meta"):
+            try:
+                return self._count(model, args, kwargs, real=False, mode_note="meta")
+            except Exception as err:
+                meta_error = err
+                if mode == "meta" or not can_run_real:
+                    raise _run_error(model, args, kwargs, err) from None
+        try:
+            note = "real" if mode == "real" else f"real (meta failed: {_first_line(meta_error)})"
+            return self._count(model, args, kwargs, real=True, mode_note=note)
+        except Exception as err:
+            raise _run_error(model, args, kwargs, err) from None
+
+    def _count(self, model, args, kwargs, *, real, mode_note):
+        device = _model_device(model) if real else torch.device("meta")
+        generator = torch.Generator().manual_seed(0)
+        replica = _replica(model, device, real)
+        run_args, run_kwargs = _to_device((args, kwargs), device, real, generator)
+        inference = _CountingMode()
+        with _track_modules(replica, inference), inference, torch.no_grad():
+            replica(*run_args, **run_kwargs)
+        training = _CountingMode()
+        with _track_modules(replica, training), training:
+            loss = _scalar_loss(replica(*run_args, **run_kwargs))
+            training.phase = "backward"
+            if loss is not None:
+                loss.backward()
+        return self._result(model, args, kwargs, inference, training, mode_note)
+
+    @staticmethod
+    def _result(model, args, kwargs, inference, training, mode_note):
+        macs = inference.macs["forward"]
+        backward_macs = training.macs["backward"]
+        parameters = sum(p.numel() for p in model.parameters())
+        unsupported = inference.unsupported + training.unsupported
+        return {
+            "model": type(model).__name__,
+            "input_shape": _shapes(args, kwargs),
+            "flops": 2 * macs,
+            "macs": macs,
+            "other_flops": inference.other["forward"],
+            "training_flops": 2 * (training.macs["forward"] + backward_macs),
+            "backward_flops": 2 * backward_macs,
+            "training_other_flops": training.other["forward"] + training.other["backward"],
+            "flops_readable": readable(2 * macs, "FLOPs"),
+            "macs_readable": readable(macs, "MACs"),
+            "parameters": parameters,
+            "parameters_readable": readable(parameters),
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "by_module": {k: v for k, v in inference.by_module.items() if k},
+            "by_operator": dict(inference.by_operator),
+            "unsupported_ops": dict(unsupported),
+            "mode": mode_note,
+        }
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

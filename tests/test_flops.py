@@ -1,0 +1,300 @@
+"""FLOPCalculator: known arithmetic, cross-checks against FlopCounterMode and torchvision docs."""
+
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+from pytorch_practice_demo import FLOPCalculator, MnistNet, TinyGPT, LSTMClassifier
+
+calc = FLOPCalculator()
+
+
+def seed_mlp():
+    return nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                         nn.Linear(256, 10))
+
+
+def fcm_flops(model, *args):
+    with FlopCounterMode(display=False) as counter:
+        model(*args)
+    return counter.get_total_flops()
+
+
+def test_seed_example():
+    r = calc.analyze_model(seed_mlp(), (32, 1024))
+    assert r["flops"] == 42_106_880  # 2 * 32 * (1024*512 + 512*256 + 256*10)
+    assert r["macs"] == 21_053_440
+    assert r["parameters"] == 658_698  # 1024*512+512 + 512*256+256 + 256*10+10
+    assert r["flops_readable"] == "42.11 MFLOPs"
+    assert r["parameters_readable"] == "658.70 K"
+    assert r["unsupported_ops"] == {}
+    assert r["mode"] == "meta"
+    assert r["by_module"] == {"0": 2 * 32 * 1024 * 512, "2": 2 * 32 * 512 * 256, "4": 2 * 32 * 256 * 10}
+
+
+def test_training_flops_follow_the_backward_that_runs():
+    r = calc.analyze_model(seed_mlp(), (32, 1024))
+    # backward: grad_weight for all 3 layers, grad_input for layers 2 and 3 only
+    # (the model's input needs no gradient): 2 * 21_053_440 - 32*1024*512
+    backward_macs = 2 * 21_053_440 - 32 * 1024 * 512
+    assert r["training_flops"] == 2 * (21_053_440 + backward_macs)
+    assert r["training_flops"] < 3 * r["flops"]
+
+
+def test_shared_weight_counts_once():
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False))
+    model[1].weight = model[0].weight
+    r = calc.analyze_model(model, (2, 64))
+    assert r["parameters"] == 64 * 64
+    assert r["flops"] == 2 * 2 * 2 * 64 * 64  # the weight is still used twice
+
+
+@pytest.mark.parametrize("make, shape", [
+    (seed_mlp, (8, 1024)),
+    (MnistNet, (4, 1, 28, 28)),
+    (lambda: torchvision.models.resnet18(weights=None), (2, 3, 64, 64)),
+    (lambda: nn.ConvTranspose2d(8, 4, 3, stride=2, groups=2), (2, 8, 9, 9)),
+    (lambda: nn.Sequential(nn.Conv1d(6, 12, 5, groups=3, dilation=2), nn.Flatten(), nn.Linear(12 * 22, 3)),
+     (3, 6, 30)),
+])
+def test_matches_flop_counter_mode(make, shape):
+    torch.manual_seed(0)
+    model = make()
+    assert calc.analyze_model(model, shape)["flops"] == fcm_flops(model, torch.randn(shape))
+
+
+def test_einsum_and_matmul_counted():
+    class TwoMatmuls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(16, 32))
+            self.w2 = nn.Parameter(torch.randn(32, 16))
+
+        def forward(self, x):
+            return torch.einsum("bij,jk->bik", x @ self.w1, self.w2)
+
+    model = TwoMatmuls()
+    x = torch.randn(4, 8, 16)
+    r = calc.analyze_model(model, x)
+    # (4,8,16)@(16,32): 4*8*16*32 MACs; einsum (4,8,32)x(32,16): 4*8*32*16 MACs
+    assert r["flops"] == fcm_flops(model, x) == 2 * 2 * (4 * 8 * 16 * 32)
+
+
+@pytest.mark.parametrize("name, gmacs", [
+    ("resnet18", 1.81), ("resnet50", 4.09), ("mobilenet_v2", 0.30), ("vit_b_16", 17.56),
+])
+def test_torchvision_published_gflops(name, gmacs):
+    # torchvision's model docs list multiply-adds (per image at 224x224) under "GFLOPS".
+    with torch.device("meta"):
+        model = getattr(torchvision.models, name)(weights=None)
+    r = calc.analyze_model(model, (1, 3, 224, 224))
+    assert r["macs"] / 1e9 == pytest.approx(gmacs, abs=0.006)
+    assert r["flops"] == 2 * r["macs"]
+
+
+# --- what FlopCounterMode misses on CPU: checked against hand arithmetic --------------------
+
+class SDPA(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("mode", ["meta", "real"])
+def test_cpu_sdpa_counted(mode):
+    q = torch.randn(2, 4, 16, 8)  # (B, H, L, E)
+    r = calc.analyze_model(SDPA(), (q, q.clone(), q.clone()), mode=mode)
+    # scores (B*H*L*S*E) + weighted values (B*H*L*S*E), 2 FLOPs per multiply-add
+    assert r["flops"] == 2 * 2 * (2 * 4 * 16 * 16 * 8)
+    if mode == "real":
+        assert fcm_flops(SDPA(), q, q, q) == 0  # the gap this counter fills
+
+
+@pytest.mark.parametrize("mode", ["meta", "real"])
+def test_lstm_counted(mode):
+    lstm = nn.LSTM(32, 64, batch_first=True)
+    r = calc.analyze_model(lstm, (4, 10, 32), mode=mode)
+    # T*B*(4H*I + 4H*H) multiply-adds = 10*4*(256*32 + 256*64)
+    assert r["macs"] == 10 * 4 * (256 * 32 + 256 * 64)
+    if mode == "real":
+        assert fcm_flops(lstm, torch.randn(4, 10, 32)) == 0
+        assert r["training_flops"] > r["flops"]
+
+
+@pytest.mark.parametrize("mode", ["meta", "real"])
+def test_multihead_attention_eval_fast_path(mode):
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(2, 10, 32)
+    r = calc.analyze_model(mha, (x, x, x), mode=mode)
+    # q, k, v and out projections 4*B*L*E*E, attention 2*B*L*S*E
+    assert r["macs"] == 4 * 2 * 10 * 32 * 32 + 2 * 2 * 10 * 10 * 32
+    if mode == "real":
+        assert "_native_multi_head_attention" in r["by_operator"]
+
+
+def test_gru_and_transformer_encoder_fast_path_real_equals_meta():
+    gru = nn.GRU(16, 32, num_layers=2)
+    assert (calc.analyze_model(gru, (7, 3, 16), mode="real")["macs"]
+            == calc.analyze_model(gru, (7, 3, 16))["macs"]
+            == 7 * 3 * (96 * 16 + 96 * 32 + 96 * 32 + 96 * 32))
+    enc = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    real = calc.analyze_model(enc, (2, 10, 32), mode="real")
+    assert "_transformer_encoder_layer_fwd" in real["by_operator"]
+    assert real["macs"] == calc.analyze_model(enc, (2, 10, 32))["macs"]
+
+
+def test_zoo_models_have_no_unsupported_ops():
+    for model, inputs in [(TinyGPT(), torch.zeros(2, 64, dtype=torch.long)),
+                          (LSTMClassifier(), torch.zeros(2, 32, dtype=torch.long)),
+                          (MnistNet(), (2, 1, 28, 28))]:
+        r = calc.analyze_model(model, inputs)
+        assert r["unsupported_ops"] == {}, type(model).__name__
+        assert r["flops"] > 0 and r["other_flops"] > 0
+
+
+def test_gpt_attention_counted_by_hand():
+    gpt = TinyGPT(vocab_size=100, n_layer=1, n_embd=32, n_head=4, block_size=16)
+    r = calc.analyze_model(gpt, torch.zeros(2, 16, dtype=torch.long))
+    b, t, c, v = 2, 16, 32, 100
+    # per layer: qkv 3C^2, proj C^2, MLP 8C^2 per token; attention 2*T*C per token; lm head C*V
+    macs = b * t * (12 * c * c + 2 * t * c) + b * t * c * v
+    assert r["macs"] == macs
+
+
+# --- unsupported ops are reported, never a silent zero --------------------------------------
+
+def test_unsupported_op_is_reported():
+    class Odd(nn.Module):
+        def forward(self, x):
+            return torch.cumsum(x, 0)
+
+    r = calc.analyze_model(Odd(), (4, 4))
+    assert r["unsupported_ops"].get("cumsum", 0) >= 1
+
+
+# --- the user's model is never changed -------------------------------------------------------
+
+def snapshot(model):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "training": [m.training for m in model.modules()],
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "grads": [p.grad for p in model.parameters()],
+        "dicts": [sorted(m.__dict__) for m in model.modules()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for m in model.modules()],
+        "global_hooks": (len(nn.modules.module._global_forward_hooks),
+                         len(nn.modules.module._global_forward_pre_hooks)),
+        "devices": [t.device for t in model.state_dict().values()],
+    }
+
+
+def assert_unchanged(before, model):
+    after = snapshot(model)
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+    for key in ("training", "requires_grad", "dicts", "hooks", "global_hooks", "devices"):
+        assert before[key] == after[key], key
+    assert all(g is None for g in after["grads"])
+
+
+def bn_model():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.1),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    model[0].weight.requires_grad_(False)
+    model[3].eval()  # mixed modes must survive
+    return model
+
+
+@pytest.mark.parametrize("mode", ["meta", "real"])
+def test_model_untouched(mode):
+    model = bn_model()
+    before = snapshot(model)
+    calc.analyze_model(model, (2, 3, 8, 8), mode=mode)
+    assert_unchanged(before, model)
+    assert model[1].num_batches_tracked.item() == 0
+
+
+def test_model_untouched_when_forward_raises():
+    model = bn_model()
+    before = snapshot(model)
+    with pytest.raises(ValueError):
+        calc.analyze_model(model, (2, 3, 9, 9))
+    assert_unchanged(before, model)
+
+
+# --- bad input: clear, short errors ------------------------------------------------------
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        calc.analyze_model(lambda x: x, (2, 3))
+
+
+def test_shape_mismatch_is_a_clear_value_error(capfd):
+    with pytest.raises(ValueError) as info:
+        calc.analyze_model(seed_mlp(), (32, 100))
+    message = str(info.value)
+    assert "Sequential" in message and "(32, 100)" in message and "1024" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("shape", [(0, 1024), (32, -1)])
+def test_non_positive_dimensions(shape):
+    with pytest.raises(ValueError, match="positive"):
+        calc.analyze_model(seed_mlp(), shape)
+
+
+def test_bad_inputs_type():
+    with pytest.raises(TypeError, match="shape tuple"):
+        calc.analyze_model(seed_mlp(), "32x1024")
+    with pytest.raises(ValueError, match="mode"):
+        calc.analyze_model(seed_mlp(), (2, 1024), mode="fast")
+
+
+# --- other input forms, fallbacks, meta models ------------------------------------------
+
+def test_dict_inputs_and_list_inputs():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(6, 4)
+
+        def forward(self, x, y):
+            return self.a(x) + self.b(y)
+
+    model = Two()
+    by_kw = calc.analyze_model(model, {"x": torch.randn(3, 8), "y": torch.randn(3, 6)})
+    by_pos = calc.analyze_model(model, [torch.randn(3, 8), torch.randn(3, 6)])
+    assert by_kw["flops"] == by_pos["flops"] == 2 * 3 * (8 * 4 + 6 * 4)
+
+
+def test_data_dependent_model_falls_back_to_real():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > -1e9 else x
+
+    r = calc.analyze_model(Branchy(), (2, 8))
+    assert r["mode"].startswith("real") and r["flops"] == 2 * 2 * 8 * 8
+
+
+def test_meta_device_model():
+    with torch.device("meta"):
+        model = TinyGPT(vocab_size=1000, n_layer=4, n_embd=256, n_head=4, block_size=128)
+    r = calc.analyze_model(model, torch.zeros(1, 128, dtype=torch.long, device="meta"))
+    assert r["mode"] == "meta" and r["flops"] > 0
+
+
+def test_readable_units():
+    from pytorch_practice_demo import readable
+    assert readable(42_106_880, "FLOPs") == "42.11 MFLOPs"
+    assert readable(8.18e9, "FLOPs") == "8.18 GFLOPs"
+    assert readable(999) == "999"
