@@ -88,11 +88,16 @@ LABELS = {
     "train_ratio": ("训练/前向 FLOP 比（反向实际运行的算子）", "Training/forward FLOP ratio (backward ops that ran)"),
     "reuse_note": ("卷积核在每个空间位置、权重在每个 token 上被复用",
                    "conv kernels reused at every position, weights at every token"),
-    "ratio_2x": ("2×：每次前向乘加 ↔ 1 FLOP 参数", "2×: one multiply-add per parameter"),
+    "ratio_2x": ("FLOPs = 2 × 参数：每个权重每个样本只用一次", "FLOPs = 2 × parameters: each weight used once per sample"),
     "ratio_3x": ("常用的 3× 估计", "the common 3× rule"),
     "fwd_flops_axis": ("前向 FLOPs", "forward FLOPs"),
     "kind_mlp": ("MLP", "MLP"), "kind_cnn": ("CNN", "CNN"), "kind_transformer": ("Transformer", "Transformer"),
     "kind_rnn": ("RNN", "RNN"),
+    "flop_composition": ("前向矩阵乘类 FLOPs 的去向（%）", "Where forward matmul-class FLOPs go (%)"),
+    "cls_linear": ("线性层/矩阵乘", "linear/matmul"),
+    "cls_conv": ("卷积", "convolution"),
+    "cls_attention": ("注意力（QKᵀ 与 加权 V）", "attention (QKᵀ and weighted V)"),
+    "cls_RNN": ("RNN 单元", "RNN cells"),
 }
 
 _LANG = None  # "zh" or "en"; resolved on first use by _lang()
@@ -296,6 +301,46 @@ class LSTMClassifier(nn.Module):
     def forward(self, idx):                                  # (B, T) token ids
         out, _ = self.lstm(self.embed(idx))                  # (B, T, H)
         return self.fc(out[:, -1])
+
+
+def _torchvision(name):
+    def build():
+        import torchvision
+        return getattr(torchvision.models, name)(weights=None)  # weights=None: nothing downloaded
+    return build
+
+
+def _tokens(length):
+    return lambda batch: torch.zeros(batch, length, dtype=torch.long)
+
+
+def _image(channels, size):
+    return lambda batch: (batch, channels, size, size)
+
+
+# name -> (kind, builder, inputs(batch)): the models every figure compares.
+MODEL_ZOO = {
+    "MLP-512": ("mlp", functools.partial(mlp, 512), lambda batch: (batch, 1024)),
+    "MLP-2048": ("mlp", functools.partial(mlp, 2048), lambda batch: (batch, 1024)),
+    "MLP-8192": ("mlp", functools.partial(mlp, 8192), lambda batch: (batch, 1024)),
+    "MNIST-CNN": ("cnn", MnistNet, _image(1, 28)),
+    "ResNet-18": ("cnn", _torchvision("resnet18"), _image(3, 224)),
+    "ResNet-50": ("cnn", _torchvision("resnet50"), _image(3, 224)),
+    "MobileNetV2": ("cnn", _torchvision("mobilenet_v2"), _image(3, 224)),
+    "EfficientNet-B0": ("cnn", _torchvision("efficientnet_b0"), _image(3, 224)),
+    "ViT-B/16": ("transformer", _torchvision("vit_b_16"), _image(3, 224)),
+    "TinyGPT": ("transformer", TinyGPT, _tokens(256)),
+    "LSTM-Classifier": ("rnn", LSTMClassifier, _tokens(64)),  # meta counting is per time step
+}
+QUICK_ZOO = ["MLP-512", "MLP-2048", "MNIST-CNN", "ResNet-18", "MobileNetV2", "TinyGPT",
+             "LSTM-Classifier"]
+
+
+def build_model(name, device="meta"):
+    """Build a zoo model directly on `device` (on "meta" its weights take no memory)."""
+    kind, builder, _ = MODEL_ZOO[name]
+    with torch.device(device):
+        return builder()
 
 
 # -----------------------------------------------------------------------------
@@ -547,6 +592,23 @@ def _op_cost(func, args, kwargs, out):
     return "unsupported", 0
 
 
+ATTENTION_OPS = {"bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
+                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_native_multi_head_attention"}
+WORK_CLASSES = ("linear/matmul", "conv", "attention", "RNN")
+
+
+def _work_class(op_name, module):
+    """Which kind of matmul-class work an op is, judged by the op and its innermost module."""
+    if isinstance(module, nn.RNNBase) or "rnn" in op_name:
+        return "RNN"
+    if op_name in ("convolution", "_convolution", "convolution_backward"):
+        return "conv"
+    if op_name in ATTENTION_OPS:
+        return "attention"
+    return "linear/matmul"
+
+
 class _CountingMode(TorchDispatchMode):
     """Dispatch mode that prices every op with the registry and attributes it to modules."""
 
@@ -557,8 +619,9 @@ class _CountingMode(TorchDispatchMode):
         self.other = Counter()         # phase -> other FLOPs
         self.by_operator = Counter()   # forward op name -> FLOPs (matmul-class and other)
         self.by_module = Counter()     # module name -> forward matmul-class FLOPs
+        self.by_class = Counter()      # WORK_CLASSES entry -> forward matmul-class FLOPs
         self.unsupported = Counter()   # op name -> calls
-        self.module_stack = []
+        self.module_stack = []         # (name, module) of the modules being called
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -574,8 +637,10 @@ class _CountingMode(TorchDispatchMode):
         if self.phase == "forward" and kind in ("macs", "other"):
             self.by_operator[name] += 2 * amount if kind == "macs" else amount
             if kind == "macs":
-                for module_name in dict.fromkeys(self.module_stack):
+                for module_name in dict.fromkeys(name for name, _ in self.module_stack):
                     self.by_module[module_name] += 2 * amount
+                innermost = self.module_stack[-1][1] if self.module_stack else None
+                self.by_class[_work_class(name, innermost)] += 2 * amount
         return out
 
 
@@ -587,7 +652,7 @@ def _track_modules(model, mode):
         names.setdefault(id(module), name)
 
     def pre(module, args):
-        mode.module_stack.append(names.get(id(module), type(module).__name__))
+        mode.module_stack.append((names.get(id(module), type(module).__name__), module))
 
     def post(module, args, output):
         if mode.module_stack:
@@ -744,15 +809,21 @@ class FLOPCalculator:
         generator = torch.Generator().manual_seed(0)
         replica = _replica(model, device, real)
         run_args, run_kwargs = _to_device((args, kwargs), device, real, generator)
-        inference = _CountingMode()
-        with _track_modules(replica, inference), inference, torch.no_grad():
-            replica(*run_args, **run_kwargs)
         training = _CountingMode()
         with _track_modules(replica, training), training:
-            loss = _scalar_loss(replica(*run_args, **run_kwargs))
+            output = replica(*run_args, **run_kwargs)
             training.phase = "backward"
+            loss = _scalar_loss(output)
             if loss is not None:
                 loss.backward()
+        # NB: eval fast paths (nn.MultiheadAttention, TransformerEncoderLayer) run only without
+        # autograd on CPU/CUDA, so a real run counts inference in a second, no-grad forward.
+        # On meta they never trigger: the forward above is the inference count too.
+        inference = training
+        if real:
+            inference = _CountingMode()
+            with _track_modules(replica, inference), inference, torch.no_grad():
+                replica(*run_args, **run_kwargs)
         return self._result(model, args, kwargs, inference, training, mode_note)
 
     @staticmethod
@@ -760,7 +831,7 @@ class FLOPCalculator:
         macs = inference.macs["forward"]
         backward_macs = training.macs["backward"]
         parameters = sum(p.numel() for p in model.parameters())
-        unsupported = inference.unsupported + training.unsupported
+        unsupported = inference.unsupported | training.unsupported  # calls per pass, either pass
         return {
             "model": type(model).__name__,
             "input_shape": _shapes(args, kwargs),
@@ -777,6 +848,7 @@ class FLOPCalculator:
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "by_module": {k: v for k, v in inference.by_module.items() if k},
             "by_operator": dict(inference.by_operator),
+            "by_class": {cls: inference.by_class[cls] for cls in WORK_CLASSES},
             "unsupported_ops": dict(unsupported),
             "mode": mode_note,
         }
@@ -785,3 +857,167 @@ class FLOPCalculator:
 def _first_line(err):
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+FLOP_RECORD_KEYS = ("flops", "macs", "other_flops", "training_flops", "backward_flops", "parameters",
+                    "trainable_parameters", "by_operator", "by_class", "unsupported_ops", "mode", "input_shape")
+
+
+def run_flop_analysis(models=None, *, batch=1, quick=False, progress=None):
+    """Count every zoo model at `batch`; return one record (dict) per model.
+
+    Models are built on the meta device, so this takes seconds even for ViT-B/16.
+    `progress(done, total, name)` is called after each model when given.
+    """
+    names = list(models or (QUICK_ZOO if quick else MODEL_ZOO))
+    records = []
+    for i, name in enumerate(names):
+        kind, _, make_inputs = MODEL_ZOO[name]
+        result = FLOPCalculator().analyze_model(build_model(name), make_inputs(batch))
+        records.append({"name": name, "kind": kind, "batch": batch,
+                        **{k: result[k] for k in FLOP_RECORD_KEYS}})
+        if progress:
+            progress(i + 1, len(names), name)
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Plotting: each function turns data into a Figure; save_figure writes it
+# -----------------------------------------------------------------------------
+
+KIND_COLORS = {"mlp": "#4C72B0", "cnn": "#55A868", "transformer": "#C44E52", "rnn": "#8172B2"}
+
+def _suptitle(fig, title, subtitle):
+    """Title on the first line, the conditions of the numbers (device, dtype, batch) below it."""
+    fig.suptitle(f"{title}\n{subtitle}", fontsize=14, linespacing=1.6)
+
+
+def _kind_color(kind):
+    return KIND_COLORS.get(kind, "#777777")
+
+
+def _barh(ax, names, values, colors, *, log=False, fmt=None, inside=False):
+    """Horizontal bars with their value printed at the end of each bar (or just inside it)."""
+    y = np.arange(len(names))
+    ax.barh(y, values, color=colors)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    if log:
+        ax.set_xscale("log")
+    for yi, value in zip(y, values):
+        if fmt:
+            ax.annotate(fmt(value), (value, yi), xytext=(-3 if inside else 3, 0), textcoords="offset points",
+                        va="center", ha="right" if inside else "left", fontsize=8,
+                        color="white" if inside else "black")
+    ax.margins(x=0.25 if not log else 0.05)
+    if log:
+        lo, hi = min(v for v in values if v > 0), max(values)
+        ax.set_xlim(lo / 3, hi * 30)
+
+
+def _kind_legend(ax, kinds, loc="lower right"):
+    from matplotlib.patches import Patch
+    handles = [Patch(color=_kind_color(k), label=_t(f"kind_{k}")) for k in dict.fromkeys(kinds)]
+    ax.legend(handles=handles, loc=loc, fontsize=8)
+
+
+def _plot_flop_bars(ax, records):
+    names = [r["name"] for r in records]
+    y = np.arange(len(records))
+    ax.barh(y - 0.2, [r["flops"] for r in records], height=0.4, color="#4C72B0", label=_t("matmul_flops"))
+    ax.barh(y + 0.2, [max(r["other_flops"], 1) for r in records], height=0.4, color="#DD8452",
+            label=_t("other_flops"))
+    for yi, r in zip(y, records):
+        ax.annotate(readable(r["flops"]), (r["flops"], yi - 0.2), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=7)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(min(r["other_flops"] for r in records) / 3, max(r["flops"] for r in records) * 40)
+    ax.set_title(_t("flop_bars"))
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def _plot_param_bars(ax, records):
+    _barh(ax, [r["name"] for r in records], [r["parameters"] for r in records],
+          [_kind_color(r["kind"]) for r in records], log=True, fmt=readable)
+    ax.set_title(_t("params_bars"))
+    _kind_legend(ax, [r["kind"] for r in records])
+
+
+def _plot_flops_vs_params(ax, records):
+    params = np.array([r["parameters"] for r in records], dtype=float)
+    flops = np.array([r["flops"] for r in records], dtype=float)
+    ax.scatter(params, flops, s=60, c=[_kind_color(r["kind"]) for r in records], zorder=3)
+    for r, x, y in zip(records, params, flops):
+        ax.annotate(r["name"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    line = np.array([params.min() / 2, params.max() * 2])
+    ax.plot(line, 2 * line * records[0]["batch"], "k--", lw=1, label=_t("ratio_2x"))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(_t("parameters"))
+    ax.set_ylabel(_t("fwd_flops_axis"))
+    ax.set_title(_t("flops_vs_params"))
+    ax.legend(fontsize=8, loc="upper left")
+    ax.text(0.98, 0.03, _t("reuse_note"), transform=ax.transAxes, ha="right", fontsize=8, style="italic")
+
+
+def _plot_flops_per_param(ax, records):
+    per_param = [r["flops"] / r["batch"] / r["parameters"] for r in records]
+    _barh(ax, [r["name"] for r in records], per_param, [_kind_color(r["kind"]) for r in records],
+          log=True, fmt=lambda v: f"{v:,.0f}")
+    ax.axvline(2, color="k", ls="--", lw=1)
+    ax.set_title(_t("flops_per_param"))
+
+
+def _plot_training_ratio(ax, records):
+    ratios = [r["training_flops"] / r["flops"] for r in records]
+    _barh(ax, [r["name"] for r in records], ratios, [_kind_color(r["kind"]) for r in records],
+          fmt=lambda v: f"{v:.2f}×", inside=True)
+    ax.axvline(3, color="k", ls="--", lw=1, label=_t("ratio_3x"))
+    ax.set_xlim(0, 3.6)
+    ax.set_title(_t("train_ratio"))
+    ax.legend(fontsize=8, loc="lower left")
+
+
+def _plot_flop_composition(ax, records):
+    names = [r["name"] for r in records]
+    left = np.zeros(len(records))
+    colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2"]
+    for cls, color in zip(WORK_CLASSES, colors):
+        share = np.array([100 * r["by_class"][cls] / max(r["flops"], 1) for r in records])
+        ax.barh(names, share, left=left, color=color, label=_t(f"cls_{cls.split('/')[0]}"))
+        left += share
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_title(_t("flop_composition"))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=4)
+
+
+def plot_flop_analysis(records):
+    """Six panels from `run_flop_analysis` records; returns the Figure."""
+    import matplotlib.pyplot as plt
+    with _figure_style():
+        fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
+        _plot_flop_bars(axs[0, 0], records)
+        _plot_param_bars(axs[0, 1], records)
+        _plot_flops_vs_params(axs[0, 2], records)
+        _plot_flops_per_param(axs[1, 0], records)
+        _plot_training_ratio(axs[1, 1], records)
+        _plot_flop_composition(axs[1, 2], records)
+        _suptitle(fig, _t("flop_title"), _t("flop_sub", batch=records[0]["batch"]))
+    return fig
+
+
+def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, records=None, quick=False, batch=1, dpi=120):
+    """Count the model zoo and draw FLOP分析可视化.png into `output_dir` (None: don't save)."""
+    records = records or run_flop_analysis(quick=quick, batch=batch)
+    fig = plot_flop_analysis(records)
+    _save_into(fig, output_dir, "flop", dpi)
+    return fig
+
+
+def _save_into(fig, output_dir, key, dpi):
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_figure(fig, Path(output_dir) / FIGURE_FILES[key], dpi=dpi)
