@@ -39,6 +39,7 @@ import os
 import random
 import tempfile
 import warnings
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -670,19 +671,36 @@ def _track_modules(model, mode):
 
 # --- running a model on a replica: the user's module is never touched -------------------
 
-def _replica(model, device, real):
-    """A deep copy of `model` whose parameters and buffers live on `device`.
+def _replica(model, make):
+    """A deep copy of `model` whose parameters and buffers are `make(tensor)`.
 
-    With real=False they are empty meta tensors (no memory, no arithmetic); with real=True
-    they are clones of the user's values.  Tied weights stay tied (deepcopy's memo).
+    `make` gives empty meta tensors (counting), fake tensors (estimating) or real clones
+    (measuring); the user's module is never touched.  Tied weights stay tied (deepcopy's memo).
     """
     memo = {}
     for p in model.parameters():
-        data = p.detach().to(device, copy=True) if real else torch.empty_like(p, device="meta")
-        memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+        memo[id(p)] = nn.Parameter(make(p.detach()), requires_grad=p.requires_grad)
     for b in model.buffers():
-        memo[id(b)] = b.detach().to(device, copy=True) if real else torch.empty_like(b, device="meta")
+        memo[id(b)] = make(b.detach())
     return copy.deepcopy(model, memo)
+
+
+def _meta_like(x):
+    return torch.empty_like(x, device="meta")
+
+
+def _real_like(device, dtype=None, seed=0):
+    """Real copies on `device` (floating tensors cast to `dtype`); a meta input becomes random data."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(x):
+        cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+        if x.is_meta:  # a shape given by the user
+            if x.is_floating_point():
+                return torch.randn(x.shape, generator=generator).to(device, cast)
+            return torch.zeros(x.shape, dtype=x.dtype, device=device)
+        return x.detach().to(device, cast, copy=True)
+    return make
 
 
 def _model_device(model):
@@ -711,30 +729,21 @@ def _normalize_inputs(inputs):
                     f"got {type(inputs).__name__}")
 
 
-def _to_device(tree, device, real, generator=None):
-    """Move tensors in `tree` to `device`: meta stand-ins, or real copies (random for meta input).
+def _map_tensors(tree, make):
+    """Apply `make` to every tensor in `tree`.
 
     The same tensor passed twice stays one tensor (nn.MultiheadAttention's fast path checks
     `query is key`).
     """
-    moved = {}
+    made = {}
 
-    def move(x):
+    def one(x):
         if not isinstance(x, torch.Tensor):
             return x
-        if id(x) not in moved:
-            moved[id(x)] = _move_one(x)
-        return moved[id(x)]
-
-    def _move_one(x):
-        if not real:
-            return torch.empty_like(x, device="meta")
-        if x.is_meta:  # a shape given by the user: a random tensor of that shape
-            if x.is_floating_point():
-                return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(device)
-            return torch.zeros(x.shape, dtype=x.dtype, device=device)
-        return x.detach().to(device, copy=True)
-    return tree_map(move, tree)
+        if id(x) not in made:
+            made[id(x)] = make(x)
+        return made[id(x)]
+    return tree_map(one, tree)
 
 
 def _shapes(args, kwargs):
@@ -806,10 +815,9 @@ class FLOPCalculator:
             raise _run_error(model, args, kwargs, err) from None
 
     def _count(self, model, args, kwargs, *, real, mode_note):
-        device = _model_device(model) if real else torch.device("meta")
-        generator = torch.Generator().manual_seed(0)
-        replica = _replica(model, device, real)
-        run_args, run_kwargs = _to_device((args, kwargs), device, real, generator)
+        make = _real_like(_model_device(model)) if real else _meta_like
+        replica = _replica(model, make)
+        run_args, run_kwargs = _map_tensors((args, kwargs), make)
         training = _CountingMode()
         with _track_modules(replica, training), training:
             output = replica(*run_args, **run_kwargs)
@@ -880,6 +888,362 @@ def run_flop_analysis(models=None, *, batch=1, quick=False, progress=None):
         if progress:
             progress(i + 1, len(names), name)
     return records
+
+
+# -----------------------------------------------------------------------------
+# Memory accounting
+# -----------------------------------------------------------------------------
+# total = the peak of live tensor storage bytes during one steady-state training step
+# (forward, backward, optimizer.step(), optimizer state already created, grads set to None
+# between steps), or during one forward under torch.inference_mode() for inference.
+
+OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
+PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _make_optimizer(name, params, foreach=None):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3, foreach=foreach)
+    return torch.optim.AdamW(params, lr=1e-3, foreach=foreach)
+
+
+def _check_memory_options(optimizer, precision):
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
+def _autocast(precision, device):
+    dtype = PRECISIONS[precision]
+    if precision.startswith("amp_"):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _checkpoint_blocks(model):
+    """Recompute each block in backward: torch.utils.checkpoint around the elements of the model's
+    outermost nn.Sequential / nn.ModuleList containers (the model itself if it is one).
+    Only for replicas: it sets `forward` on the blocks.  Returns the number of blocks wrapped."""
+    containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
+
+    def visit(module):
+        for child in module.children():
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+                containers.append(child)
+            else:
+                visit(child)
+
+    if not containers:
+        visit(model)
+    blocks = [b for c in containers for b in c if any(True for _ in b.parameters())]
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return len(blocks)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Follows every tensor storage that ops create, and when each one is freed.
+
+    Storages are told apart by identity (views and in-place results share one), freed through a
+    weakref finalizer, and logged as +/- events so categories can be decided after the step.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.phase = "setup"
+        self.info = []         # key -> [nbytes, phase created in, category or None]
+        self.live = {}         # id(storage) -> key, for storages alive now
+        self.events = []       # (key, +1 alloc / -1 free) in order
+        self.phase_start = {}  # phase -> index into events
+        self._finalizers = []
+
+    def add(self, tensor, category=None):
+        storage = tensor.untyped_storage()
+        sid = id(storage)
+        if sid in self.live:
+            return self.live[sid]
+        key = len(self.info)
+        self.info.append([storage.nbytes(), self.phase, category])
+        self.live[sid] = key
+        self.events.append((key, 1))
+        self._finalizers.append(weakref.finalize(storage, self._free, sid, key))
+        return key
+
+    def _free(self, sid, key):
+        self.live.pop(sid, None)
+        self.events.append((key, -1))
+
+    def set_phase(self, phase):
+        self.phase = phase
+        self.phase_start[phase] = len(self.events)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self.add(t)
+        return out
+
+    def close(self):
+        for finalizer in self._finalizers:
+            finalizer.detach()
+
+
+def _categorize(tracker, gradient_keys):
+    """Name each storage: given categories, gradients, activations (made in forward and still
+    alive when backward starts) or temporary (everything else)."""
+    forward_end = tracker.phase_start.get("backward", len(tracker.events))
+    freed_at = {key: i for i, (key, sign) in enumerate(tracker.events) if sign < 0}
+    for key, entry in enumerate(tracker.info):
+        if entry[2]:
+            continue
+        if key in gradient_keys:
+            entry[2] = "gradients"
+        elif entry[1] == "forward" and freed_at.get(key, math.inf) >= forward_end:
+            entry[2] = "activations"
+        else:
+            entry[2] = "temporary"
+
+
+MEMORY_PARTS = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "temporary")
+
+
+def _replay(tracker):
+    """Replay alloc/free events: the peak, what was live at it, and the phase it fell in."""
+    live, by_cat = 0, Counter()
+    peak, at_peak, peak_index = 0, Counter(), 0
+    for i, (key, sign) in enumerate(tracker.events):
+        nbytes, _, category = tracker.info[key]
+        live += sign * nbytes
+        by_cat[category] += sign * nbytes
+        if live > peak:
+            peak, at_peak, peak_index = live, Counter(by_cat), i
+    phases = sorted(tracker.phase_start.items(), key=lambda kv: kv[1])
+    peak_phase = next((p for p, start in reversed(phases) if start <= peak_index), "setup")
+    return peak, {part: int(at_peak[part]) for part in MEMORY_PARTS}, peak_phase
+
+
+def _memory_summary(tracker, gradient_keys):
+    _categorize(tracker, gradient_keys)
+    peak, at_peak, peak_phase = _replay(tracker)
+    sizes = Counter()
+    for nbytes, _, category in tracker.info:
+        sizes[category] += nbytes
+    result = {part: int(sizes[part]) for part in MEMORY_PARTS}
+    # parts that live all step are their full size; temporary is what was live at the peak
+    result["temporary"] = at_peak["temporary"]
+    result.update(total=int(peak), at_peak=at_peak, peak_phase=peak_phase)
+    return result
+
+
+class _LayerOutputs:
+    """Sum of every leaf module's output bytes in one forward: the napkin activation estimate."""
+
+    def __init__(self):
+        self.nbytes = 0
+
+    def __call__(self, module, args, output):
+        if next(module.children(), None) is None:
+            self.nbytes += sum(t.numel() * t.element_size() for t in tree_flatten(output)[0]
+                               if isinstance(t, torch.Tensor))
+
+
+def _register_step_state(tracker, replica, optimizer, run_args, run_kwargs):
+    """Tensors alive before the step starts, each in its category."""
+    for p in replica.parameters():
+        tracker.add(p, "parameters")
+    for b in replica.buffers():
+        tracker.add(b, "buffers")
+    for state in (optimizer.state.values() if optimizer else ()):
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                tracker.add(value, "optimizer")
+    for x in tree_flatten((run_args, run_kwargs))[0]:
+        if isinstance(x, torch.Tensor):
+            tracker.add(x, "inputs")
+
+
+def _train_step(replica, run_args, run_kwargs, optimizer, precision, device, *, compute=None, tracker=None):
+    """One training step: forward (under autocast for AMP), backward, optimizer.step(), zero_grad.
+
+    `compute` is the context forward and backward run in (FakeTensorMode when estimating); the
+    optimizer runs outside it so its CPU step counters stay real numbers.  Returns the storage
+    keys of the gradients when `tracker` is given.
+    """
+    tracking = tracker if tracker is not None else contextlib.nullcontext()
+    phase = tracker.set_phase if tracker is not None else (lambda name: None)
+    with compute or contextlib.nullcontext(), tracking:
+        phase("forward")
+        with _autocast(precision, device):
+            output = replica(*run_args, **run_kwargs)
+        phase("backward")
+        loss = _scalar_loss(output)
+        del output
+        if loss is None:
+            raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
+        loss.backward()
+        del loss
+        grads = {tracker.add(p.grad) for p in replica.parameters() if p.grad is not None} if tracker else set()
+    with tracking:
+        phase("optimizer")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None):
+    """Run one tracked step (or inference forward) on a replica; return the summary dict."""
+    replica = _replica(model, make)
+    blocks = _checkpoint_blocks(replica) if options["checkpointing"] else 0
+    with compute or contextlib.nullcontext():
+        run_args, run_kwargs = _map_tensors((args, kwargs), make)
+    tracker, layers = _StorageTracker(), _LayerOutputs()
+    try:
+        if options["training"]:
+            optimizer = _make_optimizer(options["optimizer_name"], replica.parameters(), foreach=foreach)
+            _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device, compute=compute)
+            _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
+            with _global_forward_hook(layers):
+                grads = _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device,
+                                    compute=compute, tracker=tracker)
+        else:
+            _register_step_state(tracker, replica, None, run_args, run_kwargs)
+            grads = set()
+            with compute or contextlib.nullcontext(), tracker, torch.inference_mode(), \
+                    _global_forward_hook(layers), _autocast(options["precision"], device):
+                tracker.set_phase("forward")
+                replica(*run_args, **run_kwargs)
+        summary = _memory_summary(tracker, grads)
+    finally:
+        tracker.close()
+    if not options["training"]:  # the forward's working set is its activations
+        summary["activations"] = summary["total"] - summary["parameters"] - summary["buffers"] - summary["inputs"]
+        summary["temporary"] = 0
+    summary["formula"] = _napkin_memory(model, options, layers.nbytes)
+    summary["checkpointed_blocks"] = blocks
+    return summary
+
+
+@contextlib.contextmanager
+def _global_forward_hook(hook):
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _napkin_memory(model, options, layer_output_bytes):
+    """The lecture's formulas: params x bytes, grads = params, optimizer = k x params, activations
+    = the sum of every layer's output."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    bytes_per_param = 2 if options["precision"] == "bf16" else 4  # AMP keeps fp32 weights
+    parameters = sum(p.numel() for p in model.parameters()) * bytes_per_param
+    training = options["training"]
+    formula = {
+        "parameters": parameters,
+        "gradients": n * bytes_per_param if training else 0,
+        "optimizer": OPTIMIZER_STATES[options["optimizer_name"]] * n * bytes_per_param if training else 0,
+        "activations": layer_output_bytes,
+    }
+    formula["total"] = sum(formula.values())
+    return formula
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_logs():
+    """FakeTensorMode logs a traceback for a shape error even when it is caught: silence it."""
+    import logging
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    was_disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = was_disabled
+
+
+def _memory_options(model, inputs, training, optimizer, precision, checkpointing, device):
+    _check_model(model)
+    _check_memory_options(optimizer, precision)
+    args, kwargs, _ = _normalize_inputs(inputs)
+    device = torch.device(device) if device is not None else _model_device(model)
+    options = {"training": bool(training), "optimizer_name": optimizer, "precision": precision,
+               "checkpointing": bool(checkpointing)}
+    return args, kwargs, device, options
+
+
+def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision="fp32",
+                    checkpointing=False, device=None):
+    """Predict the memory of one training step (or inference forward) without real arithmetic.
+
+    Runs the step on fake tensors of the target device (default: the model's; CPU for a model
+    on meta): the same kernels are chosen as in a real run (e.g. CPU flash attention, autocast
+    casts) but no memory is allocated.  Returns bytes per part, `total` (the peak), `at_peak`,
+    `peak_phase` and the napkin `formula` terms.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    args, kwargs, device, options = _memory_options(model, inputs, training, optimizer, precision,
+                                                    checkpointing, device)
+    if device.type == "meta":
+        device = torch.device("cpu")
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def make(x):
+        with fake_mode:
+            cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+            return torch.empty_like(x, device=device, dtype=cast)
+    try:
+        with _quiet_fake_tensor_logs():
+            result = _memory_run(model, args, kwargs, options, make=make, device=device, compute=fake_mode,
+                                 foreach=(device.type == "cuda"))  # CUDA's default is foreach
+    except ModelRunError:
+        raise
+    except Exception as err:
+        raise _run_error(model, args, kwargs, err) from None
+    return {**result, **options, "device": str(device), "method": f"fake tensors on {device.type}"}
+
+
+def measure_memory(model, inputs, *, training=True, optimizer="adam", precision="fp32",
+                   checkpointing=False, device=None):
+    """Run one real step (or inference forward) on a copy of the model and measure its memory.
+
+    CUDA: the caching allocator's peak (torch.cuda.max_memory_allocated) for `total`; CPU and
+    MPS: the peak of live tensor storages followed through a dispatch mode.  The parts come from
+    the storage tracker on every device.
+    """
+    args, kwargs, device, options = _memory_options(model, inputs, training, optimizer, precision,
+                                                    checkpointing, device)
+    if device.type == "meta":
+        raise ValueError("measure_memory needs real weights; the model is on the meta device "
+                         "(use estimate_memory, or pass device='cpu' after materialising it)")
+    make = _real_like(device, torch.bfloat16 if precision == "bf16" else None)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        result = _memory_run(model, args, kwargs, options, make=make, device=device)
+    except Exception as err:
+        raise _run_error(model, args, kwargs, err) from None
+    method = "live tensor storages (dispatch-mode tracker)"
+    if cuda:  # NB: includes the warm-up step's peak, which a steady step matches or exceeds
+        torch.cuda.synchronize(device)
+        result["tracked_total"] = result["total"]
+        result["total"] = torch.cuda.max_memory_allocated(device) - before
+        method = "CUDA caching allocator (max_memory_allocated)"
+    return {**result, **options, "device": str(device), "method": method}
 
 
 # -----------------------------------------------------------------------------
