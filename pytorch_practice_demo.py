@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import os
+import platform
 import random
 import tempfile
 import warnings
@@ -100,6 +101,39 @@ LABELS = {
     "cls_conv": ("卷积", "convolution"),
     "cls_attention": ("注意力（QKᵀ 与 加权 V）", "attention (QKᵀ and weighted V)"),
     "cls_RNN": ("RNN 单元", "RNN cells"),
+    # memory figure
+    "mem_title": ("内存分析：训练一步中内存去了哪里", "Memory analysis: where one training step's memory goes"),
+    "mem_sub": ("设备 {device}；fp32；batch={batch}；Adam；"
+                "估计 = fake 张量（无真实计算），实测 = 真实一步中活跃张量存储的峰值",
+                "device {device}; fp32; batch={batch}; Adam; estimate = fake tensors (no real compute), "
+                "measured = peak of live tensor storage in one real step"),
+    "mem_composition": ("训练峰值时刻的内存组成（左：公式，右：估计）",
+                        "Memory at the training peak (left: napkin, right: estimate)"),
+    "parameters_part": ("参数", "parameters"), "gradients_part": ("梯度", "gradients"),
+    "optimizer_part": ("优化器状态", "optimizer state"), "activations_part": ("激活", "activations"),
+    "temporary_part": ("临时张量", "temporaries"), "buffers_part": ("缓冲区+输入", "buffers + inputs"),
+    "measured_peak": ("实测峰值", "measured peak"),
+    "train_vs_infer": ("训练 vs 推理（峰值）", "Training vs inference (peak)"),
+    "training": ("训练（fwd+bwd+Adam）", "training (fwd+bwd+Adam)"),
+    "inference": ("推理（inference_mode）", "inference (inference_mode)"),
+    "mem_growth": ("{model}：内存随 batch 增长", "{model}: memory growth with batch size"),
+    "estimated_total": ("估计峰值", "estimated peak"),
+    "fixed_part": ("固定部分：参数+梯度+优化器状态", "fixed part: params + grads + optimizer state"),
+    "measured_points": ("实测峰值", "measured peak"),
+    "batch_size": ("batch 大小", "batch size"),
+    "mem_variants": ("{model}：精度与梯度检查点（估计，batch={batch}）",
+                     "{model}: precision and checkpointing (estimated, batch={batch})"),
+    "bytes_per_param": ("每参数字节数（峰值 / 参数量）", "bytes per parameter (peak / parameters)"),
+    "zero_title": ("纸面计算：7B 模型在 {n} 卡上的每卡模型状态",
+                   "On paper: per-device model states, 7B model on {n} GPUs"),
+    "zero_note": ("混合精度 Adam 每参数 16 字节（ZeRO 论文 §3）；不含激活",
+                  "mixed-precision Adam, 16 bytes/param (ZeRO paper, §3); activations excluded"),
+    "gpu_80gb": ("80 GiB 显卡", "80 GiB GPU"),
+    "mem_error": ("与实测峰值的相对误差", "Relative error vs measured peak"),
+    "napkin": ("公式（参数×4 + 梯度 + Adam 2× + 各层输出之和）",
+               "napkin (params×4 + grads + 2× Adam + sum of layer outputs)"),
+    "estimate": ("估计（fake 张量）", "estimate (fake tensors)"),
+    "mib": ("MiB", "MiB"), "gib": ("GiB", "GiB"),
 }
 
 _LANG = None  # "zh" or "en"; resolved on first use by _lang()
@@ -1246,6 +1280,97 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
     return {**result, **options, "device": str(device), "method": method}
 
 
+# ZeRO (Rajbhandari et al. 2020, Sec. 3 / Fig. 1): mixed-precision Adam holds per parameter
+# 2 bytes fp16 weights + 2 bytes fp16 grads + K = 12 bytes of fp32 master weights, m and v.
+ZERO_WEIGHT_BYTES, ZERO_GRAD_BYTES, ZERO_OPTIMIZER_BYTES = 2, 2, 12
+
+
+def zero_memory_per_device(parameters, devices):
+    """Bytes per device of model states (no activations) under DDP and ZeRO stages 1-3."""
+    w, g, k = ZERO_WEIGHT_BYTES, ZERO_GRAD_BYTES, ZERO_OPTIMIZER_BYTES
+    return {
+        "DDP": parameters * (w + g + k),
+        "ZeRO-1": parameters * (w + g + k / devices),      # optimizer states sharded
+        "ZeRO-2": parameters * (w + (g + k) / devices),    # + gradients sharded
+        "ZeRO-3": parameters * (w + g + k) / devices,      # + parameters sharded
+    }
+
+
+# name -> (builder, inputs(batch)): the models of the memory figure, small enough to measure.
+MEMORY_MODELS = {
+    "MLP-2048": (functools.partial(mlp, 2048), lambda b: (b, 1024)),
+    "MNIST-CNN": (MnistNet, lambda b: (b, 1, 28, 28)),
+    "ResNet-18 (64px)": (_torchvision("resnet18"), lambda b: (b, 3, 64, 64)),
+    "TinyGPT (T=64)": (TinyGPT, lambda b: torch.zeros(b, 64, dtype=torch.long)),
+}
+
+
+def _memory_pair(model, inputs, **options):
+    return {"estimate": estimate_memory(model, inputs, **options),
+            "measured": measure_memory(model, inputs, **options)}
+
+
+def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None):
+    """Estimate and measure training/inference memory of MEMORY_MODELS; return plain data."""
+    device = torch.device(device or "cpu")
+    batch = batch or (8 if quick else 16)
+    data = {"device": _device_name(device), "batch": batch, "optimizer": "adam", "dtype": "fp32", "models": {}}
+    names = list(MEMORY_MODELS)
+    for i, name in enumerate(names):
+        builder, inputs = MEMORY_MODELS[name]
+        with torch.device(device):
+            model = builder()
+        data["models"][name] = {"training": _memory_pair(model, inputs(batch)),
+                                "inference": _memory_pair(model, inputs(batch), training=False)}
+        if progress:
+            progress(i + 1, len(names) + 2, name)
+    gpt_builder, gpt_inputs = MEMORY_MODELS["TinyGPT (T=64)"]
+    with torch.device(device):
+        gpt = gpt_builder()
+    data["growth"] = _memory_growth(gpt, gpt_inputs, [1, 4] if quick else [1, 4, 16])
+    if progress:
+        progress(len(names) + 1, len(names) + 2, "batch growth")
+    data["variants"] = _memory_variants(gpt, gpt_inputs(batch))
+    data["gpt_parameters"] = sum(p.numel() for p in gpt.parameters())
+    seven_b = 7_000_000_000
+    data["zero"] = {"parameters": seven_b, "devices": 8, "per_device": zero_memory_per_device(seven_b, 8)}
+    if progress:
+        progress(len(names) + 2, len(names) + 2, "precision and sharding")
+    return data
+
+
+def _memory_growth(model, inputs, measured_batches):
+    batches = sorted({1, 2, 4, 8, 16, 32, 64, *measured_batches})
+    estimates = [estimate_memory(model, inputs(b)) for b in batches]
+    return {
+        "batches": batches,
+        "estimated_total": [e["total"] for e in estimates],
+        "fixed": [e["parameters"] + e["buffers"] + e["gradients"] + e["optimizer"] for e in estimates],
+        "measured_batches": list(measured_batches),
+        "measured_total": [measure_memory(model, inputs(b))["total"] for b in measured_batches],
+    }
+
+
+MEMORY_VARIANTS = {  # label -> estimate_memory options
+    "fp32": {}, "AMP bf16": {"precision": "amp_bf16"}, "AMP fp16": {"precision": "amp_fp16"},
+    "pure bf16": {"precision": "bf16"}, "fp32 + checkpoint": {"checkpointing": True},
+    "AMP bf16 + checkpoint": {"precision": "amp_bf16", "checkpointing": True},
+}
+
+
+def _memory_variants(model, inputs):
+    return {label: estimate_memory(model, inputs, **opts)["total"] for label, opts in MEMORY_VARIANTS.items()}
+
+
+def _device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device.type
+
+
 # -----------------------------------------------------------------------------
 # Plotting: each function turns data into a Figure; save_figure writes it
 # -----------------------------------------------------------------------------
@@ -1379,6 +1504,135 @@ def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, records=None, quic
     records = records or run_flop_analysis(quick=quick, batch=batch)
     fig = plot_flop_analysis(records)
     _save_into(fig, output_dir, "flop", dpi)
+    return fig
+
+
+MEMORY_COLORS = {"parameters": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868",
+                 "activations": "#C44E52", "temporary": "#8172B2", "buffers": "#937860"}
+MIB, GIB = 2 ** 20, 2 ** 30
+
+
+def _plot_memory_composition(ax, models):
+    names = list(models)
+    x = np.arange(len(names))
+    for offset, source in ((-0.2, "formula"), (0.2, "at_peak")):
+        bottom = np.zeros(len(names))
+        for part in ("parameters", "gradients", "optimizer", "activations", "temporary", "buffers"):
+            values = []
+            for name in names:
+                estimate = models[name]["training"]["estimate"]
+                parts = estimate["formula"] if source == "formula" else estimate["at_peak"]
+                value = parts.get(part, 0) + (parts.get("inputs", 0) if part == "buffers" else 0)
+                values.append(value / MIB)
+            ax.bar(x + offset, values, 0.38, bottom=bottom, color=MEMORY_COLORS[part],
+                   label=_t(f"{part}_part") if source == "at_peak" else None,
+                   hatch="//" if source == "formula" else None, edgecolor="white", linewidth=0.5)
+            bottom += values
+    measured = [models[n]["training"]["measured"]["total"] / MIB for n in names]
+    ax.scatter(x + 0.2, measured, marker="D", s=50, color="black", zorder=3, label=_t("measured_peak"))
+    ax.set_ylim(0, 1.12 * max(max(measured), *(models[n]["training"]["estimate"]["formula"]["total"] / MIB
+                                                for n in names)))
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel(_t("mib"))
+    ax.set_title(_t("mem_composition"))
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _plot_train_vs_inference(ax, models):
+    names = list(models)
+    x = np.arange(len(names))
+    train = [models[n]["training"]["measured"]["total"] / MIB for n in names]
+    infer = [models[n]["inference"]["measured"]["total"] / MIB for n in names]
+    ax.bar(x - 0.2, train, 0.4, color="#C44E52", label=_t("training"))
+    ax.bar(x + 0.2, infer, 0.4, color="#4C72B0", label=_t("inference"))
+    for xi, t, i in zip(x, train, infer):
+        ax.annotate(f"{t / i:.1f}×", (xi - 0.2, t), xytext=(0, 2), textcoords="offset points", ha="center",
+                    fontsize=8)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel(_t("mib"))
+    ax.set_title(_t("train_vs_infer"))
+    ax.legend(fontsize=8)
+
+
+def _plot_memory_growth(ax, growth, model_name):
+    ax.plot(growth["batches"], np.array(growth["estimated_total"]) / MIB, "o-", color="#C44E52",
+            label=_t("estimated_total"))
+    ax.plot(growth["batches"], np.array(growth["fixed"]) / MIB, "--", color="#4C72B0", label=_t("fixed_part"))
+    ax.scatter(growth["measured_batches"], np.array(growth["measured_total"]) / MIB, marker="D", s=60,
+               color="black", zorder=3, label=_t("measured_points"))
+    ax.set_xlabel(_t("batch_size"))
+    ax.set_ylabel(_t("mib"))
+    ax.set_ylim(bottom=0)
+    ax.set_title(_t("mem_growth", model=model_name))
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _plot_memory_variants(ax, variants, parameters, model_name, batch):
+    labels = list(variants)
+    per_param = [variants[label] / parameters for label in labels]
+    _barh(ax, labels, per_param, ["#4C72B0", "#55A868", "#64B5CD", "#8172B2", "#C44E52", "#DD8452"],
+          fmt=lambda v: f"{v:.1f} B")
+    ax.set_xlabel(_t("bytes_per_param"))
+    ax.set_title(_t("mem_variants", model=model_name, batch=batch))
+
+
+def _plot_zero(ax, zero):
+    labels = list(zero["per_device"])
+    values = [v / GIB for v in zero["per_device"].values()]
+    ax.bar(labels, values, color=["#777777", "#4C72B0", "#55A868", "#C44E52"])
+    for i, v in enumerate(values):
+        ax.annotate(f"{v:.1f}", (i, v), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
+    ax.axhline(80, color="k", ls="--", lw=1, label=_t("gpu_80gb"))
+    ax.set_ylabel(_t("gib"))
+    ax.set_title(_t("zero_title", n=zero["devices"]))
+    ax.text(0.98, 0.6, _t("zero_note"), transform=ax.transAxes, ha="right", fontsize=8, style="italic",
+            wrap=True)
+    ax.legend(fontsize=8)
+
+
+def _plot_memory_error(ax, models):
+    names = list(models)
+    x = np.arange(len(names))
+    for offset, key, color in ((-0.2, "napkin", "#DD8452"), (0.2, "estimate", "#4C72B0")):
+        errors = []
+        for name in names:
+            pair = models[name]["training"]
+            measured = pair["measured"]["total"]
+            predicted = pair["estimate"]["formula"]["total"] if key == "napkin" else pair["estimate"]["total"]
+            errors.append(100 * (predicted - measured) / measured)
+        ax.bar(x + offset, errors, 0.4, color=color, label=_t(key))
+        for xi, e in zip(x, errors):
+            ax.annotate(f"{e:+.1f}%", (xi + offset, e), xytext=(0, 2 if e >= 0 else -10),
+                        textcoords="offset points", ha="center", fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_title(_t("mem_error"))
+    ax.margins(y=0.12)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2)
+
+
+def plot_memory_analysis(data):
+    """Six panels from `run_memory_analysis` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    gpt = "TinyGPT (T=64)"
+    with _figure_style():
+        fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
+        _plot_memory_composition(axs[0, 0], data["models"])
+        _plot_train_vs_inference(axs[0, 1], data["models"])
+        _plot_memory_growth(axs[0, 2], data["growth"], gpt)
+        _plot_memory_variants(axs[1, 0], data["variants"], data["gpt_parameters"], gpt, data["batch"])
+        _plot_zero(axs[1, 1], data["zero"])
+        _plot_memory_error(axs[1, 2], data["models"])
+        _suptitle(fig, _t("mem_title"), _t("mem_sub", device=data["device"], batch=data["batch"]))
+    return fig
+
+
+def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick=False, device=None, dpi=120):
+    """Estimate and measure memory, and draw 内存分析可视化.png into `output_dir` (None: don't save)."""
+    data = data or run_memory_analysis(quick=quick, device=device)
+    fig = plot_memory_analysis(data)
+    _save_into(fig, output_dir, "memory", dpi)
     return fig
 
 

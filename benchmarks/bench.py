@@ -81,7 +81,43 @@ def case_meta_5b():
             "time_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "goal": "<= 10 s"}
 
 
-GROUPS = {"flops": [case_resnet50_ratio, case_batch_scaling, case_meta_5b]}
+def case_memory_error_table():
+    import torch
+
+    from pytorch_practice_demo import MnistNet, TinyGPT, estimate_memory, measure_memory, mlp
+    models = {"mlp": (lambda: mlp(512), lambda b: (b, 1024)),
+              "cnn": (MnistNet, lambda b: (b, 1, 28, 28)),
+              "transformer": (lambda: TinyGPT(vocab_size=512, n_layer=2, n_embd=128, n_head=4, block_size=64),
+                              lambda b: torch.zeros(b, 64, dtype=torch.long))}
+    rows = []
+    for name, (make, inputs) in models.items():
+        model = make()
+        for batch in (8, 64):
+            for optimizer in ("adam", "sgd"):
+                for ckpt in (False, True):
+                    e = estimate_memory(model, inputs(batch), optimizer=optimizer, checkpointing=ckpt)
+                    m = measure_memory(model, inputs(batch), optimizer=optimizer, checkpointing=ckpt)
+                    rows.append(f"{name:11s} b={batch:<3d} {optimizer:4s} ckpt={ckpt!s:5s} "
+                                f"est={e['total']:>11,d} meas={m['total']:>11,d} "
+                                f"err={(e['total'] - m['total']) / m['total']:+.2%} "
+                                f"napkin_err={(e['formula']['total'] - m['total']) / m['total']:+.1%}")
+    return {"rows": rows}
+
+
+def case_memory_speed():
+    import torch
+
+    from pytorch_practice_demo import TinyGPT, estimate_memory, measure_memory
+    model = TinyGPT()
+    x = torch.zeros(64, 64, dtype=torch.long)
+    estimate_memory(model, torch.zeros(1, 64, dtype=torch.long))  # first use of FakeTensorMode
+    est = timed(lambda: estimate_memory(model, x), repeats=1)
+    meas = timed(lambda: measure_memory(model, x), repeats=1)
+    return {"model": "TinyGPT (4x256, T=64)", "batch": 64, "estimate_s": est, "measure_s": meas}
+
+
+GROUPS = {"flops": [case_resnet50_ratio, case_batch_scaling, case_meta_5b],
+          "memory": [case_memory_error_table, case_memory_speed]}
 
 
 def machine():
@@ -103,6 +139,8 @@ def main(argv):
             out = subprocess.run([sys.executable, __file__, "--case", fn.__name__], capture_output=True,
                                  text=True, cwd=ROOT)
             result = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else out.stderr[-800:]
+            if result.startswith('{"rows"'):
+                result = "\n  " + "\n  ".join(json.loads(result)["rows"])
             print(f"{group}/{fn.__name__[5:]}: {result}", flush=True)
     return 0
 
