@@ -39,6 +39,7 @@ import os
 import platform
 import random
 import tempfile
+import time
 import warnings
 import weakref
 from collections import Counter
@@ -134,6 +135,23 @@ LABELS = {
                "napkin (params×4 + grads + 2× Adam + sum of layer outputs)"),
     "estimate": ("估计（fake 张量）", "estimate (fake tensors)"),
     "mib": ("MiB", "MiB"), "gib": ("GiB", "GiB"),
+    # mixed-precision figure
+    "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
+    "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
+                "device {device}; one training step (fwd+bwd+Adam); batch={batch}; hardware: {support}"),
+    "amp_time": ("每步时间（中位数，误差棒 = IQR）", "Step time (median, error bar = IQR)"),
+    "seconds": ("秒", "seconds"),
+    "amp_memory": ("一步中的峰值内存", "Peak memory in one step"),
+    "amp_speedup": ("相对 fp32 的加速比（<1 即变慢）", "Speed-up vs fp32 (<1 is a slowdown)"),
+    "amp_saving": ("激活内存相对 fp32 的节省（峰值由 fp32 的 Adam 状态决定）",
+                   "Activation memory saved vs fp32 (the peak is set by fp32 Adam state)"),
+    "amp_error": ("输出与 fp32 的最大相对误差", "Max relative error of outputs vs fp32"),
+    "amp_ranges": ("为什么 fp16 需要损失缩放：可表示范围", "Why fp16 needs loss scaling: representable ranges"),
+    "range_bar": ("最小次正规数 … 最大值", "smallest subnormal … max"),
+    "skipped": ("跳过", "skipped"),
+    "lit_mark": ("文献参考值 2-3×（非实测）", "literature 2-3× (reference, not measured)"),
+    "underflow": ("1e-8 → {fp16}（fp16 下溢）；bf16 → {bf16:.3g}；× 损失缩放 {scale} 后 fp16 → {scaled:.3g}",
+                  "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
 }
 
 _LANG = None  # "zh" or "en"; resolved on first use by _lang()
@@ -1023,9 +1041,12 @@ class _StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # autocast's low-precision copy of a weight, cached for the whole forward
+        category = "weight_copies" if func is torch.ops.aten._to_copy.default and \
+            isinstance(args[0], nn.Parameter) else None
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                self.add(t)
+                self.add(t, category)
         return out
 
     def close(self):
@@ -1049,7 +1070,8 @@ def _categorize(tracker, gradient_keys):
             entry[2] = "temporary"
 
 
-MEMORY_PARTS = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "temporary")
+MEMORY_PARTS = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
+                "temporary")
 
 
 def _replay(tracker):
@@ -1372,6 +1394,315 @@ def _device_name(device):
 
 
 # -----------------------------------------------------------------------------
+# Mixed-precision timing harness
+# -----------------------------------------------------------------------------
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_TIMED_RUNS = 10
+
+
+def cpu_flags():
+    """Whether this CPU has AVX512-BF16 and AMX-BF16 (fast bf16 matmuls); None when unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"avx512_bf16": None, "amx_bf16": None}
+    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
+def hardware_info(device):
+    device = torch.device(device)
+    info = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **cpu_flags()}
+    if device.type == "cuda":
+        info["bf16_supported"] = torch.cuda.is_bf16_supported()
+        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return info
+
+
+def supported_precisions(device):
+    """Low precisions autocast supports on `device` (as torch documents them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+    if device.type == "mps":
+        return ["fp32", "fp16"]
+    return ["fp32", "bf16", "fp16"]
+
+
+def _slow_low_precision_reason(device, precision):
+    """Why a low precision can be slower than fp32 here, from what the hardware reports."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        flags = cpu_flags()
+        if precision == "bf16" and not (flags["avx512_bf16"] or flags["amx_bf16"]):
+            return "this CPU has neither AVX512-BF16 nor AMX: bf16 math is converted to fp32 in software"
+        if precision == "fp16" and not flags["amx_bf16"]:
+            return "this CPU has no native fp16 matmul (AMX-FP16): fp16 math is converted in software"
+    return None
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _matmul_slowdown(device, precision, size=128, reps=3):
+    """Time one size x size matmul under autocast vs fp32: a cheap predictor of a step's slowdown."""
+    a = torch.randn(size, size, device=device)
+
+    def time_it(ctx):
+        with ctx:
+            a @ a  # warm-up
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(reps):
+                a @ a
+            _synchronize(device)
+        return (time.perf_counter() - start) / reps
+    fp32 = time_it(contextlib.nullcontext())
+    low = time_it(torch.autocast(device.type, dtype=AMP_DTYPES[precision]))
+    return low / max(fp32, 1e-9)
+
+
+class _AmpTrainer:
+    """One copy of the model trained in one precision: forward under autocast, GradScaler for
+    fp16 on CUDA (torch.amp.GradScaler("cuda")), Adam."""
+
+    def __init__(self, model, run_args, run_kwargs, precision, device, training):
+        self.replica = _replica(model, _real_like(device))
+        self.args, self.kwargs = run_args, run_kwargs
+        self.precision, self.device, self.training = precision, device, training
+        self.dtype = AMP_DTYPES[precision]
+        self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=1e-4) if training else None
+        use_scaler = precision == "fp16" and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def forward(self):
+        with self.autocast():
+            return self.replica(*self.args, **self.kwargs)
+
+    def step(self, tracker=None):
+        if not self.training:
+            with torch.inference_mode():
+                self.forward()
+            return
+        output = self.forward()
+        if tracker is not None:
+            tracker.set_phase("backward")
+        loss = _scalar_loss(output)
+        del output
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def outputs(self):
+        with torch.no_grad():
+            leaves = [x for x in tree_flatten(self.forward())[0] if isinstance(x, torch.Tensor)]
+        return [x.detach().float() for x in leaves if x.is_floating_point()]
+
+
+def _max_rel_error(outputs, reference):
+    """max |out - ref| / max |ref| over all output tensors."""
+    scale = max(float(r.abs().max()) for r in reference) or 1.0
+    return max(float((o - r).abs().max()) for o, r in zip(outputs, reference)) / scale
+
+
+def _tracked_memory(trainer):
+    """(peak bytes, activation bytes) of one step, from the storage tracker."""
+    tracker = _StorageTracker()
+    _register_step_state(tracker, trainer.replica, trainer.optimizer, trainer.args, trainer.kwargs)
+    try:
+        with tracker:
+            tracker.set_phase("forward")
+            trainer.step(tracker)
+        summary = _memory_summary(tracker, set())
+        return summary["total"], summary["activations"]
+    finally:
+        tracker.close()
+
+
+def _time_runs(trainer, runs, deadline):
+    """Time up to `runs` steps (at least one), stopping at `deadline`; synchronise around each.
+
+    NB: torch.utils.benchmark.Timer would do the same per run, but gives no way to stop at a
+    deadline between runs; this loop keeps the thread count torch already uses.
+    """
+    times = []
+    while len(times) < runs and (not times or time.perf_counter() < deadline):
+        _synchronize(trainer.device)
+        start = time.perf_counter()
+        trainer.step()
+        _synchronize(trainer.device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, training=True, time_budget_s=30):
+    """Time a training step (or a forward) of `model` in fp32 and each low precision.
+
+    Returns one record per precision: median_s, iqr_s, runs, peak_memory_bytes, speedup_vs_fp32
+    (below 1 is a slowdown), max_rel_error_vs_fp32 (outputs), skipped (reason or None), note,
+    and the hardware it ran on.  The whole call stays within `time_budget_s`: each precision gets
+    an equal share of what is left, a cheap matmul probe predicts how slow a low precision will
+    be, and a precision predicted to overrun its share is skipped with that reason.
+    """
+    _check_model(model)
+    if not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+        raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    if device.type == "meta":
+        raise ValueError("benchmark_mixed_precision needs real weights; the model is on the meta device")
+    precisions = list(precisions or supported_precisions(device))
+    unknown = [p for p in precisions if p not in AMP_DTYPES]
+    if unknown:
+        raise ValueError(f"precisions must be among {list(AMP_DTYPES)}, got {unknown}")
+    precisions = ["fp32"] + [p for p in precisions if p != "fp32"]  # fp32 is the reference
+    args, kwargs, _ = _normalize_inputs(inputs)
+    run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device))
+    deadline = time.perf_counter() + time_budget_s
+    hardware = hardware_info(device)
+    records, reference = [], None
+    for i, precision in enumerate(precisions):
+        share = (deadline - time.perf_counter()) / (len(precisions) - i)
+        try:
+            record = _benchmark_one(model, run_args, run_kwargs, precision, device, training, share, reference)
+        except Exception as err:
+            if i == 0:
+                raise _run_error(model, args, kwargs, err) from None
+            record = _skipped(precision, f"failed: {_first_line(err)}")
+        if precision == "fp32":
+            reference = record
+        records.append({**record, "device": str(device), "training": training, "hardware": hardware})
+    return records
+
+
+def _skipped(precision, reason):
+    return {"precision": precision, "median_s": None, "iqr_s": None, "runs": 0, "peak_memory_bytes": None,
+            "activation_bytes": None, "speedup_vs_fp32": None, "max_rel_error_vs_fp32": None, "skipped": reason, "note": None,
+            "times_s": []}
+
+
+def _benchmark_one(model, run_args, run_kwargs, precision, device, training, share_s, reference):
+    if precision not in supported_precisions(device):
+        return _skipped(precision, f"autocast {precision} is not supported on {device.type}")
+    slow_reason = _slow_low_precision_reason(device, precision)
+    if share_s <= 0:
+        return _skipped(precision, "the time budget was used up before this precision")
+    if reference is not None and reference["median_s"]:
+        factor = _matmul_slowdown(device, precision)
+        predicted = reference["median_s"] * factor
+        if predicted > share_s / 2:  # warm-up + at least one timed step must fit
+            return _skipped(precision, f"predicted {predicted:.2f} s per step ({factor:.0f}x fp32 in a matmul "
+                                       f"probe) does not fit its {share_s:.1f} s share of the budget"
+                                       + (f"; {slow_reason}" if slow_reason else ""))
+    start = time.perf_counter()
+    trainer = _AmpTrainer(model, run_args, run_kwargs, precision, device, training)
+    outputs = trainer.outputs()
+    trainer.step()  # warm-up: allocator, autocast caches, optimizer state, lazy imports
+    _synchronize(device)
+    second = time.perf_counter()
+    if share_s - (second - start) > 2 * (second - start) / 2:  # a second warm-up predicts a step better
+        trainer.step()
+        _synchronize(device)
+    step_s = max(time.perf_counter() - second, 1e-6)
+    left = share_s - (time.perf_counter() - start)
+    runs = int(min(MAX_TIMED_RUNS + 1, left // (1.1 * step_s)))  # 10% for timer overhead
+    peak, activations = _peak_memory(trainer, device) if runs >= 4 else (None, None)  # costs one step
+    runs = max(1, min(runs - (1 if peak is not None else 0), MAX_TIMED_RUNS))
+    times = _time_runs(trainer, runs, deadline=start + share_s)
+    runs = len(times)
+    median = float(np.median(times))
+    q75, q25 = np.percentile(times, [75, 25])
+    error = _max_rel_error(outputs, reference["outputs"]) if reference else 0.0
+    speedup = reference["median_s"] / median if reference else 1.0
+    note = None
+    if speedup < 1 and slow_reason:
+        note = f"{1 / speedup:.1f}x slower than fp32: {slow_reason}"
+    elif runs < 3:
+        note = f"only {runs} timed run(s) fit the budget"
+    return {"precision": precision, "median_s": median, "iqr_s": float(q75 - q25), "runs": runs,
+            "peak_memory_bytes": peak, "activation_bytes": activations, "speedup_vs_fp32": speedup, "max_rel_error_vs_fp32": error,
+            "skipped": None, "note": note, "times_s": times, "outputs": outputs}
+
+
+def _peak_memory(trainer, device):
+    """(peak, activation) bytes of one untimed step; on CUDA the peak is the allocator's."""
+    if device.type == "cuda":
+        _synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer.step()
+        _synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before + _state_bytes(trainer)
+        return peak, _tracked_memory(trainer)[1]
+    return _tracked_memory(trainer)
+
+
+def _state_bytes(trainer):
+    tensors = [*trainer.replica.parameters(), *trainer.replica.buffers()]
+    if trainer.optimizer:
+        tensors += [v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# name -> (builder, inputs(batch)) for the mixed-precision figure: sizes from tiny to a few M params.
+AMP_MODELS = {
+    "MLP-1024": (functools.partial(mlp, 1024), lambda b: (b, 1024)),
+    "MLP-4096": (functools.partial(mlp, 4096), lambda b: (b, 1024)),
+    "TinyGPT (T=64)": (TinyGPT, lambda b: torch.zeros(b, 64, dtype=torch.long)),
+}
+
+
+def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None, seed=0, progress=None):
+    """Run benchmark_mixed_precision on AMP_MODELS within `time_budget_s` in all; return plain data."""
+    device = torch.device(device or "cpu")
+    batch = batch or (16 if quick else 32)
+    budget = time_budget_s or (4.0 if quick else 15.0)
+    names = list(AMP_MODELS)[:2] if quick else list(AMP_MODELS)
+    deadline = time.perf_counter() + budget
+    data = {"device": _device_name(device), "batch": batch, "hardware": hardware_info(device), "models": {}}
+    for i, name in enumerate(names):
+        builder, inputs = AMP_MODELS[name]
+        seed_everything(seed)
+        with torch.device(device):
+            model = builder()
+        share = max((deadline - time.perf_counter()) / (len(names) - i), 0.2)
+        records = benchmark_mixed_precision(model, inputs(batch), device=device, time_budget_s=share)
+        data["models"][name] = [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in records]
+        if progress:
+            progress(i + 1, len(names), name)
+    data["ranges"] = dtype_ranges()
+    return data
+
+
+def dtype_ranges(value=1e-8, loss_scale=65536):
+    """Representable ranges of fp16/bf16/fp32 (torch.finfo) and what happens to a small gradient."""
+    ranges = {}
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        info = torch.finfo(dtype)
+        ranges[name] = {"smallest_subnormal": float(info.smallest_normal * info.eps),
+                        "smallest_normal": float(info.smallest_normal), "max": float(info.max),
+                        "value_after_cast": float(torch.tensor(value, dtype=dtype))}
+    scaled = float(torch.tensor(value * loss_scale, dtype=torch.float16))
+    return {"value": value, "loss_scale": loss_scale, "fp16_scaled": scaled, "dtypes": ranges}
+
+
+# -----------------------------------------------------------------------------
 # Plotting: each function turns data into a Figure; save_figure writes it
 # -----------------------------------------------------------------------------
 
@@ -1633,6 +1964,135 @@ def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick
     data = data or run_memory_analysis(quick=quick, device=device)
     fig = plot_memory_analysis(data)
     _save_into(fig, output_dir, "memory", dpi)
+    return fig
+
+
+PRECISION_COLORS = {"fp32": "#4C72B0", "bf16": "#55A868", "fp16": "#C44E52"}
+
+
+def _amp_matrix(models, key):
+    """{precision: [value per model]} with None where the precision was skipped."""
+    precisions = list(AMP_DTYPES)
+    return {p: [next((r[key] for r in recs if r["precision"] == p and not r["skipped"]), None)
+                for recs in models.values()] for p in precisions}
+
+
+def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skipped_label=True):
+    x = np.arange(len(names))
+    width = 0.8 / len(matrix)
+    for j, (precision, values) in enumerate(matrix.items()):
+        xs = x + (j - (len(matrix) - 1) / 2) * width
+        heights = [v if v is not None else 0 for v in values]
+        ax.bar(xs, heights, width, color=PRECISION_COLORS[precision], label=precision)
+        for xi, v in zip(xs, values):
+            text = _t("skipped") if v is None else (fmt(v) if fmt else None)
+            if text and (v is not None or skipped_label):
+                ax.annotate(text, (xi, v if v else 0), xytext=(0, 2), textcoords="offset points", ha="center",
+                            fontsize=7, rotation=90 if v is None else 0, va="bottom")
+    ax.set_xticks(x, names, fontsize=8)
+    if log:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
+def _plot_amp_time(ax, models):
+    names = list(models)
+    _grouped_bars(ax, names, _amp_matrix(models, "median_s"), log=True, fmt=lambda v: f"{v * 1e3:.1f}ms")
+    iqr = _amp_matrix(models, "iqr_s")
+    med = _amp_matrix(models, "median_s")
+    width = 0.8 / len(med)
+    for j, p in enumerate(med):
+        xs = np.arange(len(names)) + (j - (len(med) - 1) / 2) * width
+        for xi, m, q in zip(xs, med[p], iqr[p]):
+            if m is not None:
+                ax.errorbar(xi, m, yerr=[[min(q / 2, m * 0.9)], [q / 2]], color="k", capsize=2, lw=0.8)
+    ax.set_ylabel(_t("seconds"))
+    ax.set_title(_t("amp_time"))
+
+
+def _plot_amp_memory(ax, models):
+    _grouped_bars(ax, list(models), {p: [v / MIB if v else None for v in vals]
+                                     for p, vals in _amp_matrix(models, "peak_memory_bytes").items()},
+                  fmt=lambda v: f"{v:.0f}")
+    ax.set_ylabel(_t("mib"))
+    ax.set_title(_t("amp_memory"))
+
+
+def _plot_amp_speedup(ax, models):
+    matrix = {p: v for p, v in _amp_matrix(models, "speedup_vs_fp32").items() if p != "fp32"}
+    _grouped_bars(ax, list(models), matrix, log=True, fmt=lambda v: f"{v:.2f}×")
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    ax.axhline(1, color="k", lw=1)
+    ax.axhspan(2, 3, color="#999999", alpha=0.2, label=_t("lit_mark"))
+    ax.set_ylim(min([v for vals in matrix.values() for v in vals if v] + [0.5]) / 2, 6)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_title(_t("amp_speedup"))
+    ax.legend(fontsize=7, loc="upper left")
+
+
+def _plot_amp_saving(ax, models):
+    peaks = _amp_matrix(models, "activation_bytes")
+    matrix = {p: [100 * (1 - v / f) if (v and f) else None for v, f in zip(peaks[p], peaks["fp32"])]
+              for p in peaks if p != "fp32"}
+    _grouped_bars(ax, list(models), matrix, fmt=lambda v: f"{v:+.1f}%")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("%")
+    ax.set_title(_t("amp_saving"))
+
+
+def _plot_amp_error(ax, models):
+    matrix = {p: v for p, v in _amp_matrix(models, "max_rel_error_vs_fp32").items() if p != "fp32"}
+    _grouped_bars(ax, list(models), matrix, log=True, fmt=lambda v: f"{v:.1e}")
+    ax.set_title(_t("amp_error"))
+
+
+def _plot_dtype_ranges(ax, ranges):
+    names = list(ranges["dtypes"])
+    for i, name in enumerate(names):
+        r = ranges["dtypes"][name]
+        lo, hi = math.log10(r["smallest_subnormal"]), math.log10(r["max"])
+        ax.barh(i, hi - lo, left=lo, color=PRECISION_COLORS[name], alpha=0.8)
+        ax.text(hi, i, f" {r['max']:.2g}", va="center", fontsize=8)
+        ax.text(lo, i, f"{r['smallest_subnormal']:.2g} ", va="center", ha="right", fontsize=8)
+    ax.axvline(math.log10(ranges["value"]), color="k", ls="--", lw=1)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlim(-52, 46)
+    d = ranges["dtypes"]
+    ax.set_xlabel("log10 |x|\n" + _t("underflow", fp16=d["fp16"]["value_after_cast"],
+                                      bf16=d["bf16"]["value_after_cast"], scale=ranges["loss_scale"],
+                                      scaled=ranges["fp16_scaled"]))
+    ax.set_title(_t("amp_ranges"))
+
+
+def _hardware_support(hw):
+    flags = [f"{k}={'yes' if v else 'no'}" for k, v in hw.items() if k in ("avx512_bf16", "amx_bf16", "bf16_supported")
+             and v is not None]
+    return ", ".join([f"torch {hw['torch']}", f"{hw['threads']} threads", f"TF32={hw['tf32_matmul']}"] + flags)
+
+
+def plot_amp_analysis(data):
+    """Six panels from `run_amp_analysis` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    with _figure_style():
+        fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
+        _plot_amp_time(axs[0, 0], data["models"])
+        _plot_amp_memory(axs[0, 1], data["models"])
+        _plot_amp_speedup(axs[0, 2], data["models"])
+        _plot_amp_saving(axs[1, 0], data["models"])
+        _plot_amp_error(axs[1, 1], data["models"])
+        _plot_dtype_ranges(axs[1, 2], data["ranges"])
+        _suptitle(fig, _t("amp_title"), _t("amp_sub", device=data["device"], batch=data["batch"],
+                                           support=_hardware_support(data["hardware"])))
+    return fig
+
+
+def demonstrate_mixed_precision_benefits(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick=False, device=None,
+                                         dpi=120):
+    """Measure fp32 vs bf16/fp16 on this machine and draw 混合精度效益对比.png (None: don't save)."""
+    data = data or run_amp_analysis(quick=quick, device=device)
+    fig = plot_amp_analysis(data)
+    _save_into(fig, output_dir, "amp", dpi)
     return fig
 
 

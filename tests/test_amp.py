@@ -1,0 +1,69 @@
+"""benchmark_mixed_precision: quick mode, budget, honest records, errors."""
+
+import time
+
+import pytest
+import torch
+
+from pytorch_practice_demo import benchmark_mixed_precision, dtype_ranges, mlp
+from test_flops import assert_unchanged, snapshot
+
+
+def test_quick_mode_records_fp32_and_a_low_precision():
+    model = mlp(256)
+    before = snapshot(model)
+    start = time.perf_counter()
+    records = benchmark_mixed_precision(model, (16, 1024), time_budget_s=3)
+    assert time.perf_counter() - start < 10
+    by_precision = {r["precision"]: r for r in records}
+    assert records[0]["precision"] == "fp32" and by_precision["fp32"]["speedup_vs_fp32"] == 1.0
+    measured = [r for r in records if not r["skipped"]]
+    assert len(measured) >= 2  # fp32 and at least one low precision
+    for r in measured:
+        assert r["median_s"] > 0 and r["iqr_s"] >= 0 and r["runs"] >= 1
+        assert r["max_rel_error_vs_fp32"] >= 0
+    low = [r for r in measured if r["precision"] != "fp32"][0]
+    assert 0 < low["max_rel_error_vs_fp32"] < 0.1  # low precision differs, but not wildly
+    hw = records[0]["hardware"]
+    assert {"torch", "threads", "tf32_matmul", "avx512_bf16", "amx_bf16"} <= hw.keys()
+    assert_unchanged(before, model)
+
+
+def test_tiny_budget_is_respected_and_says_what_it_skipped():
+    start = time.perf_counter()
+    records = benchmark_mixed_precision(mlp(1024), (32, 1024), time_budget_s=0.05)
+    assert time.perf_counter() - start < 3
+    assert records[0]["median_s"] > 0  # fp32, the reference, always gets one timed run
+    skipped = [r for r in records if r["skipped"]]
+    assert skipped and all(isinstance(r["skipped"], str) and r["skipped"] for r in skipped)
+
+
+def test_inference_mode_and_explicit_precisions():
+    records = benchmark_mixed_precision(mlp(128), (4, 1024), precisions=["bf16"], training=False,
+                                        time_budget_s=2)
+    assert [r["precision"] for r in records] == ["fp32", "bf16"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="fp16"):
+        benchmark_mixed_precision(mlp(64), (2, 1024), precisions=["fp8"])
+    with pytest.raises(ValueError, match="time_budget_s"):
+        benchmark_mixed_precision(mlp(64), (2, 1024), time_budget_s=0)
+    with pytest.raises(TypeError):
+        benchmark_mixed_precision(object(), (2, 1024))
+    with pytest.raises(ValueError, match="Sequential"):
+        benchmark_mixed_precision(mlp(64), (2, 7), time_budget_s=1)
+
+
+def test_fp16_underflow_that_loss_scaling_fixes():
+    r = dtype_ranges()
+    assert r["dtypes"]["fp16"]["value_after_cast"] == 0.0  # 1e-8 underflows in fp16
+    assert r["dtypes"]["bf16"]["value_after_cast"] == pytest.approx(1e-8, rel=0.01)
+    assert r["fp16_scaled"] == pytest.approx(1e-8 * 65536, rel=0.01)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_uses_grad_scaler():
+    records = benchmark_mixed_precision(mlp(256).cuda(), (16, 1024), time_budget_s=5)
+    assert {r["precision"] for r in records} >= {"fp32", "fp16"}
+    assert all(r["peak_memory_bytes"] for r in records if not r["skipped"] and r["runs"] >= 3)
