@@ -30,6 +30,7 @@ References behind the formulas:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import functools
@@ -38,6 +39,7 @@ import math
 import os
 import platform
 import random
+import sys
 import tempfile
 import time
 import warnings
@@ -217,37 +219,38 @@ def _figure_style(style="whitegrid"):
         yield
 
 
-def save_figure(fig, path, dpi=120):
-    """Write `fig` to `path` atomically (temp file + os.replace) and close it; return the path."""
-    import matplotlib.pyplot as plt
+def _atomic_write(path, write):
+    """Call write(file) on a temp file beside `path`, then os.replace it: never a half-written file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return path
+
+
+def save_figure(fig, path, dpi=120):
+    """Write `fig` to `path` atomically and close it; return the path."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    try:
+        return _atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi))
     finally:
         plt.close(fig)
-    return path
 
 
 def write_json_atomic(data, path):
     """Write `data` as JSON to `path` atomically."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    text = json.dumps(data, ensure_ascii=False, indent=1, default=str)
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def readable(n, unit=""):
@@ -1593,7 +1596,8 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
 
 def _skipped(precision, reason):
     return {"precision": precision, "median_s": None, "iqr_s": None, "runs": 0, "peak_memory_bytes": None,
-            "activation_bytes": None, "speedup_vs_fp32": None, "max_rel_error_vs_fp32": None, "skipped": reason, "note": None,
+            "activation_bytes": None, "speedup_vs_fp32": None, "max_rel_error_vs_fp32": None,
+            "skipped": reason, "note": None,
             "times_s": []}
 
 
@@ -1636,7 +1640,8 @@ def _benchmark_one(model, run_args, run_kwargs, precision, device, training, sha
     elif runs < 3:
         note = f"only {runs} timed run(s) fit the budget"
     return {"precision": precision, "median_s": median, "iqr_s": float(q75 - q25), "runs": runs,
-            "peak_memory_bytes": peak, "activation_bytes": activations, "speedup_vs_fp32": speedup, "max_rel_error_vs_fp32": error,
+            "peak_memory_bytes": peak, "activation_bytes": activations, "speedup_vs_fp32": speedup,
+            "max_rel_error_vs_fp32": error,
             "skipped": None, "note": note, "times_s": times, "outputs": outputs}
 
 
@@ -2100,3 +2105,121 @@ def _save_into(fig, output_dir, key, dpi):
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         save_figure(fig, Path(output_dir) / FIGURE_FILES[key], dpi=dpi)
+
+
+# -----------------------------------------------------------------------------
+# CLI / main()
+# -----------------------------------------------------------------------------
+
+STAGES = ("flop", "memory", "amp")  # in the order they run
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="PyTorch resource-accounting lab: draws the figures into "
+                                                 "--output-dir, every number counted or measured here.")
+    parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="where PNGs and results.json go")
+    parser.add_argument("--only", default=",".join(STAGES),
+                        help=f"comma-separated subset of {','.join(STAGES)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="smaller models and budgets for a fast check")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="device for measurements (auto: cuda, then mps, then cpu)")
+    parser.add_argument("--lang", default="auto", choices=["auto", "zh", "en"], help="figure labels")
+    parser.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and random")
+    parser.add_argument("--dpi", type=int, default=120, help="PNG resolution")
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        parser.error(f"--only takes a comma-separated subset of {','.join(STAGES)}; got {args.only!r}")
+    args.only = [s for s in STAGES if s in stages]
+    if args.dpi <= 0:
+        parser.error("--dpi must be a positive integer")
+    return args
+
+
+def _resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: no MPS device is available here")
+    return torch.device(name)
+
+
+def _check_writable(output_dir):
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"output directory {str(path)!r} is not writable: {err.strerror or err}") from None
+
+
+def _progress(stage, started):
+    def report(done, total, name):
+        print(f"  [{stage}] {done}/{total} {name} ({time.perf_counter() - started:.1f}s)", flush=True)
+    return report
+
+
+def _run_stage(stage, args, device, out):
+    started = time.perf_counter()
+    report = _progress(stage, started)
+    if stage == "flop":
+        data = run_flop_analysis(quick=args.quick, progress=report)
+        visualize_flop_analysis(out, records=data, dpi=args.dpi)
+    elif stage == "memory":
+        data = run_memory_analysis(quick=args.quick, device=device, progress=report)
+        visualize_memory_analysis(out, data=data, dpi=args.dpi)
+    else:
+        data = run_amp_analysis(quick=args.quick, device=device, seed=args.seed, progress=report)
+        demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
+    return data
+
+
+def environment(device, seed):
+    return {"device": _device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(), "cpu": cpu_flags(), "seed": seed,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def main(argv=None):
+    """Run the selected demos in order; write their PNGs and results.json.  Returns an exit code:
+    0 all done, 1 a demo failed (the others still ran), 2 bad options or unusable output/device."""
+    args = parse_args(argv)
+    try:
+        device = _resolve_device(args.device)
+        _check_writable(args.output_dir)
+        set_language(args.lang)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    seed_everything(args.seed)
+    out = Path(args.output_dir)
+    results = {"environment": environment(device, args.seed), "quick": args.quick, "stages": {}}
+    failed, started = [], time.perf_counter()
+    for stage in args.only:
+        stage_start = time.perf_counter()
+        print(f"[{stage}] {FIGURE_FILES[stage]} ...", flush=True)
+        try:
+            results["stages"][stage] = _run_stage(stage, args, device, out)
+            print(f"[{stage}] done in {time.perf_counter() - stage_start:.1f}s", flush=True)
+        except Exception as err:  # one failing demo must not stop the others
+            failed.append(stage)
+            results["stages"][stage] = {"error": f"{type(err).__name__}: {_first_line(err)}"}
+            print(f"[{stage}] FAILED: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
+    results["wall_s"] = time.perf_counter() - started
+    write_json_atomic(results, out / "results.json")
+    print(f"wrote {len(args.only) - len(failed)} figure(s) and results.json to {out} "
+          f"in {results['wall_s']:.1f}s", flush=True)
+    if failed:
+        print(f"failed stage(s): {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
