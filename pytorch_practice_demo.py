@@ -533,7 +533,7 @@ def encoder_fastpath_macs(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_
                              proj_weight) + ffn
 
 
-def _rnn_weight_macs(x, weights, batch_first) -> int:
+def _rnn_weight_macs(x, weights) -> int:
     """Each time step multiplies every weight matrix (W_ih and W_hh) once per sequence."""
     steps_times_batch = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
     return steps_times_batch * sum(w.numel() for w in weights if w.dim() == 2)
@@ -542,20 +542,20 @@ def _rnn_weight_macs(x, weights, batch_first) -> int:
 @macs_formula("mkldnn_rnn_layer")
 def mkldnn_rnn_macs(x, w_ih, w_hh, b_ih, b_hh, *args, **kwargs) -> int:
     """The CPU (oneDNN) LSTM/GRU layer: T*B*(W_ih + W_hh) multiply-adds."""
-    return _rnn_weight_macs(x, [w_ih, w_hh], batch_first=False)
+    return _rnn_weight_macs(x, [w_ih, w_hh])
 
 
 @macs_formula("_cudnn_rnn")
 def cudnn_rnn_macs(x, weights, *args, **kwargs) -> int:
     """The cuDNN RNN over all layers and directions: T*B*(sum of weight matrices)."""
-    return _rnn_weight_macs(x, weights, batch_first=False)
+    return _rnn_weight_macs(x, weights)
 
 
 @macs_formula("mkldnn_rnn_layer_backward", "_cudnn_rnn_backward")
 def rnn_backward_macs(x, w1, w2, *args, **kwargs) -> int:
     """NB: grad wrt inputs/hidden and grad wrt weights: 2x the forward (an approximation)."""
     weights = w1 if isinstance(w1, (list, tuple)) else [w1, w2]
-    return 2 * _rnn_weight_macs(x, weights, batch_first=False)
+    return 2 * _rnn_weight_macs(x, weights)
 
 
 # --- other FLOPs: per-element conventions. NB: these are rough by nature (an exp is not one
