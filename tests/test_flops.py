@@ -110,7 +110,9 @@ def test_cpu_sdpa_counted(mode):
     # scores (B*H*L*S*E) + weighted values (B*H*L*S*E), 2 FLOPs per multiply-add
     assert r["flops"] == 2 * 2 * (2 * 4 * 16 * 16 * 8)
     if mode == "real":
-        assert fcm_flops(SDPA(), q, q, q) == 0  # the gap this counter fills
+        # torch <= 2.14's FlopCounterMode counts CPU flash attention as 0 (the gap this counter
+        # fills); torch 2.15 added a formula for it, and then the two must agree.
+        assert fcm_flops(SDPA(), q, q, q) in (0, r["flops"])
 
 
 @pytest.mark.parametrize("mode", ["meta", "real"])
@@ -120,7 +122,7 @@ def test_lstm_counted(mode):
     # T*B*(4H*I + 4H*H) multiply-adds = 10*4*(256*32 + 256*64)
     assert r["macs"] == 10 * 4 * (256 * 32 + 256 * 64)
     if mode == "real":
-        assert fcm_flops(lstm, torch.randn(4, 10, 32)) == 0
+        assert fcm_flops(lstm, torch.randn(4, 10, 32)) in (0, r["flops"])  # 0: the CPU oneDNN LSTM
         assert r["training_flops"] > r["flops"]
 
 
