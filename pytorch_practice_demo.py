@@ -589,8 +589,12 @@ def activation_backward_flops(grad, *args, **kwargs) -> int:
                "native_dropout")
 def untagged_elementwise_flops(*args, out=None, **kwargs) -> int:
     """One operation per output element, for elementwise ops without the pointwise tag."""
+    return _first_output_numel(out)
+
+
+def _first_output_numel(out):
     first = out[0] if isinstance(out, (tuple, list)) else out
-    return first.numel()
+    return first.numel() if isinstance(first, torch.Tensor) else 0
 
 
 @other_formula("_softmax", "_safe_softmax", "_log_softmax",
@@ -644,8 +648,7 @@ def _op_cost(func, args, kwargs, out):
     if func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
         return "zero", 0
     if torch.Tag.pointwise in func.tags:  # one FLOP per output element
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        return "other", first.numel() if isinstance(first, torch.Tensor) else 0
+        return "other", _first_output_numel(out)
     return "unsupported", 0
 
 
@@ -772,13 +775,13 @@ def _normalize_inputs(inputs):
         if any(d <= 0 for d in shape):
             raise ValueError(f"input shape {shape} has a zero or negative dimension; "
                              "every dimension must be a positive integer")
-        return (torch.empty(shape, device="meta"),), {}, True
+        return (torch.empty(shape, device="meta"),), {}
     if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}, False
+        return (inputs,), {}
     if isinstance(inputs, dict):
-        return (), dict(inputs), False
+        return (), dict(inputs)
     if isinstance(inputs, (tuple, list)) and inputs:
-        return tuple(inputs), {}, False
+        return tuple(inputs), {}
     raise TypeError("inputs must be a shape tuple such as (32, 1024), a tensor, a tuple/list "
                     f"of tensors (positional arguments) or a dict (keyword arguments); "
                     f"got {type(inputs).__name__}")
@@ -826,9 +829,8 @@ class ModelRunError(ValueError):
 
 
 def _run_error(model, args, kwargs, err):
-    message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ModelRunError(f"{type(model).__name__} could not run on inputs of shape "
-                         f"{_shapes(args, kwargs)}: {message}")
+                         f"{_shapes(args, kwargs)}: {_first_line(err)}")
 
 
 class FLOPCalculator:
@@ -854,7 +856,7 @@ class FLOPCalculator:
         _check_model(model)
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        args, kwargs, _ = _normalize_inputs(inputs)
+        args, kwargs = _normalize_inputs(inputs)
         can_run_real = _model_device(model).type != "meta"
         if mode in ("auto", "meta"):
             try:
@@ -973,11 +975,16 @@ def _check_memory_options(optimizer, precision):
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
 
 
-def _autocast(precision, device):
-    dtype = PRECISIONS[precision]
-    if precision.startswith("amp_"):
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
+def _autocast(dtype, device):
+    """torch.autocast to `dtype` on `device`'s type; no-op for dtype None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _amp_dtype(precision):
+    """The autocast dtype of a memory precision: amp_* autocast, fp32 and pure bf16 do not."""
+    return PRECISIONS[precision] if precision.startswith("amp_") else None
 
 
 def _checkpoint_blocks(model):
@@ -1117,16 +1124,18 @@ class _LayerOutputs:
                                if isinstance(t, torch.Tensor))
 
 
+def _model_state(replica, optimizer):
+    """(category, tensor) for every parameter, buffer and optimizer-state tensor."""
+    yield from (("parameters", p) for p in replica.parameters())
+    yield from (("buffers", b) for b in replica.buffers())
+    for state in (optimizer.state.values() if optimizer else ()):
+        yield from (("optimizer", v) for v in state.values() if isinstance(v, torch.Tensor))
+
+
 def _register_step_state(tracker, replica, optimizer, run_args, run_kwargs):
     """Tensors alive before the step starts, each in its category."""
-    for p in replica.parameters():
-        tracker.add(p, "parameters")
-    for b in replica.buffers():
-        tracker.add(b, "buffers")
-    for state in (optimizer.state.values() if optimizer else ()):
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                tracker.add(value, "optimizer")
+    for category, tensor in _model_state(replica, optimizer):
+        tracker.add(tensor, category)
     for x in tree_flatten((run_args, run_kwargs))[0]:
         if isinstance(x, torch.Tensor):
             tracker.add(x, "inputs")
@@ -1143,7 +1152,7 @@ def _train_step(replica, run_args, run_kwargs, optimizer, precision, device, *, 
     phase = tracker.set_phase if tracker is not None else (lambda name: None)
     with compute or contextlib.nullcontext(), tracking:
         phase("forward")
-        with _autocast(precision, device):
+        with _autocast(_amp_dtype(precision), device):
             output = replica(*run_args, **run_kwargs)
         phase("backward")
         loss = _scalar_loss(output)
@@ -1179,7 +1188,7 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
             _register_step_state(tracker, replica, None, run_args, run_kwargs)
             grads = set()
             with compute or contextlib.nullcontext(), tracker, torch.inference_mode(), \
-                    _global_forward_hook(layers), _autocast(options["precision"], device):
+                    _global_forward_hook(layers), _autocast(_amp_dtype(options["precision"]), device):
                 tracker.set_phase("forward")
                 replica(*run_args, **run_kwargs)
         summary = _memory_summary(tracker, grads)
@@ -1234,7 +1243,7 @@ def _quiet_fake_tensor_logs():
 def _memory_options(model, inputs, training, optimizer, precision, checkpointing, device):
     _check_model(model)
     _check_memory_options(optimizer, precision)
-    args, kwargs, _ = _normalize_inputs(inputs)
+    args, kwargs = _normalize_inputs(inputs)
     device = torch.device(device) if device is not None else _model_device(model)
     options = {"training": bool(training), "optimizer_name": optimizer, "precision": precision,
                "checkpointing": bool(checkpointing)}
@@ -1266,8 +1275,6 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
         with _quiet_fake_tensor_logs():
             result = _memory_run(model, args, kwargs, options, make=make, device=device, compute=fake_mode,
                                  foreach=(device.type == "cuda"))  # CUDA's default is foreach
-    except ModelRunError:
-        raise
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
     return {**result, **options, "device": str(device), "method": f"fake tensors on {device.type}"}
@@ -1347,11 +1354,10 @@ def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None):
             model = builder()
         data["models"][name] = {"training": _memory_pair(model, inputs(batch)),
                                 "inference": _memory_pair(model, inputs(batch), training=False)}
+        if name == "TinyGPT (T=64)":
+            gpt, gpt_inputs = model, inputs
         if progress:
             progress(i + 1, len(names) + 2, name)
-    gpt_builder, gpt_inputs = MEMORY_MODELS["TinyGPT (T=64)"]
-    with torch.device(device):
-        gpt = gpt_builder()
     data["growth"] = _memory_growth(gpt, gpt_inputs, [1, 4] if quick else [1, 4, 16])
     if progress:
         progress(len(names) + 1, len(names) + 2, "batch growth")
@@ -1485,13 +1491,8 @@ class _AmpTrainer:
         use_scaler = precision == "fp16" and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def forward(self):
-        with self.autocast():
+        with _autocast(self.dtype, self.device):
             return self.replica(*self.args, **self.kwargs)
 
     def step(self, tracker=None):
@@ -1575,7 +1576,7 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
     if unknown:
         raise ValueError(f"precisions must be among {list(AMP_DTYPES)}, got {unknown}")
     precisions = ["fp32"] + [p for p in precisions if p != "fp32"]  # fp32 is the reference
-    args, kwargs, _ = _normalize_inputs(inputs)
+    args, kwargs = _normalize_inputs(inputs)
     run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device))
     deadline = time.perf_counter() + time_budget_s
     hardware = hardware_info(device)
@@ -1659,10 +1660,7 @@ def _peak_memory(trainer, device):
 
 
 def _state_bytes(trainer):
-    tensors = [*trainer.replica.parameters(), *trainer.replica.buffers()]
-    if trainer.optimizer:
-        tensors += [v for st in trainer.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for _, t in _model_state(trainer.replica, trainer.optimizer))
 
 
 # name -> (builder, inputs(batch)) for the mixed-precision figure: sizes from tiny to a few M params.
@@ -1982,7 +1980,7 @@ def _amp_matrix(models, key):
                 for recs in models.values()] for p in precisions}
 
 
-def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skipped_label=True):
+def _grouped_bars(ax, names, matrix, *, log=False, fmt=None):
     x = np.arange(len(names))
     width = 0.8 / len(matrix)
     for j, (precision, values) in enumerate(matrix.items()):
@@ -1991,7 +1989,7 @@ def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skipped_label=True)
         ax.bar(xs, heights, width, color=PRECISION_COLORS[precision], label=precision)
         for xi, v in zip(xs, values):
             text = _t("skipped") if v is None else (fmt(v) if fmt else None)
-            if text and (v is not None or skipped_label):
+            if text:
                 ax.annotate(text, (xi, v if v else 0), xytext=(0, 2), textcoords="offset points", ha="center",
                             fontsize=7, rotation=90 if v is None else 0, va="bottom")
     ax.set_xticks(x, names, fontsize=8)
@@ -2002,9 +2000,9 @@ def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skipped_label=True)
 
 def _plot_amp_time(ax, models):
     names = list(models)
-    _grouped_bars(ax, names, _amp_matrix(models, "median_s"), log=True, fmt=lambda v: f"{v * 1e3:.1f}ms")
-    iqr = _amp_matrix(models, "iqr_s")
     med = _amp_matrix(models, "median_s")
+    _grouped_bars(ax, names, med, log=True, fmt=lambda v: f"{v * 1e3:.1f}ms")
+    iqr = _amp_matrix(models, "iqr_s")
     width = 0.8 / len(med)
     for j, p in enumerate(med):
         xs = np.arange(len(names)) + (j - (len(med) - 1) / 2) * width
