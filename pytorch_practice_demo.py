@@ -115,6 +115,7 @@ LABELS = {
     "parameters_part": ("参数", "parameters"), "gradients_part": ("梯度", "gradients"),
     "optimizer_part": ("优化器状态", "optimizer state"), "activations_part": ("激活", "activations"),
     "temporary_part": ("临时张量", "temporaries"), "buffers_part": ("缓冲区+输入", "buffers + inputs"),
+    "weight_copies_part": ("autocast 低精度权重副本", "autocast low-precision weight copies"),
     "measured_peak": ("实测峰值", "measured peak"),
     "train_vs_infer": ("训练 vs 推理（峰值）", "Training vs inference (peak)"),
     "training": ("训练（fwd+bwd+Adam）", "training (fwd+bwd+Adam)"),
@@ -137,6 +138,33 @@ LABELS = {
                "napkin (params×4 + grads + 2× Adam + sum of layer outputs)"),
     "estimate": ("估计（fake 张量）", "estimate (fake tensors)"),
     "mib": ("MiB", "MiB"), "gib": ("GiB", "GiB"),
+    # training figure
+    "train_title": ("训练策略对比：同一模型、同一初始权重、同一批次顺序，真实训练",
+                    "Training strategies: same model, same initial weights, same batches, real runs"),
+    "train_sub": ("设备 {device}；{model}（{params} 参数）；batch={batch}；{steps} 步；数据集 {dataset}；Adam lr={lr}",
+                  "device {device}; {model} ({params} parameters); batch={batch}; {steps} steps; "
+                  "dataset {dataset}; Adam lr={lr}"),
+    "strat_baseline": ("基线（fp32）", "baseline (fp32)"),
+    "strat_mixed_precision": ("混合精度（{precision} autocast）", "mixed precision ({precision} autocast)"),
+    "strat_gradient_accumulation": ("梯度累积（{k} × {micro}）", "gradient accumulation ({k} × {micro})"),
+    "strat_gradient_checkpointing": ("梯度检查点（{blocks} 个块）", "gradient checkpointing ({blocks} blocks)"),
+    "vs_baseline": ("与基线最大差 {diff:.1e}", "max |Δ| vs baseline {diff:.1e}"),
+    "cut_short": ("时间预算内只跑了 {n} 步", "only {n} steps fit the time budget"),
+    "train_loss": ("训练损失（每个优化步）", "Training loss (every optimizer step)"),
+    "val_loss": ("验证损失（{n} 个留出样本）", "Validation loss ({n} held-out samples)"),
+    "opt_step": ("优化步", "optimizer step"), "cross_entropy": ("交叉熵", "cross-entropy"),
+    "throughput": ("训练吞吐（计时步的中位数，预热后）", "Training throughput (median of timed steps)"),
+    "samples_per_s": ("样本/秒", "samples/s"),
+    "train_memory": ("一步训练的峰值内存（实测）及峰值时刻的组成", "Peak memory of one step (measured), by part"),
+    "mfu": ("MFU：模型 FLOPs / 步时间 / 实测矩阵乘峰值", "MFU: model FLOPs / step time / measured matmul peak"),
+    "mfu_note": ("检查点重算的前向不计入模型 FLOPs；峰值：{peaks}",
+                 "checkpointing's recomputed forward is not model FLOPs; peaks: {peaks}"),
+    "radar": ("综合（归一化，越外越好）", "Overall (normalised, outer is better)"),
+    "r_throughput": ("吞吐", "throughput"), "r_memory": ("内存更省", "less memory"),
+    "r_loss": ("最终验证损失更低", "lower final val loss"), "r_mfu": ("MFU", "MFU"),
+    "r_wall": ("总耗时更短", "shorter wall time"),
+    "radar_row": ("{name}：{sps:,.0f} 样本/s，{mem:.1f} MiB，验证损失 {loss:.3f}，MFU {mfu:.1%}，{wall:.1f} s",
+                  "{name}: {sps:,.0f} samples/s, {mem:.1f} MiB, val loss {loss:.3f}, MFU {mfu:.1%}, {wall:.1f} s"),
     # mixed-precision figure
     "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
     "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
@@ -1027,6 +1055,7 @@ class _StorageTracker(TorchDispatchMode):
         self.live = {}         # id(storage) -> key, for storages alive now
         self.events = []       # (key, +1 alloc / -1 free) in order
         self.phase_start = {}  # phase -> index into events
+        self.gradient_keys = set()
         self._finalizers = []
 
     def add(self, tensor, category=None):
@@ -1049,6 +1078,10 @@ class _StorageTracker(TorchDispatchMode):
         self.phase = phase
         self.phase_start[phase] = len(self.events)
 
+    def mark_gradients(self, parameters):
+        """Call after backward: the .grad storages are gradients, whichever phase made them."""
+        self.gradient_keys |= {self.add(p.grad) for p in parameters if p.grad is not None}
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         # autocast's low-precision copy of a weight, cached for the whole forward
@@ -1064,7 +1097,7 @@ class _StorageTracker(TorchDispatchMode):
             finalizer.detach()
 
 
-def _categorize(tracker, gradient_keys):
+def _categorize(tracker):
     """Name each storage: given categories, gradients, activations (made in forward and still
     alive when backward starts) or temporary (everything else)."""
     forward_end = tracker.phase_start.get("backward", len(tracker.events))
@@ -1072,7 +1105,7 @@ def _categorize(tracker, gradient_keys):
     for key, entry in enumerate(tracker.info):
         if entry[2]:
             continue
-        if key in gradient_keys:
+        if key in tracker.gradient_keys:
             entry[2] = "gradients"
         elif entry[1] == "forward" and freed_at.get(key, math.inf) >= forward_end:
             entry[2] = "activations"
@@ -1099,8 +1132,8 @@ def _replay(tracker):
     return peak, {part: int(at_peak[part]) for part in MEMORY_PARTS}, peak_phase
 
 
-def _memory_summary(tracker, gradient_keys):
-    _categorize(tracker, gradient_keys)
+def _memory_summary(tracker):
+    _categorize(tracker)
     peak, at_peak, peak_phase = _replay(tracker)
     sizes = Counter()
     for nbytes, _, category in tracker.info:
@@ -1145,8 +1178,7 @@ def _train_step(replica, run_args, run_kwargs, optimizer, precision, device, *, 
     """One training step: forward (under autocast for AMP), backward, optimizer.step(), zero_grad.
 
     `compute` is the context forward and backward run in (FakeTensorMode when estimating); the
-    optimizer runs outside it so its CPU step counters stay real numbers.  Returns the storage
-    keys of the gradients when `tracker` is given.
+    optimizer runs outside it so its CPU step counters stay real numbers.
     """
     tracking = tracker if tracker is not None else contextlib.nullcontext()
     phase = tracker.set_phase if tracker is not None else (lambda name: None)
@@ -1161,12 +1193,12 @@ def _train_step(replica, run_args, run_kwargs, optimizer, precision, device, *, 
             raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
         loss.backward()
         del loss
-        grads = {tracker.add(p.grad) for p in replica.parameters() if p.grad is not None} if tracker else set()
+        if tracker is not None:
+            tracker.mark_gradients(replica.parameters())
     with tracking:
         phase("optimizer")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return grads
 
 
 def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None):
@@ -1182,16 +1214,15 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
             _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device, compute=compute)
             _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
             with _global_forward_hook(layers):
-                grads = _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device,
-                                    compute=compute, tracker=tracker)
+                _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device,
+                            compute=compute, tracker=tracker)
         else:
             _register_step_state(tracker, replica, None, run_args, run_kwargs)
-            grads = set()
             with compute or contextlib.nullcontext(), tracker, torch.inference_mode(), \
                     _global_forward_hook(layers), _autocast(_amp_dtype(options["precision"]), device):
                 tracker.set_phase("forward")
                 replica(*run_args, **run_kwargs)
-        summary = _memory_summary(tracker, grads)
+        summary = _memory_summary(tracker)
     finally:
         tracker.close()
     if not options["training"]:  # the forward's working set is its activations
@@ -1478,6 +1509,34 @@ def _matmul_slowdown(device, precision, size=128, reps=3):
     return low / max(fp32, 1e-9)
 
 
+def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
+    """Run `step(tracker)` once under the storage tracker: (what it returns, memory summary).
+
+    The parts come from the tracker on every device; on CUDA `total` is the caching allocator's
+    peak during the step plus the model state that was alive before it (as in measure_memory).
+    """
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    tracker = _StorageTracker()
+    _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
+    try:
+        with tracker:
+            tracker.set_phase("forward")
+            value = step(tracker)
+        summary = _memory_summary(tracker)
+    finally:
+        tracker.close()
+    if cuda:
+        torch.cuda.synchronize(device)
+        state = sum(t.numel() * t.element_size() for _, t in _model_state(replica, optimizer))
+        summary["tracked_total"] = summary["total"]
+        summary["total"] = torch.cuda.max_memory_allocated(device) - before + state
+    return value, summary
+
+
 class _AmpTrainer:
     """One copy of the model trained in one precision: forward under autocast, GradScaler for
     fp16 on CUDA (torch.amp.GradScaler("cuda")), Adam."""
@@ -1505,12 +1564,14 @@ class _AmpTrainer:
             tracker.set_phase("backward")
         loss = _scalar_loss(output)
         del output
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if tracker is not None:
+            tracker.mark_gradients(self.replica.parameters())
+            tracker.set_phase("optimizer")
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -1524,20 +1585,6 @@ def _max_rel_error(outputs, reference):
     """max |out - ref| / max |ref| over all output tensors."""
     scale = max(float(r.abs().max()) for r in reference) or 1.0
     return max(float((o - r).abs().max()) for o, r in zip(outputs, reference)) / scale
-
-
-def _tracked_memory(trainer):
-    """(peak bytes, activation bytes) of one step, from the storage tracker."""
-    tracker = _StorageTracker()
-    _register_step_state(tracker, trainer.replica, trainer.optimizer, trainer.args, trainer.kwargs)
-    try:
-        with tracker:
-            tracker.set_phase("forward")
-            trainer.step(tracker)
-        summary = _memory_summary(tracker, set())
-        return summary["total"], summary["activations"]
-    finally:
-        tracker.close()
 
 
 def _time_runs(trainer, runs, deadline):
@@ -1647,20 +1694,10 @@ def _benchmark_one(model, run_args, run_kwargs, precision, device, training, sha
 
 
 def _peak_memory(trainer, device):
-    """(peak, activation) bytes of one untimed step; on CUDA the peak is the allocator's."""
-    if device.type == "cuda":
-        _synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        trainer.step()
-        _synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before + _state_bytes(trainer)
-        return peak, _tracked_memory(trainer)[1]
-    return _tracked_memory(trainer)
-
-
-def _state_bytes(trainer):
-    return sum(t.numel() * t.element_size() for _, t in _model_state(trainer.replica, trainer.optimizer))
+    """(peak, activation) bytes of one untimed step, measured as in measure_memory."""
+    _, summary = _measured_step(trainer.step, trainer.replica, trainer.optimizer, trainer.args, trainer.kwargs,
+                                device)
+    return summary["total"], summary["activations"]
 
 
 # name -> (builder, inputs(batch)) for the mixed-precision figure: sizes from tiny to a few M params.
@@ -1703,6 +1740,348 @@ def dtype_ranges(value=1e-8, loss_scale=65536):
                         "value_after_cast": float(torch.tensor(value, dtype=dtype))}
     scaled = float(torch.tensor(value * loss_scale, dtype=torch.float16))
     return {"value": value, "loss_scale": loss_scale, "fp16_scaled": scaled, "dtypes": ranges}
+
+
+# -----------------------------------------------------------------------------
+# Training comparison: one small model, four strategies, real runs
+# -----------------------------------------------------------------------------
+# Every strategy starts from the same initial weights and sees the same batches in the same
+# order, so their curves differ only by what the strategy does.  The model has no dropout and no
+# BatchNorm: gradient accumulation and checkpointing must then reproduce the baseline's losses.
+
+TRAIN_STRATEGIES = ("baseline", "mixed_precision", "gradient_accumulation", "gradient_checkpointing")
+
+
+class ResidualMLPBlock(nn.Module):
+    """Pre-norm residual MLP block: x + W2 gelu(W1 LayerNorm(x)), as the MLP half of a transformer."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class ResMLPClassifier(nn.Module):
+    """28x28 images (or any 784 features) -> 10 classes through `depth` residual blocks.
+    The blocks sit in one nn.Sequential: the unit that gradient checkpointing recomputes."""
+
+    def __init__(self, in_features=784, width=256, depth=4, classes=10):
+        super().__init__()
+        self.embed = nn.Linear(in_features, width)
+        self.blocks = nn.Sequential(*(ResidualMLPBlock(width) for _ in range(depth)))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):                                    # (B, 784) or (B, 1, 28, 28)
+        return self.head(self.ln(self.blocks(self.embed(x.flatten(1)))))
+
+
+# --- data: a learnable synthetic task by default, MNIST from disk when asked ---------------
+
+SYNTHETIC_SIGNAL = 0.1  # prototype amplitude against unit noise: hard per pixel, learnable over 784
+
+
+def synthetic_dataset(n_train, n_val, seed=0, features=784, classes=10):
+    """Ten random prototypes; a sample is SYNTHETIC_SIGNAL x its class prototype + N(0, 1) noise.
+
+    No sample is informative pixel by pixel, but over 784 features the class is learnable: a
+    model has to pool evidence, and fresh samples keep validation honest.
+    """
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(classes, features, generator=g)
+
+    def draw(n):
+        y = torch.randint(0, classes, (n,), generator=g)
+        return SYNTHETIC_SIGNAL * prototypes[y] + torch.randn(n, features, generator=g), y
+    (x, y), (vx, vy) = draw(n_train), draw(n_val)
+    return {"name": "synthetic", "train_x": x, "train_y": y, "val_x": vx, "val_y": vy}
+
+
+MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+               "val_x": "t10k-images-idx3-ubyte", "val_y": "t10k-labels-idx1-ubyte"}
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels in [0, 1] (pytorch/examples mnist)
+
+
+def _read_idx(path):
+    """An IDX file (yann.lecun.com/exdb/mnist format): magic 0x0000 08 ndim, big-endian uint32
+    sizes, then unsigned bytes.  Gzipped files are read too."""
+    import gzip
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()})")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = raw[4 + 4 * ndim:]
+    if len(data) != _numel(shape):
+        raise ValueError(f"{path}: header says shape {shape} ({_numel(shape)} bytes) but {len(data)} bytes follow")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape)
+
+
+def _check_mnist_files(data_dir):
+    missing = [stem for stem in MNIST_FILES.values() if _find_mnist_file(Path(data_dir), stem) is None]
+    if missing:
+        raise ValueError(f"MNIST files not found in {str(data_dir)!r}: {', '.join(missing)} (optionally .gz). "
+                         "Put them there, allow the download (download=True / --download-mnist), "
+                         "or use dataset='synthetic'")
+
+
+def _find_mnist_file(data_dir, stem):
+    for folder in (data_dir, data_dir / "MNIST" / "raw"):  # the second is torchvision's layout
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def load_mnist(data_dir, *, n_train=None, n_val=None, download=False):
+    """MNIST from the four IDX files in `data_dir` (or torchvision's data_dir/MNIST/raw).
+
+    Nothing is downloaded unless download=True (then torchvision fetches the files).  Pixels are
+    scaled to [0, 1] and standardised; the first n_train / n_val samples are kept.
+    """
+    if data_dir is None:
+        raise ValueError("dataset='mnist' needs data_dir: a folder with the MNIST IDX files")
+    data_dir = Path(data_dir)
+    if download and any(_find_mnist_file(data_dir, s) is None for s in MNIST_FILES.values()):
+        import torchvision
+        torchvision.datasets.MNIST(str(data_dir), train=True, download=True)  # the network, as asked
+        torchvision.datasets.MNIST(str(data_dir), train=False, download=True)
+    _check_mnist_files(data_dir)
+    paths = {key: _find_mnist_file(data_dir, stem) for key, stem in MNIST_FILES.items()}
+    data = {key: _read_idx(path) for key, path in paths.items()}
+    for split, n in (("train", n_train), ("val", n_val)):
+        x, y = data[f"{split}_x"][:n], data[f"{split}_y"][:n]
+        if x.ndim != 3 or len(x) != len(y):
+            raise ValueError(f"MNIST {split} files disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
+        data[f"{split}_x"] = (x.float() / 255 - MNIST_MEAN) / MNIST_STD
+        data[f"{split}_y"] = y.long()
+    return {"name": "mnist", **data}
+
+
+def _batch_order(n_samples, batch, steps, seed):
+    """Indices of every step's batch: reshuffled each epoch by a seeded generator, so every
+    strategy sees the same batches in the same order."""
+    g = torch.Generator().manual_seed(seed)
+    epochs = math.ceil(steps * batch / n_samples)
+    order = torch.cat([torch.randperm(n_samples, generator=g) for _ in range(epochs)])
+    return order[:steps * batch].view(steps, batch)
+
+
+# --- the device's peak: a large matmul, measured -----------------------------------------
+
+def measure_peak_flops(device, precision="fp32", target_s=0.1, max_size=8192):
+    """FLOP/s of the largest square matmul this device does in about `target_s` / 8 (2 n^3 FLOPs).
+
+    The denominator of MFU (PaLM, Appendix B): what this device reaches on the friendliest op,
+    measured here rather than read from a data sheet.  The fastest of several runs counts (a peak
+    is a best case).  Low precisions run under autocast, as the training steps do.
+    """
+    device = torch.device(device)
+
+    def seconds(a):
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ a
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    with _autocast(AMP_DTYPES[precision], device):
+        size = 256
+        while True:
+            a = torch.randn(size, size, device=device)
+            seconds(a)  # warm-up: kernel selection, caches
+            one = seconds(a)
+            if one > target_s / 8 or size >= max_size:
+                break
+            size *= 2
+        reps = max(2, min(20, int(target_s / max(one, 1e-6))))
+        best = min(seconds(a) for _ in range(reps))
+    return {"flops_per_s": 2 * size ** 3 / best, "precision": precision, "matmul_size": size,
+            "method": f"{size}x{size} matmul, fastest of {reps} runs, {precision}"}
+
+
+# --- one strategy's run --------------------------------------------------------------------
+
+def _strategy_precision(strategy, device):
+    """The autocast precision a strategy trains in: mixed precision is bf16 on CPU (fp16 is not
+    faster there), fp16 on CUDA and MPS; every other strategy is fp32."""
+    if strategy != "mixed_precision":
+        return "fp32"
+    return "bf16" if device.type == "cpu" else "fp16"
+
+
+class _StrategyRun:
+    """A replica of the model trained with Adam under one strategy."""
+
+    def __init__(self, model, strategy, device, accumulation, lr):
+        self.replica = _replica(model, _real_like(device))
+        self.device, self.strategy = device, strategy
+        self.precision = _strategy_precision(strategy, device)
+        self.blocks = _checkpoint_blocks(self.replica) if strategy == "gradient_checkpointing" else 0
+        self.micro_batches = accumulation if strategy == "gradient_accumulation" else 1
+        self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=lr)
+        cuda_fp16 = self.precision == "fp16" and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None  # fp16 gradients underflow
+
+    def step(self, x, y, tracker=None):
+        """One optimizer step on the batch (x, y); returns its mean training loss."""
+        phase = tracker.set_phase if tracker is not None else (lambda name: None)
+        total = 0.0
+        for xs, ys in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
+            phase("forward")
+            with _autocast(AMP_DTYPES[self.precision], self.device):
+                loss = F.cross_entropy(self.replica(xs), ys)
+            phase("backward")
+            # micro-batch mean x its share of the batch: the k gradients add up to the batch mean's
+            loss = loss * (len(xs) / len(x)) if self.micro_batches > 1 else loss
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.item()
+        if tracker is not None:
+            tracker.mark_gradients(self.replica.parameters())
+        phase("optimizer")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, x, y, batch=1024):
+        """Mean cross-entropy over (x, y), in the strategy's precision."""
+        total = 0.0
+        for xs, ys in zip(x.split(batch), y.split(batch)):
+            with _autocast(AMP_DTYPES[self.precision], self.device):
+                total += float(F.cross_entropy(self.replica(xs), ys, reduction="sum"))
+        return total / len(x)
+
+
+def _train_one(model, strategy, data, order, options, deadline):
+    """Train one strategy until its steps are done or the next step would pass `deadline`."""
+    device, started = options["device"], time.perf_counter()
+    run = _StrategyRun(model, strategy, device, options["accumulation"], options["lr"])
+    val_x, val_y = data["val_x"].to(device), data["val_y"].to(device)
+    record = {"strategy": strategy, "precision": run.precision, "micro_batches": run.micro_batches,
+              "checkpointed_blocks": run.blocks, "train_loss": [], "val_steps": [0],
+              "val_loss": [run.evaluate(val_x, val_y)], "step_times_s": [], "cut": None}
+    eval_s = time.perf_counter() - started
+    for i, index in enumerate(order):
+        x, y = data["train_x"][index].to(device), data["train_y"][index].to(device)
+        if i == 1:  # the first steady step (Adam state exists): measured for memory, not timed
+            loss, memory = _measured_step(functools.partial(run.step, x, y), run.replica, run.optimizer,
+                                          (x, y), {}, device)
+        else:
+            _synchronize(device)
+            start = time.perf_counter()
+            loss = run.step(x, y)
+            _synchronize(device)
+            if i > 0:
+                record["step_times_s"].append(time.perf_counter() - start)
+        record["train_loss"].append(loss)
+        step = i + 1
+        last = step == len(order)
+        typical = float(np.median(record["step_times_s"])) if record["step_times_s"] else 0.0
+        out_of_time = step >= 3 and time.perf_counter() + typical + eval_s > deadline
+        if step % options["eval_every"] == 0 or last or out_of_time:
+            record["val_steps"].append(step)
+            start = time.perf_counter()
+            record["val_loss"].append(run.evaluate(val_x, val_y))
+            eval_s = time.perf_counter() - start
+        if out_of_time and not last:
+            record["cut"] = f"stopped after {step} of {len(order)} steps to fit the time budget"
+            break
+    times = record["step_times_s"]  # steps 3.. : at least one, as every run does 3 steps or more
+    batch = order.shape[1]
+    flops = options["training_flops"]
+    record.update(steps_done=len(record["train_loss"]), wall_s=time.perf_counter() - started,
+                  median_step_s=float(np.median(times)), samples_per_s=batch / float(np.median(times)),
+                  peak_memory_bytes=memory["total"], activation_bytes=memory["activations"],
+                  at_peak=memory["at_peak"], peak_phase=memory["peak_phase"],
+                  achieved_flops_per_s=flops / float(np.median(times)))
+    record["mfu"] = record["achieved_flops_per_s"] / options["peak_flops"][run.precision]["flops_per_s"]
+    return record
+
+
+TRAIN_MODEL = {"width": 128, "depth": 8}  # narrow and deep: activations matter next to Adam state
+TRAINING_SIZES = {  # what the figure and the CLI run: ~8 s and ~2 s on a 2-core CPU
+    "default": {"steps": 100, "batch": 256, "time_budget_s": 10.0},
+    "quick": {"steps": 30, "batch": 128, "time_budget_s": 3.0},
+}
+TRAIN_VAL_SAMPLES = 1024
+TRAIN_MAX_SAMPLES = 60_000  # one pass over at most this many training samples
+
+
+def _check_training_options(strategies, steps, batch, accumulation, eval_every, time_budget_s, dataset):
+    unknown = [s for s in strategies if s not in TRAIN_STRATEGIES]
+    if unknown or not strategies:
+        raise ValueError(f"strategies must be a non-empty subset of {list(TRAIN_STRATEGIES)}, got {strategies!r}")
+    for name, value, low in (("steps", steps, 3), ("batch", batch, 1), ("accumulation", accumulation, 1),
+                             ("eval_every", eval_every, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if batch % accumulation:
+        raise ValueError(f"batch ({batch}) must be a multiple of accumulation ({accumulation}) so that the "
+                         "micro-batches add up to the baseline's batch")
+    if not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+        raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
+    if dataset not in ("synthetic", "mnist"):
+        raise ValueError(f"dataset must be 'synthetic' or 'mnist', got {dataset!r}")
+
+
+def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0, dataset="synthetic",
+                            data_dir=None, time_budget_s=60, batch=256, accumulation=4, eval_every=None,
+                            download=False, progress=None):
+    """Train ResMLPClassifier under each strategy from the same weights on the same batches.
+
+    Returns {"runs": {strategy: record}, ...the conditions}.  A record holds train_loss (one per
+    optimizer step), val_loss at val_steps (step 0 = before training), samples_per_s (median over
+    the timed steps: step 1 is warm-up, step 2 is measured for memory), peak_memory_bytes and its
+    parts (as measure_memory measures them), wall_s, achieved_flops_per_s (model FLOPs of a step /
+    median step time) and mfu (against the measured matmul peak, `peak_flops`).  Each strategy
+    gets an equal share of what is left of `time_budget_s`; a run that would overrun it stops
+    early and says so in `cut`.
+    """
+    strategies = list(TRAIN_STRATEGIES if strategies is None else strategies)
+    steps = 100 if steps is None else steps
+    eval_every = eval_every or max(1, steps // 10)
+    _check_training_options(strategies, steps, batch, accumulation, eval_every, time_budget_s, dataset)
+    device = torch.device(device or "cpu")
+    started = time.perf_counter()
+    deadline = started + time_budget_s
+    n_train = min(steps * batch, TRAIN_MAX_SAMPLES)
+    if dataset == "mnist":
+        data = load_mnist(data_dir, n_train=n_train, n_val=TRAIN_VAL_SAMPLES, download=download)
+    else:
+        data = synthetic_dataset(n_train, TRAIN_VAL_SAMPLES, seed)
+    seed_everything(seed)
+    model = ResMLPClassifier(**TRAIN_MODEL)
+    order = _batch_order(len(data["train_x"]), batch, steps, seed)
+    precisions = sorted({_strategy_precision(s, device) for s in strategies})
+    options = {"device": device, "accumulation": accumulation, "lr": 1e-3, "eval_every": eval_every,
+               "training_flops": FLOPCalculator().analyze_model(model, (batch, 784))["training_flops"],
+               "peak_flops": {p: measure_peak_flops(device, p) for p in precisions}}
+    result = {"model": "ResMLP ({depth}x{width})".format(**TRAIN_MODEL),
+              "parameters": sum(p.numel() for p in model.parameters()), "dataset": data["name"],
+              "train_samples": len(data["train_x"]), "val_samples": len(data["val_x"]),
+              "device": _device_name(device), "batch": batch, "steps": steps, "accumulation": accumulation,
+              "eval_every": eval_every, "lr": options["lr"], "optimizer": "adam", "seed": seed,
+              "time_budget_s": time_budget_s, "training_flops_per_step": options["training_flops"],
+              "flops_note": "model FLOPs of one step (forward + backward, FLOPCalculator); the forward "
+                            "that checkpointing recomputes is not counted (MFU as in PaLM, App. B)",
+              "peak_flops": options["peak_flops"], "hardware": hardware_info(device), "runs": {}}
+    for i, strategy in enumerate(strategies):
+        share = (deadline - time.perf_counter()) / (len(strategies) - i)
+        result["runs"][strategy] = _train_one(model, strategy, data, order, options,
+                                              time.perf_counter() + share)
+        if progress:
+            progress(i + 1, len(strategies), strategy)
+    result["wall_s"] = time.perf_counter() - started
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -1842,26 +2221,31 @@ def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, records=None, quic
 
 
 MEMORY_COLORS = {"parameters": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868",
-                 "activations": "#C44E52", "temporary": "#8172B2", "buffers": "#937860"}
+                 "activations": "#C44E52", "weight_copies": "#64B5CD", "temporary": "#8172B2",
+                 "buffers": "#937860"}
 MIB, GIB = 2 ** 20, 2 ** 30
+
+
+def _stacked_parts(ax, x, parts_per_bar, width, *, label=True, hatch=None):
+    """One bar per dict of part -> bytes, stacked in MiB in MEMORY_COLORS order ("buffers"
+    includes the inputs); parts absent from every dict are left out of the legend."""
+    bottom = np.zeros(len(parts_per_bar))
+    for part in MEMORY_COLORS:
+        values = np.array([(d.get(part, 0) + (d.get("inputs", 0) if part == "buffers" else 0)) / MIB
+                           for d in parts_per_bar])
+        if values.any():
+            ax.bar(x, values, width, bottom=bottom, color=MEMORY_COLORS[part], hatch=hatch,
+                   label=_t(f"{part}_part") if label else None, edgecolor="white", linewidth=0.5)
+            bottom += values
+    return bottom
 
 
 def _plot_memory_composition(ax, models):
     names = list(models)
     x = np.arange(len(names))
-    for offset, source in ((-0.2, "formula"), (0.2, "at_peak")):
-        bottom = np.zeros(len(names))
-        for part in ("parameters", "gradients", "optimizer", "activations", "temporary", "buffers"):
-            values = []
-            for name in names:
-                estimate = models[name]["training"]["estimate"]
-                parts = estimate["formula"] if source == "formula" else estimate["at_peak"]
-                value = parts.get(part, 0) + (parts.get("inputs", 0) if part == "buffers" else 0)
-                values.append(value / MIB)
-            ax.bar(x + offset, values, 0.38, bottom=bottom, color=MEMORY_COLORS[part],
-                   label=_t(f"{part}_part") if source == "at_peak" else None,
-                   hatch="//" if source == "formula" else None, edgecolor="white", linewidth=0.5)
-            bottom += values
+    estimates = [models[name]["training"]["estimate"] for name in names]
+    _stacked_parts(ax, x - 0.2, [e["formula"] for e in estimates], 0.38, label=False, hatch="//")
+    _stacked_parts(ax, x + 0.2, [e["at_peak"] for e in estimates], 0.38)
     measured = [models[n]["training"]["measured"]["total"] / MIB for n in names]
     ax.scatter(x + 0.2, measured, marker="D", s=50, color="black", zorder=3, label=_t("measured_peak"))
     ax.set_ylim(0, 1.12 * max(max(measured), *(models[n]["training"]["estimate"]["formula"]["total"] / MIB
@@ -1967,6 +2351,147 @@ def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick
     data = data or run_memory_analysis(quick=quick, device=device)
     fig = plot_memory_analysis(data)
     _save_into(fig, output_dir, "memory", dpi)
+    return fig
+
+
+STRATEGY_STYLES = {  # colour, line style, width: curves that coincide stay visible
+    "baseline": ("#4C72B0", "-", 3.0), "mixed_precision": ("#55A868", "-", 1.4),
+    "gradient_accumulation": ("#DD8452", "--", 1.6), "gradient_checkpointing": ("#C44E52", ":", 2.0),
+}
+
+
+def _strategy_label(data, strategy):
+    run = data["runs"][strategy]
+    return _t(f"strat_{strategy}", precision=run["precision"], k=run["micro_batches"],
+              micro=data["batch"] // run["micro_batches"], blocks=run["checkpointed_blocks"])
+
+
+def _max_loss_diff(data, strategy, key):
+    base = data["runs"].get("baseline")
+    if base is None or strategy == "baseline":
+        return None
+    ours = data["runs"][strategy][key]
+    n = min(len(ours), len(base[key]))
+    return float(np.max(np.abs(np.array(ours[:n]) - np.array(base[key][:n]))))
+
+
+def _plot_loss_curves(ax, data, key):
+    for strategy, run in data["runs"].items():
+        color, style, width = STRATEGY_STYLES[strategy]
+        steps = run["val_steps"] if key == "val_loss" else np.arange(1, len(run[key]) + 1)
+        label = _strategy_label(data, strategy)
+        diff = _max_loss_diff(data, strategy, key)
+        if diff is not None:
+            label += "\n" + _t("vs_baseline", diff=diff)
+        if run["cut"]:
+            label += "\n" + _t("cut_short", n=run["steps_done"])
+        ax.plot(steps, run[key], ls=style, lw=width, color=color, label=label,
+                marker="o" if key == "val_loss" else None, ms=4)
+    ax.set_xlabel(_t("opt_step"))
+    ax.set_ylabel(_t("cross_entropy"))
+    ax.set_ylim(bottom=0)
+    ax.set_title(_t("train_loss") if key == "train_loss" else _t("val_loss", n=data["val_samples"]))
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def _strategy_bars(ax, data, values, fmt):
+    names = [_strategy_label(data, s) for s in data["runs"]]
+    colors = [STRATEGY_STYLES[s][0] for s in data["runs"]]
+    _barh(ax, names, values, colors, fmt=fmt)
+
+
+def _plot_throughput(ax, data):
+    values = [run["samples_per_s"] for run in data["runs"].values()]
+    base = data["runs"].get("baseline", {}).get("samples_per_s")
+    _strategy_bars(ax, data, values, lambda v: f"{v:,.0f}" + (f"  ({v / base:.2f}×)" if base else ""))
+    ax.set_xlabel(_t("samples_per_s"))
+    ax.set_title(_t("throughput"))
+
+
+def _plot_training_memory(ax, data):
+    runs = list(data["runs"].values())
+    x = np.arange(len(runs))
+    _stacked_parts(ax, x, [run["at_peak"] for run in runs], 0.6)
+    peaks = [run["peak_memory_bytes"] / MIB for run in runs]
+    for xi, peak in zip(x, peaks):
+        ax.annotate(f"{peak:.1f} MiB", (xi, peak), xytext=(0, 2), textcoords="offset points", ha="center",
+                    fontsize=8)
+    ax.set_xticks(x, [_strategy_label(data, s).replace("（", "\n（").replace(" (", "\n(") for s in data["runs"]],
+                  fontsize=8)
+    ax.set_ylabel(_t("mib"))
+    ax.set_ylim(0, max(peaks) * 1.25)
+    ax.set_title(_t("train_memory"))
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+
+
+def _plot_mfu(ax, data):
+    values = [run["mfu"] for run in data["runs"].values()]
+    from matplotlib.ticker import PercentFormatter
+    _strategy_bars(ax, data, values, lambda v: f"{v:.1%}")
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    peaks = ", ".join(f"{p} {readable(v['flops_per_s'], 'FLOP/s')}" for p, v in data["peak_flops"].items())
+    ax.set_xlabel(_t("mfu_note", peaks=peaks), fontsize=8)
+    ax.set_title(_t("mfu"))
+
+
+RADAR_AXES = ("r_throughput", "r_memory", "r_loss", "r_mfu", "r_wall")
+
+
+def _radar_scores(runs):
+    """Each metric scaled to (0, 1] so that bigger is better: x / best or best / x."""
+    raw = {"r_throughput": [r["samples_per_s"] for r in runs], "r_memory": [r["peak_memory_bytes"] for r in runs],
+           "r_loss": [r["val_loss"][-1] for r in runs], "r_mfu": [r["mfu"] for r in runs],
+           "r_wall": [r["wall_s"] for r in runs]}
+    higher_is_better = {"r_throughput", "r_mfu"}
+    return {k: [v / max(vals) if k in higher_is_better else min(vals) / v for v in vals] for k, vals in raw.items()}
+
+
+def _plot_training_radar(ax, data):
+    runs = list(data["runs"].values())
+    scores = _radar_scores(runs)
+    angles = np.linspace(0, 2 * np.pi, len(RADAR_AXES), endpoint=False)
+    for i, (strategy, run) in enumerate(data["runs"].items()):
+        color, style, width = STRATEGY_STYLES[strategy]
+        values = [scores[k][i] for k in RADAR_AXES]
+        label = _t("radar_row", name=_strategy_label(data, strategy), sps=run["samples_per_s"],
+                   mem=run["peak_memory_bytes"] / MIB, loss=run["val_loss"][-1], mfu=run["mfu"], wall=run["wall_s"])
+        ax.plot(np.append(angles, angles[0]), values + values[:1], ls=style, lw=width, color=color, label=label)
+        ax.fill(angles, values, color=color, alpha=0.05)
+    ax.set_xticks(angles, [_t(k) for k in RADAR_AXES], fontsize=9)
+    ax.set_ylim(0, 1.05)
+    ax.set_yticks([0.25, 0.5, 0.75, 1.0], ["", "0.5", "", "1"], fontsize=7)
+    ax.set_title(_t("radar"), pad=18)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+
+
+def plot_training_performance(data):
+    """Six panels from `run_training_comparison` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    with _figure_style():
+        fig = plt.figure(figsize=(19, 12), layout="constrained")
+        axs = fig.subplot_mosaic([["loss", "val", "throughput"], ["memory", "mfu", "radar"]],
+                                 per_subplot_kw={"radar": {"projection": "polar"}})
+        _plot_loss_curves(axs["loss"], data, "train_loss")
+        _plot_loss_curves(axs["val"], data, "val_loss")
+        _plot_throughput(axs["throughput"], data)
+        _plot_training_memory(axs["memory"], data)
+        _plot_mfu(axs["mfu"], data)
+        _plot_training_radar(axs["radar"], data)
+        _suptitle(fig, _t("train_title"), _t("train_sub", device=data["device"], model=data["model"],
+                                             params=readable(data["parameters"]), batch=data["batch"],
+                                             steps=data["steps"], dataset=data["dataset"], lr=data["lr"]))
+    return fig
+
+
+def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick=False, device=None,
+                                   dataset="synthetic", data_dir=None, seed=0, dpi=120, **options):
+    """Train under each strategy here and draw 训练性能可视化.png into `output_dir` (None: don't save).
+    Extra keyword arguments go to run_training_comparison."""
+    if data is None:
+        options = {**TRAINING_SIZES["quick" if quick else "default"], **options}
+        data = run_training_comparison(device=device, dataset=dataset, data_dir=data_dir, seed=seed, **options)
+    fig = plot_training_performance(data)
+    _save_into(fig, output_dir, "training", dpi)
     return fig
 
 
@@ -2109,7 +2634,7 @@ def _save_into(fig, output_dir, key, dpi):
 # CLI / main()
 # -----------------------------------------------------------------------------
 
-STAGES = ("flop", "memory", "amp")  # in the order they run
+STAGES = ("flop", "memory", "training", "amp")  # in the order they run
 
 
 def parse_args(argv=None):
@@ -2124,6 +2649,11 @@ def parse_args(argv=None):
     parser.add_argument("--lang", default="auto", choices=["auto", "zh", "en"], help="figure labels")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and random")
     parser.add_argument("--dpi", type=int, default=120, help="PNG resolution")
+    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "mnist"],
+                        help="data of the training comparison (mnist: IDX files in --data-dir)")
+    parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (optionally .gz)")
+    parser.add_argument("--download-mnist", action="store_true",
+                        help="allow fetching MNIST into --data-dir if missing (the only network use)")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
@@ -2132,6 +2662,8 @@ def parse_args(argv=None):
     args.only = [s for s in STAGES if s in stages]
     if args.dpi <= 0:
         parser.error("--dpi must be a positive integer")
+    if args.dataset == "mnist" and "training" in args.only and not args.data_dir:
+        parser.error("--dataset mnist needs --data-dir (a folder with the MNIST IDX files)")
     return args
 
 
@@ -2172,6 +2704,11 @@ def _run_stage(stage, args, device, out):
     elif stage == "memory":
         data = run_memory_analysis(quick=args.quick, device=device, progress=report)
         visualize_memory_analysis(out, data=data, dpi=args.dpi)
+    elif stage == "training":
+        data = run_training_comparison(device=device, dataset=args.dataset, data_dir=args.data_dir,
+                                       download=args.download_mnist, seed=args.seed, progress=report,
+                                       **TRAINING_SIZES["quick" if args.quick else "default"])
+        visualize_training_performance(out, data=data, dpi=args.dpi)
     else:
         data = run_amp_analysis(quick=args.quick, device=device, seed=args.seed, progress=report)
         demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
@@ -2191,6 +2728,8 @@ def main(argv=None):
     try:
         device = _resolve_device(args.device)
         _check_writable(args.output_dir)
+        if args.dataset == "mnist" and "training" in args.only and not args.download_mnist:
+            _check_mnist_files(args.data_dir)
         set_language(args.lang)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

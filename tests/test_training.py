@@ -1,0 +1,152 @@
+"""run_training_comparison: strategies that must agree do agree, the loss falls, budgets hold, MNIST reads."""
+
+import gzip
+import time
+
+import matplotlib.figure
+import numpy as np
+import pytest
+import torch
+
+from pytorch_practice_demo import (FIGURE_FILES, ResMLPClassifier, load_mnist, measure_peak_flops,
+                                   plot_training_performance, run_training_comparison,
+                                   visualize_training_performance)
+
+RUN_KEYS = {"train_loss", "val_loss", "val_steps", "samples_per_s", "peak_memory_bytes", "wall_s",
+            "achieved_flops_per_s", "mfu", "activation_bytes", "at_peak", "cut", "steps_done", "precision"}
+
+
+@pytest.fixture(scope="module")
+def four_strategies():
+    return run_training_comparison(steps=12, batch=64, time_budget_s=60)
+
+
+def test_every_run_reports_what_the_issue_asks(four_strategies):
+    data = four_strategies
+    assert list(data["runs"]) == ["baseline", "mixed_precision", "gradient_accumulation", "gradient_checkpointing"]
+    for run in data["runs"].values():
+        assert RUN_KEYS <= run.keys()
+        assert len(run["train_loss"]) == run["steps_done"] == 12 and run["cut"] is None
+        assert run["val_steps"][0] == 0 and run["val_steps"][-1] == 12
+        assert len(run["val_steps"]) == len(run["val_loss"])
+        assert run["samples_per_s"] > 0 and run["peak_memory_bytes"] > 0 and run["mfu"] > 0
+        assert run["achieved_flops_per_s"] == pytest.approx(data["training_flops_per_step"] / run["median_step_s"])
+    assert data["runs"]["mixed_precision"]["precision"] == "bf16"  # CPU autocast
+    assert {"fp32", "bf16"} == set(data["peak_flops"])
+    assert "matmul" in data["peak_flops"]["fp32"]["method"]
+    # model FLOPs of a step: 3x the forward of a matmul-only model = 6 x parameters x batch, minus
+    # the input-gradient of the first layer (its input needs no grad)
+    n = data["parameters"]
+    assert 5 * n * 64 < data["training_flops_per_step"] <= 6 * n * 64
+
+
+def test_gradient_accumulation_reproduces_the_baseline(four_strategies):
+    base, accum = four_strategies["runs"]["baseline"], four_strategies["runs"]["gradient_accumulation"]
+    assert accum["micro_batches"] == 4
+    np.testing.assert_allclose(accum["train_loss"], base["train_loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(accum["val_loss"], base["val_loss"], rtol=1e-5, atol=1e-6)
+    assert accum["activation_bytes"] < base["activation_bytes"]  # one micro-batch's activations at a time
+
+
+def test_checkpointing_reproduces_the_baseline_with_fewer_activations(four_strategies):
+    base, ckpt = four_strategies["runs"]["baseline"], four_strategies["runs"]["gradient_checkpointing"]
+    assert ckpt["checkpointed_blocks"] == 8
+    np.testing.assert_allclose(ckpt["train_loss"], base["train_loss"], rtol=1e-6, atol=1e-7)
+    assert ckpt["activation_bytes"] < 0.5 * base["activation_bytes"]
+    # at this small batch the peak is Adam's step for both, so the peaks can tie
+    assert ckpt["peak_memory_bytes"] <= base["peak_memory_bytes"]
+
+
+def test_loss_falls_well_below_its_start():
+    run = run_training_comparison(strategies=["baseline"], steps=40, batch=128, time_budget_s=30)["runs"]["baseline"]
+    assert run["train_loss"][-1] < 0.5 * run["train_loss"][0]
+    assert run["val_loss"][-1] < 0.5 * run["val_loss"][0]
+
+
+def test_time_budget_cuts_steps_and_says_so():
+    start = time.perf_counter()
+    data = run_training_comparison(strategies=["baseline", "gradient_checkpointing"], steps=10_000, batch=64,
+                                   time_budget_s=1.5)
+    assert time.perf_counter() - start < 4
+    for run in data["runs"].values():
+        assert run["steps_done"] < 10_000 and "time budget" in run["cut"]
+        assert run["val_steps"][-1] == run["steps_done"]  # the last step is always evaluated
+
+
+def test_same_seed_same_curves_and_the_model_class():
+    a = run_training_comparison(strategies=["baseline"], steps=5, batch=32, seed=3)
+    b = run_training_comparison(strategies=["baseline"], steps=5, batch=32, seed=3)
+    assert a["runs"]["baseline"]["train_loss"] == b["runs"]["baseline"]["train_loss"]
+    model = ResMLPClassifier()
+    assert not any(isinstance(m, (torch.nn.Dropout, torch.nn.BatchNorm1d)) for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"strategies": ["fastest"]}, "strategies"),
+    ({"strategies": []}, "strategies"),
+    ({"steps": 2}, "steps"),
+    ({"batch": 30, "accumulation": 4}, "multiple"),
+    ({"time_budget_s": 0}, "time_budget_s"),
+    ({"dataset": "cifar"}, "dataset"),
+    ({"dataset": "mnist"}, "data_dir"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_training_comparison(**kwargs)
+
+
+def _write_idx(path, array, gz=False):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(payload)
+
+
+def _tiny_mnist(folder, n_train=512, n_test=128):
+    """MNIST-format files whose label is drawn as a bright row of pixels: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    for split, n, gz in (("train", n_train, True), ("t10k", n_test, False)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 60, (n, 28, 28))
+        images[np.arange(n), 2 + 2 * labels] = 255
+        suffix = ".gz" if gz else ""
+        _write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images, gz)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels, gz)
+
+
+def test_mnist_from_idx_files_written_here(tmp_path):
+    _tiny_mnist(tmp_path)
+    data = load_mnist(tmp_path)
+    assert data["train_x"].shape == (512, 28, 28) and data["val_x"].shape == (128, 28, 28)
+    assert data["train_y"].dtype == torch.long and int(data["train_y"].max()) <= 9
+    result = run_training_comparison(strategies=["baseline"], dataset="mnist", data_dir=tmp_path, steps=20, batch=32)
+    assert result["dataset"] == "mnist" and result["train_samples"] == 512 and result["val_samples"] == 128
+    run = result["runs"]["baseline"]
+    assert run["val_loss"][-1] < 0.5 * run["val_loss"][0]
+
+
+def test_mnist_missing_or_corrupt_files_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*download"):
+        load_mnist(tmp_path)  # and nothing is fetched: download defaults to False
+    _tiny_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x0d\x01garbage")
+    with pytest.raises(ValueError, match="magic"):
+        load_mnist(tmp_path)
+
+
+def test_peak_flops_is_a_measurement():
+    peak = measure_peak_flops("cpu", target_s=0.01)
+    assert peak["flops_per_s"] > 1e8 and peak["matmul_size"] >= 256
+
+
+def test_figure_from_data_and_saved_file(four_strategies, tmp_path):
+    fig = plot_training_performance(four_strategies)
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 6
+    visualize_training_performance(tmp_path, data=four_strategies, dpi=40)
+    assert (tmp_path / FIGURE_FILES["training"]).stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_mixed_precision_uses_fp16_with_grad_scaler():
+    data = run_training_comparison(device="cuda", strategies=["baseline", "mixed_precision"], steps=5, batch=64)
+    assert data["runs"]["mixed_precision"]["precision"] == "fp16"
+    assert data["runs"]["mixed_precision"]["peak_memory_bytes"] > 0
