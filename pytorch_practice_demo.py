@@ -165,6 +165,41 @@ LABELS = {
     "r_wall": ("总耗时更短", "shorter wall time"),
     "radar_row": ("{name}：{sps:,.0f} 样本/s，{mem:.1f} MiB，验证损失 {loss:.3f}，MFU {mfu:.1%}，{wall:.1f} s",
                   "{name}: {sps:,.0f} samples/s, {mem:.1f} MiB, val loss {loss:.3f}, MFU {mfu:.1%}, {wall:.1f} s"),
+    # dashboard
+    "dash_title": ("综合性能仪表板：选模型看的是资源", "Dashboard: choosing a model by its resources"),
+    "dash_sub": ("设备 {device}；fp32；FLOPs 取自 FLOP 分析（batch=1）；"
+                 "延迟实测于 batch={batches}（inference_mode）；训练内存为 batch={tb} + Adam 的估计（fake 张量）",
+                 "device {device}; fp32; FLOPs from the FLOP analysis (batch=1); latency measured at batch={batches} "
+                 "(inference_mode); training memory estimated at batch={tb} with Adam (fake tensors)"),
+    "bubble": ("复杂度：FLOPs 与参数量（气泡 = 训练内存，颜色 = batch-1 延迟）",
+               "Complexity: FLOPs vs parameters (bubble = training memory, colour = batch-1 latency)"),
+    "latency_ms": ("batch-1 延迟（ms，实测）", "batch-1 latency (ms, measured)"),
+    "relation": ("FLOPs 与实测延迟：离虚线越远，算力用得越少",
+                 "FLOPs vs measured latency: far from the line = poorly used"),
+    "per_sample_ms": ("每样本时间（ms）", "time per sample (ms)"),
+    "peak_line": ("以实测峰值 {peak} 运行时的时间", "time at the measured peak {peak}"),
+    "batch_n": ("batch={n}（每样本）", "batch={n} (per sample)"),
+    "ranking": ("效率排行：推理达到的 FLOP/s 占实测矩阵乘峰值",
+                "Efficiency ranking: inference FLOP/s as % of the matmul peak"),
+    "at_batch": ("batch={n}", "batch={n}"),
+    "dash_radar": ("归一化指标（对数刻度，越外越好）", "Normalised metrics (log scale, outer is better)"),
+    "d_latency": ("低延迟", "low latency"), "d_throughput": ("高吞吐", "high throughput"),
+    "d_params": ("参数少", "few parameters"), "d_memory": ("训练内存小", "small training memory"),
+    "d_util": ("算力利用率", "utilisation"),
+    "train_mem_bars": ("训练峰值内存（batch={tb}，Adam，估计）与 8 GiB 显卡",
+                       "Training peak (batch={tb}, Adam, estimated) vs an 8 GiB GPU"),
+    "gpu_8gb": ("8 GiB 显卡", "8 GiB GPU"),
+    "recommend": ("模型选择推荐矩阵（分数 0-1，★ = 该场景最佳，✗ = 不满足限制）",
+                  "Model-selection matrix (score 0-1, ★ = best for the scenario, ✗ = fails its limit)"),
+    "sc_edge": ("边缘推理", "edge inference"), "sc_serving": ("批量服务", "batch serving"),
+    "sc_training": ("单卡 8 GB 训练", "training on one 8 GB GPU"),
+    "rule": ("规则：先看硬限制。边缘：参数 ≤ {edge_params} 且 batch-1 延迟 ≤ {edge_ms:g} ms；\n"
+             "服务：batch={big} 吞吐 ≥ {serve} 样本/s；训练：估计峰值 ≤ 8 GiB。\n"
+             "满足者按前向 FLOPs（容量的代理）对数归一化打分。\n只比较资源，不比较精度（各模型任务不同）。",
+             "Rule: first the limits. Edge: ≤ {edge_params} parameters and batch-1 latency ≤ {edge_ms:g} ms;\n"
+             "serving: ≥ {serve} samples/s at batch {big}; training: estimated peak ≤ 8 GiB.\n"
+             "Models that pass are scored by forward FLOPs (a capacity proxy), log-scaled.\n"
+             "Resources only: the models solve different tasks."),
     # mixed-precision figure
     "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
     "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
@@ -417,8 +452,7 @@ MODEL_ZOO = {
     "TinyGPT": ("transformer", TinyGPT, _tokens(256)),
     "LSTM-Classifier": ("rnn", LSTMClassifier, _tokens(64)),  # meta counting is per time step
 }
-QUICK_ZOO = ["MLP-512", "MLP-2048", "MNIST-CNN", "ResNet-18", "MobileNetV2", "TinyGPT",
-             "LSTM-Classifier"]
+QUICK_ZOO = ["MLP-512", "MLP-2048", "MNIST-CNN", "ResNet-18", "TinyGPT", "LSTM-Classifier"]  # one per kind+
 
 
 def build_model(name, device="meta"):
@@ -1182,7 +1216,7 @@ def _train_step(replica, run_args, run_kwargs, optimizer, precision, device, *, 
     """
     tracking = tracker if tracker is not None else contextlib.nullcontext()
     phase = tracker.set_phase if tracker is not None else (lambda name: None)
-    with compute or contextlib.nullcontext(), tracking:
+    with compute or contextlib.nullcontext(), tracking, torch.enable_grad():  # even inside a no_grad block
         phase("forward")
         with _autocast(_amp_dtype(precision), device):
             output = replica(*run_args, **run_kwargs)
@@ -1211,7 +1245,7 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
     try:
         if options["training"]:
             optimizer = _make_optimizer(options["optimizer_name"], replica.parameters(), foreach=foreach)
-            _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device, compute=compute)
+            _create_optimizer_state(replica, optimizer, compute)
             _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
             with _global_forward_hook(layers):
                 _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device,
@@ -1231,6 +1265,29 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
     summary["formula"] = _napkin_memory(model, options, layers.nbytes)
     summary["checkpointed_blocks"] = blocks
     return summary
+
+
+def _create_optimizer_state(replica, optimizer, compute=None):
+    """Make the optimizer create its state (Adam's m and v, SGD's momentum) before the measured
+    step, as in steady training: one optimizer step on zero gradients, which is cheaper than a
+    warm-up training step.  A model with lazy (uninitialised) parameters needs a real forward
+    first, so this is only done when every parameter has a shape."""
+    params = [p for p in replica.parameters() if p.requires_grad]
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
+        raise ValueError("lazy modules (uninitialised parameters) are not supported: run one forward "
+                         "on the model first so every parameter has its shape")
+    with compute or contextlib.nullcontext():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    foreach = [group.get("foreach") for group in optimizer.param_groups]
+    for group in optimizer.param_groups:  # the same state, in a few list ops instead of one per tensor
+        group["foreach"] = True
+    try:
+        optimizer.step()  # outside `compute`, as in _train_step
+    finally:
+        for group, value in zip(optimizer.param_groups, foreach):
+            group["foreach"] = value
+    optimizer.zero_grad(set_to_none=True)
 
 
 @contextlib.contextmanager
@@ -1368,6 +1425,9 @@ MEMORY_MODELS = {
 }
 
 
+QUICK_SKIP_MEMORY = ("ResNet-18 (64px)",)  # --quick: the slowest model to run op by op
+
+
 def _memory_pair(model, inputs, **options):
     return {"estimate": estimate_memory(model, inputs, **options),
             "measured": measure_memory(model, inputs, **options)}
@@ -1378,7 +1438,7 @@ def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None):
     device = torch.device(device or "cpu")
     batch = batch or (8 if quick else 16)
     data = {"device": _device_name(device), "batch": batch, "optimizer": "adam", "dtype": "fp32", "models": {}}
-    names = list(MEMORY_MODELS)
+    names = [n for n in MEMORY_MODELS if not (quick and n in QUICK_SKIP_MEMORY)]
     for i, name in enumerate(names):
         builder, inputs = MEMORY_MODELS[name]
         with torch.device(device):
@@ -1389,10 +1449,11 @@ def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None):
             gpt, gpt_inputs = model, inputs
         if progress:
             progress(i + 1, len(names) + 2, name)
-    data["growth"] = _memory_growth(gpt, gpt_inputs, [1, 4] if quick else [1, 4, 16])
+    data["growth"] = (_memory_growth(gpt, gpt_inputs, [1, 4], estimated_batches=(1, 8, 16, 32)) if quick
+                      else _memory_growth(gpt, gpt_inputs, [1, 4, 16]))
     if progress:
         progress(len(names) + 1, len(names) + 2, "batch growth")
-    data["variants"] = _memory_variants(gpt, gpt_inputs(batch))
+    data["variants"] = _memory_variants(gpt, gpt_inputs(batch), QUICK_MEMORY_VARIANTS if quick else MEMORY_VARIANTS)
     data["gpt_parameters"] = sum(p.numel() for p in gpt.parameters())
     seven_b = 7_000_000_000
     data["zero"] = {"parameters": seven_b, "devices": 8, "per_device": zero_memory_per_device(seven_b, 8)}
@@ -1401,8 +1462,8 @@ def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None):
     return data
 
 
-def _memory_growth(model, inputs, measured_batches):
-    batches = sorted({1, 2, 4, 8, 16, 32, 64, *measured_batches})
+def _memory_growth(model, inputs, measured_batches, estimated_batches=(1, 2, 4, 8, 16, 32, 64)):
+    batches = sorted({*estimated_batches, *measured_batches})
     estimates = [estimate_memory(model, inputs(b)) for b in batches]
     return {
         "batches": batches,
@@ -1413,6 +1474,7 @@ def _memory_growth(model, inputs, measured_batches):
     }
 
 
+QUICK_MEMORY_VARIANTS = ("fp32", "AMP bf16", "fp32 + checkpoint")
 MEMORY_VARIANTS = {  # label -> estimate_memory options
     "fp32": {}, "AMP bf16": {"precision": "amp_bf16"}, "AMP fp16": {"precision": "amp_fp16"},
     "pure bf16": {"precision": "bf16"}, "fp32 + checkpoint": {"checkpointing": True},
@@ -1420,8 +1482,8 @@ MEMORY_VARIANTS = {  # label -> estimate_memory options
 }
 
 
-def _memory_variants(model, inputs):
-    return {label: estimate_memory(model, inputs, **opts)["total"] for label, opts in MEMORY_VARIANTS.items()}
+def _memory_variants(model, inputs, labels):
+    return {label: estimate_memory(model, inputs, **MEMORY_VARIANTS[label])["total"] for label in labels}
 
 
 def _device_name(device):
@@ -1712,7 +1774,7 @@ def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None
     """Run benchmark_mixed_precision on AMP_MODELS within `time_budget_s` in all; return plain data."""
     device = torch.device(device or "cpu")
     batch = batch or (16 if quick else 32)
-    budget = time_budget_s or (4.0 if quick else 15.0)
+    budget = time_budget_s or (1.2 if quick else 8.0)
     names = list(AMP_MODELS)[:2] if quick else list(AMP_MODELS)
     deadline = time.perf_counter() + budget
     data = {"device": _device_name(device), "batch": batch, "hardware": hardware_info(device), "models": {}}
@@ -2009,8 +2071,8 @@ def _train_one(model, strategy, data, order, options, deadline):
 
 TRAIN_MODEL = {"width": 128, "depth": 8}  # narrow and deep: activations matter next to Adam state
 TRAINING_SIZES = {  # what the figure and the CLI run: ~8 s and ~2 s on a 2-core CPU
-    "default": {"steps": 100, "batch": 256, "time_budget_s": 10.0},
-    "quick": {"steps": 30, "batch": 128, "time_budget_s": 3.0},
+    "default": {"steps": 80, "batch": 256, "time_budget_s": 8.0},
+    "quick": {"steps": 15, "batch": 128, "time_budget_s": 1.2},
 }
 TRAIN_VAL_SAMPLES = 1024
 TRAIN_MAX_SAMPLES = 60_000  # one pass over at most this many training samples
@@ -2082,6 +2144,188 @@ def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0,
             progress(i + 1, len(strategies), strategy)
     result["wall_s"] = time.perf_counter() - started
     return result
+
+
+# -----------------------------------------------------------------------------
+# Model selection: measured latency, estimated training memory, a stated rule
+# -----------------------------------------------------------------------------
+# The dashboard reuses the FLOP stage's counts and adds what only a real run can tell: how long a
+# forward takes on this device at batch 1 (one request) and at a small serving batch.
+
+LATENCY_BATCHES = (1, 8)     # one request; a small serving batch
+TRAIN_MEMORY_BATCH = 32      # the batch of the "train on one 8 GB GPU" scenario
+EDGE_MAX_PARAMETERS = 10e6   # edge inference: at most 10 M parameters (40 MB of fp32 weights)
+EDGE_MAX_LATENCY_S = 0.020   # ... answering one request within 20 ms on this device
+SERVING_MIN_SAMPLES_PER_S = 100  # batch serving: at least 100 samples/s on this device
+TRAINING_GPU_BYTES = 8 * 2 ** 30
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """model.eval() inside the block; every submodule's own mode is put back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=10):
+    """Median wall time of one inference forward (eval mode, torch.inference_mode) of `model`.
+
+    One warm-up run, then up to `max_runs` timed runs while `time_budget_s` lasts (at least one).
+    Runs on the model itself when it is already on `device` (its modes are put back, nothing
+    else can change under inference_mode), else on a copy.  Returns median_s, iqr_s, runs,
+    samples_per_s (the first input dimension / median) and the device.
+    """
+    _check_model(model)
+    if not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+        raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    if device.type == "meta" or _model_device(model).type == "meta":
+        raise ValueError("measure_latency needs real weights; the model or the device is meta")
+    args, kwargs = _normalize_inputs(inputs)
+    same_device = _model_device(model).type == device.type
+    runner = model if same_device else _replica(model, _real_like(device))
+    run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device))
+    deadline = time.perf_counter() + time_budget_s
+    times = []
+    try:
+        with _eval_mode(runner), torch.inference_mode():
+            runner(*run_args, **run_kwargs)  # warm-up: kernel selection, allocator, lazy init
+            while len(times) < max_runs:     # at least one timed run, more while they fit
+                _synchronize(device)
+                start = time.perf_counter()
+                runner(*run_args, **run_kwargs)
+                _synchronize(device)
+                times.append(time.perf_counter() - start)
+                if time.perf_counter() + times[-1] > deadline:
+                    break
+    except Exception as err:
+        raise _run_error(model, args, kwargs, err) from None
+    median = float(np.median(times))
+    q75, q25 = np.percentile(times, [75, 25])
+    batch = tree_flatten((run_args, run_kwargs))[0][0].shape[0]
+    return {"median_s": median, "iqr_s": float(q75 - q25), "runs": len(times), "samples_per_s": batch / median,
+            "batch": batch, "device": str(device)}
+
+
+def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0):
+    """Batch-1 latency of every model, then the larger batch, within `budget_s` in all.
+
+    Pass 1 (a quarter of the budget) shares its time in proportion to forward FLOPs.  Pass 2
+    predicts each model's cost from pass 1 (batch-1 time x batch x 2 runs), goes cheapest first,
+    gives each model at least its prediction and otherwise its fair share of what is left, and
+    skips a model whose prediction no longer fits, saying so.
+    """
+    latency = {r["name"]: [] for r in records}
+    deadline = time.perf_counter() + budget_s
+    big = LATENCY_BATCHES[-1]
+    for pass_ in (1, 2):
+        if pass_ == 1:
+            costs = {r["name"]: r["flops"] + 1e8 for r in records}  # the floor: tiny models still cost
+            end = time.perf_counter() + budget_s / 4
+        else:
+            costs = {n: runs[0]["median_s"] * big * 2 for n, runs in latency.items()}
+            end = deadline
+        order = sorted(costs, key=costs.get)
+        for i, name in enumerate(order):
+            left = end - time.perf_counter()
+            fair = left * costs[name] / sum(costs[n] for n in order[i:])
+            batch = 1 if pass_ == 1 else big
+            if pass_ == 2 and costs[name] > left:
+                latency[name].append({"batch": batch, "skipped": f"predicted {costs[name]:.1f} s (warm-up + 1 run) "
+                                                                 f"does not fit the {max(left, 0):.1f} s left"})
+            else:
+                _, builder, inputs = MODEL_ZOO[name]
+                seed_everything(0)
+                with torch.device(device):
+                    model = builder()
+                share = max(fair, costs[name]) if pass_ == 2 else max(fair, 1e-3)
+                latency[name].append({**measure_latency(model, inputs(batch), device=device, time_budget_s=share),
+                                      "skipped": None})
+                del model
+            done += 1
+            if progress:
+                progress(done, total, f"{name} latency, batch {batch}")
+    return latency
+
+
+def _latency_of(model_data, batch):
+    rec = next((r for r in model_data["latency"] if r["batch"] == batch), None)
+    return rec["median_s"] if rec and not rec.get("skipped") else None
+
+
+def _log_scores(values, higher_is_better):
+    """Scale values to [0, 1] on a log axis: the best gets 1, the worst 0 (a lone value gets 1).
+    Log, because these metrics span orders of magnitude across the zoo."""
+    if not values:
+        return {}
+    logs = {k: math.log10(v) for k, v in values.items()}
+    lo, hi = min(logs.values()), max(logs.values())
+    if hi - lo < 1e-12:
+        return {k: 1.0 for k in values}
+    return {k: (v - lo) / (hi - lo) if higher_is_better else (hi - v) / (hi - lo) for k, v in logs.items()}
+
+
+SCENARIOS = ("edge", "serving", "training")
+
+
+def recommend_models(models):
+    """Score every model for three scenarios by one rule: a hard limit, then a preference.
+
+    Limits (None: the model fails it):
+    - edge inference: at most EDGE_MAX_PARAMETERS parameters and batch-1 latency within
+      EDGE_MAX_LATENCY_S, measured on this device;
+    - batch serving: at least SERVING_MIN_SAMPLES_PER_S at the largest latency batch;
+    - training on one 8 GB GPU: estimated peak at TRAIN_MEMORY_BATCH (fp32 Adam) within 8 GiB.
+    Preference among the models that pass: the most forward FLOPs per sample, log-scaled to
+    [0, 1] (a proxy for capacity: with the same budget, prefer the model that computes more).
+    Only resources are compared: the models solve different tasks, accuracy is not measured.
+    """
+    big = LATENCY_BATCHES[-1]
+    passes = {
+        "edge": lambda m: (m["parameters"] <= EDGE_MAX_PARAMETERS and _latency_of(m, 1) is not None
+                           and _latency_of(m, 1) <= EDGE_MAX_LATENCY_S),
+        "serving": lambda m: _latency_of(m, big) is not None and big / _latency_of(m, big) >= SERVING_MIN_SAMPLES_PER_S,
+        "training": lambda m: m["training_memory_bytes"] <= TRAINING_GPU_BYTES,
+    }
+    scores = {}
+    for scenario in SCENARIOS:
+        scaled = _log_scores({n: m["flops"] for n, m in models.items() if passes[scenario](m)}, higher_is_better=True)
+        scores[scenario] = {n: scaled.get(n) for n in models}
+    return scores
+
+
+def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, device=None, time_budget_s=None,
+                           progress=None):
+    """Everything the dashboard draws, per model of the FLOP figure's zoo.
+
+    Reuses `flop_records` (run_flop_analysis at batch 1) and `peak_flops` (measure_peak_flops in
+    fp32) when given; adds the estimated training peak at TRAIN_MEMORY_BATCH (fake tensors, fp32
+    Adam) and the measured inference latency at LATENCY_BATCHES within `time_budget_s`.
+    """
+    device = torch.device(device or "cpu")
+    records = flop_records or run_flop_analysis(quick=quick)
+    budget = time_budget_s or (1.0 if quick else 6.0)
+    peak = peak_flops or measure_peak_flops(device)
+    data = {"device": _device_name(device), "latency_batches": list(LATENCY_BATCHES),
+            "train_memory_batch": TRAIN_MEMORY_BATCH, "peak_flops": peak, "latency_budget_s": budget, "models": {}}
+    steps = 3 * len(records)
+    for i, record in enumerate(records):  # training memory: fake tensors, no real compute
+        name = record["name"]
+        memory = estimate_memory(build_model(name), MODEL_ZOO[name][2](TRAIN_MEMORY_BATCH))
+        data["models"][name] = {**{k: record[k] for k in ("kind", "flops", "macs", "training_flops", "parameters")},
+                                "training_memory_bytes": memory["total"]}
+        if progress:
+            progress(i + 1, steps, f"{name} memory")
+    latency = _measure_latencies(records, device, budget, progress, done=len(records), total=steps)
+    for name, runs in latency.items():
+        data["models"][name]["latency"] = runs
+    data["scores"] = recommend_models(data["models"])
+    return data
 
 
 # -----------------------------------------------------------------------------
@@ -2495,6 +2739,161 @@ def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, 
     return fig
 
 
+def _dash_rows(data):
+    """(name, model data) in the zoo's order, with the derived numbers every panel uses."""
+    peak = data["peak_flops"]["flops_per_s"]
+    rows = []
+    for name, m in data["models"].items():
+        measured = [r for r in m["latency"] if not r.get("skipped")]
+        best = measured[-1]  # the largest batch that was measured
+        rows.append({"name": name, "kind": m["kind"], "flops": m["flops"], "parameters": m["parameters"],
+                     "memory": m["training_memory_bytes"], "latency_1": _latency_of(m, 1),
+                     "latency_big": _latency_of(m, LATENCY_BATCHES[-1]), "util_batch": best["batch"],
+                     "utilisation": m["flops"] * best["batch"] / best["median_s"] / peak})
+    return rows
+
+
+def _plot_bubbles(ax, rows):
+    from matplotlib.colors import LogNorm
+    latency_ms = np.array([r["latency_1"] * 1e3 for r in rows])
+    sizes = 2000 * np.sqrt(np.array([r["memory"] for r in rows]) / max(r["memory"] for r in rows))  # area ∝ bytes
+    points = ax.scatter([r["parameters"] for r in rows], [r["flops"] for r in rows], s=sizes, c=latency_ms,
+                        cmap="viridis", norm=LogNorm(), alpha=0.75, edgecolors="black", linewidths=0.5)
+    for r in rows:
+        ax.annotate(r["name"], (r["parameters"], r["flops"]), fontsize=7, ha="center", va="center")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.margins(0.15)
+    ax.set_xlabel(_t("parameters"))
+    ax.set_ylabel(_t("fwd_flops_axis"))
+    ax.figure.colorbar(points, ax=ax, label=_t("latency_ms"))
+    ax.set_title(_t("bubble"), fontsize=11)
+
+
+def _plot_latency_vs_flops(ax, rows, peak):
+    flops = np.array([r["flops"] for r in rows], dtype=float)
+    for batch, key, marker in ((1, "latency_1", "o"), (LATENCY_BATCHES[-1], "latency_big", "s")):
+        pts = [(r["flops"], r[key] / batch * 1e3, r) for r in rows if r[key]]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=45,
+                   facecolors=[_kind_color(p[2]["kind"]) for p in pts] if batch == 1 else "none",
+                   edgecolors=[_kind_color(p[2]["kind"]) for p in pts], zorder=3, label=_t("batch_n", n=batch))
+        if batch == 1:
+            for x, y, r in pts:
+                ax.annotate(r["name"], (x, y), xytext=(4, -9), textcoords="offset points", fontsize=7)
+    line = np.array([flops.min() / 2, flops.max() * 2])
+    ax.plot(line, line / peak["flops_per_s"] * 1e3, "k--", lw=1,
+            label=_t("peak_line", peak=readable(peak["flops_per_s"], "FLOP/s")))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(_t("fwd_flops_axis"))
+    ax.set_ylabel(_t("per_sample_ms"))
+    ax.set_title(_t("relation"), fontsize=11)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _plot_efficiency_ranking(ax, rows):
+    ranked = sorted(rows, key=lambda r: r["utilisation"], reverse=True)
+    _barh(ax, [f"{r['name']} ({_t('at_batch', n=r['util_batch'])})" for r in ranked],
+          [r["utilisation"] for r in ranked], [_kind_color(r["kind"]) for r in ranked], fmt=lambda v: f"{v:.1%}")
+    from matplotlib.ticker import PercentFormatter
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(_t("ranking"), fontsize=11)
+    _kind_legend(ax, [r["kind"] for r in rows])
+
+
+DASH_RADAR_MODELS = ("MNIST-CNN", "ResNet-18", "ResNet-50", "MobileNetV2", "ViT-B/16", "TinyGPT")
+DASH_RADAR_AXES = ("d_latency", "d_throughput", "d_params", "d_memory", "d_util")
+
+
+def _plot_dashboard_radar(ax, rows):
+    chosen = [r for r in rows if r["name"] in DASH_RADAR_MODELS]
+    big = LATENCY_BATCHES[-1]
+    raw = {"d_latency": ({r["name"]: r["latency_1"] for r in chosen}, False),
+           "d_throughput": ({r["name"]: big / r["latency_big"] for r in chosen if r["latency_big"]}, True),
+           "d_params": ({r["name"]: r["parameters"] for r in chosen}, False),
+           "d_memory": ({r["name"]: r["memory"] for r in chosen}, False),
+           "d_util": ({r["name"]: r["utilisation"] for r in chosen}, True)}
+    scores = {k: _log_scores(values, better) for k, (values, better) in raw.items()}
+    angles = np.linspace(0, 2 * np.pi, len(DASH_RADAR_AXES), endpoint=False)
+    colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974", "#64B5CD"]
+    for r, color in zip(chosen, colors):
+        values = [0.05 + 0.95 * scores[k].get(r["name"], 0.0) for k in DASH_RADAR_AXES]  # 0 stays visible
+        ax.plot(np.append(angles, angles[0]), values + values[:1], color=color, lw=1.8, label=r["name"])
+        ax.fill(angles, values, color=color, alpha=0.06)
+    ax.set_xticks(angles, [_t(k) for k in DASH_RADAR_AXES], fontsize=9)
+    ax.set_ylim(0, 1.05)
+    ax.set_yticks([0.5, 1.0], ["", ""])
+    ax.set_title(_t("dash_radar"), pad=18, fontsize=11)
+    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.35, 1.1))
+
+
+def _plot_training_memory_bars(ax, rows, train_batch):
+    fits = [r["memory"] <= TRAINING_GPU_BYTES for r in rows]
+    _barh(ax, [r["name"] for r in rows], [r["memory"] / GIB for r in rows],
+          [_kind_color(r["kind"]) if ok else "#BBBBBB" for r, ok in zip(rows, fits)], log=True,
+          fmt=lambda v: f"{v:.2f} GiB" if v >= 0.1 else f"{v * 1024:.0f} MiB")
+    ax.axvline(TRAINING_GPU_BYTES / GIB, color="k", ls="--", lw=1, label=_t("gpu_8gb"))
+    ax.set_xlabel(_t("gib"))
+    ax.set_title(_t("train_mem_bars", tb=train_batch), fontsize=11)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def _plot_recommendations(ax, data):
+    names = list(data["models"])
+    scores = data["scores"]
+    matrix = np.array([[scores[s][n] if scores[s][n] is not None else np.nan for s in SCENARIOS] for n in names])
+    ax.imshow(matrix, cmap="YlGn", vmin=-0.2, vmax=1.1, aspect="auto")  # a passing 0 is not a failure colour
+    for j in range(len(SCENARIOS)):
+        valid = [v for v in matrix[:, j] if not np.isnan(v)]
+        best = max(valid) if valid else None
+        for i, value in enumerate(matrix[:, j]):
+            text = "✗" if np.isnan(value) else f"{value:.2f}" + (" ★" if value == best else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="#555555" if np.isnan(value) else "black")
+    ax.set_xticks(range(len(SCENARIOS)), [_t(f"sc_{s}") for s in SCENARIOS], fontsize=9)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.grid(False)
+    ax.set_title(_t("recommend"), fontsize=11)
+    ax.set_xlabel(_t("rule", edge_params=readable(EDGE_MAX_PARAMETERS), edge_ms=EDGE_MAX_LATENCY_S * 1e3,
+                     serve=SERVING_MIN_SAMPLES_PER_S, big=LATENCY_BATCHES[-1]), fontsize=8, loc="left")
+
+
+def plot_dashboard(data):
+    """Six panels from `run_dashboard_analysis` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    rows = _dash_rows(data)
+    with _figure_style():
+        fig = plt.figure(figsize=(20, 12), layout="constrained")
+        axs = fig.subplot_mosaic([["bubble", "relation", "ranking"], ["radar", "memory", "recommend"]],
+                                 per_subplot_kw={"radar": {"projection": "polar"}})
+        _plot_bubbles(axs["bubble"], rows)
+        _plot_latency_vs_flops(axs["relation"], rows, data["peak_flops"])
+        _plot_efficiency_ranking(axs["ranking"], rows)
+        _plot_dashboard_radar(axs["radar"], rows)
+        _plot_training_memory_bars(axs["memory"], rows, data["train_memory_batch"])
+        _plot_recommendations(axs["recommend"], data)
+        _suptitle(fig, _t("dash_title"), _t("dash_sub", device=data["device"],
+                                            batches="/".join(map(str, data["latency_batches"])),
+                                            tb=data["train_memory_batch"]))
+    return fig
+
+
+def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, *, data=None, quick=False,
+                                   device=None, dpi=120):
+    """Draw 综合性能仪表板.png into `output_dir` (None: don't save).
+
+    `results` may hold earlier stages' data ({"flop": records, "training": {...}}, as main()
+    collects them): their FLOP counts and measured matmul peak are reused, not redone.
+    """
+    if data is None:
+        results = results or {}
+        training = results.get("training") or {}
+        data = run_dashboard_analysis(flop_records=results.get("flop"), quick=quick, device=device,
+                                      peak_flops=(training.get("peak_flops") or {}).get("fp32"))
+    fig = plot_dashboard(data)
+    _save_into(fig, output_dir, "dashboard", dpi)
+    return fig
+
+
 PRECISION_COLORS = {"fp32": "#4C72B0", "bf16": "#55A868", "fp16": "#C44E52"}
 
 
@@ -2634,7 +3033,7 @@ def _save_into(fig, output_dir, key, dpi):
 # CLI / main()
 # -----------------------------------------------------------------------------
 
-STAGES = ("flop", "memory", "training", "amp")  # in the order they run
+STAGES = ("flop", "memory", "training", "amp", "dashboard")  # in the order they run
 
 
 def parse_args(argv=None):
@@ -2648,7 +3047,7 @@ def parse_args(argv=None):
                         help="device for measurements (auto: cuda, then mps, then cpu)")
     parser.add_argument("--lang", default="auto", choices=["auto", "zh", "en"], help="figure labels")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and random")
-    parser.add_argument("--dpi", type=int, default=120, help="PNG resolution")
+    parser.add_argument("--dpi", type=int, default=None, help="PNG resolution (default 120; 80 with --quick)")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "mnist"],
                         help="data of the training comparison (mnist: IDX files in --data-dir)")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (optionally .gz)")
@@ -2660,8 +3059,9 @@ def parse_args(argv=None):
     if unknown or not stages:
         parser.error(f"--only takes a comma-separated subset of {','.join(STAGES)}; got {args.only!r}")
     args.only = [s for s in STAGES if s in stages]
-    if args.dpi <= 0:
+    if args.dpi is not None and args.dpi <= 0:
         parser.error("--dpi must be a positive integer")
+    args.dpi = args.dpi or (80 if args.quick else 120)
     if args.dataset == "mnist" and "training" in args.only and not args.data_dir:
         parser.error("--dataset mnist needs --data-dir (a folder with the MNIST IDX files)")
     return args
@@ -2695,7 +3095,7 @@ def _progress(stage, started):
     return report
 
 
-def _run_stage(stage, args, device, out):
+def _run_stage(stage, args, device, out, results):
     started = time.perf_counter()
     report = _progress(stage, started)
     if stage == "flop":
@@ -2709,10 +3109,27 @@ def _run_stage(stage, args, device, out):
                                        download=args.download_mnist, seed=args.seed, progress=report,
                                        **TRAINING_SIZES["quick" if args.quick else "default"])
         visualize_training_performance(out, data=data, dpi=args.dpi)
-    else:
+    elif stage == "amp":
         data = run_amp_analysis(quick=args.quick, device=device, seed=args.seed, progress=report)
         demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
+    else:  # the dashboard reuses the FLOP counts and the matmul peak measured by earlier stages
+        flop = results.get("flop")
+        peak = (results.get("training") or {}).get("peak_flops", {}).get("fp32")
+        data = run_dashboard_analysis(flop_records=flop if isinstance(flop, list) else None, peak_flops=peak,
+                                      quick=args.quick, device=device, progress=report)
+        create_comprehensive_dashboard(out, data=data, dpi=args.dpi)
     return data
+
+
+def _release_memory():
+    """Between stages: collect garbage and hand freed heap pages back to the OS (glibc's
+    malloc_trim), so one stage's peak does not add to the next one's resident memory."""
+    import gc
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def environment(device, seed):
@@ -2742,12 +3159,16 @@ def main(argv=None):
         stage_start = time.perf_counter()
         print(f"[{stage}] {FIGURE_FILES[stage]} ...", flush=True)
         try:
-            results["stages"][stage] = _run_stage(stage, args, device, out)
+            results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"])
             print(f"[{stage}] done in {time.perf_counter() - stage_start:.1f}s", flush=True)
+        except KeyboardInterrupt:  # figures already written stay whole; a PNG being written is dropped
+            print(f"\ninterrupted during [{stage}]; results.json not written", file=sys.stderr)
+            return 130
         except Exception as err:  # one failing demo must not stop the others
             failed.append(stage)
             results["stages"][stage] = {"error": f"{type(err).__name__}: {_first_line(err)}"}
             print(f"[{stage}] FAILED: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
+        _release_memory()
     results["wall_s"] = time.perf_counter() - started
     write_json_atomic(results, out / "results.json")
     print(f"wrote {len(args.only) - len(failed)} figure(s) and results.json to {out} "

@@ -91,3 +91,69 @@ def test_english_labels():
         demo.set_language("auto")
     with pytest.raises(ValueError):
         demo.set_language("fr")
+
+
+def test_mnist_without_data_dir_or_files_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--only", "training", "--dataset", "mnist", "--output-dir", str(tmp_path)])
+    assert info.value.code == 2 and "--data-dir" in capsys.readouterr().err
+    code = demo.main(["--only", "training", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"),
+                      "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "train-images-idx3-ubyte" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_ctrl_c_leaves_no_partial_png(tmp_path, monkeypatch):
+    def interrupted(fig, path, dpi=120):  # Ctrl-C arrives while the PNG is being written
+        def write(f):
+            f.write(b"\x89PNG half")
+            raise KeyboardInterrupt
+        return demo._atomic_write(path, write)
+    monkeypatch.setattr(demo, "save_figure", interrupted)
+    assert demo.main(["--only", "flop", "--quick", "--output-dir", str(tmp_path)]) == 130
+    assert list(tmp_path.iterdir()) == []  # no PNG, no temp file, no results.json
+
+
+def test_dashboard_reuses_flop_counts_and_the_training_peak(monkeypatch):
+    records = demo.run_flop_analysis(["MLP-512", "MNIST-CNN"])
+    peak = {"flops_per_s": 1e11, "precision": "fp32", "matmul_size": 512, "method": "given"}
+    monkeypatch.setattr(demo, "run_flop_analysis", lambda **kw: pytest.fail("FLOPs counted again"))
+    monkeypatch.setattr(demo, "measure_peak_flops", lambda *a, **kw: pytest.fail("peak measured again"))
+    data = demo.run_dashboard_analysis(flop_records=records, peak_flops=peak, time_budget_s=1)
+    assert list(data["models"]) == ["MLP-512", "MNIST-CNN"] and data["peak_flops"] is peak
+    for m in data["models"].values():
+        assert m["training_memory_bytes"] > 0
+        assert [r["batch"] for r in m["latency"]] == list(demo.LATENCY_BATCHES)
+        assert m["latency"][0]["median_s"] > 0
+    fig = demo.create_comprehensive_dashboard(None, data=data)
+    assert len(fig.axes) >= 6
+
+
+def test_recommendation_rule():
+    def model(params, flops, lat1, lat8, mem):
+        return {"parameters": params, "flops": flops, "training_memory_bytes": mem,
+                "latency": [{"batch": 1, "median_s": lat1}, {"batch": 8, "median_s": lat8}]}
+    gib = 2 ** 30
+    scores = demo.recommend_models({
+        "small": model(1e6, 1e8, 0.001, 0.004, 0.1 * gib),
+        "mid": model(5e6, 1e9, 0.010, 0.040, 1 * gib),
+        "big": model(50e6, 1e10, 0.100, 0.400, 9 * gib),   # too many params, too slow, too big for 8 GiB
+    })
+    assert scores["edge"] == {"small": 0.0, "mid": 1.0, "big": None}
+    assert scores["serving"] == {"small": 0.0, "mid": 1.0, "big": None}  # big: 8 / 0.4 s = 20 samples/s < 100
+    assert scores["training"]["big"] is None and scores["training"]["mid"] == 1.0
+
+
+def test_measure_latency_leaves_the_model_as_it_was():
+    from test_flops import assert_unchanged, snapshot
+    model = demo.mlp(64)
+    model[0].train(False)  # a mixed-mode model: each module's mode must come back
+    before = snapshot(model)
+    result = demo.measure_latency(model, (4, 1024), time_budget_s=0.2)
+    assert result["runs"] >= 1 and result["samples_per_s"] > 0
+    assert_unchanged(before, model)
+    assert model.training and not model[0].training
+    with pytest.raises(ValueError, match="time_budget_s"):
+        demo.measure_latency(model, (4, 1024), time_budget_s=0)
+    with pytest.raises(ValueError, match="Sequential"):
+        demo.measure_latency(model, (4, 7))
