@@ -116,8 +116,30 @@ def case_memory_speed():
     return {"model": "TinyGPT (4x256, T=64)", "batch": 64, "estimate_s": est, "measure_s": meas}
 
 
+def _cli_run(*options):
+    """python pytorch_practice_demo.py in a child process: wall time (with imports) and its peak RSS."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "pytorch_practice_demo.py"), *options, "--output-dir", out],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        stages = [line for line in proc.stdout.splitlines() if line.startswith("[") and "done in" in line]
+    rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"exit": proc.returncode, "wall_s": round(wall, 1), "peak_rss_mb": round(rss_mb), "stages": stages}
+
+
+def case_default_run():
+    return {**_cli_run(), "goal": "<= 45 s, <= 1500 MB"}
+
+
+def case_quick_run():
+    return {**_cli_run("--quick"), "goal": "<= 15 s"}
+
+
 GROUPS = {"flops": [case_resnet50_ratio, case_batch_scaling, case_meta_5b],
-          "memory": [case_memory_error_table, case_memory_speed]}
+          "memory": [case_memory_error_table, case_memory_speed],
+          "run": [case_default_run, case_quick_run]}
 
 
 def machine():
