@@ -1209,29 +1209,27 @@ def _register_step_state(tracker, replica, optimizer, run_args, run_kwargs):
             tracker.add(x, "inputs")
 
 
-def _train_step(replica, run_args, run_kwargs, optimizer, precision, device, *, compute=None, tracker=None):
-    """One training step: forward (under autocast for AMP), backward, optimizer.step(), zero_grad.
+def _train_step(replica, run_args, run_kwargs, optimizer, precision, device, tracker, *, compute=None):
+    """One tracked training step: forward (under autocast for AMP), backward, optimizer.step(),
+    zero_grad.
 
     `compute` is the context forward and backward run in (FakeTensorMode when estimating); the
     optimizer runs outside it so its CPU step counters stay real numbers.
     """
-    tracking = tracker if tracker is not None else contextlib.nullcontext()
-    phase = tracker.set_phase if tracker is not None else (lambda name: None)
-    with compute or contextlib.nullcontext(), tracking, torch.enable_grad():  # even inside a no_grad block
-        phase("forward")
+    with compute or contextlib.nullcontext(), tracker, torch.enable_grad():  # even inside a no_grad block
+        tracker.set_phase("forward")
         with _autocast(_amp_dtype(precision), device):
             output = replica(*run_args, **run_kwargs)
-        phase("backward")
+        tracker.set_phase("backward")
         loss = _scalar_loss(output)
         del output
         if loss is None:
             raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
         loss.backward()
         del loss
-        if tracker is not None:
-            tracker.mark_gradients(replica.parameters())
-    with tracking:
-        phase("optimizer")
+        tracker.mark_gradients(replica.parameters())
+    with tracker:
+        tracker.set_phase("optimizer")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -1249,8 +1247,8 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
             _create_optimizer_state(replica, optimizer, compute)
             _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
             with _global_forward_hook(layers):
-                _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device,
-                            compute=compute, tracker=tracker)
+                _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device, tracker,
+                            compute=compute)
         else:
             _register_step_state(tracker, replica, None, run_args, run_kwargs)
             with compute or contextlib.nullcontext(), tracker, torch.inference_mode(), \
@@ -1271,8 +1269,7 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
 def _create_optimizer_state(replica, optimizer, compute=None):
     """Make the optimizer create its state (Adam's m and v, SGD's momentum) before the measured
     step, as in steady training: one optimizer step on zero gradients, which is cheaper than a
-    warm-up training step.  A model with lazy (uninitialised) parameters needs a real forward
-    first, so this is only done when every parameter has a shape."""
+    warm-up training step.  Lazy (uninitialised) parameters have no shape yet: refused."""
     params = [p for p in replica.parameters() if p.requires_grad]
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
         raise ValueError("lazy modules (uninitialised parameters) are not supported: run one forward "
@@ -1280,14 +1277,7 @@ def _create_optimizer_state(replica, optimizer, compute=None):
     with compute or contextlib.nullcontext():
         for p in params:
             p.grad = torch.zeros_like(p)
-    foreach = [group.get("foreach") for group in optimizer.param_groups]
-    for group in optimizer.param_groups:  # the same state, in a few list ops instead of one per tensor
-        group["foreach"] = True
-    try:
-        optimizer.step()  # outside `compute`, as in _train_step
-    finally:
-        for group, value in zip(optimizer.param_groups, foreach):
-            group["foreach"] = value
+    optimizer.step()  # outside `compute`, as in _train_step
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -1554,6 +1544,16 @@ def _synchronize(device):
         torch.mps.synchronize()
 
 
+def _timed(device, fn, *args):
+    """(fn(*args), seconds), with the device synchronised before and after: GPU work is
+    asynchronous, so an unsynchronised clock measures only the launch."""
+    _synchronize(device)
+    start = time.perf_counter()
+    value = fn(*args)
+    _synchronize(device)
+    return value, time.perf_counter() - start
+
+
 def _matmul_slowdown(device, precision, size=128, reps=3):
     """Time one size x size matmul under autocast vs fp32: a cheap predictor of a step's slowdown."""
     a = torch.randn(size, size, device=device)
@@ -1561,12 +1561,7 @@ def _matmul_slowdown(device, precision, size=128, reps=3):
     def time_it(ctx):
         with ctx:
             a @ a  # warm-up
-            _synchronize(device)
-            start = time.perf_counter()
-            for _ in range(reps):
-                a @ a
-            _synchronize(device)
-        return (time.perf_counter() - start) / reps
+            return _timed(device, lambda: [a @ a for _ in range(reps)])[1] / reps
     fp32 = time_it(contextlib.nullcontext())
     low = time_it(torch.autocast(device.type, dtype=AMP_DTYPES[precision]))
     return low / max(fp32, 1e-9)
@@ -1600,6 +1595,21 @@ def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
     return value, summary
 
 
+def _grad_scaler(precision, device):
+    """torch.amp.GradScaler for fp16 on CUDA, where small gradients underflow; None otherwise."""
+    return torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+
+
+def _optimizer_step(optimizer, scaler):
+    """optimizer.step() (through the scaler, which skips steps with inf/NaN grads), then zero_grad."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 class _AmpTrainer:
     """One copy of the model trained in one precision: forward under autocast, GradScaler for
     fp16 on CUDA (torch.amp.GradScaler("cuda")), Adam."""
@@ -1610,8 +1620,7 @@ class _AmpTrainer:
         self.precision, self.device, self.training = precision, device, training
         self.dtype = AMP_DTYPES[precision]
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=1e-4) if training else None
-        use_scaler = precision == "fp16" and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = _grad_scaler(precision, device)
 
     def forward(self):
         with _autocast(self.dtype, self.device):
@@ -1631,12 +1640,7 @@ class _AmpTrainer:
         if tracker is not None:
             tracker.mark_gradients(self.replica.parameters())
             tracker.set_phase("optimizer")
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(self.optimizer, self.scaler)
 
     def outputs(self):
         with torch.no_grad():
@@ -1658,11 +1662,7 @@ def _time_runs(trainer, runs, deadline):
     """
     times = []
     while len(times) < runs and (not times or time.perf_counter() < deadline):
-        _synchronize(trainer.device)
-        start = time.perf_counter()
-        trainer.step()
-        _synchronize(trainer.device)
-        times.append(time.perf_counter() - start)
+        times.append(_timed(trainer.device, trainer.step)[1])
     return times
 
 
@@ -1884,12 +1884,15 @@ def _read_idx(path):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape)
 
 
-def _check_mnist_files(data_dir):
-    missing = [stem for stem in MNIST_FILES.values() if _find_mnist_file(Path(data_dir), stem) is None]
+def _mnist_paths(data_dir):
+    """{train_x, train_y, val_x, val_y: path}, or a ValueError naming the files that are missing."""
+    paths = {key: _find_mnist_file(Path(data_dir), stem) for key, stem in MNIST_FILES.items()}
+    missing = [MNIST_FILES[key] for key, path in paths.items() if path is None]
     if missing:
         raise ValueError(f"MNIST files not found in {str(data_dir)!r}: {', '.join(missing)} (optionally .gz). "
                          "Put them there, allow the download (download=True / --download-mnist), "
                          "or use dataset='synthetic'")
+    return paths
 
 
 def _find_mnist_file(data_dir, stem):
@@ -1913,8 +1916,7 @@ def load_mnist(data_dir, *, n_train=None, n_val=None, download=False):
         import torchvision
         torchvision.datasets.MNIST(str(data_dir), train=True, download=True)  # the network, as asked
         torchvision.datasets.MNIST(str(data_dir), train=False, download=True)
-    _check_mnist_files(data_dir)
-    paths = {key: _find_mnist_file(data_dir, stem) for key, stem in MNIST_FILES.items()}
+    paths = _mnist_paths(data_dir)
     data = {key: _read_idx(path) for key, path in paths.items()}
     for split, n in (("train", n_train), ("val", n_val)):
         x, y = data[f"{split}_x"][:n], data[f"{split}_y"][:n]
@@ -1946,11 +1948,7 @@ def measure_peak_flops(device, precision="fp32", target_s=0.1, max_size=8192):
     device = torch.device(device)
 
     def seconds(a):
-        _synchronize(device)
-        start = time.perf_counter()
-        a @ a
-        _synchronize(device)
-        return time.perf_counter() - start
+        return _timed(device, torch.matmul, a, a)[1]
 
     with _autocast(AMP_DTYPES[precision], device):
         size = 256
@@ -1987,8 +1985,7 @@ class _StrategyRun:
         self.blocks = _checkpoint_blocks(self.replica) if strategy == "gradient_checkpointing" else 0
         self.micro_batches = accumulation if strategy == "gradient_accumulation" else 1
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=lr)
-        cuda_fp16 = self.precision == "fp16" and device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if cuda_fp16 else None  # fp16 gradients underflow
+        self.scaler = _grad_scaler(self.precision, device)
 
     def step(self, x, y, tracker=None):
         """One optimizer step on the batch (x, y); returns its mean training loss."""
@@ -2006,12 +2003,7 @@ class _StrategyRun:
         if tracker is not None:
             tracker.mark_gradients(self.replica.parameters())
         phase("optimizer")
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(self.optimizer, self.scaler)
         return total
 
     @torch.no_grad()
@@ -2039,12 +2031,9 @@ def _train_one(model, strategy, data, order, options, deadline):
             loss, memory = _measured_step(functools.partial(run.step, x, y), run.replica, run.optimizer,
                                           (x, y), {}, device)
         else:
-            _synchronize(device)
-            start = time.perf_counter()
-            loss = run.step(x, y)
-            _synchronize(device)
+            loss, seconds = _timed(device, run.step, x, y)
             if i > 0:
-                record["step_times_s"].append(time.perf_counter() - start)
+                record["step_times_s"].append(seconds)
         record["train_loss"].append(loss)
         step = i + 1
         last = step == len(order)
@@ -2197,11 +2186,7 @@ def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=1
         with _eval_mode(runner), torch.inference_mode():
             runner(*run_args, **run_kwargs)  # warm-up: kernel selection, allocator, lazy init
             while len(times) < max_runs:     # at least one timed run, more while they fit
-                _synchronize(device)
-                start = time.perf_counter()
-                runner(*run_args, **run_kwargs)
-                _synchronize(device)
-                times.append(time.perf_counter() - start)
+                times.append(_timed(device, functools.partial(runner, *run_args, **run_kwargs))[1])
                 if time.perf_counter() + times[-1] > deadline:
                     break
     except Exception as err:
@@ -2878,6 +2863,15 @@ def plot_dashboard(data):
     return fig
 
 
+def _reusable(results):
+    """What the dashboard can take from earlier stages' data instead of redoing it: the FLOP
+    records and the training comparison's fp32 matmul peak (a stage that failed left an error)."""
+    results = results or {}
+    flop, training = results.get("flop"), results.get("training")
+    peak = training.get("peak_flops", {}).get("fp32") if isinstance(training, dict) else None
+    return {"flop_records": flop if isinstance(flop, list) else None, "peak_flops": peak}
+
+
 def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, *, data=None, quick=False,
                                    device=None, dpi=120):
     """Draw 综合性能仪表板.png into `output_dir` (None: don't save).
@@ -2886,10 +2880,7 @@ def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, 
     collects them): their FLOP counts and measured matmul peak are reused, not redone.
     """
     if data is None:
-        results = results or {}
-        training = results.get("training") or {}
-        data = run_dashboard_analysis(flop_records=results.get("flop"), quick=quick, device=device,
-                                      peak_flops=(training.get("peak_flops") or {}).get("fp32"))
+        data = run_dashboard_analysis(**_reusable(results), quick=quick, device=device)
     fig = plot_dashboard(data)
     _save_into(fig, output_dir, "dashboard", dpi)
     return fig
@@ -3114,10 +3105,7 @@ def _run_stage(stage, args, device, out, results):
         data = run_amp_analysis(quick=args.quick, device=device, seed=args.seed, progress=report)
         demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
     else:  # the dashboard reuses the FLOP counts and the matmul peak measured by earlier stages
-        flop = results.get("flop")
-        peak = (results.get("training") or {}).get("peak_flops", {}).get("fp32")
-        data = run_dashboard_analysis(flop_records=flop if isinstance(flop, list) else None, peak_flops=peak,
-                                      quick=args.quick, device=device, progress=report)
+        data = run_dashboard_analysis(**_reusable(results), quick=args.quick, device=device, progress=report)
         create_comprehensive_dashboard(out, data=data, dpi=args.dpi)
     return data
 
@@ -3147,7 +3135,7 @@ def main(argv=None):
         device = _resolve_device(args.device)
         _check_writable(args.output_dir)
         if args.dataset == "mnist" and "training" in args.only and not args.download_mnist:
-            _check_mnist_files(args.data_dir)
+            _mnist_paths(args.data_dir)
         set_language(args.lang)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
