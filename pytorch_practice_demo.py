@@ -149,11 +149,23 @@ LABELS = {
     "strat_gradient_accumulation": ("梯度累积（{k} × {micro}）", "gradient accumulation ({k} × {micro})"),
     "strat_gradient_checkpointing": ("梯度检查点（{blocks} 个块）", "gradient checkpointing ({blocks} blocks)"),
     "vs_baseline": ("与基线最大差 {diff:.1e}", "max |Δ| vs baseline {diff:.1e}"),
-    "cut_short": ("时间预算内只跑了 {n} 步", "only {n} steps fit the time budget"),
+    "plan": ("计划：{steps} 步 × batch {batch}，宽 {width}（校准后预测 {pred:.1f} s，测量预算 {budget:.0f} s）",
+             "plan: {steps} steps × batch {batch}, width {width} (predicted {pred:.1f} s after calibration, "
+             "measuring budget {budget:.0f} s)"),
+    "shrunk": ("；本机较慢，已缩小：{what}", "; this machine is slow, shrunk: {what}"),
+    "size_steps": ("步数", "steps"), "size_batch": ("batch", "batch"), "size_width": ("宽度", "width"),
+    "not_fit": ("；指定的规模超出预算", "; the requested size does not fit the budget"),
+    "strategy_skipped": ("跳过 {name}：{why}", "skipped {name}: {why}"),
+    "busy": ("⚠ 机器繁忙：其他进程占用约 {others} 核（共 {cores} 核），1 分钟负载 {load}；计时偏慢、波动更大",
+             "⚠ busy machine: other processes used ~{others} of {cores} cores, 1-min load {load}; "
+             "times are slower and noisier"),
+    "invalid": ("无效", "invalid"),
+    "mfu_invalid": ("无效：实测速率高于重测后的峰值", "invalid: achieved rate above the re-measured peak"),
     "train_loss": ("训练损失（每个优化步）", "Training loss (every optimizer step)"),
     "val_loss": ("验证损失（{n} 个留出样本）", "Validation loss ({n} held-out samples)"),
     "opt_step": ("优化步", "optimizer step"), "cross_entropy": ("交叉熵", "cross-entropy"),
-    "throughput": ("训练吞吐（计时步的中位数，预热后）", "Training throughput (median of timed steps)"),
+    "throughput": ("训练吞吐（计时步的中位数，误差棒 = IQR）",
+                   "Training throughput (median of timed steps, bar = IQR)"),
     "samples_per_s": ("样本/秒", "samples/s"),
     "train_memory": ("一步训练的峰值内存（实测）及峰值时刻的组成", "Peak memory of one step (measured), by part"),
     "mfu": ("MFU：模型 FLOPs / 步时间 / 实测矩阵乘峰值", "MFU: model FLOPs / step time / measured matmul peak"),
@@ -176,7 +188,7 @@ LABELS = {
     "latency_ms": ("batch-1 延迟（ms，实测）", "batch-1 latency (ms, measured)"),
     "relation": ("FLOPs 与实测延迟：离虚线越远，算力用得越少",
                  "FLOPs vs measured latency: far from the line = poorly used"),
-    "per_sample_ms": ("每样本时间（ms）", "time per sample (ms)"),
+    "per_sample_ms": ("每样本时间（ms；误差棒 = 波动范围）", "time per sample (ms; bar = spread)"),
     "peak_line": ("以实测峰值 {peak} 运行时的时间", "time at the measured peak {peak}"),
     "batch_n": ("batch={n}（每样本）", "batch={n} (per sample)"),
     "ranking": ("效率排行：推理达到的 FLOP/s 占实测矩阵乘峰值",
@@ -189,8 +201,9 @@ LABELS = {
     "train_mem_bars": ("训练峰值内存（batch={tb}，Adam，估计）与 8 GiB 显卡",
                        "Training peak (batch={tb}, Adam, estimated) vs an 8 GiB GPU"),
     "gpu_8gb": ("8 GiB 显卡", "8 GiB GPU"),
-    "recommend": ("模型选择推荐矩阵（分数 0-1，★ = 该场景最佳，✗ = 不满足限制）",
-                  "Model-selection matrix (score 0-1, ★ = best for the scenario, ✗ = fails its limit)"),
+    "recommend": ("推荐矩阵（0-1 分，★ 最佳，✗ 不满足限制，未测 = 没有测量）",
+                  "Model selection (0-1, ★ best, ✗ fails its limit, n/m not measured)"),
+    "not_measured": ("未测", "n/m"), "not_measured_long": ("（未测）", "(not measured)"),
     "sc_edge": ("边缘推理", "edge inference"), "sc_serving": ("批量服务", "batch serving"),
     "sc_training": ("单卡 8 GB 训练", "training on one 8 GB GPU"),
     "rule": ("规则：先看硬限制。边缘：参数 ≤ {edge_params} 且 batch-1 延迟 ≤ {edge_ms:g} ms；\n"
@@ -204,7 +217,8 @@ LABELS = {
     "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
     "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
                 "device {device}; one training step (fwd+bwd+Adam); batch={batch}; hardware: {support}"),
-    "amp_time": ("每步时间（中位数，误差棒 = IQR）", "Step time (median, error bar = IQR)"),
+    "amp_time": ("每步时间（中位数；误差棒 = IQR，少于 4 次为最小-最大）",
+                 "Step time (median; bar = IQR, min-max under 4 runs)"),
     "seconds": ("秒", "seconds"),
     "amp_memory": ("一步中的峰值内存", "Peak memory in one step"),
     "amp_speedup": ("相对 fp32 的加速比（<1 即变慢）", "Speed-up vs fp32 (<1 is a slowdown)"),
@@ -213,6 +227,9 @@ LABELS = {
     "amp_ranges": ("为什么 fp16 需要损失缩放：可表示范围", "Why fp16 needs loss scaling: representable ranges"),
     "range_bar": ("最小次正规数 … 最大值", "smallest subnormal … max"),
     "skipped": ("跳过", "skipped"),
+    "skip_budget": ("跳过：预算不够", "skipped: budget"), "skip_unsupported": ("跳过：不支持", "skipped: unsupported"),
+    "skip_failed": ("跳过：出错", "skipped: failed"),
+    "skip_notes": ("跳过的原因：", "Why skipped:"),
     "lit_mark": ("文献参考值 2-3×（非实测）", "literature 2-3× (reference, not measured)"),
     "underflow": ("1e-8 → {fp16}（fp16 下溢）；bf16 → {bf16:.3g}；× 损失缩放 {scale} 后 fp16 → {scaled:.3g}",
                   "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
@@ -272,12 +289,12 @@ def _t(key, **fmt):
 
 @contextlib.contextmanager
 def _figure_style(style="whitegrid"):
-    """Seaborn theme and a concrete CJK-capable font family, applied only inside the block."""
+    """Seaborn's theme as matplotlib ships it (no seaborn/pandas import: ~0.4 s, ~1.5 s on a busy
+    machine) and a concrete CJK-capable font family, applied only inside the block."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
     families = ([_CJK_FONT] if _lang() == "zh" else []) + ["DejaVu Sans"]
-    with sns.axes_style(style), plt.rc_context({"font.family": families,
-                                                "axes.unicode_minus": False}):
+    with plt.style.context(f"seaborn-v0_8-{style}"), plt.rc_context({"font.family": families,
+                                                                     "axes.unicode_minus": False}):
         yield
 
 
@@ -328,6 +345,72 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# Profiles: every size and time budget of a run, in one table
+# -----------------------------------------------------------------------------
+# The CLI (`--quick` picks "quick") and every run_* / visualize_* function read their sizes and
+# budgets here; nothing else holds a default.  Budgets are wall seconds on a 2-core laptop CPU,
+# quiet or busy.  A stage's `budget_s` covers the whole stage (counting, measuring, drawing,
+# saving) and is what main() checks it against; `measure_s` is the part a measuring stage plans
+# its timed work into (calibrate, choose sizes, run the plan whole).  The rest of a stage is
+# fixed work (counting on meta, fake-tensor estimates, drawing) that a busy machine slows
+# ~2.5x, so a budget is what that work takes busy plus `measure_s`.  Goals (benchmarks/bench.py):
+# default <= 40 s quiet and <= 80 s busy, quick <= 15 s and <= 30 s.
+
+PROFILES = {
+    "default": {
+        "peak_s": 0.8,  # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
+        "flop": {"budget_s": 11.0, "models": None},  # 11 zoo models on meta (~2 s quiet, ~6 s busy) + a figure
+        "memory": {
+            "budget_s": 12.0,        # ~24 tracked steps, half on fake tensors: ~4 s quiet, ~12 s busy
+            "batch": 16,
+            "models": None,          # all of MEMORY_MODELS
+            "growth_estimated": (1, 4, 16, 64),  # memory is linear in batch: four points draw the line
+            "growth_measured": (1, 4, 16),       # real steps, up to the figure's batch (reused)
+            "variants": None,        # all of MEMORY_VARIANTS
+        },
+        "training": {
+            "budget_s": 10.0, "measure_s": 6.5,  # 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
+            "steps": 40, "min_steps": 30,        # equal steps for all; a plan never goes below 30
+            "batch": 256, "width": 128,          # shrunk (batch, then width) on a slow machine
+            "depth": 8,                          # narrow and deep: activations matter next to Adam state
+        },
+        "amp": {
+            "budget_s": 8.0, "measure_s": 4.0,   # 3 models x 3 precisions, up to AMP_MAX_RUNS runs each
+            "batch": 32, "models": None,         # all of AMP_MODELS
+        },
+        "dashboard": {
+            "budget_s": 18.0, "latency_s": 5.0,  # 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
+            "models": None,
+        },
+    },
+    "quick": {
+        "peak_s": 0.4,  # 512-1024: a lower peak, still a real one
+        "flop": {"budget_s": 5.0, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
+        "memory": {
+            "budget_s": 5.5, "batch": 8,
+            "models": ("MLP-2048", "MNIST-CNN", "TinyGPT (T=64)"),  # ResNet-18 is the slowest op by op
+            "growth_estimated": (1, 8, 32), "growth_measured": (1, 8),  # batch 8 is reused
+            "variants": ("fp32", "AMP bf16", "fp32 + checkpoint"),
+        },
+        "training": {
+            "budget_s": 5.0, "measure_s": 3.0,
+            "steps": 30, "min_steps": 30, "batch": 64, "width": 128,
+            "depth": 4,  # half the per-step overhead: 4 strategies x 30 steps fit on a busy laptop
+        },
+        "amp": {"budget_s": 3.0, "measure_s": 1.5, "batch": 16,
+                "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1.5 s
+        "dashboard": {"budget_s": 5.0, "latency_s": 1.5, "models": None},  # the FLOP stage's quick zoo
+    },
+}
+
+
+def _profile(profile, stage):
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
+    return PROFILES[profile][stage]
 
 
 # -----------------------------------------------------------------------------
@@ -452,7 +535,6 @@ MODEL_ZOO = {
     "LSTM-Classifier": ("rnn", LSTMClassifier, _tokens(64)),  # meta counting is per time step
 }
 # --quick: the cheapest models to count op by op (the LSTM costs ~6 ms per time step on meta)
-QUICK_ZOO = ["MLP-512", "MLP-2048", "MNIST-CNN", "ResNet-18", "TinyGPT"]
 
 
 def build_model(name, device="meta"):
@@ -991,13 +1073,14 @@ FLOP_RECORD_KEYS = ("flops", "macs", "other_flops", "training_flops", "backward_
                     "trainable_parameters", "by_operator", "by_class", "unsupported_ops", "mode", "input_shape")
 
 
-def run_flop_analysis(models=None, *, batch=1, quick=False, progress=None):
+def run_flop_analysis(models=None, *, batch=1, quick=False, progress=None, profile="default"):
     """Count every zoo model at `batch`; return one record (dict) per model.
 
-    Models are built on the meta device, so this takes seconds even for ViT-B/16.
+    Models are built on the meta device, so this takes seconds even for ViT-B/16.  `models`
+    defaults to the profile's list (all of MODEL_ZOO by default; `quick=True` is profile "quick").
     `progress(done, total, name)` is called after each model when given.
     """
-    names = list(models or (QUICK_ZOO if quick else MODEL_ZOO))
+    names = list(models or _profile("quick" if quick else profile, "flop")["models"] or MODEL_ZOO)
     records = []
     for i, name in enumerate(names):
         kind, _, make_inputs = MODEL_ZOO[name]
@@ -1266,18 +1349,30 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
 
 
 def _create_optimizer_state(replica, optimizer, compute=None):
-    """Make the optimizer create its state (Adam's m and v, SGD's momentum) before the measured
-    step, as in steady training: one optimizer step on zero gradients, which is cheaper than a
-    warm-up training step.  Lazy (uninitialised) parameters have no shape yet: refused."""
+    """Give the optimizer the state it holds in steady training, as its first step would create
+    it (torch/optim/adam.py and sgd.py, `_init_group`): Adam's step counter, m and v; SGD's
+    momentum buffer; zero-filled.  Cheaper than running a step for it, which would cost one more
+    pass of the optimizer per estimate and measurement; a test checks it against a real step.
+    Lazy (uninitialised) parameters have no shape yet: refused."""
     params = [p for p in replica.parameters() if p.requires_grad]
     if any(isinstance(p, nn.parameter.UninitializedParameter) for p in params):
         raise ValueError("lazy modules (uninitialised parameters) are not supported: run one forward "
                          "on the model first so every parameter has its shape")
-    with compute or contextlib.nullcontext():
-        for p in params:
-            p.grad = torch.zeros_like(p)
-    optimizer.step()  # outside `compute`, as in _train_step
-    optimizer.zero_grad(set_to_none=True)
+    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad or not (adam or group.get("momentum")):
+                continue
+            step = torch.tensor(0.0)  # a real CPU scalar, as torch keeps it (outside `compute`)
+            with compute or contextlib.nullcontext():
+                if adam:
+                    state = {"step": step, "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                    if group.get("amsgrad"):
+                        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                else:
+                    state = {"momentum_buffer": torch.zeros_like(p)}
+            optimizer.state[p] = state
 
 
 @contextlib.contextmanager
@@ -1415,20 +1510,18 @@ MEMORY_MODELS = {
 }
 
 
-QUICK_SKIP_MEMORY = ("ResNet-18 (64px)",)  # --quick: the slowest model to run op by op
-
-
 def _memory_pair(model, inputs, **options):
     return {"estimate": estimate_memory(model, inputs, **options),
             "measured": measure_memory(model, inputs, **options)}
 
 
-def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None):
-    """Estimate and measure training/inference memory of MEMORY_MODELS; return plain data."""
+def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None, profile="default"):
+    """Estimate and measure training/inference memory of the profile's MEMORY_MODELS; return plain data."""
+    sizes = _profile("quick" if quick else profile, "memory")
     device = torch.device(device or "cpu")
-    batch = batch or (8 if quick else 16)
+    batch = batch or sizes["batch"]
     data = {"device": _device_name(device), "batch": batch, "optimizer": "adam", "dtype": "fp32", "models": {}}
-    names = [n for n in MEMORY_MODELS if not (quick and n in QUICK_SKIP_MEMORY)]
+    names = list(sizes["models"] or MEMORY_MODELS)
     for i, name in enumerate(names):
         builder, inputs = MEMORY_MODELS[name]
         with torch.device(device):
@@ -1439,11 +1532,12 @@ def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None):
             gpt, gpt_inputs = model, inputs
         if progress:
             progress(i + 1, len(names) + 2, name)
-    data["growth"] = (_memory_growth(gpt, gpt_inputs, [1, 4], estimated_batches=(1, 16)) if quick
-                      else _memory_growth(gpt, gpt_inputs, [1, 4, 16]))
+    known = {batch: data["models"]["TinyGPT (T=64)"]["training"]}  # reused, not run again
+    data["growth"] = _memory_growth(gpt, gpt_inputs, sizes["growth_measured"], sizes["growth_estimated"], known)
     if progress:
         progress(len(names) + 1, len(names) + 2, "batch growth")
-    data["variants"] = _memory_variants(gpt, gpt_inputs(batch), QUICK_MEMORY_VARIANTS if quick else MEMORY_VARIANTS)
+    data["variants"] = _memory_variants(gpt, gpt_inputs(batch), sizes["variants"] or MEMORY_VARIANTS,
+                                        known[batch]["estimate"])
     data["gpt_parameters"] = sum(p.numel() for p in gpt.parameters())
     seven_b = 7_000_000_000
     data["zero"] = {"parameters": seven_b, "devices": 8, "per_device": zero_memory_per_device(seven_b, 8)}
@@ -1452,19 +1546,22 @@ def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None):
     return data
 
 
-def _memory_growth(model, inputs, measured_batches, estimated_batches=(1, 2, 4, 8, 16, 32, 64)):
+def _memory_growth(model, inputs, measured_batches, estimated_batches, known=None):
+    """Estimated (and at `measured_batches`, measured) training memory as the batch grows;
+    `known` maps a batch to an {"estimate", "measured"} pair already run, reused here."""
+    known = known or {}
     batches = sorted({*estimated_batches, *measured_batches})
-    estimates = [estimate_memory(model, inputs(b)) for b in batches]
+    estimates = [known[b]["estimate"] if b in known else estimate_memory(model, inputs(b)) for b in batches]
     return {
         "batches": batches,
         "estimated_total": [e["total"] for e in estimates],
         "fixed": [e["parameters"] + e["buffers"] + e["gradients"] + e["optimizer"] for e in estimates],
         "measured_batches": list(measured_batches),
-        "measured_total": [measure_memory(model, inputs(b))["total"] for b in measured_batches],
+        "measured_total": [(known[b]["measured"] if b in known else measure_memory(model, inputs(b)))["total"]
+                           for b in measured_batches],
     }
 
 
-QUICK_MEMORY_VARIANTS = ("fp32", "AMP bf16", "fp32 + checkpoint")
 MEMORY_VARIANTS = {  # label -> estimate_memory options
     "fp32": {}, "AMP bf16": {"precision": "amp_bf16"}, "AMP fp16": {"precision": "amp_fp16"},
     "pure bf16": {"precision": "bf16"}, "fp32 + checkpoint": {"checkpointing": True},
@@ -1472,8 +1569,10 @@ MEMORY_VARIANTS = {  # label -> estimate_memory options
 }
 
 
-def _memory_variants(model, inputs, labels):
-    return {label: estimate_memory(model, inputs, **MEMORY_VARIANTS[label])["total"] for label in labels}
+def _memory_variants(model, inputs, labels, fp32_estimate=None):
+    """Estimated peak of each variant; the plain fp32 one is reused when already estimated."""
+    return {label: (fp32_estimate if label == "fp32" and fp32_estimate else
+                    estimate_memory(model, inputs, **MEMORY_VARIANTS[label]))["total"] for label in labels}
 
 
 def _device_name(device):
@@ -1486,11 +1585,209 @@ def _device_name(device):
 
 
 # -----------------------------------------------------------------------------
+# Timing primitives: one clock, one budget, one spread, the machine's load
+# -----------------------------------------------------------------------------
+# A learner's machine is rarely quiet.  Every measuring stage first calibrates (times a step or
+# two), then plans its work to fit its budget, then runs the plan whole: nothing is cut halfway.
+# All timing reads `CLOCK`, so tests drive budgets and plans with a fake clock instead of waiting.
+
+CLOCK = time.perf_counter
+PLAN_MARGIN = 1.25  # planned work x this must fit its budget: a busy machine's steps vary by ~20 %
+
+
+def _now():
+    return CLOCK()
+
+
+class Budget:
+    """Seconds of wall time for one piece of work: what is left, a fair share of it, what fits."""
+
+    def __init__(self, seconds):
+        if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise ValueError(f"time_budget_s must be a positive number of seconds, got {seconds!r}")
+        self.seconds, self.start = float(seconds), _now()
+
+    def elapsed(self):
+        return _now() - self.start
+
+    def left(self):
+        return max(self.seconds - self.elapsed(), 0.0)
+
+    def share(self, parts):
+        """An equal share of what is left among `parts` remaining pieces of work."""
+        return self.left() / max(parts, 1)
+
+    def fits(self, predicted_s):
+        return predicted_s <= self.left()
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _timed(device, fn, *args):
+    """(fn(*args), seconds), with the device synchronised before and after: GPU work is
+    asynchronous, so an unsynchronised clock measures only the launch."""
+    _synchronize(device)
+    start = _now()
+    value = fn(*args)
+    _synchronize(device)
+    return value, _now() - start
+
+
+def time_stats(times):
+    """Median and spread of measured seconds.
+
+    The spread is the interquartile range from 4 runs on, and min-max below that (too few runs
+    for quartiles); `spread_lo_s` / `spread_hi_s` bound it, `spread` says which it is.
+    """
+    t = np.asarray(times, dtype=float)
+    q25, q75 = np.percentile(t, [25, 75])
+    lo, hi, kind = (q25, q75, "iqr") if len(t) >= 4 else (t.min(), t.max(), "min-max")
+    return {"median_s": float(np.median(t)), "iqr_s": float(q75 - q25), "spread_lo_s": float(lo),
+            "spread_hi_s": float(hi), "spread": kind, "runs": len(t), "times_s": [float(x) for x in t]}
+
+
+def _cpu_ticks():
+    """(busy ticks of the whole machine, all ticks, this process's ticks) from /proc; None off Linux."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])  # utime + stime
+
+
+def machine_load():
+    """How busy the machine is now: the 1-minute load average, the cores, and a CPU-tick snapshot
+    that _conditions turns into what other processes used while a stage ran."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # Windows has no load average
+        load = None
+    cores = os.cpu_count() or 1
+    return {"load_avg_1m": load, "cores": cores, "busy": load is not None and load > cores, "ticks": _cpu_ticks()}
+
+
+OTHERS_BUSY_CORES = 0.5  # other processes using half a core or more during a stage: a busy machine
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice at import: one per physical core
+
+
+def threads_for_load(sample_s=0.1):
+    """How many threads torch should use now: the cores other processes leave free, sampled over
+    `sample_s` (/proc/stat), at least 1 and at most torch's default.
+
+    On a busy machine every op waits at a barrier for a sibling thread that the scheduler has put
+    aside: here a 2-thread training step went from 24 ms quiet to 3.8 s with four busy programs
+    on two cores, and 70 ms with one thread.  Fewer threads then measure faster and truer.
+    Returns (threads, {"others_busy_cores", "free_cores"}); off Linux, torch's default.
+    """
+    start = _cpu_ticks()
+    time.sleep(sample_s)
+    end = _cpu_ticks()
+    if not (start and end):
+        return DEFAULT_THREADS, {"others_busy_cores": None, "free_cores": None}
+    busy, total, own = (e - s for e, s in zip(end, start))
+    cores = os.cpu_count() or 1
+    others = max(busy - own, 0) / max(total, 1) * cores
+    free = cores - others
+    return max(1, min(DEFAULT_THREADS, int(free + 0.5))), {"others_busy_cores": round(others, 2),
+                                                           "free_cores": round(free, 2)}
+
+
+def _conditions(load_start, budget=None):
+    """What a stage ran under: the load average at its start and end, and the cores that other
+    processes kept busy meanwhile (from /proc/stat).  Busy: others used OTHERS_BUSY_CORES or more;
+    where /proc is missing, a load average above the cores (it lags by a minute)."""
+    end = machine_load()
+    others = None
+    if load_start["ticks"] and end["ticks"]:
+        busy, total, own = (e - s for e, s in zip(end["ticks"], load_start["ticks"]))
+        others = round(max(busy - own, 0) / max(total, 1) * end["cores"], 2)
+    strip = ("ticks",)
+    busy = others >= OTHERS_BUSY_CORES if others is not None else bool(load_start["busy"] or end["busy"])
+    out = {"load_start": {k: v for k, v in load_start.items() if k not in strip},
+           "load_end": {k: v for k, v in end.items() if k not in strip},
+           "others_busy_cores": others, "cores": end["cores"], "threads": torch.get_num_threads(), "busy": busy}
+    if budget is not None:
+        out.update(budget_s=budget.seconds, wall_s=budget.elapsed())
+    return out
+
+
+# --- the device's peak: square matmuls swept from small to large -----------------------------
+
+PEAK_SIZES = (512, 1024, 2048, 4096, 8192)  # small ones pay thread start-up; the sweep stops early
+PEAK_REPEATS = 3                             # timed runs per size; the fastest counts (a peak is a best case)
+PEAK_RISE = 1.05                             # a larger size must beat the best so far by 5 % to go on
+
+
+def measure_peak_flops(device, precision="fp32", *, time_budget_s=None, sizes=PEAK_SIZES, repeats=PEAK_REPEATS):
+    """The device's peak FLOP/s: the best rate over a sweep of square matmuls (2 n^3 FLOPs each).
+
+    The denominator of MFU (PaLM, Appendix B), measured here rather than read from a data sheet.
+    Each size gets a warm-up and `repeats` timed runs; its rate is its fastest run.  The sweep goes
+    up while the rate still rises by PEAK_RISE, and stops before a size whose predicted time
+    ((n / previous n)^3 x the previous run, x repeats + 1) would not fit the budget.  Low
+    precisions run under autocast, as the training steps do.  Returns the rate, the size that
+    reached it, every size's best/median/worst rate, and why the sweep stopped.
+    """
+    device = torch.device(device)
+    budget = Budget(time_budget_s or PROFILES["default"]["peak_s"])
+    sweep, stopped = [], "largest size reached"
+    with _autocast(AMP_DTYPES[precision], device):
+        for n in sizes:
+            if sweep:
+                predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (repeats + 1)
+                if not budget.fits(predicted):
+                    stopped = f"{n}x{n} (predicted {predicted:.2f} s) does not fit the budget"
+                    break
+            a = torch.randn(n, n, device=device)
+            _timed(device, torch.matmul, a, a)  # warm-up: kernel selection, caches, threads
+            times = [_timed(device, torch.matmul, a, a)[1] for _ in range(repeats)]
+            rates = sorted(2 * n ** 3 / max(t, 1e-9) for t in times)
+            sweep.append({"size": n, "best_s": min(times), "best_flops_per_s": rates[-1],
+                          "median_flops_per_s": float(np.median(rates)), "worst_flops_per_s": rates[0]})
+            best_before = max((s["best_flops_per_s"] for s in sweep[:-1]), default=0.0)
+            if len(sweep) > 1 and rates[-1] < PEAK_RISE * best_before:
+                stopped = f"the rate stopped rising at {n}x{n}"
+                break
+    best = max(sweep, key=lambda s: s["best_flops_per_s"])
+    return {"flops_per_s": best["best_flops_per_s"], "precision": precision, "matmul_size": best["size"],
+            "repeats": repeats, "sweep": sweep, "stopped": stopped,
+            "method": f"best of {repeats} runs of {best['size']}x{best['size']} matmul, sizes "
+                      f"{sweep[0]['size']}-{sweep[-1]['size']} swept, {precision}"}
+
+
+def checked_utilisation(achieved_flops_per_s, peak, remeasure):
+    """achieved / peak FLOP/s, never above 1.
+
+    An achieved rate above the measured peak is impossible, so it means the peak was measured in a
+    bad moment (a busy machine): `remeasure()` measures it once more and the better peak is kept.
+    If the rate is still above it, the utilisation is None and `invalid` says why.  Returns
+    (utilisation or None, the peak used, invalid reason or None).
+    """
+    if achieved_flops_per_s <= peak["flops_per_s"]:
+        return achieved_flops_per_s / peak["flops_per_s"], peak, None
+    again = remeasure()
+    if again["flops_per_s"] > peak["flops_per_s"]:
+        peak = {**again, "remeasured": True}
+    if achieved_flops_per_s <= peak["flops_per_s"]:
+        return achieved_flops_per_s / peak["flops_per_s"], peak, None
+    return None, peak, (f"achieved {readable(achieved_flops_per_s, 'FLOP/s')} is above the measured peak "
+                        f"{readable(peak['flops_per_s'], 'FLOP/s')} even after measuring the peak again")
+
+
+# -----------------------------------------------------------------------------
 # Mixed-precision timing harness
 # -----------------------------------------------------------------------------
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_TIMED_RUNS = 10
+AMP_MAX_RUNS = 10  # timed runs per precision at most: the median is stable by then
+AMP_MIN_RUNS = 3   # the fewest timed runs that give a spread worth drawing
 
 
 def cpu_flags():
@@ -1536,34 +1833,24 @@ def _slow_low_precision_reason(device, precision):
     return None
 
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _timed(device, fn, *args):
-    """(fn(*args), seconds), with the device synchronised before and after: GPU work is
-    asynchronous, so an unsynchronised clock measures only the launch."""
-    _synchronize(device)
-    start = time.perf_counter()
-    value = fn(*args)
-    _synchronize(device)
-    return value, time.perf_counter() - start
-
-
-def _matmul_slowdown(device, precision, size=128, reps=3):
+def _matmul_slowdown(device, precision, size=256, reps=3):
     """Time one size x size matmul under autocast vs fp32: a cheap predictor of a step's slowdown."""
     a = torch.randn(size, size, device=device)
 
     def time_it(ctx):
         with ctx:
             a @ a  # warm-up
-            return _timed(device, lambda: [a @ a for _ in range(reps)])[1] / reps
+            return min(_timed(device, torch.matmul, a, a)[1] for _ in range(reps))
     fp32 = time_it(contextlib.nullcontext())
     low = time_it(torch.autocast(device.type, dtype=AMP_DTYPES[precision]))
     return low / max(fp32, 1e-9)
+
+
+def _ratio_words(factor):
+    """0.37 -> '2.7x faster than fp32', 3.2 -> '3.2x slower than fp32', 0.96 -> 'as fast as fp32'."""
+    if 1 / 1.1 <= factor <= 1.1:
+        return "as fast as fp32 (within 10 %)"
+    return f"{1 / factor:.1f}x faster than fp32" if factor < 1 else f"{factor:.1f}x slower than fp32"
 
 
 def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
@@ -1653,30 +1940,25 @@ def _max_rel_error(outputs, reference):
     return max(float((o - r).abs().max()) for o, r in zip(outputs, reference)) / scale
 
 
-def _time_runs(trainer, runs, deadline):
-    """Time up to `runs` steps (at least one), stopping at `deadline`; synchronise around each.
-
-    NB: torch.utils.benchmark.Timer would do the same per run, but gives no way to stop at a
-    deadline between runs; this loop keeps the thread count torch already uses.
-    """
-    times = []
-    while len(times) < runs and (not times or time.perf_counter() < deadline):
-        times.append(_timed(trainer.device, trainer.step)[1])
-    return times
-
-
-def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, training=True, time_budget_s=30):
+def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, training=True, time_budget_s=None,
+                              max_runs=AMP_MAX_RUNS):
     """Time a training step (or a forward) of `model` in fp32 and each low precision.
 
-    Returns one record per precision: median_s, iqr_s, runs, peak_memory_bytes, speedup_vs_fp32
-    (below 1 is a slowdown), max_rel_error_vs_fp32 (outputs), skipped (reason or None), note,
-    and the hardware it ran on.  The whole call stays within `time_budget_s`: each precision gets
-    an equal share of what is left, a cheap matmul probe predicts how slow a low precision will
-    be, and a precision predicted to overrun its share is skipped with that reason.
+    Returns one record per precision: median_s with its spread (time_stats), runs,
+    peak_memory_bytes, speedup_vs_fp32 (below 1 is a slowdown), max_rel_error_vs_fp32 (outputs),
+    skipped (reason or None) with skip_kind ("unsupported", "budget", "failed"), note, and the
+    hardware.  The work is planned within `time_budget_s` (default: the default profile's AMP
+    share of one model): each precision gets an equal share of what is left; a cheap matmul
+    probe predicts how slow a low precision will be, and one that cannot fit AMP_MIN_RUNS timed
+    runs in its share is skipped with that reason; the others time one calibration step, measure
+    memory in one step, then as many runs as fit (AMP_MIN_RUNS to `max_runs`), all of them.
     """
     _check_model(model)
-    if not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
-        raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
+    profile = _profile("default", "amp")
+    budget = Budget(time_budget_s if time_budget_s is not None
+                    else profile["measure_s"] / len(AMP_MODELS))
+    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+        raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
     device = torch.device(device) if device is not None else _model_device(model)
     if device.type == "meta":
         raise ValueError("benchmark_mixed_precision needs real weights; the model is on the meta device")
@@ -1687,72 +1969,71 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
     precisions = ["fp32"] + [p for p in precisions if p != "fp32"]  # fp32 is the reference
     args, kwargs = _normalize_inputs(inputs)
     run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device))
-    deadline = time.perf_counter() + time_budget_s
     hardware = hardware_info(device)
     records, reference = [], None
     for i, precision in enumerate(precisions):
-        share = (deadline - time.perf_counter()) / (len(precisions) - i)
+        # fp32 is the reference every other precision needs: it may take half, the rest share alike
+        share = budget.left() / 2 if i == 0 and len(precisions) > 1 else budget.share(len(precisions) - i)
+        if reference is not None and reference["skipped"]:
+            records.append({**_skipped(precision, "budget", "no fp32 reference: it did not fit the budget"),
+                            "device": str(device), "training": training, "hardware": hardware})
+            continue
         try:
-            record = _benchmark_one(model, run_args, run_kwargs, precision, device, training, share, reference)
+            record = _benchmark_one(model, run_args, run_kwargs, precision, device, training, share, reference,
+                                    max_runs)
         except Exception as err:
             if i == 0:
                 raise _run_error(model, args, kwargs, err) from None
-            record = _skipped(precision, f"failed: {_first_line(err)}")
+            record = _skipped(precision, "failed", f"failed: {_first_line(err)}")
         if precision == "fp32":
             reference = record
         records.append({**record, "device": str(device), "training": training, "hardware": hardware})
     return records
 
 
-def _skipped(precision, reason):
+def _skipped(precision, kind, reason):
     return {"precision": precision, "median_s": None, "iqr_s": None, "runs": 0, "peak_memory_bytes": None,
             "activation_bytes": None, "speedup_vs_fp32": None, "max_rel_error_vs_fp32": None,
-            "skipped": reason, "note": None,
-            "times_s": []}
+            "skipped": reason, "skip_kind": kind, "note": None, "times_s": []}
 
 
-def _benchmark_one(model, run_args, run_kwargs, precision, device, training, share_s, reference):
+def _benchmark_one(model, run_args, run_kwargs, precision, device, training, share_s, reference, max_runs):
+    """One precision: gate on a probe, warm up, calibrate, measure memory, then the planned runs."""
     if precision not in supported_precisions(device):
-        return _skipped(precision, f"autocast {precision} is not supported on {device.type}")
+        return _skipped(precision, "unsupported", f"autocast {precision} is not supported on {device.type}")
     slow_reason = _slow_low_precision_reason(device, precision)
-    if share_s <= 0:
-        return _skipped(precision, "the time budget was used up before this precision")
-    if reference is not None and reference["median_s"]:
+    if reference is not None:  # gate a low precision on a cheap probe before building anything
         factor = _matmul_slowdown(device, precision)
         predicted = reference["median_s"] * factor
-        if predicted > share_s / 2:  # warm-up + at least one timed step must fit
-            return _skipped(precision, f"predicted {predicted:.2f} s per step ({factor:.0f}x fp32 in a matmul "
-                                       f"probe) does not fit its {share_s:.1f} s share of the budget"
-                                       + (f"; {slow_reason}" if slow_reason else ""))
-    start = time.perf_counter()
+        need = predicted * (AMP_MIN_RUNS + 5)  # warm-up, the memory step (~3 steps), the timed runs
+        if need > share_s:
+            return _skipped(precision, "budget",
+                            f"a matmul probe predicts {_ratio_words(factor)} ({predicted * 1e3:.0f} ms per step): "
+                            f"{AMP_MIN_RUNS} timed runs need ~{need:.1f} s, more than its {share_s:.1f} s share"
+                            + (f"; {slow_reason}" if slow_reason else ""))
+    started = _now()
     trainer = _AmpTrainer(model, run_args, run_kwargs, precision, device, training)
     outputs = trainer.outputs()
-    trainer.step()  # warm-up: allocator, autocast caches, optimizer state, lazy imports
-    _synchronize(device)
-    second = time.perf_counter()
-    if share_s - (second - start) > 2 * (second - start) / 2:  # a second warm-up predicts a step better
-        trainer.step()
-        _synchronize(device)
-    step_s = max(time.perf_counter() - second, 1e-6)
-    left = share_s - (time.perf_counter() - start)
-    runs = int(min(MAX_TIMED_RUNS + 1, left // (1.1 * step_s)))  # 10% for timer overhead
-    peak, activations = _peak_memory(trainer, device) if runs >= 4 else (None, None)  # costs one step
-    runs = max(1, min(runs - (1 if peak is not None else 0), MAX_TIMED_RUNS))
-    times = _time_runs(trainer, runs, deadline=start + share_s)
-    runs = len(times)
-    median = float(np.median(times))
-    q75, q25 = np.percentile(times, [75, 25])
+    warm_s = _timed(device, trainer.step)[1]  # warm-up: allocator, autocast caches, optimizer state
+    need = warm_s * (AMP_MIN_RUNS + 3)  # an upper bound: a warm-up step is the slowest
+    if need > share_s - (_now() - started):
+        return _skipped(precision, "budget", f"the warm-up step took {warm_s * 1e3:.0f} ms: the memory step and "
+                                             f"{AMP_MIN_RUNS} timed runs need ~{need:.1f} s, more than what is "
+                                             f"left of its {share_s:.1f} s share")
+    times = [_timed(device, trainer.step)[1]]  # calibration: the first timed run
+    peak, activations = _peak_memory(trainer, device)
+    left = share_s - (_now() - started)
+    planned = int(min(max_runs, max(AMP_MIN_RUNS, left // (times[0] * PLAN_MARGIN))))
+    times += [_timed(device, trainer.step)[1] for _ in range(planned - 1)]
+    stats = time_stats(times)
     error = _max_rel_error(outputs, reference["outputs"]) if reference else 0.0
-    speedup = reference["median_s"] / median if reference else 1.0
+    speedup = reference["median_s"] / stats["median_s"] if reference else 1.0
     note = None
-    if speedup < 1 and slow_reason:
-        note = f"{1 / speedup:.1f}x slower than fp32: {slow_reason}"
-    elif runs < 3:
-        note = f"only {runs} timed run(s) fit the budget"
-    return {"precision": precision, "median_s": median, "iqr_s": float(q75 - q25), "runs": runs,
-            "peak_memory_bytes": peak, "activation_bytes": activations, "speedup_vs_fp32": speedup,
-            "max_rel_error_vs_fp32": error,
-            "skipped": None, "note": note, "times_s": times, "outputs": outputs}
+    if reference is not None:
+        note = _ratio_words(1 / speedup) + (f": {slow_reason}" if speedup < 1 / 1.1 and slow_reason else "")
+    return {"precision": precision, **stats, "peak_memory_bytes": peak, "activation_bytes": activations,
+            "speedup_vs_fp32": speedup, "max_rel_error_vs_fp32": error, "skipped": None, "skip_kind": None,
+            "note": note, "outputs": outputs}
 
 
 def _peak_memory(trainer, device):
@@ -1770,25 +2051,30 @@ AMP_MODELS = {
 }
 
 
-def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None, seed=0, progress=None):
-    """Run benchmark_mixed_precision on AMP_MODELS within `time_budget_s` in all; return plain data."""
+def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None, seed=0, progress=None,
+                     profile="default"):
+    """Run benchmark_mixed_precision on the profile's AMP_MODELS within `time_budget_s` in all (default:
+    the profile's `measure_s`), each model an equal share of what is left; return plain data."""
+    sizes = _profile("quick" if quick else profile, "amp")
     device = torch.device(device or "cpu")
-    batch = batch or (16 if quick else 32)
-    budget = time_budget_s or (1.0 if quick else 8.0)
-    names = list(AMP_MODELS)[:2] if quick else list(AMP_MODELS)
-    deadline = time.perf_counter() + budget
-    data = {"device": _device_name(device), "batch": batch, "hardware": hardware_info(device), "models": {}}
+    batch = batch or sizes["batch"]
+    budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
+    load_start = machine_load()
+    names = list(sizes["models"] or AMP_MODELS)
+    data = {"device": _device_name(device), "batch": batch, "hardware": hardware_info(device), "models": {},
+            "profile": profile}
     for i, name in enumerate(names):
         builder, inputs = AMP_MODELS[name]
         seed_everything(seed)
         with torch.device(device):
             model = builder()
-        share = max((deadline - time.perf_counter()) / (len(names) - i), 0.2)
+        share = max(budget.share(len(names) - i), 1e-3)
         records = benchmark_mixed_precision(model, inputs(batch), device=device, time_budget_s=share)
         data["models"][name] = [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in records]
         if progress:
             progress(i + 1, len(names), name)
     data["ranges"] = dtype_ranges()
+    data["conditions"] = _conditions(load_start, budget)
     return data
 
 
@@ -1935,35 +2221,6 @@ def _batch_order(n_samples, batch, steps, seed):
     return order[:steps * batch].view(steps, batch)
 
 
-# --- the device's peak: a large matmul, measured -----------------------------------------
-
-def measure_peak_flops(device, precision="fp32", target_s=0.1, max_size=8192):
-    """FLOP/s of the largest square matmul this device does in about `target_s` / 8 (2 n^3 FLOPs).
-
-    The denominator of MFU (PaLM, Appendix B): what this device reaches on the friendliest op,
-    measured here rather than read from a data sheet.  The fastest of several runs counts (a peak
-    is a best case).  Low precisions run under autocast, as the training steps do.
-    """
-    device = torch.device(device)
-
-    def seconds(a):
-        return _timed(device, torch.matmul, a, a)[1]
-
-    with _autocast(AMP_DTYPES[precision], device):
-        size = 256
-        while True:
-            a = torch.randn(size, size, device=device)
-            seconds(a)  # warm-up: kernel selection, caches
-            one = seconds(a)
-            if one > target_s / 8 or size >= max_size:
-                break
-            size *= 2
-        reps = max(2, min(20, int(target_s / max(one, 1e-6))))
-        best = min(seconds(a) for _ in range(reps))
-    return {"flops_per_s": 2 * size ** 3 / best, "precision": precision, "matmul_size": size,
-            "method": f"{size}x{size} matmul, fastest of {reps} runs, {precision}"}
-
-
 # --- one strategy's run --------------------------------------------------------------------
 
 def _strategy_precision(strategy, device):
@@ -2015,15 +2272,14 @@ class _StrategyRun:
         return total / len(x)
 
 
-def _train_one(model, strategy, data, order, options, deadline):
-    """Train one strategy until its steps are done or the next step would pass `deadline`."""
-    device, started = options["device"], time.perf_counter()
+def _train_one(model, strategy, data, order, options):
+    """Train one strategy for every planned step (the plan already fits the budget: no cut)."""
+    device, started = options["device"], _now()
     run = _StrategyRun(model, strategy, device, options["accumulation"], options["lr"])
     val_x, val_y = data["val_x"].to(device), data["val_y"].to(device)
     record = {"strategy": strategy, "precision": run.precision, "micro_batches": run.micro_batches,
               "checkpointed_blocks": run.blocks, "train_loss": [], "val_steps": [0],
-              "val_loss": [run.evaluate(val_x, val_y)], "step_times_s": [], "cut": None}
-    eval_s = time.perf_counter() - started
+              "val_loss": [run.evaluate(val_x, val_y)], "step_times_s": []}
     for i, index in enumerate(order):
         x, y = data["train_x"][index].to(device), data["train_y"][index].to(device)
         if i == 1:  # the first steady step (Adam state exists): measured for memory, not timed
@@ -2031,108 +2287,241 @@ def _train_one(model, strategy, data, order, options, deadline):
                                           (x, y), {}, device)
         else:
             loss, seconds = _timed(device, run.step, x, y)
-            if i > 0:
+            if i > 0:  # step 1 is warm-up
                 record["step_times_s"].append(seconds)
         record["train_loss"].append(loss)
         step = i + 1
-        last = step == len(order)
-        typical = float(np.median(record["step_times_s"])) if record["step_times_s"] else 0.0
-        out_of_time = step >= 3 and time.perf_counter() + typical + eval_s > deadline
-        if step % options["eval_every"] == 0 or last or out_of_time:
+        if step % options["eval_every"] == 0 or step == len(order):
             record["val_steps"].append(step)
-            start = time.perf_counter()
             record["val_loss"].append(run.evaluate(val_x, val_y))
-            eval_s = time.perf_counter() - start
-        if out_of_time and not last:
-            record["cut"] = f"stopped after {step} of {len(order)} steps to fit the time budget"
-            break
-    times = record["step_times_s"]  # steps 3.. : at least one, as every run does 3 steps or more
+    stats = time_stats(record["step_times_s"])  # steps 3.. : the plan has at least 3 steps
     batch = order.shape[1]
-    flops = options["training_flops"]
-    record.update(steps_done=len(record["train_loss"]), wall_s=time.perf_counter() - started,
-                  median_step_s=float(np.median(times)), samples_per_s=batch / float(np.median(times)),
+    record.update(steps_done=len(record["train_loss"]), wall_s=_now() - started, cut=None,
+                  median_step_s=stats["median_s"], step_time=stats, samples_per_s=batch / stats["median_s"],
+                  samples_per_s_range=[batch / stats["spread_hi_s"], batch / stats["spread_lo_s"]],
                   peak_memory_bytes=memory["total"], activation_bytes=memory["activations"],
                   at_peak=memory["at_peak"], peak_phase=memory["peak_phase"],
-                  achieved_flops_per_s=flops / float(np.median(times)))
-    record["mfu"] = record["achieved_flops_per_s"] / options["peak_flops"][run.precision]["flops_per_s"]
+                  achieved_flops_per_s=options["training_flops"] / stats["median_s"])
     return record
 
 
-TRAIN_MODEL = {"width": 128, "depth": 8}  # narrow and deep: activations matter next to Adam state
-TRAINING_SIZES = {  # what the figure and the CLI run: ~8 s and ~2 s on a 2-core CPU
-    "default": {"steps": 80, "batch": 256, "time_budget_s": 8.0},
-    "quick": {"steps": 15, "batch": 128, "time_budget_s": 1.2},
-}
-TRAIN_VAL_SAMPLES = 1024
+# --- planning: calibrate a step of each strategy, then choose the size that fits -------------
+
+TRAIN_MIN_BATCH, TRAIN_MIN_WIDTH = 32, 32  # the smallest size still worth a figure
+CALIBRATION_SHARE = 0.25  # a calibration that has used this share of the budget stops; the rest is extrapolated
+TRAIN_VAL_SAMPLES = 512    # one validation pass costs ~2 training steps at batch 256
 TRAIN_MAX_SAMPLES = 60_000  # one pass over at most this many training samples
 
 
-def _check_training_options(strategies, steps, batch, accumulation, eval_every, time_budget_s, dataset):
+def _evals(steps, eval_every):
+    """How many validation passes a run of `steps` makes (step 0 and the last included)."""
+    return 1 + steps // eval_every + (steps % eval_every != 0)
+
+
+def predict_training_s(calibration, steps, eval_every):
+    """Seconds the planned runs take, from one calibration: every strategy's steps (the memory-
+    measured step costs ~3 steps under the tracker), its validation passes, its set-up."""
+    total = 0.0
+    for strategy, step_s in calibration["step_s"].items():
+        eval_s = calibration["eval_s"].get(calibration["precision"][strategy], max(calibration["eval_s"].values()))
+        total += (steps + 2) * step_s + _evals(steps, eval_every) * eval_s + calibration["setup_s"]
+    return total
+
+
+def _fits(calibration, steps, eval_every, left_s):
+    return predict_training_s(calibration, steps, eval_every(steps)) * PLAN_MARGIN <= left_s
+
+
+def _halve(size, key, over, smallest, fixed, shrunk):
+    """Halve size[key] as often as `over` (predicted / available time) asks, as if time were
+    linear in it, not below `smallest`; note it in `shrunk`.  False when it cannot shrink."""
+    if key in fixed or size[key] // 2 < smallest:
+        return False
+    new = size[key]
+    while new // 2 >= smallest and over > 1:
+        new, over = new // 2, over / 2
+    shrunk.append({"size": key, "from": size[key], "to": new})
+    size[key] = new
+    return True
+
+
+def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_every, accumulation,
+                  fixed=()):
+    """Choose steps, batch and width so that every strategy runs the same steps within `budget_s`.
+
+    `calibrate(batch, width, limit_s)` times one steady step of each strategy at that size (once
+    it has spent `limit_s`, the strategies left are taken as slow as the slowest timed) and returns
+    {"step_s": {strategy: s}, "precision": {strategy: name}, "eval_s": {precision: s}, "setup_s": s,
+    "wall_s": its own cost}.  Shrinks, in
+    this order, what is not in `fixed`: steps (to the most that fit, not below `min_steps`),
+    then batch (halved, down to TRAIN_MIN_BATCH), then width (halved, down to TRAIN_MIN_WIDTH),
+    calibrating again at each new size.  Only when nothing is left to shrink (and the caller fixed
+    no size) does it drop the slowest strategy, with the reason.  Returns the plan: the sizes, the prediction, what was
+    shrunk, the skips and the calibration it was made from.
+    """
+    size, shrunk, skipped, spent = {"steps": steps, "batch": batch, "width": width}, [], {}, 0.0
+    cal = calibrate(batch, width, CALIBRATION_SHARE * budget_s)
+    spent += cal.get("wall_s", 0.0)
+    while not _fits(cal, size["steps"], eval_every, budget_s - spent):
+        left = budget_s - spent
+        if "steps" not in fixed and size["steps"] > min_steps:
+            n = max((n for n in range(min_steps, size["steps"]) if _fits(cal, n, eval_every, left)),
+                    default=min_steps)
+            shrunk.append({"size": "steps", "from": size["steps"], "to": n})
+            size["steps"] = n
+            continue
+        over = predict_training_s(cal, size["steps"], eval_every(size["steps"])) * PLAN_MARGIN / max(left, 1e-9)
+        if _halve(size, "batch", over, max(TRAIN_MIN_BATCH, accumulation), fixed, shrunk) or \
+                _halve(size, "width", over, TRAIN_MIN_WIDTH, fixed, shrunk):
+            pass
+        elif len(cal["step_s"]) > 1 and not fixed:  # sizes the caller chose: run as asked
+            slowest = max(cal["step_s"], key=cal["step_s"].get)
+            alone = predict_training_s({**cal, "step_s": {slowest: cal["step_s"][slowest]}}, size["steps"],
+                                       eval_every(size["steps"]))
+            total = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
+            skipped[slowest] = (f"the slowest strategy here ({cal['step_s'][slowest] * 1e3:.0f} ms per step, "
+                                f"~{alone:.1f} s for {size['steps']} steps): all of them would need ~{total:.1f} s, "
+                                f"more than the {max(left, 0):.1f} s left at the smallest size")
+            cal = {**cal, "step_s": {s: t for s, t in cal["step_s"].items() if s != slowest}}
+            continue
+        else:
+            break  # nothing left to shrink: run the smallest plan and say it does not fit
+        cal = calibrate(size["batch"], size["width"], CALIBRATION_SHARE * (budget_s - spent))  # time it again
+        spent += cal.get("wall_s", 0.0)
+    predicted = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
+    return {**size, "predicted_s": predicted, "budget_s": budget_s, "calibration_s": spent,
+            "fits": predicted * PLAN_MARGIN <= budget_s - spent, "shrunk": shrunk, "skipped": skipped,
+            "calibration": cal}
+
+
+def _calibrator(strategies, data, device, options, depth, seed):
+    """calibrate(batch, width) for plan_training: a warm-up and one timed step of each strategy on
+    a throwaway model of that size, and one validation pass per precision."""
+    val = (data["val_x"].to(device), data["val_y"].to(device))
+
+    def calibrate(batch, width, limit_s=math.inf):
+        started = _now()
+        seed_everything(seed)
+        model = ResMLPClassifier(width=width, depth=depth)
+        order = _batch_order(len(data["train_x"]), batch, 2, seed)
+        xs = [(data["train_x"][i].to(device), data["train_y"][i].to(device)) for i in order]
+        step_s, precision, eval_s, setup_s = {}, {}, {}, []
+        for strategy in strategies:
+            if step_s and _now() - started > limit_s:  # far too slow at this size: the rest is extrapolated
+                step_s[strategy] = max(step_s.values())
+                precision[strategy] = _strategy_precision(strategy, device)
+                continue
+            run, seconds = _timed(device, _StrategyRun, model, strategy, device, options["accumulation"],
+                                  options["lr"])
+            setup_s.append(seconds)
+            run.step(*xs[0])  # warm-up: allocations, Adam state, autocast caches
+            step_s[strategy] = _timed(device, run.step, *xs[1])[1]
+            precision[strategy] = run.precision
+            if run.precision not in eval_s:
+                eval_s[run.precision] = _timed(device, run.evaluate, *val)[1]
+        return {"step_s": step_s, "precision": precision, "eval_s": eval_s,
+                "complete": len(setup_s) == len(strategies),
+                "setup_s": float(np.median(setup_s)),  # the first one pays one-time imports
+                "batch": batch, "width": width, "wall_s": _now() - started}
+    return calibrate
+
+
+def _check_training_options(strategies, steps, batch, accumulation, eval_every, dataset):
     unknown = [s for s in strategies if s not in TRAIN_STRATEGIES]
     if unknown or not strategies:
         raise ValueError(f"strategies must be a non-empty subset of {list(TRAIN_STRATEGIES)}, got {strategies!r}")
     for name, value, low in (("steps", steps, 3), ("batch", batch, 1), ("accumulation", accumulation, 1),
                              ("eval_every", eval_every, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if batch % accumulation:
+    if batch is not None and batch % accumulation:
         raise ValueError(f"batch ({batch}) must be a multiple of accumulation ({accumulation}) so that the "
                          "micro-batches add up to the baseline's batch")
-    if not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
-        raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
     if dataset not in ("synthetic", "mnist"):
         raise ValueError(f"dataset must be 'synthetic' or 'mnist', got {dataset!r}")
 
 
+def _training_data(dataset, data_dir, download, n_train, seed):
+    if dataset == "mnist":
+        return load_mnist(data_dir, n_train=n_train, n_val=TRAIN_VAL_SAMPLES, download=download)
+    return synthetic_dataset(n_train, TRAIN_VAL_SAMPLES, seed)
+
+
 def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0, dataset="synthetic",
-                            data_dir=None, time_budget_s=60, batch=256, accumulation=4, eval_every=None,
-                            download=False, progress=None):
+                            data_dir=None, time_budget_s=None, batch=None, width=None, accumulation=4,
+                            eval_every=None, download=False, progress=None, profile="default"):
     """Train ResMLPClassifier under each strategy from the same weights on the same batches.
 
-    Returns {"runs": {strategy: record}, ...the conditions}.  A record holds train_loss (one per
-    optimizer step), val_loss at val_steps (step 0 = before training), samples_per_s (median over
-    the timed steps: step 1 is warm-up, step 2 is measured for memory), peak_memory_bytes and its
-    parts (as measure_memory measures them), wall_s, achieved_flops_per_s (model FLOPs of a step /
-    median step time) and mfu (against the measured matmul peak, `peak_flops`).  Each strategy
-    gets an equal share of what is left of `time_budget_s`; a run that would overrun it stops
-    early and says so in `cut`.
+    Sizes and the budget default to PROFILES[profile]["training"].  The work is planned before it
+    runs: a calibration times one step of each strategy, then plan_training shrinks what was not
+    given (steps to the profile's minimum, then batch, then width) until every strategy's run of
+    the same number of steps fits `time_budget_s`; the runs then go to the end.  Sizes you pass
+    are kept; if they do not fit, `plan["fits"]` is False and the runs take longer.
+
+    Returns {"runs": {strategy: record}, "plan": ..., "skipped": {strategy: reason}, conditions}.
+    A record holds train_loss (one per optimizer step), val_loss at val_steps (step 0 = before
+    training), samples_per_s (median over the timed steps: step 1 is warm-up, step 2 is measured
+    for memory) with its spread, peak_memory_bytes and its parts (as measure_memory measures
+    them), wall_s, achieved_flops_per_s (model FLOPs of a step / median step time) and mfu
+    (against the measured matmul peak, `peak_flops`; None with `mfu_invalid` if impossible).
     """
+    sizes = _profile(profile, "training")
     strategies = list(TRAIN_STRATEGIES if strategies is None else strategies)
-    steps = 100 if steps is None else steps
-    eval_every = eval_every or max(1, steps // 10)
-    _check_training_options(strategies, steps, batch, accumulation, eval_every, time_budget_s, dataset)
+    _check_training_options(strategies, steps, batch, accumulation, eval_every, dataset)
+    fixed = {k for k, v in (("steps", steps), ("batch", batch), ("width", width)) if v is not None}
+    budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
+    load_start = machine_load()
     device = torch.device(device or "cpu")
-    started = time.perf_counter()
-    deadline = started + time_budget_s
-    n_train = min(steps * batch, TRAIN_MAX_SAMPLES)
-    if dataset == "mnist":
-        data = load_mnist(data_dir, n_train=n_train, n_val=TRAIN_VAL_SAMPLES, download=download)
-    else:
-        data = synthetic_dataset(n_train, TRAIN_VAL_SAMPLES, seed)
-    seed_everything(seed)
-    model = ResMLPClassifier(**TRAIN_MODEL)
-    order = _batch_order(len(data["train_x"]), batch, steps, seed)
+    steps, batch, width = steps or sizes["steps"], batch or sizes["batch"], width or sizes["width"]
+    data = _training_data(dataset, data_dir, download, min(steps * batch, TRAIN_MAX_SAMPLES), seed)
+    options = {"device": device, "accumulation": accumulation, "lr": 1e-3}
     precisions = sorted({_strategy_precision(s, device) for s in strategies})
-    options = {"device": device, "accumulation": accumulation, "lr": 1e-3, "eval_every": eval_every,
-               "training_flops": FLOPCalculator().analyze_model(model, (batch, 784))["training_flops"],
-               "peak_flops": {p: measure_peak_flops(device, p) for p in precisions}}
-    result = {"model": "ResMLP ({depth}x{width})".format(**TRAIN_MODEL),
+    peak_flops = {p: measure_peak_flops(device, p, time_budget_s=PROFILES[profile]["peak_s"]) for p in precisions}
+
+    def every(n):
+        return eval_every or max(1, n // 10)
+    plan = plan_training(_calibrator(strategies, data, device, options, sizes["depth"], seed), budget.left(),
+                         steps=steps, batch=batch, width=width, min_steps=min(sizes["min_steps"], steps),
+                         eval_every=every, accumulation=accumulation, fixed=fixed)
+    if progress:
+        progress(0, len(strategies), f"planned {plan['steps']} steps x batch {plan['batch']}, width {plan['width']} "
+                                     f"(predicted {plan['predicted_s']:.1f} s)")
+    seed_everything(seed)
+    model = ResMLPClassifier(width=plan["width"], depth=sizes["depth"])
+    order = _batch_order(len(data["train_x"]), plan["batch"], plan["steps"], seed)
+    options.update(eval_every=every(plan["steps"]),
+                   training_flops=FLOPCalculator().analyze_model(model, (plan["batch"], 784))["training_flops"])
+    result = {"model": f"ResMLP ({sizes['depth']}x{plan['width']})",
               "parameters": sum(p.numel() for p in model.parameters()), "dataset": data["name"],
               "train_samples": len(data["train_x"]), "val_samples": len(data["val_x"]),
-              "device": _device_name(device), "batch": batch, "steps": steps, "accumulation": accumulation,
-              "eval_every": eval_every, "lr": options["lr"], "optimizer": "adam", "seed": seed,
-              "time_budget_s": time_budget_s, "training_flops_per_step": options["training_flops"],
+              "device": _device_name(device), "batch": plan["batch"], "steps": plan["steps"],
+              "accumulation": accumulation, "eval_every": options["eval_every"], "lr": options["lr"],
+              "optimizer": "adam", "seed": seed, "time_budget_s": budget.seconds, "profile": profile,
+              "training_flops_per_step": options["training_flops"],
               "flops_note": "model FLOPs of one step (forward + backward, FLOPCalculator); the forward "
                             "that checkpointing recomputes is not counted (MFU as in PaLM, App. B)",
-              "peak_flops": options["peak_flops"], "hardware": hardware_info(device), "runs": {}}
-    for i, strategy in enumerate(strategies):
-        share = (deadline - time.perf_counter()) / (len(strategies) - i)
-        result["runs"][strategy] = _train_one(model, strategy, data, order, options,
-                                              time.perf_counter() + share)
+              "peak_flops": peak_flops, "hardware": hardware_info(device), "plan": plan,
+              "skipped": plan["skipped"], "runs": {}}
+    to_run = [s for s in strategies if s not in plan["skipped"]]
+    for i, strategy in enumerate(to_run):
+        result["runs"][strategy] = _train_one(model, strategy, data, order, options)
         if progress:
-            progress(i + 1, len(strategies), strategy)
-    result["wall_s"] = time.perf_counter() - started
+            progress(i + 1, len(to_run), strategy)
+    _add_mfu(result, device, profile)
+    result["wall_s"] = budget.elapsed()
+    result["conditions"] = _conditions(load_start, budget)
     return result
+
+
+def _add_mfu(result, device, profile):
+    """Each run's MFU against its precision's measured peak, re-measured once if it looks impossible."""
+    for run in result["runs"].values():
+        p = run["precision"]
+        remeasure = functools.partial(measure_peak_flops, device, p, time_budget_s=_profile(profile, "peak_s"))
+        mfu, result["peak_flops"][p], invalid = checked_utilisation(run["achieved_flops_per_s"],
+                                                                    result["peak_flops"][p], remeasure)
+        run.update(mfu=mfu, mfu_invalid=invalid)
+
 
 
 # -----------------------------------------------------------------------------
@@ -2164,14 +2553,16 @@ def _eval_mode(model):
 def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=10):
     """Median wall time of one inference forward (eval mode, torch.inference_mode) of `model`.
 
-    One warm-up run, then up to `max_runs` timed runs while `time_budget_s` lasts (at least one).
-    Runs on the model itself when it is already on `device` (its modes are put back, nothing
-    else can change under inference_mode), else on a copy.  Returns median_s, iqr_s, runs,
-    samples_per_s (the first input dimension / median) and the device.
+    One warm-up run, one calibration run, then as many more runs as the calibration says fit in
+    `time_budget_s`, up to `max_runs` in all (at least the calibration run); every planned run is
+    done.  Runs on the model itself when it is already on `device` (its modes are put back), else
+    on a copy.  Returns median_s with its spread (time_stats), runs, samples_per_s (the first
+    input dimension / median) and the device.
     """
     _check_model(model)
-    if not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
-        raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
+    budget = Budget(time_budget_s)
+    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+        raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
     device = torch.device(device) if device is not None else _model_device(model)
     if device.type == "meta" or _model_device(model).type == "meta":
         raise ValueError("measure_latency needs real weights; the model or the device is meta")
@@ -2179,63 +2570,98 @@ def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=1
     same_device = _model_device(model).type == device.type
     runner = model if same_device else _replica(model, _real_like(device))
     run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device))
-    deadline = time.perf_counter() + time_budget_s
-    times = []
+    forward = functools.partial(runner, *run_args, **run_kwargs)
     try:
         with _eval_mode(runner), torch.inference_mode():
-            runner(*run_args, **run_kwargs)  # warm-up: kernel selection, allocator, lazy init
-            while len(times) < max_runs:     # at least one timed run, more while they fit
-                times.append(_timed(device, functools.partial(runner, *run_args, **run_kwargs))[1])
-                if time.perf_counter() + times[-1] > deadline:
-                    break
+            forward()  # warm-up: kernel selection, allocator, lazy init
+            times = [_timed(device, forward)[1]]
+            planned = int(min(max_runs, max(1, budget.left() // (times[0] * PLAN_MARGIN) + 1)))
+            times += [_timed(device, forward)[1] for _ in range(planned - 1)]
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
-    median = float(np.median(times))
-    q75, q25 = np.percentile(times, [75, 25])
+    stats = time_stats(times)
     batch = tree_flatten((run_args, run_kwargs))[0][0].shape[0]
-    return {"median_s": median, "iqr_s": float(q75 - q25), "runs": len(times), "samples_per_s": batch / median,
-            "batch": batch, "device": str(device)}
+    return {**stats, "samples_per_s": batch / stats["median_s"], "batch": batch, "device": str(device)}
 
 
 def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0):
-    """Batch-1 latency of every model, then the larger batch, within `budget_s` in all.
+    """Batch-1 and larger-batch latency of every model, planned to fit `budget_s` in all.
 
-    Pass 1 (a quarter of the budget) shares its time in proportion to forward FLOPs.  Pass 2
-    predicts each model's cost from pass 1 (batch-1 time x batch x 2 runs), goes cheapest first,
-    gives each model at least its prediction and otherwise its fair share of what is left, and
-    skips a model whose prediction no longer fits, saying so.
+    Pass 1, batch 1, cheapest model first (by forward FLOPs, with a floor: tiny models still
+    cost): a warm-up and AMP_MIN_RUNS runs each.  Before each model its cost is predicted from
+    the model before it (seconds per FLOP, build included); a model that would not fit what is
+    left is not measured, with the reason.  Pass 2, the larger batch: plan_latency chooses which
+    models fit and how many runs each gets; the others are skipped with the reason.
     """
-    latency = {r["name"]: [] for r in records}
-    deadline = time.perf_counter() + budget_s
+    budget = Budget(budget_s)
+    flops = {r["name"]: r["flops"] + 1e8 for r in records}
+    order = sorted(flops, key=flops.get)
     big = LATENCY_BATCHES[-1]
-    for pass_ in (1, 2):
-        if pass_ == 1:
-            costs = {r["name"]: r["flops"] + 1e8 for r in records}  # the floor: tiny models still cost
-            end = time.perf_counter() + budget_s / 4
+    latency, calibration, seconds_per_flop = {}, {}, None
+    for name in order:
+        predicted = None if seconds_per_flop is None else seconds_per_flop * flops[name]
+        if predicted is not None and predicted * PLAN_MARGIN > budget.left():
+            why = (f"planned skip: predicted ~{predicted:.1f} s for batch 1, more than the "
+                   f"{budget.left():.1f} s left of the latency budget")
+            latency[name] = [{"batch": b, "skipped": why} for b in LATENCY_BATCHES]
+            continue
+        started = _now()
+        model = _build_zoo_model(name, device)
+        build_s = _now() - started
+        one = measure_latency(model, MODEL_ZOO[name][2](1), device=device, time_budget_s=1e9, max_runs=AMP_MIN_RUNS)
+        seconds_per_flop = (_now() - started) / flops[name]
+        latency[name] = [{**one, "skipped": None}]
+        calibration[name] = {"build_s": build_s, "batch1_s": one["median_s"]}
+        del model
+        done += 1
+        if progress:
+            progress(done, total, f"{name} latency, batch 1")
+    for name, runs in plan_latency(calibration, budget.left()).items():
+        if isinstance(runs, str):  # a planned skip and its reason
+            latency[name].append({"batch": big, "skipped": runs})
         else:
-            costs = {n: runs[0]["median_s"] * big * 2 for n, runs in latency.items()}
-            end = deadline
-        order = sorted(costs, key=costs.get)
-        for i, name in enumerate(order):
-            left = end - time.perf_counter()
-            fair = left * costs[name] / sum(costs[n] for n in order[i:])
-            batch = 1 if pass_ == 1 else big
-            if pass_ == 2 and costs[name] > left:
-                latency[name].append({"batch": batch, "skipped": f"predicted {costs[name]:.1f} s (warm-up + 1 run) "
-                                                                 f"does not fit the {max(left, 0):.1f} s left"})
-            else:
-                _, builder, inputs = MODEL_ZOO[name]
-                seed_everything(0)
-                with torch.device(device):
-                    model = builder()
-                share = max(fair, costs[name]) if pass_ == 2 else max(fair, 1e-3)
-                latency[name].append({**measure_latency(model, inputs(batch), device=device, time_budget_s=share),
-                                      "skipped": None})
-                del model
-            done += 1
-            if progress:
-                progress(done, total, f"{name} latency, batch {batch}")
-    return latency
+            model = _build_zoo_model(name, device)
+            latency[name].append({**measure_latency(model, MODEL_ZOO[name][2](big), device=device,
+                                                    time_budget_s=1e9, max_runs=runs), "skipped": None})
+            del model
+        done += 1
+        if progress:
+            progress(done, total, f"{name} latency, batch {big}")
+    return {r["name"]: latency[r["name"]] for r in records}
+
+
+def _build_zoo_model(name, device):
+    _, builder, _ = MODEL_ZOO[name]
+    seed_everything(0)
+    with torch.device(device):
+        return builder()
+
+
+def plan_latency(calibration, budget_s):
+    """Timed runs of the larger batch per model: {name: runs, or the reason it is skipped}.
+
+    `calibration[name]` holds build_s and batch1_s.  The larger batch is predicted as batch x
+    the batch-1 time (an upper bound: batching never costs more per sample on these models);
+    each needs a build, a warm-up and AMP_MIN_RUNS runs.  Models go in cheapest first while
+    they fit; the rest are skipped with the reason.  Time left over buys every measured model
+    more runs alike, up to AMP_MAX_RUNS.
+    """
+    big = LATENCY_BATCHES[-1]
+    run_s = {n: c["batch1_s"] * big for n, c in calibration.items()}
+
+    def need(names, runs):
+        return sum(calibration[n]["build_s"] + (1 + runs) * run_s[n] for n in names) * PLAN_MARGIN
+    chosen = []
+    for name in sorted(run_s, key=run_s.get):
+        if need(chosen + [name], AMP_MIN_RUNS) <= budget_s:
+            chosen.append(name)
+    runs = AMP_MIN_RUNS
+    while runs < AMP_MAX_RUNS and need(chosen, runs + 1) <= budget_s:
+        runs += 1
+    return {n: runs if n in chosen else
+            (f"planned skip: batch {big} predicted {run_s[n] * 1e3:.0f} ms per run; with a warm-up and "
+             f"{AMP_MIN_RUNS} runs it did not fit the {budget_s:.1f} s left of the latency budget")
+            for n in calibration}
 
 
 def _latency_of(model_data, batch):
@@ -2258,10 +2684,40 @@ def _log_scores(values, higher_is_better):
 SCENARIOS = ("edge", "serving", "training")
 
 
+def _scenario_verdict(scenario, m):
+    """("pass" | "fail" | "not_measured", why) for one model and scenario, by the rule below."""
+    big = LATENCY_BATCHES[-1]
+    if scenario == "edge":
+        latency = _latency_of(m, 1)
+        if m["parameters"] > EDGE_MAX_PARAMETERS:
+            return "fail", f"{readable(m['parameters'])} parameters > {readable(EDGE_MAX_PARAMETERS)}"
+        if latency is None:
+            return "not_measured", "batch-1 latency not measured"
+        ok = latency <= EDGE_MAX_LATENCY_S
+        return ("pass" if ok else "fail"), f"batch-1 latency {latency * 1e3:.1f} ms"
+    if scenario == "serving":
+        latency = _latency_of(m, big)
+        if latency is None:
+            reason = next((r.get("skipped") for r in m["latency"] if r["batch"] == big), None)
+            return "not_measured", reason or f"batch-{big} latency not measured"
+        ok = big / latency >= SERVING_MIN_SAMPLES_PER_S
+        return ("pass" if ok else "fail"), f"{big / latency:.0f} samples/s at batch {big}"
+    ok = m["training_memory_bytes"] <= TRAINING_GPU_BYTES
+    return ("pass" if ok else "fail"), f"estimated {m['training_memory_bytes'] / GIB:.2f} GiB"
+
+
+def recommendation_verdicts(models):
+    """{scenario: {model: {"verdict": pass/fail/not_measured, "why": ...}}}: a limit a model was not
+    measured against is not a failure."""
+    return {s: {n: dict(zip(("verdict", "why"), _scenario_verdict(s, m))) for n, m in models.items()}
+            for s in SCENARIOS}
+
+
 def recommend_models(models):
     """Score every model for three scenarios by one rule: a hard limit, then a preference.
 
-    Limits (None: the model fails it):
+    Limits (None: the model fails it, or was not measured against it; recommendation_verdicts
+    tells the two apart):
     - edge inference: at most EDGE_MAX_PARAMETERS parameters and batch-1 latency within
       EDGE_MAX_LATENCY_S, measured on this device;
     - batch serving: at least SERVING_MIN_SAMPLES_PER_S at the largest latency batch;
@@ -2270,35 +2726,34 @@ def recommend_models(models):
     [0, 1] (a proxy for capacity: with the same budget, prefer the model that computes more).
     Only resources are compared: the models solve different tasks, accuracy is not measured.
     """
-    big = LATENCY_BATCHES[-1]
-    passes = {
-        "edge": lambda m: (m["parameters"] <= EDGE_MAX_PARAMETERS and _latency_of(m, 1) is not None
-                           and _latency_of(m, 1) <= EDGE_MAX_LATENCY_S),
-        "serving": lambda m: _latency_of(m, big) is not None and big / _latency_of(m, big) >= SERVING_MIN_SAMPLES_PER_S,
-        "training": lambda m: m["training_memory_bytes"] <= TRAINING_GPU_BYTES,
-    }
     scores = {}
     for scenario in SCENARIOS:
-        scaled = _log_scores({n: m["flops"] for n, m in models.items() if passes[scenario](m)}, higher_is_better=True)
+        passing = {n: m["flops"] for n, m in models.items() if _scenario_verdict(scenario, m)[0] == "pass"}
+        scaled = _log_scores(passing, higher_is_better=True)
         scores[scenario] = {n: scaled.get(n) for n in models}
     return scores
 
 
 def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, device=None, time_budget_s=None,
-                           progress=None):
+                           progress=None, profile="default"):
     """Everything the dashboard draws, per model of the FLOP figure's zoo.
 
     Reuses `flop_records` (run_flop_analysis at batch 1) and `peak_flops` (measure_peak_flops in
     fp32) when given; adds the estimated training peak at TRAIN_MEMORY_BATCH (fake tensors, fp32
-    Adam) and the measured inference latency at LATENCY_BATCHES within `time_budget_s`.
+    Adam), the measured inference latency at LATENCY_BATCHES planned within `time_budget_s`
+    (default: the profile's `latency_s`), each model's utilisation of the peak at its largest
+    measured batch (checked_utilisation: never above 1), and the recommendation verdicts.
     """
+    profile = "quick" if quick else profile
+    sizes = _profile(profile, "dashboard")
     device = torch.device(device or "cpu")
-    records = flop_records or run_flop_analysis(quick=quick)
-    budget = time_budget_s or (0.6 if quick else 6.0)
-    peak = peak_flops or measure_peak_flops(device)
-    data = {"device": _device_name(device), "latency_batches": list(LATENCY_BATCHES),
+    load_start = machine_load()
+    records = flop_records or run_flop_analysis(profile=profile)
+    budget = time_budget_s if time_budget_s is not None else sizes["latency_s"]
+    peak = peak_flops or measure_peak_flops(device, time_budget_s=_profile(profile, "peak_s"))
+    data = {"device": _device_name(device), "latency_batches": list(LATENCY_BATCHES), "profile": profile,
             "train_memory_batch": TRAIN_MEMORY_BATCH, "peak_flops": peak, "latency_budget_s": budget, "models": {}}
-    steps = 3 * len(records)
+    steps = (1 + len(LATENCY_BATCHES)) * len(records)  # a memory estimate, then each latency batch
     for i, record in enumerate(records):  # training memory: fake tensors, no real compute
         name = record["name"]
         memory = estimate_memory(build_model(name), MODEL_ZOO[name][2](TRAIN_MEMORY_BATCH))
@@ -2309,8 +2764,21 @@ def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, d
     latency = _measure_latencies(records, device, budget, progress, done=len(records), total=steps)
     for name, runs in latency.items():
         data["models"][name]["latency"] = runs
-    data["scores"] = recommend_models(data["models"])
+    _add_utilisation(data, device, profile)
+    data["scores"], data["verdicts"] = recommend_models(data["models"]), recommendation_verdicts(data["models"])
+    data["conditions"] = _conditions(load_start)
     return data
+
+
+def _add_utilisation(data, device, profile):
+    """Forward FLOP/s at the largest measured batch / the fp32 peak, per model (None if impossible)."""
+    for m in data["models"].values():
+        best = [r for r in m["latency"] if not r.get("skipped")][-1]
+        achieved = m["flops"] * best["batch"] / best["median_s"]
+        m["utilisation"], data["peak_flops"], m["utilisation_invalid"] = checked_utilisation(
+            achieved, data["peak_flops"],
+            lambda: measure_peak_flops(device, time_budget_s=_profile(profile, "peak_s")))
+        m["util_batch"] = best["batch"]
 
 
 # -----------------------------------------------------------------------------
@@ -2319,26 +2787,38 @@ def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, d
 
 KIND_COLORS = {"mlp": "#4C72B0", "cnn": "#55A868", "transformer": "#C44E52", "rnn": "#8172B2"}
 
-def _suptitle(fig, title, subtitle):
-    """Title on the first line, the conditions of the numbers (device, dtype, batch) below it."""
-    fig.suptitle(f"{title}\n{subtitle}", fontsize=14, linespacing=1.6)
+def _suptitle(fig, title, subtitle, conditions=None):
+    """Title on the first line, the conditions of the numbers (device, dtype, batch) below it, and
+    a warning line when the measured times come from a busy machine."""
+    busy = _busy_note(conditions)
+    fig.suptitle(f"{title}\n{subtitle}" + (f"\n{busy}" if busy else ""), fontsize=14, linespacing=1.6)
+
+
+def _busy_note(conditions):
+    if not conditions or not conditions.get("busy"):
+        return ""
+    others = conditions.get("others_busy_cores")
+    load = conditions.get("load_end", {}).get("load_avg_1m")
+    return _t("busy", others="?" if others is None else f"{others:.1f}", cores=conditions.get("cores"),
+              load="?" if load is None else f"{load:.1f}")
 
 
 def _kind_color(kind):
     return KIND_COLORS.get(kind, "#777777")
 
 
-def _barh(ax, names, values, colors, *, log=False, fmt=None, inside=False):
-    """Horizontal bars with their value printed at the end of each bar (or just inside it)."""
+def _barh(ax, names, values, colors, *, log=False, fmt=None, inside=False, label_at=None):
+    """Horizontal bars with their value printed at the end of each bar (or just inside it, or at
+    `label_at`, e.g. past an error bar)."""
     y = np.arange(len(names))
     ax.barh(y, values, color=colors)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     if log:
         ax.set_xscale("log")
-    for yi, value in zip(y, values):
+    for yi, value, at in zip(y, values, label_at or values):
         if fmt:
-            ax.annotate(fmt(value), (value, yi), xytext=(-3 if inside else 3, 0), textcoords="offset points",
+            ax.annotate(fmt(value), (at, yi), xytext=(-3 if inside else 3, 0), textcoords="offset points",
                         va="center", ha="right" if inside else "left", fontsize=8,
                         color="white" if inside else "black")
     ax.margins(x=0.25 if not log else 0.05)
@@ -2612,27 +3092,30 @@ def _plot_loss_curves(ax, data, key):
         diff = _max_loss_diff(data, strategy, key)
         if diff is not None:
             label += "\n" + _t("vs_baseline", diff=diff)
-        if run["cut"]:
-            label += "\n" + _t("cut_short", n=run["steps_done"])
         ax.plot(steps, run[key], ls=style, lw=width, color=color, label=label,
                 marker="o" if key == "val_loss" else None, ms=4)
     ax.set_xlabel(_t("opt_step"))
     ax.set_ylabel(_t("cross_entropy"))
     ax.set_ylim(bottom=0)
     ax.set_title(_t("train_loss") if key == "train_loss" else _t("val_loss", n=data["val_samples"]))
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="best")
 
 
-def _strategy_bars(ax, data, values, fmt):
+def _strategy_bars(ax, data, values, fmt, label_at=None):
     names = [_strategy_label(data, s) for s in data["runs"]]
     colors = [STRATEGY_STYLES[s][0] for s in data["runs"]]
-    _barh(ax, names, values, colors, fmt=fmt)
+    _barh(ax, names, values, colors, fmt=fmt, label_at=label_at)
 
 
 def _plot_throughput(ax, data):
-    values = [run["samples_per_s"] for run in data["runs"].values()]
+    runs = list(data["runs"].values())
+    values = [run["samples_per_s"] for run in runs]
     base = data["runs"].get("baseline", {}).get("samples_per_s")
-    _strategy_bars(ax, data, values, lambda v: f"{v:,.0f}" + (f"  ({v / base:.2f}×)" if base else ""))
+    _strategy_bars(ax, data, values, lambda v: f"{v:,.0f}" + (f"  ({v / base:.2f}×)" if base else ""),
+                   label_at=[run["samples_per_s_range"][1] for run in runs])  # past the error bar
+    lo = [v - run["samples_per_s_range"][0] for v, run in zip(values, runs)]
+    hi = [run["samples_per_s_range"][1] - v for v, run in zip(values, runs)]
+    ax.errorbar(values, range(len(values)), xerr=[lo, hi], fmt="none", ecolor="k", capsize=3, lw=1)
     ax.set_xlabel(_t("samples_per_s"))
     ax.set_title(_t("throughput"))
 
@@ -2654,9 +3137,15 @@ def _plot_training_memory(ax, data):
 
 
 def _plot_mfu(ax, data):
-    values = [run["mfu"] for run in data["runs"].values()]
+    runs = list(data["runs"].values())
+    values = [run["mfu"] or 0.0 for run in runs]  # None: invalid, drawn as a word, not a bar
     from matplotlib.ticker import PercentFormatter
-    _strategy_bars(ax, data, values, lambda v: f"{v:.1%}")
+    _strategy_bars(ax, data, values, lambda v: f"{v:.1%}" if v else "")
+    for i, run in enumerate(runs):
+        if run["mfu"] is None:
+            ax.text(0.01, i, _t("mfu_invalid"), va="center", fontsize=8, color="#B22222",
+                    transform=ax.get_yaxis_transform())
+    ax.set_xlim(0, 1.0 if max(values) > 0.6 else None)  # never beyond 100 %
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     peaks = ", ".join(f"{p} {readable(v['flops_per_s'], 'FLOP/s')}" for p, v in data["peak_flops"].items())
     ax.set_xlabel(_t("mfu_note", peaks=peaks), fontsize=8)
@@ -2669,10 +3158,11 @@ RADAR_AXES = ("r_throughput", "r_memory", "r_loss", "r_mfu", "r_wall")
 def _radar_scores(runs):
     """Each metric scaled to (0, 1] so that bigger is better: x / best or best / x."""
     raw = {"r_throughput": [r["samples_per_s"] for r in runs], "r_memory": [r["peak_memory_bytes"] for r in runs],
-           "r_loss": [r["val_loss"][-1] for r in runs], "r_mfu": [r["mfu"] for r in runs],
+           "r_loss": [r["val_loss"][-1] for r in runs], "r_mfu": [r["mfu"] or 0.0 for r in runs],
            "r_wall": [r["wall_s"] for r in runs]}
     higher_is_better = {"r_throughput", "r_mfu"}
-    return {k: [v / max(vals) if k in higher_is_better else min(vals) / v for v in vals] for k, vals in raw.items()}
+    return {k: [v / (max(vals) or 1) if k in higher_is_better else min(vals) / v for v in vals]
+            for k, vals in raw.items()}
 
 
 def _plot_training_radar(ax, data):
@@ -2683,7 +3173,8 @@ def _plot_training_radar(ax, data):
         color, style, width = STRATEGY_STYLES[strategy]
         values = [scores[k][i] for k in RADAR_AXES]
         label = _t("radar_row", name=_strategy_label(data, strategy), sps=run["samples_per_s"],
-                   mem=run["peak_memory_bytes"] / MIB, loss=run["val_loss"][-1], mfu=run["mfu"], wall=run["wall_s"])
+                   mem=run["peak_memory_bytes"] / MIB, loss=run["val_loss"][-1], mfu=run["mfu"] or 0.0,
+                   wall=run["wall_s"])
         ax.plot(np.append(angles, angles[0]), values + values[:1], ls=style, lw=width, color=color, label=label)
         ax.fill(angles, values, color=color, alpha=0.05)
     ax.set_xticks(angles, [_t(k) for k in RADAR_AXES], fontsize=9)
@@ -2708,8 +3199,26 @@ def plot_training_performance(data):
         _plot_training_radar(axs["radar"], data)
         _suptitle(fig, _t("train_title"), _t("train_sub", device=data["device"], model=data["model"],
                                              params=readable(data["parameters"]), batch=data["batch"],
-                                             steps=data["steps"], dataset=data["dataset"], lr=data["lr"]))
+                                             steps=data["steps"], dataset=data["dataset"], lr=data["lr"])
+                  + "\n" + _plan_note(data), data.get("conditions"))
     return fig
+
+
+def _plan_note(data):
+    """The plan the runs followed, what was shrunk to fit the budget, and any strategy skipped."""
+    plan = data["plan"]
+    note = _t("plan", steps=plan["steps"], batch=plan["batch"], width=plan["width"], pred=plan["predicted_s"],
+              budget=plan["budget_s"])
+    if plan["shrunk"]:
+        note += _t("shrunk", what=", ".join(f"{_t('size_' + s['size'])} {s['from']}→{s['to']}"
+                                            for s in plan["shrunk"]))
+    if not plan["fits"]:
+        note += _t("not_fit")
+    for strategy, why in plan["skipped"].items():
+        precision = "bf16" if data["device"].startswith("cpu") else "fp16"
+        name = _t(f"strat_{strategy}", precision=precision, k=data["accumulation"], micro="", blocks="")
+        note += "\n" + _t("strategy_skipped", name=name, why=why)
+    return note
 
 
 def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick=False, device=None,
@@ -2717,8 +3226,8 @@ def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, 
     """Train under each strategy here and draw 训练性能可视化.png into `output_dir` (None: don't save).
     Extra keyword arguments go to run_training_comparison."""
     if data is None:
-        options = {**TRAINING_SIZES["quick" if quick else "default"], **options}
-        data = run_training_comparison(device=device, dataset=dataset, data_dir=data_dir, seed=seed, **options)
+        data = run_training_comparison(device=device, dataset=dataset, data_dir=data_dir, seed=seed,
+                                       profile="quick" if quick else "default", **options)
     fig = plot_training_performance(data)
     _save_into(fig, output_dir, "training", dpi)
     return fig
@@ -2726,15 +3235,13 @@ def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, 
 
 def _dash_rows(data):
     """(name, model data) in the zoo's order, with the derived numbers every panel uses."""
-    peak = data["peak_flops"]["flops_per_s"]
     rows = []
     for name, m in data["models"].items():
-        measured = [r for r in m["latency"] if not r.get("skipped")]
-        best = measured[-1]  # the largest batch that was measured
+        spread = {r["batch"]: (r["spread_lo_s"], r["spread_hi_s"]) for r in m["latency"] if not r.get("skipped")}
         rows.append({"name": name, "kind": m["kind"], "flops": m["flops"], "parameters": m["parameters"],
                      "memory": m["training_memory_bytes"], "latency_1": _latency_of(m, 1),
-                     "latency_big": _latency_of(m, LATENCY_BATCHES[-1]), "util_batch": best["batch"],
-                     "utilisation": m["flops"] * best["batch"] / best["median_s"] / peak})
+                     "latency_big": _latency_of(m, LATENCY_BATCHES[-1]), "util_batch": m["util_batch"],
+                     "utilisation": m["utilisation"], "spread": spread})
     return rows
 
 
@@ -2762,6 +3269,10 @@ def _plot_latency_vs_flops(ax, rows, peak):
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=45,
                    facecolors=[_kind_color(p[2]["kind"]) for p in pts] if batch == 1 else "none",
                    edgecolors=[_kind_color(p[2]["kind"]) for p in pts], zorder=3, label=_t("batch_n", n=batch))
+        lo = [y - r["spread"][batch][0] / batch * 1e3 for _, y, r in pts]
+        hi = [r["spread"][batch][1] / batch * 1e3 - y for _, y, r in pts]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], fmt="none", ecolor="#444444",
+                    capsize=2, lw=0.8, zorder=2)
         if batch == 1:
             for x, y, r in pts:
                 ax.annotate(r["name"], (x, y), xytext=(4, -9), textcoords="offset points", fontsize=7)
@@ -2777,10 +3288,16 @@ def _plot_latency_vs_flops(ax, rows, peak):
 
 
 def _plot_efficiency_ranking(ax, rows):
-    ranked = sorted(rows, key=lambda r: r["utilisation"], reverse=True)
+    ranked = sorted(rows, key=lambda r: r["utilisation"] or 0.0, reverse=True)  # None (invalid) last
     _barh(ax, [f"{r['name']} ({_t('at_batch', n=r['util_batch'])})" for r in ranked],
-          [r["utilisation"] for r in ranked], [_kind_color(r["kind"]) for r in ranked], fmt=lambda v: f"{v:.1%}")
+          [r["utilisation"] or 0.0 for r in ranked], [_kind_color(r["kind"]) for r in ranked],
+          fmt=lambda v: f"{v:.1%}" if v else "")
+    for i, r in enumerate(ranked):
+        if r["utilisation"] is None:
+            ax.text(0.01, i, _t("mfu_invalid"), va="center", fontsize=8, color="#B22222",
+                    transform=ax.get_yaxis_transform())
     from matplotlib.ticker import PercentFormatter
+    ax.set_xlim(0, min(1.0, 1.3 * max([r["utilisation"] or 0.0 for r in rows] + [0.01])))  # never beyond 100 %
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_title(_t("ranking"), fontsize=11)
     _kind_legend(ax, [r["kind"] for r in rows])
@@ -2797,7 +3314,7 @@ def _plot_dashboard_radar(ax, rows):
            "d_throughput": ({r["name"]: big / r["latency_big"] for r in chosen if r["latency_big"]}, True),
            "d_params": ({r["name"]: r["parameters"] for r in chosen}, False),
            "d_memory": ({r["name"]: r["memory"] for r in chosen}, False),
-           "d_util": ({r["name"]: r["utilisation"] for r in chosen}, True)}
+           "d_util": ({r["name"]: r["utilisation"] for r in chosen if r["utilisation"]}, True)}
     scores = {k: _log_scores(values, better) for k, (values, better) in raw.items()}
     angles = np.linspace(0, 2 * np.pi, len(DASH_RADAR_AXES), endpoint=False)
     colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974", "#64B5CD"]
@@ -2805,7 +3322,8 @@ def _plot_dashboard_radar(ax, rows):
         values = [0.05 + 0.95 * scores[k].get(r["name"], 0.0) for k in DASH_RADAR_AXES]  # 0 stays visible
         ax.plot(np.append(angles, angles[0]), values + values[:1], color=color, lw=1.8, label=r["name"])
         ax.fill(angles, values, color=color, alpha=0.06)
-    ax.set_xticks(angles, [_t(k) for k in DASH_RADAR_AXES], fontsize=9)
+    ax.set_xticks(angles, [_t(k) + ("" if scores[k] else "\n" + _t("not_measured_long")) for k in DASH_RADAR_AXES],
+                  fontsize=9)
     ax.set_ylim(0, 1.05)
     ax.set_yticks([0.5, 1.0], ["", ""])
     ax.set_title(_t("dash_radar"), pad=18, fontsize=11)
@@ -2824,16 +3342,25 @@ def _plot_training_memory_bars(ax, rows, train_batch):
 
 
 def _plot_recommendations(ax, data):
+    """Scores where a model passes; ✗ where it fails a limit; "not measured" greyed and hatched."""
+    import matplotlib.patches as mpatches
     names = list(data["models"])
-    scores = data["scores"]
+    scores, verdicts = data["scores"], data["verdicts"]
     matrix = np.array([[scores[s][n] if scores[s][n] is not None else np.nan for s in SCENARIOS] for n in names])
     ax.imshow(matrix, cmap="YlGn", vmin=-0.2, vmax=1.1, aspect="auto")  # a passing 0 is not a failure colour
-    for j in range(len(SCENARIOS)):
+    for j, scenario in enumerate(SCENARIOS):
         valid = [v for v in matrix[:, j] if not np.isnan(v)]
         best = max(valid) if valid else None
         for i, value in enumerate(matrix[:, j]):
-            text = "✗" if np.isnan(value) else f"{value:.2f}" + (" ★" if value == best else "")
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="#555555" if np.isnan(value) else "black")
+            verdict = verdicts[scenario][names[i]]["verdict"]
+            if verdict == "not_measured":
+                ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#EEEEEE", hatch="///",
+                                                edgecolor="#BBBBBB", lw=0))
+                text, color = _t("not_measured"), "#777777"
+            else:
+                text = "✗" if np.isnan(value) else f"{value:.2f}" + (" ★" if value == best else "")
+                color = "#B22222" if np.isnan(value) else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(len(SCENARIOS)), [_t(f"sc_{s}") for s in SCENARIOS], fontsize=9)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.grid(False)
@@ -2858,7 +3385,7 @@ def plot_dashboard(data):
         _plot_recommendations(axs["recommend"], data)
         _suptitle(fig, _t("dash_title"), _t("dash_sub", device=data["device"],
                                             batches="/".join(map(str, data["latency_batches"])),
-                                            tb=data["train_memory_batch"]))
+                                            tb=data["train_memory_batch"]), data.get("conditions"))
     return fig
 
 
@@ -2895,18 +3422,28 @@ def _amp_matrix(models, key):
                 for recs in models.values()] for p in precisions}
 
 
-def _grouped_bars(ax, names, matrix, *, log=False, fmt=None):
+def _amp_skips(models):
+    """{precision: [skip label key or None per model]}: why a bar is missing, in a word."""
+    return {p: [next((f"skip_{r['skip_kind']}" for r in recs if r["precision"] == p and r["skipped"]), None)
+                for recs in models.values()] for p in AMP_DTYPES}
+
+
+def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skips=None):
+    """Bars per model and precision; a missing value is labelled with its skip reason (a word)."""
     x = np.arange(len(names))
     width = 0.8 / len(matrix)
     for j, (precision, values) in enumerate(matrix.items()):
         xs = x + (j - (len(matrix) - 1) / 2) * width
         heights = [v if v is not None else 0 for v in values]
         ax.bar(xs, heights, width, color=PRECISION_COLORS[precision], label=precision)
-        for xi, v in zip(xs, values):
-            text = _t("skipped") if v is None else (fmt(v) if fmt else None)
-            if text:
-                ax.annotate(text, (xi, v if v else 0), xytext=(0, 2), textcoords="offset points", ha="center",
-                            fontsize=7, rotation=90 if v is None else 0, va="bottom")
+        why = (skips or {}).get(precision) or [None] * len(values)
+        for xi, v, skip in zip(xs, values, why):
+            if v is None:  # at the foot of the axes, whatever its scale
+                ax.annotate(_t(skip or "skipped"), (xi, 0.02), xycoords=ax.get_xaxis_transform(), ha="center",
+                            va="bottom", fontsize=7, rotation=90, color="#B22222")
+            elif fmt:
+                ax.annotate(fmt(v), (xi, v), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                            fontsize=7)
     ax.set_xticks(x, names, fontsize=8)
     if log:
         ax.set_yscale("log")
@@ -2916,14 +3453,14 @@ def _grouped_bars(ax, names, matrix, *, log=False, fmt=None):
 def _plot_amp_time(ax, models):
     names = list(models)
     med = _amp_matrix(models, "median_s")
-    _grouped_bars(ax, names, med, log=True, fmt=lambda v: f"{v * 1e3:.1f}ms")
-    iqr = _amp_matrix(models, "iqr_s")
+    _grouped_bars(ax, names, med, log=True, fmt=lambda v: f"{v * 1e3:.1f}ms", skips=_amp_skips(models))
+    lo, hi = _amp_matrix(models, "spread_lo_s"), _amp_matrix(models, "spread_hi_s")
     width = 0.8 / len(med)
     for j, p in enumerate(med):
         xs = np.arange(len(names)) + (j - (len(med) - 1) / 2) * width
-        for xi, m, q in zip(xs, med[p], iqr[p]):
+        for xi, m, a, b in zip(xs, med[p], lo[p], hi[p]):
             if m is not None:
-                ax.errorbar(xi, m, yerr=[[min(q / 2, m * 0.9)], [q / 2]], color="k", capsize=2, lw=0.8)
+                ax.errorbar(xi, m, yerr=[[m - a], [b - m]], color="k", capsize=2, lw=0.8)
     ax.set_ylabel(_t("seconds"))
     ax.set_title(_t("amp_time"))
 
@@ -2931,14 +3468,14 @@ def _plot_amp_time(ax, models):
 def _plot_amp_memory(ax, models):
     _grouped_bars(ax, list(models), {p: [v / MIB if v else None for v in vals]
                                      for p, vals in _amp_matrix(models, "peak_memory_bytes").items()},
-                  fmt=lambda v: f"{v:.0f}")
+                  fmt=lambda v: f"{v:.0f}", skips=_amp_skips(models))
     ax.set_ylabel(_t("mib"))
     ax.set_title(_t("amp_memory"))
 
 
 def _plot_amp_speedup(ax, models):
     matrix = {p: v for p, v in _amp_matrix(models, "speedup_vs_fp32").items() if p != "fp32"}
-    _grouped_bars(ax, list(models), matrix, log=True, fmt=lambda v: f"{v:.2f}×")
+    _grouped_bars(ax, list(models), matrix, log=True, fmt=lambda v: f"{v:.2f}×", skips=_amp_skips(models))
     from matplotlib.ticker import FuncFormatter, NullFormatter
     ax.axhline(1, color="k", lw=1)
     ax.axhspan(2, 3, color="#999999", alpha=0.2, label=_t("lit_mark"))
@@ -3001,7 +3538,12 @@ def plot_amp_analysis(data):
         _plot_amp_error(axs[1, 1], data["models"])
         _plot_dtype_ranges(axs[1, 2], data["ranges"])
         _suptitle(fig, _t("amp_title"), _t("amp_sub", device=data["device"], batch=data["batch"],
-                                           support=_hardware_support(data["hardware"])))
+                                           support=_hardware_support(data["hardware"])), data.get("conditions"))
+        notes = [f"{name} {r['precision']}: {r['skipped']}" for name, recs in data["models"].items()
+                 for r in recs if r["skipped"]]
+        if notes:
+            fig.supxlabel(_t("skip_notes") + "\n" + "\n".join(notes), fontsize=8, x=0.01, ha="left",
+                          color="#B22222")  # inside the constrained layout, below the panels
     return fig
 
 
@@ -3025,6 +3567,7 @@ def _save_into(fig, output_dir, key, dpi):
 # -----------------------------------------------------------------------------
 
 STAGES = ("flop", "memory", "training", "amp", "dashboard")  # in the order they run
+STAGE_OVERRUN = 1.3  # a stage that ends within 1.3x its budget kept it (results.json "timing")
 
 
 def parse_args(argv=None):
@@ -3038,6 +3581,9 @@ def parse_args(argv=None):
                         help="device for measurements (auto: cuda, then mps, then cpu)")
     parser.add_argument("--lang", default="auto", choices=["auto", "zh", "en"], help="figure labels")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and random")
+    parser.add_argument("--threads", default="auto",
+                        help="torch threads: a positive integer, or auto (default): before each stage, the "
+                             "cores other programs leave free, at least 1 (a busy machine stalls extra threads)")
     parser.add_argument("--dpi", type=int, default=None, help="PNG resolution (default 120; 80 with --quick)")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "mnist"],
                         help="data of the training comparison (mnist: IDX files in --data-dir)")
@@ -3053,6 +3599,9 @@ def parse_args(argv=None):
     if args.dpi is not None and args.dpi <= 0:
         parser.error("--dpi must be a positive integer")
     args.dpi = args.dpi or (80 if args.quick else 120)
+    args.profile = "quick" if args.quick else "default"
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
+        parser.error(f"--threads takes auto or a positive integer, got {args.threads!r}")
     if args.dataset == "mnist" and "training" in args.only and not args.data_dir:
         parser.error("--dataset mnist needs --data-dir (a folder with the MNIST IDX files)")
     return args
@@ -3082,29 +3631,29 @@ def _check_writable(output_dir):
 
 def _progress(stage, started):
     def report(done, total, name):
-        print(f"  [{stage}] {done}/{total} {name} ({time.perf_counter() - started:.1f}s)", flush=True)
+        print(f"  [{stage}] {done}/{total} {name} ({_now() - started:.1f}s)", flush=True)
     return report
 
 
 def _run_stage(stage, args, device, out, results):
-    started = time.perf_counter()
-    report = _progress(stage, started)
+    """Measure or count one stage with the run's profile, draw and save its figure; its data."""
+    report = _progress(stage, _now())
+    profile = args.profile
     if stage == "flop":
-        data = run_flop_analysis(quick=args.quick, progress=report)
+        data = run_flop_analysis(profile=profile, progress=report)
         visualize_flop_analysis(out, records=data, dpi=args.dpi)
     elif stage == "memory":
-        data = run_memory_analysis(quick=args.quick, device=device, progress=report)
+        data = run_memory_analysis(profile=profile, device=device, progress=report)
         visualize_memory_analysis(out, data=data, dpi=args.dpi)
     elif stage == "training":
         data = run_training_comparison(device=device, dataset=args.dataset, data_dir=args.data_dir,
-                                       download=args.download_mnist, seed=args.seed, progress=report,
-                                       **TRAINING_SIZES["quick" if args.quick else "default"])
+                                       download=args.download_mnist, seed=args.seed, progress=report, profile=profile)
         visualize_training_performance(out, data=data, dpi=args.dpi)
     elif stage == "amp":
-        data = run_amp_analysis(quick=args.quick, device=device, seed=args.seed, progress=report)
+        data = run_amp_analysis(profile=profile, device=device, seed=args.seed, progress=report)
         demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
     else:  # the dashboard reuses the FLOP counts and the matmul peak measured by earlier stages
-        data = run_dashboard_analysis(**_reusable(results), quick=args.quick, device=device, progress=report)
+        data = run_dashboard_analysis(**_reusable(results), profile=profile, device=device, progress=report)
         create_comprehensive_dashboard(out, data=data, dpi=args.dpi)
     return data
 
@@ -3141,14 +3690,18 @@ def main(argv=None):
         return 2
     seed_everything(args.seed)
     out = Path(args.output_dir)
-    results = {"environment": environment(device, args.seed), "quick": args.quick, "stages": {}}
-    failed, started = [], time.perf_counter()
+    results = {"environment": environment(device, args.seed), "quick": args.quick, "profile": args.profile,
+               "stages": {}, "timing": {}}
+    failed, started = [], _now()
     for stage in args.only:
-        stage_start = time.perf_counter()
-        print(f"[{stage}] {FIGURE_FILES[stage]} ...", flush=True)
+        budget = Budget(_profile(args.profile, stage)["budget_s"])
+        threads, sample = (threads_for_load() if args.threads == "auto" else (int(args.threads), {}))
+        torch.set_num_threads(threads)
+        load_start = machine_load()
+        print(f"[{stage}] {FIGURE_FILES[stage]} (budget {budget.seconds:.0f}s) ...", flush=True)
         try:
             results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"])
-            print(f"[{stage}] done in {time.perf_counter() - stage_start:.1f}s", flush=True)
+            print(f"[{stage}] done in {budget.elapsed():.1f}s", flush=True)
         except KeyboardInterrupt:  # figures already written stay whole; a PNG being written is dropped
             print(f"\ninterrupted during [{stage}]; results.json not written", file=sys.stderr)
             return 130
@@ -3156,8 +3709,10 @@ def main(argv=None):
             failed.append(stage)
             results["stages"][stage] = {"error": f"{type(err).__name__}: {_first_line(err)}"}
             print(f"[{stage}] FAILED: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
+        results["timing"][stage] = {**_conditions(load_start, budget), "threads_chosen_from": sample,
+                                    "within_budget": budget.elapsed() <= STAGE_OVERRUN * budget.seconds}
         _release_memory()
-    results["wall_s"] = time.perf_counter() - started
+    results["wall_s"] = _now() - started
     write_json_atomic(results, out / "results.json")
     print(f"wrote {len(args.only) - len(failed)} figure(s) and results.json to {out} "
           f"in {results['wall_s']:.1f}s", flush=True)

@@ -1,7 +1,5 @@
 """benchmark_mixed_precision: quick mode, budget, honest records, errors."""
 
-import time
-
 import pytest
 import torch
 
@@ -12,9 +10,7 @@ from test_flops import assert_unchanged, snapshot
 def test_quick_mode_records_fp32_and_a_low_precision():
     model = mlp(256)
     before = snapshot(model)
-    start = time.perf_counter()
-    records = benchmark_mixed_precision(model, (16, 1024), time_budget_s=3)
-    assert time.perf_counter() - start < 10
+    records = benchmark_mixed_precision(model, (16, 1024), time_budget_s=30)  # a bound, not a target
     by_precision = {r["precision"]: r for r in records}
     assert records[0]["precision"] == "fp32" and by_precision["fp32"]["speedup_vs_fp32"] == 1.0
     measured = [r for r in records if not r["skipped"]]
@@ -29,13 +25,38 @@ def test_quick_mode_records_fp32_and_a_low_precision():
     assert_unchanged(before, model)
 
 
-def test_tiny_budget_is_respected_and_says_what_it_skipped():
-    start = time.perf_counter()
-    records = benchmark_mixed_precision(mlp(1024), (32, 1024), time_budget_s=0.05)
-    assert time.perf_counter() - start < 3
-    assert records[0]["median_s"] > 0  # fp32, the reference, always gets one timed run
+def test_a_precision_predicted_too_slow_is_skipped_with_a_readable_reason(monkeypatch):
+    import pytorch_practice_demo as demo
+    monkeypatch.setattr(demo, "_matmul_slowdown", lambda device, precision: 1e6)  # a million times slower
+    records = benchmark_mixed_precision(mlp(64), (8, 1024), time_budget_s=2)
+    assert records[0]["precision"] == "fp32" and records[0]["median_s"] > 0 and records[0]["runs"] >= 3
     skipped = [r for r in records if r["skipped"]]
-    assert skipped and all(isinstance(r["skipped"], str) and r["skipped"] for r in skipped)
+    assert skipped and all(r["skip_kind"] in ("budget", "unsupported") for r in skipped)
+    assert any("1000000.0x slower than fp32" in r["skipped"] for r in skipped)
+
+
+def test_every_measured_precision_has_memory_and_a_spread():
+    records = benchmark_mixed_precision(mlp(64), (8, 1024), precisions=["bf16"], time_budget_s=2)
+    for r in records:
+        if not r["skipped"]:
+            assert r["peak_memory_bytes"] > 0  # fp32 memory too, whenever fp32 timing ran
+            assert r["spread_lo_s"] <= r["median_s"] <= r["spread_hi_s"] and r["runs"] >= 3
+
+
+def test_fp32_that_cannot_fit_skips_the_model_with_its_reason(monkeypatch):
+    import pytorch_practice_demo as demo
+
+    class SlowClock:  # every read of the clock is a second later
+        now = 0.0
+
+        def __call__(self):
+            self.now += 1.0
+            return self.now
+    monkeypatch.setattr(demo, "CLOCK", SlowClock())
+    records = benchmark_mixed_precision(mlp(64), (8, 1024), time_budget_s=2)
+    assert records[0]["skipped"] and "warm-up step took" in records[0]["skipped"]
+    assert all(r["skipped"] for r in records[1:])
+    assert all("no fp32 reference" in r["skipped"] or r["skip_kind"] == "unsupported" for r in records[1:])
 
 
 def test_inference_mode_and_explicit_precisions():
@@ -66,4 +87,4 @@ def test_fp16_underflow_that_loss_scaling_fixes():
 def test_cuda_fp16_uses_grad_scaler():
     records = benchmark_mixed_precision(mlp(256).cuda(), (16, 1024), time_budget_s=5)
     assert {r["precision"] for r in records} >= {"fp32", "fp16"}
-    assert all(r["peak_memory_bytes"] for r in records if not r["skipped"] and r["runs"] >= 3)
+    assert all(r["peak_memory_bytes"] for r in records if not r["skipped"])

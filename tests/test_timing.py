@@ -1,0 +1,246 @@
+"""Budgets, plans and peaks without the clock: a fake clock, fake calibrations, fake matmul times.
+
+No test here asserts a wall time; every budget decision is driven by numbers the test chooses.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import pytorch_practice_demo as demo
+
+
+class FakeClock:
+    """A clock that moves only when told to (or by `tick` on every read)."""
+
+    def __init__(self, tick=0.0):
+        self.now, self.tick = 100.0, tick
+
+    def __call__(self):
+        self.now += self.tick
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(demo, "CLOCK", fake)
+    return fake
+
+
+def test_budget_counts_time_on_the_injected_clock(clock):
+    budget = demo.Budget(10)
+    clock.now += 4
+    assert budget.elapsed() == 4 and budget.left() == 6
+    assert budget.share(3) == 2 and budget.fits(6) and not budget.fits(6.01)
+    clock.now += 20
+    assert budget.left() == 0  # never negative
+    for bad in (0, -1, True, "5"):
+        with pytest.raises(ValueError, match="time_budget_s"):
+            demo.Budget(bad)
+
+
+def test_time_stats_iqr_from_four_runs_min_max_below():
+    few = demo.time_stats([0.3, 0.1, 0.2])
+    assert few["spread"] == "min-max" and (few["spread_lo_s"], few["spread_hi_s"]) == (0.1, 0.3)
+    assert few["median_s"] == 0.2 and few["runs"] == 3
+    many = demo.time_stats([1.0, 2.0, 3.0, 4.0, 100.0])  # one outlier: the IQR ignores it
+    assert many["spread"] == "iqr" and (many["spread_lo_s"], many["spread_hi_s"]) == (2.0, 4.0)
+    assert many["iqr_s"] == 2.0 and many["median_s"] == 3.0
+
+
+# --- planning the training comparison from a calibration -------------------------------------
+
+STRATEGIES = ("baseline", "mixed_precision", "gradient_accumulation", "gradient_checkpointing")
+
+
+def fake_calibration(step_ms, slow_precision=1.0):
+    """calibrate(batch, width, limit) whose step time is linear in batch and width (ms at 256 x 128)."""
+    calls = []
+
+    def calibrate(batch, width, limit_s=None):
+        calls.append((batch, width))
+        base = step_ms / 1e3 * (batch / 256) * (width / 128)
+        factor = {"baseline": 1.0, "mixed_precision": slow_precision, "gradient_accumulation": 1.5,
+                  "gradient_checkpointing": 1.3}
+        return {"step_s": {s: base * factor[s] for s in STRATEGIES},
+                "precision": {s: "bf16" if s == "mixed_precision" else "fp32" for s in STRATEGIES},
+                "eval_s": {"fp32": base, "bf16": base * slow_precision}, "setup_s": 0.01, "wall_s": 0.1}
+    return calibrate, calls
+
+
+def plan(calibrate, budget_s, **kw):
+    options = {"steps": 40, "batch": 256, "width": 128, "min_steps": 30, "accumulation": 4,
+               "eval_every": lambda n: max(1, n // 10), **kw}
+    return demo.plan_training(calibrate, budget_s, **options)
+
+
+def test_plan_keeps_the_default_size_when_it_fits():
+    calibrate, calls = fake_calibration(step_ms=10)
+    p = plan(calibrate, 10)
+    assert (p["steps"], p["batch"], p["width"]) == (40, 256, 128) and p["fits"] and not p["shrunk"]
+    assert calls == [(256, 128)]
+    # 4 strategies x (40 + 2 steps, 11 evals: step 0 and every 4th, set-up):
+    # 42 * 0.01 * (1 + 1 + 1.5 + 1.3) + 4 * (11 * 0.01 + 0.01)
+    assert p["predicted_s"] == pytest.approx(42 * 0.01 * 4.8 + 4 * 0.12)
+
+
+def test_slow_machine_shrinks_steps_then_batch_then_width_and_says_so():
+    calibrate, calls = fake_calibration(step_ms=100)  # 10x slower than above
+    p = plan(calibrate, 10)
+    assert p["steps"] == 30  # never below the profile's minimum
+    assert p["batch"] < 256 and p["fits"] and not p["skipped"]
+    assert p["shrunk"][0] == {"size": "steps", "from": 40, "to": 30}
+    assert p["shrunk"][1]["size"] == "batch" and p["shrunk"][1]["from"] == 256
+    assert p["predicted_s"] * demo.PLAN_MARGIN <= 10 - p["calibration_s"]
+    assert calls[0] == (256, 128) and len(calls) >= 2  # calibrated again at the new size
+
+    calibrate, _ = fake_calibration(step_ms=3000)  # far too slow: batch at its floor, then width
+    p = plan(calibrate, 10)
+    assert p["batch"] == demo.TRAIN_MIN_BATCH and p["width"] < 128
+    assert any(s["size"] == "width" and s["from"] == 128 for s in p["shrunk"])
+
+
+def test_a_precision_too_slow_for_any_size_is_skipped_with_its_reason():
+    # bf16 autocast 2000x slower than fp32 (a CPU without AVX512-BF16 would be 25-50x; exaggerated)
+    calibrate, _ = fake_calibration(step_ms=20, slow_precision=2000)
+    p = plan(calibrate, 10)
+    assert list(p["skipped"]) == ["mixed_precision"] and "ms per step" in p["skipped"]["mixed_precision"]
+    assert p["fits"] and p["steps"] == 30  # the others still run the same 30 steps
+
+
+def test_sizes_given_by_the_caller_are_kept_even_when_they_do_not_fit():
+    calibrate, _ = fake_calibration(step_ms=100)
+    p = plan(calibrate, 1, steps=200, batch=256, fixed={"steps", "batch", "width"})
+    assert (p["steps"], p["batch"], p["width"]) == (200, 256, 128) and not p["shrunk"]
+    assert p["fits"] is False and not p["skipped"]  # run as asked, and said not to fit
+
+
+def test_training_runs_the_plan_to_the_end_with_equal_steps(monkeypatch):
+    """Whatever the clock says, every strategy runs the planned steps: nothing is cut halfway."""
+    monkeypatch.setattr(demo, "CLOCK", FakeClock(tick=0.5))  # half a second per clock read
+    data = demo.run_training_comparison(steps=5, batch=32, width=32, time_budget_s=1)
+    steps = {run["steps_done"] for run in data["runs"].values()}
+    assert steps == {5} and not data["skipped"]
+    assert data["plan"]["fits"] is False  # the fake clock made it look slow; the plan says so
+
+
+# --- the latency plan ---------------------------------------------------------------------------
+
+def test_latency_plan_measures_the_cheapest_large_batches_and_says_why_not_the_rest():
+    calibration = {"tiny": {"build_s": 0.0, "batch1_s": 0.001}, "mid": {"build_s": 0.0, "batch1_s": 0.01},
+                   "huge": {"build_s": 0.1, "batch1_s": 0.2}}
+    plan = demo.plan_latency(calibration, budget_s=1.0)
+    assert isinstance(plan["huge"], str) and "planned skip" in plan["huge"] and "1600 ms" in plan["huge"]
+    assert plan["tiny"] == plan["mid"] >= demo.AMP_MIN_RUNS
+    roomy = demo.plan_latency(calibration, budget_s=100.0)
+    assert roomy == {"tiny": demo.AMP_MAX_RUNS, "mid": demo.AMP_MAX_RUNS, "huge": demo.AMP_MAX_RUNS}
+    assert all(isinstance(v, str) for v in demo.plan_latency(calibration, budget_s=0.0).values())
+
+
+def test_latency_stage_skips_a_model_predicted_not_to_fit(monkeypatch, clock):
+    """With a clock that makes every forward look slow, the later, costlier models are not measured
+    (said in each record), and nothing is drawn as a failure."""
+    clock.tick = 0.05
+    records = demo.run_flop_analysis(["MLP-512", "MLP-2048", "MNIST-CNN"])
+    latency = demo._measure_latencies(records, torch.device("cpu"), budget_s=2.0)
+    assert list(latency) == ["MLP-512", "MLP-2048", "MNIST-CNN"]
+    first = latency["MLP-512"][0]
+    assert first["skipped"] is None and first["runs"] == demo.AMP_MIN_RUNS
+    skipped = [r for runs in latency.values() for r in runs if r["skipped"]]
+    assert skipped and all("planned skip" in r["skipped"] for r in skipped)
+
+
+# --- the peak and what may be compared with it ---------------------------------------------------
+
+def fake_matmul(rates, clock=None):
+    """_timed replacement: a square matmul of size n takes 2 n^3 / rates[n] seconds (on `clock`)."""
+    def timed(device, fn, *args):
+        n = args[0].shape[0]
+        seconds = 2 * n ** 3 / rates[n]
+        if clock is not None:
+            clock.now += seconds
+        return None, seconds
+    return timed
+
+
+def test_peak_sweep_keeps_the_best_rate_and_stops_when_it_stops_rising(monkeypatch):
+    rates = {512: 10e9, 1024: 40e9, 2048: 41e9, 4096: 80e9, 8192: 90e9}
+    monkeypatch.setattr(demo, "_timed", fake_matmul(rates))
+    monkeypatch.setattr(demo.torch, "randn", lambda n, m, device=None: torch.empty(n, m, device="meta"))
+    peak = demo.measure_peak_flops("cpu", time_budget_s=1e6)
+    assert peak["flops_per_s"] == 41e9 and peak["matmul_size"] == 2048
+    assert [s["size"] for s in peak["sweep"]] == [512, 1024, 2048]  # +2.5 % at 2048: stop
+    assert "stopped rising" in peak["stopped"] and "2048" in peak["method"]
+
+
+def test_peak_sweep_stops_before_a_size_that_would_not_fit(monkeypatch, clock):
+    rates = {512: 1e9, 1024: 2e9, 2048: 4e9, 4096: 8e9, 8192: 16e9}
+    monkeypatch.setattr(demo, "_timed", fake_matmul(rates, clock))
+    monkeypatch.setattr(demo.torch, "randn", lambda n, m, device=None: torch.empty(n, m, device="meta"))
+    # 512: 4 runs of 0.27 s; 1024 predicted 8 x 0.27 x 4 = 8.6 s fits the 8.9 s left and takes 4.3 s;
+    # 2048 predicted 8 x 1.07 x 4 = 34 s does not fit the 4.6 s left
+    peak = demo.measure_peak_flops("cpu", time_budget_s=10)
+    assert [s["size"] for s in peak["sweep"]] == [512, 1024] and "does not fit" in peak["stopped"]
+
+
+def test_utilisation_never_above_one():
+    peak = {"flops_per_s": 100.0}
+    assert demo.checked_utilisation(50.0, peak, lambda: pytest.fail("no re-measure needed"))[0] == 0.5
+    remeasured = []
+
+    def better():
+        remeasured.append(1)
+        return {"flops_per_s": 200.0}
+    value, used, invalid = demo.checked_utilisation(150.0, peak, better)
+    assert value == 0.75 and used["flops_per_s"] == 200.0 and used["remeasured"] and invalid is None
+    value, used, invalid = demo.checked_utilisation(150.0, peak, lambda: {"flops_per_s": 90.0})
+    assert value is None and "above the measured peak" in invalid and used["flops_per_s"] == 100.0
+    assert remeasured == [1]
+
+
+def test_ratio_words_are_not_garbled():
+    assert demo._ratio_words(0.37) == "2.7x faster than fp32"
+    assert demo._ratio_words(3.21) == "3.2x slower than fp32"
+    assert demo._ratio_words(0.96).startswith("as fast as fp32")  # not "1.0x slower"
+
+
+# --- conditions ----------------------------------------------------------------------------------
+
+def test_conditions_record_the_load_at_start_and_end():
+    start = demo.machine_load()
+    cond = demo._conditions(start)
+    assert {"load_start", "load_end", "busy", "cores", "threads", "others_busy_cores"} <= cond.keys()
+    assert cond["cores"] >= 1 and isinstance(cond["busy"], bool)
+    assert "ticks" not in cond["load_start"]  # raw counters stay out of results.json
+
+
+def test_busy_comes_from_what_other_processes_used(monkeypatch):
+    ticks = iter([(0, 1000, 0), (900, 1000 + 1000, 100)])  # others: 800 busy ticks of 1000
+    monkeypatch.setattr(demo, "_cpu_ticks", lambda: next(ticks))
+    start = demo.machine_load()
+    cond = demo._conditions(start)
+    cores = cond["cores"]
+    assert cond["others_busy_cores"] == pytest.approx(0.8 * cores) and cond["busy"]
+    ticks = iter([(0, 1000, 0), (1000, 2000, 0)])  # others used every core
+    monkeypatch.setattr(demo, "_cpu_ticks", lambda: next(ticks))
+    monkeypatch.setattr(demo.time, "sleep", lambda s: None)
+    threads, sample = demo.threads_for_load()
+    assert threads == 1 and sample["free_cores"] == pytest.approx(0.0)
+
+
+def test_optimizer_state_made_without_a_step_matches_a_real_first_step():
+    for name in ("adam", "adamw", "sgd_momentum", "sgd"):
+        model = demo.mlp(16, in_features=8)
+        made = demo._make_optimizer(name, model.parameters())
+        demo._create_optimizer_state(model, made)
+        real = demo._make_optimizer(name, model.parameters())
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        real.step()
+        for p in model.parameters():
+            assert made.state[p].keys() == real.state[p].keys(), name
+            for key, value in real.state[p].items():
+                ours = made.state[p][key]
+                assert (ours.shape, ours.dtype, ours.device) == (value.shape, value.dtype, value.device), key
+                assert np.all(ours.numpy() == 0)
