@@ -362,7 +362,7 @@ def seed_everything(seed):
 PROFILES = {
     "default": {
         "peak_s": 0.8,  # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
-        "flop": {"budget_s": 11.0, "models": None},  # 11 zoo models on meta (~2 s quiet, ~6 s busy) + a figure
+        "flop": {"budget_s": 12.0, "models": None},  # 11 zoo models on meta + a figure: ~5 s quiet, ~14 s busy
         "memory": {
             "budget_s": 12.0,        # ~24 tracked steps, half on fake tensors: ~4 s quiet, ~12 s busy
             "batch": 16,
@@ -372,7 +372,7 @@ PROFILES = {
             "variants": None,        # all of MEMORY_VARIANTS
         },
         "training": {
-            "budget_s": 10.0, "measure_s": 6.5,  # 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
+            "budget_s": 10.0, "measure_s": 7.0,  # 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
             "steps": 40, "min_steps": 30,        # equal steps for all; a plan never goes below 30
             "batch": 256, "width": 128,          # shrunk (batch, then width) on a slow machine
             "depth": 8,                          # narrow and deep: activations matter next to Adam state
@@ -382,27 +382,27 @@ PROFILES = {
             "batch": 32, "models": None,         # all of AMP_MODELS
         },
         "dashboard": {
-            "budget_s": 18.0, "latency_s": 5.0,  # 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
-            "models": None,
+            "budget_s": 18.0,  # the FLOP stage's models: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
+            "latency_s": 5.0,  # batch 1 of every model; batch 8 of those that fit (ViT-B/16's takes ~7 s)
         },
     },
     "quick": {
         "peak_s": 0.4,  # 512-1024: a lower peak, still a real one
-        "flop": {"budget_s": 5.0, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
+        "flop": {"budget_s": 5.5, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
         "memory": {
-            "budget_s": 5.5, "batch": 8,
+            "budget_s": 6.0, "batch": 8,
             "models": ("MLP-2048", "MNIST-CNN", "TinyGPT (T=64)"),  # ResNet-18 is the slowest op by op
-            "growth_estimated": (1, 8, 32), "growth_measured": (1, 8),  # batch 8 is reused
+            "growth_estimated": (1, 8), "growth_measured": (1, 8),  # batch 8 is reused: one new step of each
             "variants": ("fp32", "AMP bf16", "fp32 + checkpoint"),
         },
         "training": {
-            "budget_s": 5.0, "measure_s": 3.0,
+            "budget_s": 4.5, "measure_s": 2.5,
             "steps": 30, "min_steps": 30, "batch": 64, "width": 128,
             "depth": 4,  # half the per-step overhead: 4 strategies x 30 steps fit on a busy laptop
         },
         "amp": {"budget_s": 3.0, "measure_s": 1.5, "batch": 16,
                 "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1.5 s
-        "dashboard": {"budget_s": 5.0, "latency_s": 1.5, "models": None},  # the FLOP stage's quick zoo
+        "dashboard": {"budget_s": 4.5, "latency_s": 1.0},  # the FLOP stage's quick zoo
     },
 }
 
@@ -2773,7 +2773,12 @@ def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, d
 def _add_utilisation(data, device, profile):
     """Forward FLOP/s at the largest measured batch / the fp32 peak, per model (None if impossible)."""
     for m in data["models"].values():
-        best = [r for r in m["latency"] if not r.get("skipped")][-1]
+        measured = [r for r in m["latency"] if not r.get("skipped")]
+        if not measured:  # not measured at all: no utilisation, and it says why
+            m.update(utilisation=None, util_batch=None, utilisation_invalid=None,
+                     utilisation_not_measured=m["latency"][0]["skipped"])
+            continue
+        best = measured[-1]  # the largest batch measured
         achieved = m["flops"] * best["batch"] / best["median_s"]
         m["utilisation"], data["peak_flops"], m["utilisation_invalid"] = checked_utilisation(
             achieved, data["peak_flops"],
@@ -3246,11 +3251,14 @@ def _dash_rows(data):
 
 
 def _plot_bubbles(ax, rows):
+    import matplotlib
     from matplotlib.colors import LogNorm
-    latency_ms = np.array([r["latency_1"] * 1e3 for r in rows])
+    latency_ms = np.array([r["latency_1"] * 1e3 if r["latency_1"] else np.nan for r in rows])  # nan: not measured
     sizes = 2000 * np.sqrt(np.array([r["memory"] for r in rows]) / max(r["memory"] for r in rows))  # area ∝ bytes
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#DDDDDD")  # grey: latency not measured
     points = ax.scatter([r["parameters"] for r in rows], [r["flops"] for r in rows], s=sizes, c=latency_ms,
-                        cmap="viridis", norm=LogNorm(), alpha=0.75, edgecolors="black", linewidths=0.5)
+                        cmap=cmap, norm=LogNorm(), alpha=0.75, edgecolors="black", linewidths=0.5,
+                        plotnonfinite=True)
     for r in rows:
         ax.annotate(r["name"], (r["parameters"], r["flops"]), fontsize=7, ha="center", va="center")
     ax.set_xscale("log")
@@ -3289,13 +3297,14 @@ def _plot_latency_vs_flops(ax, rows, peak):
 
 def _plot_efficiency_ranking(ax, rows):
     ranked = sorted(rows, key=lambda r: r["utilisation"] or 0.0, reverse=True)  # None (invalid) last
-    _barh(ax, [f"{r['name']} ({_t('at_batch', n=r['util_batch'])})" for r in ranked],
+    _barh(ax, [f"{r['name']} ({_t('at_batch', n=r['util_batch']) if r['util_batch'] else _t('not_measured')})"
+               for r in ranked],
           [r["utilisation"] or 0.0 for r in ranked], [_kind_color(r["kind"]) for r in ranked],
           fmt=lambda v: f"{v:.1%}" if v else "")
     for i, r in enumerate(ranked):
         if r["utilisation"] is None:
-            ax.text(0.01, i, _t("mfu_invalid"), va="center", fontsize=8, color="#B22222",
-                    transform=ax.get_yaxis_transform())
+            ax.text(0.01, i, _t("mfu_invalid") if r["util_batch"] else _t("not_measured_long"), va="center",
+                    fontsize=8, color="#B22222" if r["util_batch"] else "#777777", transform=ax.get_yaxis_transform())
     from matplotlib.ticker import PercentFormatter
     ax.set_xlim(0, min(1.0, 1.3 * max([r["utilisation"] or 0.0 for r in rows] + [0.01])))  # never beyond 100 %
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
@@ -3310,7 +3319,7 @@ DASH_RADAR_AXES = ("d_latency", "d_throughput", "d_params", "d_memory", "d_util"
 def _plot_dashboard_radar(ax, rows):
     chosen = [r for r in rows if r["name"] in DASH_RADAR_MODELS]
     big = LATENCY_BATCHES[-1]
-    raw = {"d_latency": ({r["name"]: r["latency_1"] for r in chosen}, False),
+    raw = {"d_latency": ({r["name"]: r["latency_1"] for r in chosen if r["latency_1"]}, False),
            "d_throughput": ({r["name"]: big / r["latency_big"] for r in chosen if r["latency_big"]}, True),
            "d_params": ({r["name"]: r["parameters"] for r in chosen}, False),
            "d_memory": ({r["name"]: r["memory"] for r in chosen}, False),
@@ -3658,10 +3667,18 @@ def _run_stage(stage, args, device, out, results):
     return data
 
 
+RELEASE_ABOVE_BYTES = 2 ** 30  # below this resident size a collection (~0.15 s, ~0.6 s busy) buys nothing
+
+
 def _release_memory():
-    """Between stages: collect garbage and hand freed heap pages back to the OS (glibc's
-    malloc_trim), so one stage's peak does not add to the next one's resident memory."""
+    """Between stages, once the process holds more than RELEASE_ABOVE_BYTES: collect garbage and
+    hand freed heap pages back to the OS (glibc's malloc_trim), so one stage's peak does not add
+    to the next one's resident memory."""
     import gc
+
+    import psutil
+    if psutil.Process().memory_info().rss < RELEASE_ABOVE_BYTES:
+        return
     gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -3723,4 +3740,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # NB: every file is written and closed by now; skipping the interpreter's teardown of torch
+    # saves ~1 s on a quiet 2-core machine and ~3 s on a busy one.
+    os._exit(code)

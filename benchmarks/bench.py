@@ -1,12 +1,16 @@
 """Speed and memory goals of pytorch_practice_demo, measured on this machine.
 
     python benchmarks/bench.py            # every case, each in its own process (clean peak RSS)
-    python benchmarks/bench.py flops      # one group: flops, memory, run
+    python benchmarks/bench.py flops      # one group: flops, memory, run, load, peak
+    ../shared/tools/under-load python benchmarks/bench.py peak   # the peak on a busy machine
 
 Goals (from the issues): analyze_model on resnet50@8 vs one real forward under FlopCounterMode
 <= 1.0; analyze_model time at batch 256 vs batch 1 <= 1.5; a ~5B-parameter transformer built on
 the meta device analysed in <= 10 s; memory estimate within 10% of measurement; default run
-<= 45 s and <= 1.5 GB peak RSS, --quick <= 15 s.
+<= 40 s quiet and <= 80 s under ../shared/tools/under-load (two busy processes per core), <= 1.5 GB
+peak RSS; --quick <= 15 s quiet and <= 30 s under load; in every run the results.json checks
+hold (results_checks: MFU and efficiency <= 100 %, equal training steps >= 30, a reason for every
+skip, each stage within 1.3x its budget).
 """
 
 import json
@@ -116,30 +120,93 @@ def case_memory_speed():
     return {"model": "TinyGPT (4x256, T=64)", "batch": 64, "estimate_s": est, "measure_s": meas}
 
 
-def _cli_run(*options):
-    """python pytorch_practice_demo.py in a child process: wall time (with imports) and its peak RSS."""
+UNDER_LOAD = ROOT.parent / "shared" / "tools" / "under-load"
+
+
+def results_checks(results):
+    """The results.json promises of a run: MFU and efficiency <= 100 %, equal training steps >= 30,
+    a reason for every skip, every stage within 1.3x its budget."""
+    stages, failures = results["stages"], []
+    training = stages.get("training", {})
+    runs = training.get("runs", {})
+    if len({r["steps_done"] for r in runs.values()}) != 1 or min(r["steps_done"] for r in runs.values()) < 30:
+        failures.append("training steps unequal or < 30")
+    for name, run in runs.items():
+        if run["mfu"] is None and not run.get("mfu_invalid"):
+            failures.append(f"{name}: MFU missing without a reason")
+        if run["mfu"] is not None and run["mfu"] > 1:
+            failures.append(f"{name}: MFU {run['mfu']:.0%}")
+    for name, m in stages.get("dashboard", {}).get("models", {}).items():
+        if m["utilisation"] is not None and m["utilisation"] > 1:
+            failures.append(f"{name}: efficiency {m['utilisation']:.0%}")
+        failures += [f"{name}: latency skip without reason" for r in m["latency"] if r["skipped"] == ""]
+    for name, records in stages.get("amp", {}).get("models", {}).items():
+        failures += [f"{name} {r['precision']}: skip without reason" for r in records
+                     if r["median_s"] is None and not r["skipped"]]
+    failures += [f"{stage}: {t['wall_s']:.1f} s > 1.3 x {t['budget_s']:.0f} s"
+                 for stage, t in results["timing"].items() if not t["within_budget"]]
+    return failures or "all hold"
+
+
+def _cli_run(*options, load=False):
+    """python pytorch_practice_demo.py in a child process (under ../shared/tools/under-load when
+    `load`): wall time (with imports), its peak RSS, each stage's time against its budget, and the
+    results.json checks."""
     import tempfile
     with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, str(ROOT / "pytorch_practice_demo.py"), *options, "--output-dir", out]
+        if load:
+            command = [str(UNDER_LOAD), *command]
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(ROOT / "pytorch_practice_demo.py"), *options, "--output-dir", out],
-                              capture_output=True, text=True)
+        proc = subprocess.run(command, capture_output=True, text=True)
         wall = time.perf_counter() - start
-        stages = [line for line in proc.stdout.splitlines() if line.startswith("[") and "done in" in line]
+        results = json.loads((Path(out) / "results.json").read_text()) if proc.returncode == 0 else None
     rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"exit": proc.returncode, "wall_s": round(wall, 1), "peak_rss_mb": round(rss_mb), "stages": stages}
+    if results is None:
+        return {"exit": proc.returncode, "stderr": proc.stderr[-400:]}
+    stages = {s: f"{t['wall_s']:.1f}/{t['budget_s']:.0f} s" for s, t in results["timing"].items()}
+    peak = results["stages"].get("training", {}).get("peak_flops", {}).get("fp32", {})
+    return {"exit": proc.returncode, "wall_s": round(wall, 1), "peak_rss_mb": round(rss_mb), "stages": stages,
+            "busy": any(t["busy"] for t in results["timing"].values()),
+            "fp32_peak_gflops": round(peak.get("flops_per_s", 0) / 1e9, 1), "checks": results_checks(results)}
 
 
 def case_default_run():
-    return {**_cli_run(), "goal": "<= 45 s, <= 1500 MB"}
+    return {**_cli_run(), "goal": "<= 40 s, <= 1500 MB"}
 
 
 def case_quick_run():
     return {**_cli_run("--quick"), "goal": "<= 15 s"}
 
 
+def case_default_run_under_load():
+    return {**_cli_run(load=True), "goal": "<= 80 s"}
+
+
+def case_quick_run_under_load():
+    return {**_cli_run("--quick", load=True), "goal": "<= 30 s"}
+
+
+def case_peak_vs_benchmark():
+    """measure_peak_flops against an independent 2048^2 fp32 matmul timed by torch.utils.benchmark."""
+    import torch
+    import torch.utils.benchmark as tb
+
+    from pytorch_practice_demo import measure_peak_flops
+    ours = measure_peak_flops("cpu")
+    a = torch.randn(2048, 2048)
+    timer = tb.Timer("a @ a", globals={"a": a}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=1.0)
+    return {"ours_gflops": round(ours["flops_per_s"] / 1e9, 1), "ours_size": ours["matmul_size"],
+            "benchmark_2048_gflops_median": round(2 * 2048 ** 3 / m.median / 1e9, 1),
+            "threads": torch.get_num_threads()}
+
+
 GROUPS = {"flops": [case_resnet50_ratio, case_batch_scaling, case_meta_5b],
           "memory": [case_memory_error_table, case_memory_speed],
-          "run": [case_default_run, case_quick_run]}
+          "run": [case_default_run, case_quick_run],
+          "load": [case_default_run_under_load, case_quick_run_under_load],
+          "peak": [case_peak_vs_benchmark]}
 
 
 def machine():

@@ -151,6 +151,22 @@ def test_latency_stage_skips_a_model_predicted_not_to_fit(monkeypatch, clock):
     assert skipped and all("planned skip" in r["skipped"] for r in skipped)
 
 
+def test_dashboard_draws_unmeasured_models_as_not_measured(monkeypatch, clock):
+    clock.tick = 0.2  # every forward looks slow: only the first models fit the latency budget
+    records = demo.run_flop_analysis(["MLP-512", "MNIST-CNN", "TinyGPT"])
+    peak = {"flops_per_s": 1e15, "precision": "fp32", "matmul_size": 512, "method": "given"}
+    data = demo.run_dashboard_analysis(flop_records=records, peak_flops=peak, time_budget_s=3)
+    unmeasured = [n for n, m in data["models"].items() if m["utilisation"] is None]
+    assert unmeasured, "the fake clock should leave a model unmeasured"
+    for name in unmeasured:
+        assert "planned skip" in data["models"][name]["utilisation_not_measured"]
+        assert data["verdicts"]["edge"][name]["verdict"] in ("not_measured", "fail")
+        assert data["verdicts"]["serving"][name]["verdict"] == "not_measured"  # not drawn as a failure
+    fig = demo.plot_dashboard(data)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert demo._t("not_measured") in texts
+
+
 # --- the peak and what may be compared with it ---------------------------------------------------
 
 def fake_matmul(rates, clock=None):
