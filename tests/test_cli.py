@@ -24,6 +24,19 @@ def test_quick_run_writes_figures_and_results(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["stages"]) == set(demo.STAGES)
     assert results["environment"]["torch"] and results["environment"]["seed"] == 0
+    # measurements that hold on any machine: conditions recorded, nothing above 100 %, equal steps,
+    # a reason for every skip (no wall time is asserted: the stages' budgets live in benchmarks/)
+    for stage in demo.STAGES:
+        timing = results["timing"][stage]
+        assert {"load_start", "load_end", "busy", "budget_s", "wall_s", "threads", "within_budget"} <= timing.keys()
+    runs = results["stages"]["training"]["runs"]
+    assert len({r["steps_done"] for r in runs.values()}) == 1 and min(r["steps_done"] for r in runs.values()) >= 30
+    assert all(r["mfu"] is None and r["mfu_invalid"] or 0 < r["mfu"] <= 1 for r in runs.values())
+    for m in results["stages"]["dashboard"]["models"].values():
+        assert m["utilisation"] is None or m["utilisation"] <= 1
+        assert all(r["skipped"] is None or r["skipped"].strip() for r in m["latency"])
+    for records in results["stages"]["amp"]["models"].values():
+        assert all(r["median_s"] is not None or r["skipped"].strip() for r in records)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # nothing half-written
 
 

@@ -260,3 +260,30 @@ def test_optimizer_state_made_without_a_step_matches_a_real_first_step():
                 ours = made.state[p][key]
                 assert (ours.shape, ours.dtype, ours.device) == (value.shape, value.dtype, value.device), key
                 assert np.all(ours.numpy() == 0)
+
+
+# --- what the figures draw for invalid, skipped and busy ------------------------------------------
+
+def test_training_figure_draws_an_impossible_mfu_as_invalid_and_the_plan(monkeypatch):
+    data = demo.run_training_comparison(strategies=["baseline", "gradient_accumulation"], steps=4, batch=32,
+                                        width=32)
+    data["runs"]["baseline"].update(mfu=None, mfu_invalid="achieved above the re-measured peak")
+    data["conditions"] = {**data["conditions"], "busy": True, "others_busy_cores": 1.6}
+    fig = demo.plot_training_performance(data)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert demo._t("mfu_invalid") in texts
+    mfu_ax = next(ax for ax in fig.axes if ax.get_title() == demo._t("mfu"))
+    assert max(b.get_width() for b in mfu_ax.patches) <= 1.0  # no bar beyond 100 %
+    title = fig._suptitle.get_text()
+    assert "⚠" in title and str(data["plan"]["steps"]) in title
+
+
+def test_amp_figure_says_why_each_bar_is_missing(monkeypatch):
+    monkeypatch.setattr(demo, "_matmul_slowdown", lambda device, precision: 1e6)
+    records = demo.benchmark_mixed_precision(demo.mlp(64), (8, 1024), time_budget_s=2)
+    data = {"device": "cpu", "batch": 8, "hardware": records[0]["hardware"], "ranges": demo.dtype_ranges(),
+            "models": {"MLP-64": [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in records]}}
+    fig = demo.plot_amp_analysis(data)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert demo._t("skip_budget") in texts  # a word at the bar's place ...
+    assert "1000000.0x slower" in fig._supxlabel.get_text()  # ... and the full reason below the panels
