@@ -1720,36 +1720,41 @@ def _conditions(load_start, budget=None):
 
 # --- the device's peak: square matmuls swept from small to large -----------------------------
 
-PEAK_SIZES = (512, 1024, 2048, 4096, 8192)  # small ones pay thread start-up; the sweep stops early
-PEAK_REPEATS = 3                             # timed runs per size; the fastest counts (a peak is a best case)
-PEAK_RISE = 1.05                             # a larger size must beat the best so far by 5 % to go on
+PEAK_SIZES = (512, 1024, 2048, 4096, 8192)  # the sweep stops early: when the rate stops rising, or the budget
+PEAK_ALWAYS = 1024  # sizes up to this are always measured: below it thread start-up and a busy machine's
+                    # stalls hide the peak (a 512 matmul: 11 GFLOP/s busy with 2 threads, 58 at 1024)
+PEAK_REPEATS = (3, 10)  # timed runs per size: at least 3, more while they are cheap; the fastest counts
+PEAK_RISE = 1.05        # a larger size must beat the best so far by 5 % to go on
 
 
-def measure_peak_flops(device, precision="fp32", *, time_budget_s=None, sizes=PEAK_SIZES, repeats=PEAK_REPEATS):
+def measure_peak_flops(device, precision="fp32", *, time_budget_s=None, sizes=PEAK_SIZES):
     """The device's peak FLOP/s: the best rate over a sweep of square matmuls (2 n^3 FLOPs each).
 
     The denominator of MFU (PaLM, Appendix B), measured here rather than read from a data sheet.
-    Each size gets a warm-up and `repeats` timed runs; its rate is its fastest run.  The sweep goes
-    up while the rate still rises by PEAK_RISE, and stops before a size whose predicted time
-    ((n / previous n)^3 x the previous run, x repeats + 1) would not fit the budget.  Low
-    precisions run under autocast, as the training steps do.  Returns the rate, the size that
-    reached it, every size's best/median/worst rate, and why the sweep stopped.
+    Each size gets a warm-up and 3 to 10 timed runs (as many as an eighth of the budget buys);
+    its rate is its fastest run (a peak is a best case).  The sweep goes up while the rate still
+    rises by PEAK_RISE; past PEAK_ALWAYS it stops before a size whose predicted time ((n / previous
+    n)^3 x the previous run, x 4) would not fit the budget.  One slow small run never ends it.
+    Low precisions run under autocast, as the training steps do.  Returns the rate, the size that
+    reached it, every size's best/median/worst rate and repeats, and why the sweep stopped.
     """
     device = torch.device(device)
     budget = Budget(time_budget_s or PROFILES["default"]["peak_s"])
+    fewest, most = PEAK_REPEATS
     sweep, stopped = [], "largest size reached"
     with _autocast(AMP_DTYPES[precision], device):
         for n in sizes:
-            if sweep:
-                predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (repeats + 1)
+            if sweep and n > PEAK_ALWAYS:
+                predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (fewest + 1)
                 if not budget.fits(predicted):
                     stopped = f"{n}x{n} (predicted {predicted:.2f} s) does not fit the budget"
                     break
             a = torch.randn(n, n, device=device)
-            _timed(device, torch.matmul, a, a)  # warm-up: kernel selection, caches, threads
+            warm_s = _timed(device, torch.matmul, a, a)[1]  # warm-up: kernel selection, caches, threads
+            repeats = int(min(most, max(fewest, budget.seconds / 8 // max(warm_s, 1e-9))))
             times = [_timed(device, torch.matmul, a, a)[1] for _ in range(repeats)]
             rates = sorted(2 * n ** 3 / max(t, 1e-9) for t in times)
-            sweep.append({"size": n, "best_s": min(times), "best_flops_per_s": rates[-1],
+            sweep.append({"size": n, "repeats": repeats, "best_s": min(times), "best_flops_per_s": rates[-1],
                           "median_flops_per_s": float(np.median(rates)), "worst_flops_per_s": rates[0]})
             best_before = max((s["best_flops_per_s"] for s in sweep[:-1]), default=0.0)
             if len(sweep) > 1 and rates[-1] < PEAK_RISE * best_before:
@@ -1757,8 +1762,8 @@ def measure_peak_flops(device, precision="fp32", *, time_budget_s=None, sizes=PE
                 break
     best = max(sweep, key=lambda s: s["best_flops_per_s"])
     return {"flops_per_s": best["best_flops_per_s"], "precision": precision, "matmul_size": best["size"],
-            "repeats": repeats, "sweep": sweep, "stopped": stopped,
-            "method": f"best of {repeats} runs of {best['size']}x{best['size']} matmul, sizes "
+            "repeats": best["repeats"], "sweep": sweep, "stopped": stopped,
+            "method": f"fastest of {best['repeats']} runs of {best['size']}x{best['size']} matmul, sizes "
                       f"{sweep[0]['size']}-{sweep[-1]['size']} swept, {precision}"}
 
 

@@ -164,7 +164,7 @@ def _cli_run(*options, load=False):
     rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if results is None:
         return {"exit": proc.returncode, "stderr": proc.stderr[-400:]}
-    stages = {s: f"{t['wall_s']:.1f}/{t['budget_s']:.0f} s" for s, t in results["timing"].items()}
+    stages = {s: f"{t['wall_s']:.1f}/{t['budget_s']:g} s" for s, t in results["timing"].items()}
     peak = results["stages"].get("training", {}).get("peak_flops", {}).get("fp32", {})
     return {"exit": proc.returncode, "wall_s": round(wall, 1), "peak_rss_mb": round(rss_mb), "stages": stages,
             "busy": any(t["busy"] for t in results["timing"].values()),
@@ -192,7 +192,8 @@ def case_peak_vs_benchmark():
     import torch
     import torch.utils.benchmark as tb
 
-    from pytorch_practice_demo import measure_peak_flops
+    from pytorch_practice_demo import measure_peak_flops, threads_for_load
+    torch.set_num_threads(threads_for_load()[0])  # as the CLI does before each stage
     ours = measure_peak_flops("cpu")
     a = torch.randn(2048, 2048)
     timer = tb.Timer("a @ a", globals={"a": a}, num_threads=torch.get_num_threads())

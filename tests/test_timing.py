@@ -194,10 +194,20 @@ def test_peak_sweep_stops_before_a_size_that_would_not_fit(monkeypatch, clock):
     rates = {512: 1e9, 1024: 2e9, 2048: 4e9, 4096: 8e9, 8192: 16e9}
     monkeypatch.setattr(demo, "_timed", fake_matmul(rates, clock))
     monkeypatch.setattr(demo.torch, "randn", lambda n, m, device=None: torch.empty(n, m, device="meta"))
-    # 512: 4 runs of 0.27 s; 1024 predicted 8 x 0.27 x 4 = 8.6 s fits the 8.9 s left and takes 4.3 s;
+    # 512 and 1024 are always measured (0.27 s and 1.07 s a run, 4 runs each: 5.4 s of the 10);
     # 2048 predicted 8 x 1.07 x 4 = 34 s does not fit the 4.6 s left
     peak = demo.measure_peak_flops("cpu", time_budget_s=10)
     assert [s["size"] for s in peak["sweep"]] == [512, 1024] and "does not fit" in peak["stopped"]
+    assert [s["repeats"] for s in peak["sweep"]] == [4, 3]  # as many as 10 / 8 s buys, at least 3
+
+
+def test_one_slow_small_matmul_does_not_end_the_sweep(monkeypatch, clock):
+    # a busy machine with two threads: 512 stalls at 11 GFLOP/s, 1024 reaches 58
+    rates = {512: 11e9, 1024: 58e9, 2048: 60e9, 4096: 60e9, 8192: 60e9}
+    monkeypatch.setattr(demo, "_timed", fake_matmul(rates, clock))
+    monkeypatch.setattr(demo.torch, "randn", lambda n, m, device=None: torch.empty(n, m, device="meta"))
+    peak = demo.measure_peak_flops("cpu", time_budget_s=0.1)  # 1024 predicted from 512 would not fit
+    assert peak["flops_per_s"] == pytest.approx(58e9) and peak["matmul_size"] == 1024
 
 
 def test_utilisation_never_above_one():
