@@ -155,7 +155,9 @@ LABELS = {
     "shrunk": ("；本机较慢，已缩小：{what}", "; this machine is slow, shrunk: {what}"),
     "size_steps": ("步数", "steps"), "size_batch": ("batch", "batch"), "size_width": ("宽度", "width"),
     "not_fit": ("；指定的规模超出预算", "; the requested size does not fit the budget"),
-    "strategy_skipped": ("跳过 {name}：{why}", "skipped {name}: {why}"),
+    "strategy_skipped": ("跳过 {name}：缩到最小规模仍放不下预算（每步 {ms:.0f} ms，原因全文见 results.json）",
+                         "skipped {name}: does not fit the budget even at the smallest size ({ms:.0f} ms per step; "
+                         "results.json has the reason)"),
     "busy": ("⚠ 机器繁忙：其他进程占用约 {others} 核（共 {cores} 核），1 分钟负载 {load}；计时偏慢、波动更大",
              "⚠ busy machine: other processes used ~{others} of {cores} cores, 1-min load {load}; "
              "times are slower and noisier"),
@@ -388,21 +390,21 @@ PROFILES = {
     },
     "quick": {
         "peak_s": 0.4,  # 512-1024: a lower peak, still a real one
-        "flop": {"budget_s": 5.5, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
+        "flop": {"budget_s": 6.0, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
         "memory": {
             "budget_s": 6.0, "batch": 8,
             "models": ("MLP-2048", "MNIST-CNN", "TinyGPT (T=64)"),  # ResNet-18 is the slowest op by op
-            "growth_estimated": (1, 8), "growth_measured": (1, 8),  # batch 8 is reused: one new step of each
-            "variants": ("fp32", "AMP bf16", "fp32 + checkpoint"),
+            "growth_estimated": (1, 8), "growth_measured": (8,),  # batch 8 is reused: one new estimate
+            "variants": ("fp32", "AMP bf16"),  # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
         },
         "training": {
             "budget_s": 4.5, "measure_s": 2.5,
             "steps": 30, "min_steps": 30, "batch": 64, "width": 128,
             "depth": 4,  # half the per-step overhead: 4 strategies x 30 steps fit on a busy laptop
         },
-        "amp": {"budget_s": 3.0, "measure_s": 1.5, "batch": 16,
-                "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1.5 s
-        "dashboard": {"budget_s": 4.5, "latency_s": 1.0},  # the FLOP stage's quick zoo
+        "amp": {"budget_s": 2.5, "measure_s": 1.0, "batch": 16,
+                "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1 s
+        "dashboard": {"budget_s": 4.5, "latency_s": 0.8},  # the FLOP stage's quick zoo
     },
 }
 
@@ -1677,7 +1679,7 @@ OTHERS_BUSY_CORES = 0.5  # other processes using half a core or more during a st
 DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice at import: one per physical core
 
 
-def threads_for_load(sample_s=0.1):
+def threads_for_load(sample_s=0.05):
     """How many threads torch should use now: the cores other processes leave free, sampled over
     `sample_s` (/proc/stat), at least 1 and at most torch's default.
 
@@ -2364,7 +2366,7 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
     no size) does it drop the slowest strategy, with the reason.  Returns the plan: the sizes, the prediction, what was
     shrunk, the skips and the calibration it was made from.
     """
-    size, shrunk, skipped, spent = {"steps": steps, "batch": batch, "width": width}, [], {}, 0.0
+    size, shrunk, skipped, skipped_ms, spent = {"steps": steps, "batch": batch, "width": width}, [], {}, {}, 0.0
     cal = calibrate(batch, width, CALIBRATION_SHARE * budget_s)
     spent += cal.get("wall_s", 0.0)
     while not _fits(cal, size["steps"], eval_every, budget_s - spent):
@@ -2384,6 +2386,7 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
             alone = predict_training_s({**cal, "step_s": {slowest: cal["step_s"][slowest]}}, size["steps"],
                                        eval_every(size["steps"]))
             total = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
+            skipped_ms[slowest] = cal["step_s"][slowest] * 1e3
             skipped[slowest] = (f"the slowest strategy here ({cal['step_s'][slowest] * 1e3:.0f} ms per step, "
                                 f"~{alone:.1f} s for {size['steps']} steps): all of them would need ~{total:.1f} s, "
                                 f"more than the {max(left, 0):.1f} s left at the smallest size")
@@ -2396,7 +2399,7 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
     predicted = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
     return {**size, "predicted_s": predicted, "budget_s": budget_s, "calibration_s": spent,
             "fits": predicted * PLAN_MARGIN <= budget_s - spent, "shrunk": shrunk, "skipped": skipped,
-            "calibration": cal}
+            "calibration_skipped_ms": skipped_ms, "calibration": cal}
 
 
 def _calibrator(strategies, data, device, options, depth, seed):
@@ -2496,7 +2499,7 @@ def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0,
     order = _batch_order(len(data["train_x"]), plan["batch"], plan["steps"], seed)
     options.update(eval_every=every(plan["steps"]),
                    training_flops=FLOPCalculator().analyze_model(model, (plan["batch"], 784))["training_flops"])
-    result = {"model": f"ResMLP ({sizes['depth']}x{plan['width']})",
+    result = {"model": f"ResMLP ({sizes['depth']}x{plan['width']})", "depth": sizes["depth"], "width": plan["width"],
               "parameters": sum(p.numel() for p in model.parameters()), "dataset": data["name"],
               "train_samples": len(data["train_x"]), "val_samples": len(data["val_x"]),
               "device": _device_name(device), "batch": plan["batch"], "steps": plan["steps"],
@@ -3224,10 +3227,11 @@ def _plan_note(data):
                                             for s in plan["shrunk"]))
     if not plan["fits"]:
         note += _t("not_fit")
-    for strategy, why in plan["skipped"].items():
+    for strategy in plan["skipped"]:
         precision = "bf16" if data["device"].startswith("cpu") else "fp16"
-        name = _t(f"strat_{strategy}", precision=precision, k=data["accumulation"], micro="", blocks="")
-        note += "\n" + _t("strategy_skipped", name=name, why=why)
+        name = _t(f"strat_{strategy}", precision=precision, k=data["accumulation"],
+                  micro=data["batch"] // data["accumulation"], blocks=data["depth"])
+        note += "\n" + _t("strategy_skipped", name=name, ms=plan["calibration_skipped_ms"][strategy])
     return note
 
 

@@ -170,3 +170,4 @@ def test_measure_latency_leaves_the_model_as_it_was():
         demo.measure_latency(model, (4, 1024), time_budget_s=0)
     with pytest.raises(ValueError, match="Sequential"):
         demo.measure_latency(model, (4, 7))
+
