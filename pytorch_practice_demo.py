@@ -59,7 +59,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 # Constants, labels and output helpers
 # -----------------------------------------------------------------------------
 
-DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "生成的图片"
+# Beside the script in a checkout; in the current folder when installed (pip install .)
+_HERE = Path(__file__).resolve().parent
+DEFAULT_OUTPUT_DIR = _HERE / "生成的图片" if (_HERE / "生成的图片").is_dir() else Path("生成的图片")
 FIGURE_FILES = {
     "flop": "FLOP分析可视化.png",
     "memory": "内存分析可视化.png",
@@ -886,15 +888,21 @@ def _replica(model, make):
         memo[id(p)] = nn.Parameter(make(p.detach()), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = make(b.detach())
-    return copy.deepcopy(model, memo)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:  # a lock, a file handle, a compiled function: copy.deepcopy refuses it
+        raise LabError(f"model cannot be copied ({type(err).__name__}: {_first_line(err)}); the lab runs every "
+                       "step on a copy so that your model is never changed. Keep such objects outside the "
+                       "module (or give it a __deepcopy__)") from None
 
 
 def _meta_like(x):
     return torch.empty_like(x, device="meta")
 
 
-def _real_like(device, dtype=None, seed=0):
-    """Real copies on `device` (floating tensors cast to `dtype`); a meta input becomes random data."""
+def _real_like(device, dtype=None, seed=0, ids_below=None):
+    """Real copies on `device` (floating tensors cast to `dtype`); a meta input (a shape the user
+    gave) becomes random data: normal floats, or integer ids below `ids_below` (zeros without)."""
     generator = torch.Generator().manual_seed(seed)
 
     def make(x):
@@ -902,6 +910,8 @@ def _real_like(device, dtype=None, seed=0):
         if x.is_meta:  # a shape given by the user
             if x.is_floating_point():
                 return torch.randn(x.shape, generator=generator).to(device, cast)
+            if ids_below:
+                return torch.randint(0, ids_below, x.shape, generator=generator).to(device, x.dtype)
             return torch.zeros(x.shape, dtype=x.dtype, device=device)
         return x.detach().to(device, cast, copy=True)
     return make
@@ -913,15 +923,46 @@ def _model_device(model):
     return torch.device("cpu")
 
 
-def _normalize_inputs(inputs):
-    """Turn `inputs` into (args, kwargs) of tensors; validate shapes given as tuples."""
+def _embedding_first(model):
+    """The first module that holds parameters, when it is an embedding (its inputs are ids)."""
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    return first if isinstance(first, (nn.Embedding, nn.EmbeddingBag)) else None
+
+
+def _ids_below(model):
+    first = _embedding_first(model) if model is not None else None
+    return first.num_embeddings if first is not None else None
+
+
+def _model_dtype(model):
+    """The floating dtype of the model's first floating parameter or buffer (float32 without)."""
+    return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                torch.float32)
+
+
+def _is_dim(d):
+    return isinstance(d, (int, float, np.integer, np.floating)) and not isinstance(d, torch.Tensor)
+
+
+def _normalize_inputs(inputs, model=None):
+    """Turn `inputs` into (args, kwargs) of tensors; validate shapes given as tuples.
+
+    A shape becomes a meta tensor that follows the model: integer ids for a model whose first
+    layer is an embedding (random ids below num_embeddings when made real), else data in the
+    dtype of the model's parameters.
+    """
     if isinstance(inputs, torch.Size) or (isinstance(inputs, (tuple, list)) and inputs
-                                          and all(isinstance(d, int) for d in inputs)):
-        shape = tuple(inputs)
-        if any(d <= 0 for d in shape):
-            raise ValueError(f"input shape {shape} has a zero or negative dimension; "
-                             "every dimension must be a positive integer")
-        return (torch.empty(shape, device="meta"),), {}
+                                          and all(_is_dim(d) for d in inputs)):
+        bad = next((d for d in inputs if isinstance(d, (bool, np.bool_, float, np.floating)) or int(d) <= 0), None)
+        if bad is not None:
+            raise ValueError(f"dims must be positive integers (got {bad!r}); to pass data "
+                             "instead of a shape, give a tensor, e.g. torch.randn(32, 1024) or token ids "
+                             "torch.randint(0, vocab, (8, 128))")
+        shape = tuple(int(d) for d in inputs)
+        if model is not None and _embedding_first(model) is not None:
+            return (torch.empty(shape, device="meta", dtype=torch.long),), {}
+        dtype = _model_dtype(model) if model is not None else torch.float32
+        return (torch.empty(shape, device="meta", dtype=dtype),), {}
     if isinstance(inputs, torch.Tensor):
         return (inputs,), {}
     if isinstance(inputs, dict):
@@ -970,13 +1011,48 @@ def _scalar_loss(output):
     return sum(x.float().sum() for x in leaves)
 
 
+class LabError(ValueError):
+    """A refusal whose message already names its cause (a model that cannot be copied, nothing to
+    train, an absent device): passed on as it is, never re-worded as a problem with the inputs."""
+
+
 class ModelRunError(ValueError):
     """The model could not run on the inputs given (shape mismatch and the like)."""
 
 
 def _run_error(model, args, kwargs, err):
+    if isinstance(err, LabError):
+        return err
+    hint = ""
+    if any(isinstance(x, torch.Tensor) and x.is_meta for x in tree_flatten((args, kwargs))[0]):
+        hint = (" (a shape gives data in the model's dtype, or ids for a model that starts with an embedding; "
+                "pass tensors for anything else)")
     return ModelRunError(f"{type(model).__name__} could not run on inputs of shape "
-                         f"{_shapes(args, kwargs)}: {_first_line(err)}")
+                         f"{_shapes(args, kwargs)}: {_first_line(err)}{hint}")
+
+
+def available_devices():
+    """The devices torch can use here, by name: cpu, each cuda:N, mps."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    return names + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def check_device(device):
+    """torch.device(device), or a ValueError naming what is available, before torch touches a
+    device that is not here (a missing MPS device aborts the process; a missing CUDA one fails deep
+    inside torch).  "meta" is allowed: it holds shapes, no data."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LabError(f"device must be cpu, cuda, cuda:N, mps or meta, got {device!r}; available here: "
+                       f"{', '.join(available_devices())}") from None
+    absent = (device.type == "cuda" and (not torch.cuda.is_available()
+                                         or (device.index or 0) >= torch.cuda.device_count())
+              or device.type == "mps" and not torch.backends.mps.is_available()
+              or device.type not in ("cpu", "cuda", "mps", "meta"))
+    if absent:
+        raise LabError(f"device {str(device)!r} is not available here: {', '.join(available_devices())}")
+    return device
 
 
 class FLOPCalculator:
@@ -1002,7 +1078,7 @@ class FLOPCalculator:
         _check_model(model)
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        args, kwargs = _normalize_inputs(inputs)
+        args, kwargs = _normalize_inputs(inputs, model)
         can_run_real = _model_device(model).type != "meta"
         if mode in ("auto", "meta"):
             try:
@@ -1018,7 +1094,7 @@ class FLOPCalculator:
             raise _run_error(model, args, kwargs, err) from None
 
     def _count(self, model, args, kwargs, *, real, mode_note):
-        make = _real_like(_model_device(model)) if real else _meta_like
+        make = _real_like(_model_device(model), ids_below=_ids_below(model)) if real else _meta_like
         replica = _replica(model, make)
         run_args, run_kwargs = _map_tensors((args, kwargs), make)
         training = _CountingMode()
@@ -1418,8 +1494,11 @@ def _quiet_fake_tensor_logs():
 def _memory_options(model, inputs, training, optimizer, precision, checkpointing, device):
     _check_model(model)
     _check_memory_options(optimizer, precision)
-    args, kwargs = _normalize_inputs(inputs)
-    device = torch.device(device) if device is not None else _model_device(model)
+    args, kwargs = _normalize_inputs(inputs, model)
+    device = check_device(device) if device is not None else _model_device(model)
+    if training and not any(p.requires_grad for p in model.parameters()):
+        raise LabError(f"{type(model).__name__} has no trainable parameters, so a training step has nothing to "
+                       "train (no parameter requires grad); pass training=False to measure inference")
     options = {"training": bool(training), "optimizer_name": optimizer, "precision": precision,
                "checkpointing": bool(checkpointing)}
     return args, kwargs, device, options
@@ -1446,13 +1525,29 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
         with fake_mode:
             cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
             return torch.empty_like(x, device=device, dtype=cast)
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
     try:
         with _quiet_fake_tensor_logs():
             result = _memory_run(model, args, kwargs, options, make=make, device=device, compute=fake_mode,
                                  foreach=(device.type == "cuda"))  # CUDA's default is foreach
+    except (DataDependentOutputException, DynamicOutputShapeException) as err:
+        return _measured_instead(model, inputs, options, device, str(getattr(err, "func", err)))
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
-    return {**result, **options, "device": str(device), "method": f"fake tensors on {device.type}"}
+    return {**result, **options, "device": str(device), "method": f"fake tensors on {device.type}",
+            "data_dependent": None}
+
+
+def _measured_instead(model, inputs, options, device, op):
+    """An estimate the model's data-dependent control flow made impossible, measured instead."""
+    if _model_device(model).type == "meta":
+        raise LabError(f"data-dependent control flow: {op} needs real values, which fake tensors do not have, "
+                       "and the model's weights are on the meta device, so it cannot be measured either")
+    measured = measure_memory(model, inputs, training=options["training"], optimizer=options["optimizer_name"],
+                              precision=options["precision"], checkpointing=options["checkpointing"],
+                              device=device)
+    return {**measured, "data_dependent": op,
+            "method": f"measured instead: data-dependent control flow ({op}) needs real values; {measured['method']}"}
 
 
 def measure_memory(model, inputs, *, training=True, optimizer="adam", precision="fp32",
@@ -1468,7 +1563,7 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
     if device.type == "meta":
         raise ValueError("measure_memory needs real weights; the model is on the meta device "
                          "(use estimate_memory, or pass device='cpu' after materialising it)")
-    make = _real_like(device, torch.bfloat16 if precision == "bf16" else None)
+    make = _real_like(device, torch.bfloat16 if precision == "bf16" else None, ids_below=_ids_below(model))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -1484,7 +1579,7 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
         result["tracked_total"] = result["total"]
         result["total"] = torch.cuda.max_memory_allocated(device) - before
         method = "CUDA caching allocator (max_memory_allocated)"
-    return {**result, **options, "device": str(device), "method": method}
+    return {**result, **options, "device": str(device), "method": method, "data_dependent": None}
 
 
 # ZeRO (Rajbhandari et al. 2020, Sec. 3 / Fig. 1): mixed-precision Adam holds per parameter
@@ -1520,7 +1615,7 @@ def _memory_pair(model, inputs, **options):
 def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None, profile="default"):
     """Estimate and measure training/inference memory of the profile's MEMORY_MODELS; return plain data."""
     sizes = _profile("quick" if quick else profile, "memory")
-    device = torch.device(device or "cpu")
+    device = check_device(device or "cpu")
     batch = batch or sizes["batch"]
     data = {"device": _device_name(device), "batch": batch, "optimizer": "adam", "dtype": "fp32", "models": {}}
     names = list(sizes["models"] or MEMORY_MODELS)
@@ -1966,16 +2061,19 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
                     else profile["measure_s"] / len(AMP_MODELS))
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = check_device(device) if device is not None else _model_device(model)
     if device.type == "meta":
         raise ValueError("benchmark_mixed_precision needs real weights; the model is on the meta device")
+    if isinstance(precisions, str):
+        raise ValueError(f"precisions must be a list such as [{precisions!r}], not a string; valid names: "
+                         f"{list(AMP_DTYPES)}")
     precisions = list(precisions or supported_precisions(device))
     unknown = [p for p in precisions if p not in AMP_DTYPES]
     if unknown:
         raise ValueError(f"precisions must be among {list(AMP_DTYPES)}, got {unknown}")
     precisions = ["fp32"] + [p for p in precisions if p != "fp32"]  # fp32 is the reference
-    args, kwargs = _normalize_inputs(inputs)
-    run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device))
+    args, kwargs = _normalize_inputs(inputs, model)
+    run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
     hardware = hardware_info(device)
     records, reference = [], None
     for i, precision in enumerate(precisions):
@@ -2063,7 +2161,7 @@ def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None
     """Run benchmark_mixed_precision on the profile's AMP_MODELS within `time_budget_s` in all (default:
     the profile's `measure_s`), each model an equal share of what is left; return plain data."""
     sizes = _profile("quick" if quick else profile, "amp")
-    device = torch.device(device or "cpu")
+    device = check_device(device or "cpu")
     batch = batch or sizes["batch"]
     budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
     load_start = machine_load()
@@ -2178,7 +2276,7 @@ def _read_idx(path):
 
 def _mnist_paths(data_dir):
     """{train_x, train_y, val_x, val_y: path}, or a ValueError naming the files that are missing."""
-    paths = {key: _find_mnist_file(Path(data_dir), stem) for key, stem in MNIST_FILES.items()}
+    paths = {key: _find_mnist_file(Path(data_dir).expanduser(), stem) for key, stem in MNIST_FILES.items()}
     missing = [MNIST_FILES[key] for key, path in paths.items() if path is None]
     if missing:
         raise ValueError(f"MNIST files not found in {str(data_dir)!r}: {', '.join(missing)} (optionally .gz). "
@@ -2479,7 +2577,7 @@ def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0,
     fixed = {k for k, v in (("steps", steps), ("batch", batch), ("width", width)) if v is not None}
     budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
     load_start = machine_load()
-    device = torch.device(device or "cpu")
+    device = check_device(device or "cpu")
     steps, batch, width = steps or sizes["steps"], batch or sizes["batch"], width or sizes["width"]
     data = _training_data(dataset, data_dir, download, min(steps * batch, TRAIN_MAX_SAMPLES), seed)
     options = {"device": device, "accumulation": accumulation, "lr": 1e-3}
@@ -2563,33 +2661,44 @@ def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=1
 
     One warm-up run, one calibration run, then as many more runs as the calibration says fit in
     `time_budget_s`, up to `max_runs` in all (at least the calibration run); every planned run is
-    done.  Runs on the model itself when it is already on `device` (its modes are put back), else
-    on a copy.  Returns median_s with its spread (time_stats), runs, samples_per_s (the first
-    input dimension / median) and the device.
+    done.  Runs on a copy of the model, so that nothing a forward changes (a counter buffer, a
+    lazily cached mask) reaches yours.  Returns median_s with its spread (time_stats), runs,
+    samples_per_s (the first input dimension / median) and the device.
     """
     _check_model(model)
     budget = Budget(time_budget_s)
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = check_device(device) if device is not None else _model_device(model)
     if device.type == "meta" or _model_device(model).type == "meta":
         raise ValueError("measure_latency needs real weights; the model or the device is meta")
-    args, kwargs = _normalize_inputs(inputs)
-    same_device = _model_device(model).type == device.type
-    runner = model if same_device else _replica(model, _real_like(device))
-    run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device))
-    forward = functools.partial(runner, *run_args, **run_kwargs)
+    args, kwargs = _normalize_inputs(inputs, model)
     try:
-        with _eval_mode(runner), torch.inference_mode():
-            forward()  # warm-up: kernel selection, allocator, lazy init
-            times = [_timed(device, forward)[1]]
-            planned = int(min(max_runs, max(1, budget.left() // (times[0] * PLAN_MARGIN) + 1)))
-            times += [_timed(device, forward)[1] for _ in range(planned - 1)]
+        runner = _replica(model, _real_like(device))  # counters, cached masks: changed on the copy only
+        run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
+        return _time_forward(runner, run_args, run_kwargs, device, budget, max_runs)
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
+
+
+def _time_forward(runner, run_args, run_kwargs, device, budget, max_runs):
+    """The planned latency runs of `runner` (a model the lab owns: it is run as it is)."""
+    forward = functools.partial(runner, *run_args, **run_kwargs)
+    with _eval_mode(runner), torch.inference_mode():
+        forward()  # warm-up: kernel selection, allocator, lazy init
+        times = [_timed(device, forward)[1]]
+        planned = int(min(max_runs, max(1, budget.left() // (times[0] * PLAN_MARGIN) + 1)))
+        times += [_timed(device, forward)[1] for _ in range(planned - 1)]
     stats = time_stats(times)
     batch = tree_flatten((run_args, run_kwargs))[0][0].shape[0]
     return {**stats, "samples_per_s": batch / stats["median_s"], "batch": batch, "device": str(device)}
+
+
+def _zoo_latency(model, name, batch, device, runs):
+    """Latency of a zoo model the lab built itself: no copy needed (it is nobody else's)."""
+    inputs = MODEL_ZOO[name][2](batch)
+    run_args = _map_tensors(_normalize_inputs(inputs, model)[0], _real_like(device))
+    return {**_time_forward(model, run_args, {}, device, Budget(1e9), runs), "skipped": None}
 
 
 def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0):
@@ -2616,9 +2725,9 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
         started = _now()
         model = _build_zoo_model(name, device)
         build_s = _now() - started
-        one = measure_latency(model, MODEL_ZOO[name][2](1), device=device, time_budget_s=1e9, max_runs=AMP_MIN_RUNS)
+        one = _zoo_latency(model, name, 1, device, AMP_MIN_RUNS)
         seconds_per_flop = (_now() - started) / flops[name]
-        latency[name] = [{**one, "skipped": None}]
+        latency[name] = [one]
         calibration[name] = {"build_s": build_s, "batch1_s": one["median_s"]}
         del model
         done += 1
@@ -2629,8 +2738,7 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
             latency[name].append({"batch": big, "skipped": runs})
         else:
             model = _build_zoo_model(name, device)
-            latency[name].append({**measure_latency(model, MODEL_ZOO[name][2](big), device=device,
-                                                    time_budget_s=1e9, max_runs=runs), "skipped": None})
+            latency[name].append(_zoo_latency(model, name, big, device, runs))
             del model
         done += 1
         if progress:
@@ -2754,7 +2862,7 @@ def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, d
     """
     profile = "quick" if quick else profile
     sizes = _profile(profile, "dashboard")
-    device = torch.device(device or "cpu")
+    device = check_device(device or "cpu")
     load_start = machine_load()
     records = flop_records or run_flop_analysis(profile=profile)
     budget = time_budget_s if time_budget_s is not None else sizes["latency_s"]
@@ -3701,9 +3809,43 @@ def environment(device, seed):
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
+def _previous_results(path):
+    """The results.json a previous run left in the output folder (None if absent or unreadable)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("stages"), dict) else None
+
+
+def _stage_stamp(args):
+    """When a stage's numbers were made and with which options: results.json may hold stages of
+    several runs (--only updates its own), each beside the PNG it drew."""
+    import datetime
+    options = {k: getattr(args, k) for k in ("profile", "device", "seed", "lang", "dpi", "dataset", "data_dir",
+                                             "threads")}
+    return {"finished_at": datetime.datetime.now().isoformat(timespec="seconds"), "options": options}
+
+
+def _warn_ineffective(args):
+    """Options that do nothing in this run, said rather than silently ignored."""
+    training = "training" in args.only
+    if args.data_dir and (args.dataset != "mnist" or not training):
+        print("warning: --data-dir has no effect without --dataset mnist and the training stage", file=sys.stderr)
+    if args.download_mnist and (args.dataset != "mnist" or not training):
+        print("warning: --download-mnist has no effect without --dataset mnist and the training stage",
+              file=sys.stderr)
+    if args.dataset == "mnist" and not training:
+        print("warning: --dataset only changes the training stage, which --only leaves out", file=sys.stderr)
+
+
 def main(argv=None):
     """Run the selected demos in order; write their PNGs and results.json.  Returns an exit code:
-    0 all done, 1 a demo failed (the others still ran), 2 bad options or unusable output/device."""
+    0 all done, 1 a demo failed (the others still ran), 2 bad options or unusable output/device,
+    130 interrupted (results.json keeps the stages that finished).
+
+    results.json is updated, not replaced: the stages this run did replace their own entries, and
+    the stages of earlier runs stay, each stamped under "runs" with its time and options."""
     args = parse_args(argv)
     try:
         device = _resolve_device(args.device)
@@ -3714,11 +3856,15 @@ def main(argv=None):
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    _warn_ineffective(args)
     seed_everything(args.seed)
     out = Path(args.output_dir)
-    results = {"environment": environment(device, args.seed), "quick": args.quick, "profile": args.profile,
-               "stages": {}, "timing": {}}
-    failed, started = [], _now()
+    results = _previous_results(out / "results.json") or {"stages": {}}
+    results.update(environment=environment(device, args.seed), quick=args.quick, profile=args.profile)
+    for key in ("timing", "runs"):
+        results.setdefault(key, {})
+    results.pop("interrupted", None)
+    failed, started, done = [], _now(), 0
     for stage in args.only:
         budget = Budget(_profile(args.profile, stage)["budget_s"])
         threads, sample = (threads_for_load() if args.threads == "auto" else (int(args.threads), {}))
@@ -3729,7 +3875,11 @@ def main(argv=None):
             results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"])
             print(f"[{stage}] done in {budget.elapsed():.1f}s", flush=True)
         except KeyboardInterrupt:  # figures already written stay whole; a PNG being written is dropped
-            print(f"\ninterrupted during [{stage}]; results.json not written", file=sys.stderr)
+            if done:
+                results.update(interrupted=stage, wall_s=_now() - started)
+                write_json_atomic(results, out / "results.json")
+            print(f"\ninterrupted during [{stage}]; results.json " +
+                  (f"keeps the {done} stage(s) that finished" if done else "not written"), file=sys.stderr)
             return 130
         except Exception as err:  # one failing demo must not stop the others
             failed.append(stage)
@@ -3737,6 +3887,8 @@ def main(argv=None):
             print(f"[{stage}] FAILED: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
         results["timing"][stage] = {**_conditions(load_start, budget), "threads_chosen_from": sample,
                                     "within_budget": budget.elapsed() <= STAGE_OVERRUN * budget.seconds}
+        results["runs"][stage] = _stage_stamp(args)
+        done += 1
         _release_memory()
     results["wall_s"] = _now() - started
     write_json_atomic(results, out / "results.json")

@@ -171,3 +171,38 @@ def test_measure_latency_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match="Sequential"):
         demo.measure_latency(model, (4, 7))
 
+
+
+def test_only_updates_its_stage_inside_the_existing_results(tmp_path, monkeypatch):
+    fast = {"flop": lambda **kw: [{"name": "stub"}], "memory": lambda **kw: {"stub": True}}
+    monkeypatch.setattr(demo, "run_flop_analysis", fast["flop"])
+    monkeypatch.setattr(demo, "run_memory_analysis", fast["memory"])
+    monkeypatch.setattr(demo, "visualize_flop_analysis", lambda *a, **kw: None)
+    monkeypatch.setattr(demo, "visualize_memory_analysis", lambda *a, **kw: None)
+    assert demo.main(["--only", "flop,memory", "--output-dir", str(tmp_path)]) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert demo.main(["--only", "flop", "--output-dir", str(tmp_path), "--seed", "3"]) == 0
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert set(second["stages"]) == {"flop", "memory"}  # memory's numbers stay beside its PNG
+    assert second["stages"]["memory"] == first["stages"]["memory"]
+    assert second["runs"]["flop"]["options"]["seed"] == 3 and second["runs"]["memory"]["options"]["seed"] == 0
+    assert second["runs"]["flop"]["finished_at"] >= first["runs"]["flop"]["finished_at"]
+
+
+def test_ctrl_c_keeps_the_numbers_of_the_stages_that_finished(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "run_flop_analysis", lambda **kw: [{"name": "stub"}])
+    monkeypatch.setattr(demo, "visualize_flop_analysis", lambda *a, **kw: None)
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "run_memory_analysis", interrupted)
+    assert demo.main(["--only", "flop,memory", "--output-dir", str(tmp_path)]) == 130
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["stages"]) == {"flop"} and results["interrupted"] == "memory"
+
+
+def test_an_option_without_effect_is_warned_about(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "run_flop_analysis", lambda **kw: [{"name": "stub"}])
+    monkeypatch.setattr(demo, "visualize_flop_analysis", lambda *a, **kw: None)
+    assert demo.main(["--only", "flop", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path)]) == 0
+    assert "--data-dir has no effect" in capsys.readouterr().err

@@ -1,0 +1,194 @@
+"""A learner's own model: never changed, inputs that follow it, devices and errors that say the real cause."""
+
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import pytorch_practice_demo as demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Stateful(nn.Module):
+    """A counter buffer bumped on every forward and an attention-style mask cached lazily as a plain
+    attribute: the two things a copy-free measurement would change."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.mask = None
+
+    def forward(self, x):
+        self.calls += 1
+        if self.mask is None:
+            self.mask = torch.ones(x.shape[-1], x.shape[-1]).tril()
+        return self.fc(x) @ self.mask
+
+
+def state(model):
+    """What the tests compare: parameters, buffers, tensor attributes (and whether they are inference
+    tensors), modes, requires_grad, grads, hooks."""
+    tensors = {f"{n}.{k}": (v.clone(), v.is_inference()) for n, m in model.named_modules()
+               for k, v in vars(m).items() if isinstance(v, torch.Tensor)}
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()}, "tensors": tensors,
+            "attrs": [sorted(vars(m)) for m in model.modules()], "modes": [m.training for m in model.modules()],
+            "requires_grad": [p.requires_grad for p in model.parameters()],
+            "grads": [p.grad for p in model.parameters()],
+            "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]}
+
+
+def assert_same(before, after):
+    assert before["state"].keys() == after["state"].keys()
+    for k in before["state"]:
+        assert torch.equal(before["state"][k], after["state"][k]), k
+    assert before["tensors"].keys() == after["tensors"].keys()
+    for k, (value, inference) in before["tensors"].items():
+        assert torch.equal(value, after["tensors"][k][0]) and inference == after["tensors"][k][1], k
+    for key in ("attrs", "modes", "requires_grad", "hooks"):
+        assert before[key] == after[key], key
+    assert all(g is None for g in after["grads"])
+
+
+PUBLIC_CALLS = {
+    "analyze_model": lambda m, x: demo.FLOPCalculator().analyze_model(m, x),
+    "estimate_memory": lambda m, x: demo.estimate_memory(m, x),
+    "measure_memory": lambda m, x: demo.measure_memory(m, x),
+    "benchmark_mixed_precision": lambda m, x: demo.benchmark_mixed_precision(m, x, precisions=["fp32"],
+                                                                             time_budget_s=5),
+    "measure_latency": lambda m, x: demo.measure_latency(m, x, time_budget_s=1),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLIC_CALLS))
+def test_no_public_function_changes_the_model_even_when_it_fails(name):
+    model = Stateful()
+    model(torch.randn(2, 16))  # the mask now exists, made outside any inference mode
+    before = state(model)
+    PUBLIC_CALLS[name](model, (4, 16))
+    assert_same(before, state(model))
+    with pytest.raises(ValueError):
+        PUBLIC_CALLS[name](model, (4, 7))  # the wrong width: fails inside the model
+    assert_same(before, state(model))
+    loss = model(torch.randn(3, 16)).sum()  # an ordinary training step still works afterwards
+    loss.backward()
+
+
+def test_a_lazily_cached_mask_is_created_on_the_copy_not_on_the_model():
+    model = Stateful()
+    demo.measure_latency(model, (4, 16), time_budget_s=1)
+    assert model.mask is None and int(model.calls) == 0
+    model(torch.randn(2, 16)).sum().backward()  # no "Inference tensors cannot be saved for backward"
+
+
+# --- devices -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["mps", "cuda", "cuda:7", "tpu"])
+def test_an_absent_device_is_a_value_error_naming_what_exists(device):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("MPS present")
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    for call in (lambda: demo.estimate_memory(nn.Linear(4, 4), (2, 4), device=device),
+                 lambda: demo.measure_memory(nn.Linear(4, 4), (2, 4), device=device),
+                 lambda: demo.measure_latency(nn.Linear(4, 4), (2, 4), device=device),
+                 lambda: demo.benchmark_mixed_precision(nn.Linear(4, 4), (2, 4), device=device),
+                 lambda: demo.run_training_comparison(device=device, steps=3, batch=4)):
+        with pytest.raises(ValueError, match=r"available here: cpu"):
+            call()
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dims, shown", [((32.0, 16), "32.0"), ((True, 16), "True"), ((0, 16), "0"),
+                                         ((-2, 16), "-2")])
+def test_dims_must_be_positive_integers(dims, shown):
+    with pytest.raises(ValueError, match=re.escape(f"dims must be positive integers (got {shown})")):
+        demo.FLOPCalculator().analyze_model(nn.Linear(16, 4), dims)
+
+
+def test_numpy_integer_dims_are_dims():
+    result = demo.FLOPCalculator().analyze_model(nn.Linear(16, 4), (np.int64(8), 16))
+    assert result["macs"] == 8 * 16 * 4
+
+
+def test_a_shape_gives_data_in_the_models_dtype():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    est = demo.estimate_memory(model, (8, 16))
+    meas = demo.measure_memory(model, (8, 16))
+    assert est["inputs"] == meas["inputs"] == 8 * 16 * 8  # float64 data, 8 bytes each
+    assert demo.measure_latency(model, (8, 16), time_budget_s=1)["median_s"] > 0
+
+
+def test_a_shape_gives_token_ids_to_a_model_that_starts_with_an_embedding():
+    model = demo.TinyGPT(vocab_size=100, n_layer=1, n_embd=32, n_head=2, block_size=16)
+    assert demo.measure_memory(model, (2, 16))["total"] > 0
+    assert demo.measure_latency(model, (2, 16), time_budget_s=1)["median_s"] > 0
+    assert demo.estimate_memory(model, (2, 16))["total"] > 0
+
+
+# --- errors that name the real cause -------------------------------------------------------------
+
+class Locked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_model_that_cannot_be_copied_says_so():
+    for call in PUBLIC_CALLS.values():
+        with pytest.raises(ValueError, match="model cannot be copied") as info:
+            call(Locked(), (2, 4))
+        assert "inputs of shape" not in str(info.value)
+
+
+def test_no_trainable_parameters_says_so():
+    model = nn.Linear(4, 4).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        demo.estimate_memory(model, (2, 4))
+    assert demo.estimate_memory(model, (2, 4), training=False)["total"] > 0
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y * 2 if y.sum() > 0 else y  # branches on a value: fake tensors cannot tell
+
+
+def test_data_dependent_control_flow_falls_back_to_a_measurement_and_says_so():
+    result = demo.estimate_memory(DataDependent(), (4, 8))
+    assert result["total"] > 0 and result["data_dependent"] and "measured" in result["method"]
+
+
+def test_a_string_where_a_list_is_wanted():
+    with pytest.raises(ValueError, match="list"):
+        demo.benchmark_mixed_precision(nn.Linear(4, 4), (2, 4), precisions="bf16")
+
+
+# --- the README's Python blocks run as written ---------------------------------------------------
+
+def readme_blocks():
+    text = (ROOT / "README_实践代码.md").read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
+    blocks = readme_blocks()
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for block in blocks:  # in order, in one namespace, as a reader pastes them
+        exec(compile(block, "README_实践代码.md", "exec"), namespace)
