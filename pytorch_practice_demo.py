@@ -734,7 +734,7 @@ def activation_backward_flops(grad, *args, **kwargs) -> int:
 
 
 @other_formula("eq", "ne", "lt", "gt", "le", "ge", "where",
-               "native_dropout")
+               "native_dropout", "hardswish", "_prelu_kernel", "glu", "log_sigmoid_forward")
 def untagged_elementwise_flops(*args, out=None, **kwargs) -> int:
     """One operation per output element, for elementwise ops without the pointwise tag."""
     return _first_output_numel(out)
@@ -770,6 +770,69 @@ def pool_flops(x, kernel_size, *args, out=None, **kwargs) -> int:
     return _numel(out[0].shape if isinstance(out, tuple) else out.shape) * window
 
 
+# Interpolation: weighted neighbours per output element, as fvcore's jit_handles price
+# upsample (nearest 1, bilinear 4); linear 2, tricubic 64 and bicubic 16 follow the same rule
+# (2, 4, 8 neighbours per dimension).  The backward ops scatter the same weights: per grad_input element.
+INTERPOLATION_NEIGHBOURS = {"nearest": 1, "linear": 2, "bilinear": 4, "trilinear": 8, "bicubic": 16}
+
+
+def _interpolation_kind(name):
+    return next(k for k in ("trilinear", "bilinear", "bicubic", "linear", "nearest") if k in name)
+
+
+@other_formula("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+               "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d",
+               "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_bicubic2d", "_upsample_bicubic2d_aa",
+               "upsample_trilinear3d")
+def interpolate_flops(x, *args, out=None, **kwargs) -> int:
+    """Neighbours weighted per output element (F.interpolate / nn.Upsample)."""
+    name = kwargs.pop("_name", "nearest")
+    return _first_output_numel(out) * INTERPOLATION_NEIGHBOURS[_interpolation_kind(name)]
+
+
+@other_formula("grid_sampler_2d", "cudnn_grid_sampler")
+def grid_sampler_flops(x, grid, interpolation_mode=0, *args, out=None, **kwargs) -> int:
+    """F.grid_sample: bilinear (mode 0) weighs 4 neighbours per output element, nearest (1) takes
+    one, bicubic (2) weighs 16 (the interpolation formulas in PyTorch's grid_sample docs)."""
+    return _first_output_numel(out) * {0: 4, 1: 1, 2: 16}.get(int(interpolation_mode), 4)
+
+
+@other_formula("roi_align")
+def roi_align_flops(x, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, *args, out=None,
+                    **kwargs) -> int:
+    """torchvision.ops.roi_align: each output bin averages sampling_ratio^2 bilinear samples of 4
+    neighbours (He et al. 2017, Mask R-CNN, Sec. 3).  NB: an adaptive ratio (-1) depends on each
+    box's size, which is data: counted as 2, the value Mask R-CNN uses."""
+    ratio = int(sampling_ratio) if int(sampling_ratio) > 0 else 2
+    return _first_output_numel(out) * ratio * ratio * 4
+
+
+def embedding_bag_cost(weight, indices, offsets=None, scale_grad_by_freq=False, mode=0, sparse=False,
+                       per_sample_weights=None, *args, **kwargs):
+    """nn.EmbeddingBag: a weighted sum with per_sample_weights is one multiply-add per looked-up
+    element; sum/mean/max without weights are reductions, one FLOP per element (mean's divides are
+    per bag and not counted).  Returns (kind, amount): the kind depends on the arguments."""
+    elements = indices.numel() * weight.shape[-1]
+    return ("macs", elements) if per_sample_weights is not None else ("other", elements)
+
+
+def _embedding_bag_backward_cost(weights_at):
+    """The gradient of an EmbeddingBag scatters one value per looked-up element: a multiply-add
+    with per_sample_weights, one FLOP without.  `weights_at`: where the op's schema puts them
+    among the arguments after (grad, indices)."""
+    def cost(grad, indices, *args, **kwargs):
+        weights = kwargs.get("per_sample_weights", args[weights_at] if len(args) > weights_at else None)
+        elements = indices.numel() * grad.shape[-1]
+        return ("macs", elements) if weights is not None else ("other", elements)
+    return cost
+
+
+# Formulas whose kind depends on the call: op name -> fn returning (kind, amount).
+_KIND_BY_CALL = {"_embedding_bag": embedding_bag_cost, "_embedding_bag_forward_only": embedding_bag_cost,
+                 "_embedding_bag_backward": _embedding_bag_backward_cost(8),
+                 "_embedding_bag_dense_backward": _embedding_bag_backward_cost(6)}
+
+
 # Ops that move or create data without arithmetic: neither counted nor "unsupported".
 ZERO_COST_OPS = {
     "detach", "clone", "copy_", "_to_copy", "empty", "empty_like", "empty_strided", "zeros",
@@ -788,16 +851,40 @@ ZERO_COST_OPS = {
 
 
 def _op_cost(func, args, kwargs, out):
-    """Return (kind, amount) for one op: kind in {"macs", "other", "zero", "unsupported"}."""
+    """Return (kind, amount) for one op: kind in {"macs", "other", "zero", "unsupported"}.
+
+    An in-place op (`relu_`, `hardswish_`) costs what its out-of-place twin does; an op called with
+    `out=` is priced on the same arguments (the output is `out` either way)."""
     name = func.overloadpacket.__name__
-    if name in _FORMULAS:
-        kind, formula = _FORMULAS[name]
-        return kind, int(formula(*args, **kwargs, out=out))
+    kwargs = {**kwargs, "out": out}
+    twin = _out_of_place_twin(name)
+    if twin in _KIND_BY_CALL:
+        kind, amount = _KIND_BY_CALL[twin](*args, **kwargs)
+        return kind, int(amount)
+    if twin in _FORMULAS:
+        kind, formula = _FORMULAS[twin]
+        if formula is interpolate_flops:
+            kwargs["_name"] = twin
+        return kind, int(formula(*args, **kwargs))
     if func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
         return "zero", 0
-    if torch.Tag.pointwise in func.tags:  # one FLOP per output element
+    if torch.Tag.pointwise in func.tags or _pointwise_op(twin):  # one FLOP per output element
         return "other", _first_output_numel(out)
     return "unsupported", 0
+
+
+def _out_of_place_twin(name):
+    """`hardswish_` -> `hardswish`; other names (and `_private` ones without a twin) unchanged."""
+    if name.endswith("_") and not name.endswith("__") and (name[:-1] in _FORMULAS or _pointwise_op(name[:-1])):
+        return name[:-1]
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _pointwise_op(name):
+    packet = getattr(torch.ops.aten, name, None)
+    overload = getattr(packet, "default", None) if packet is not None else None
+    return overload is not None and torch.Tag.pointwise in overload.tags
 
 
 ATTENTION_OPS = {"bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
@@ -1089,14 +1176,23 @@ class FLOPCalculator:
                     raise _run_error(model, args, kwargs, err) from None
         try:
             note = "real" if mode == "real" else f"real (meta failed: {_first_line(meta_error)})"
-            return self._count(model, args, kwargs, real=True, mode_note=note)
+            result = self._count(model, args, kwargs, real=True, mode_note=note)
         except Exception as err:
             raise _run_error(model, args, kwargs, err) from None
+        if mode == "auto":  # meta could not run it: the count followed the real data of this one run
+            result["data_dependent"] = _first_line(meta_error)
+            result["note"] = ("counted on one real run, because the model needs real values (data-dependent "
+                              "control flow or output shapes): another input can give another count")
+        return result
 
     def _count(self, model, args, kwargs, *, real, mode_note):
         make = _real_like(_model_device(model), ids_below=_ids_below(model)) if real else _meta_like
         replica = _replica(model, make)
-        run_args, run_kwargs = _map_tensors((args, kwargs), make)
+
+        def make_input(x):  # an input that requires grad gets its gradient counted too
+            made = make(x)
+            return made.requires_grad_() if x.requires_grad and made.is_floating_point() else made
+        run_args, run_kwargs = _map_tensors((args, kwargs), make_input)
         training = _CountingMode()
         with _track_modules(replica, training), training:
             output = replica(*run_args, **run_kwargs)
@@ -1139,6 +1235,7 @@ class FLOPCalculator:
             "by_class": {cls: inference.by_class[cls] for cls in WORK_CLASSES},
             "unsupported_ops": dict(unsupported),
             "mode": mode_note,
+            "data_dependent": None,
         }
 
 

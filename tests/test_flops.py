@@ -300,3 +300,75 @@ def test_readable_units():
     assert readable(42_106_880, "FLOPs") == "42.11 MFLOPs"
     assert readable(8.18e9, "FLOPs") == "8.18 GFLOPs"
     assert readable(999) == "999"
+
+
+# --- counting gaps closed (issue 12) --------------------------------------------------------------
+
+class _MmOut(nn.Module):
+    def forward(self, x):
+        y = torch.empty(x.shape[0], x.shape[0], device=x.device)
+        return torch.mm(x, x.t(), out=y)
+
+
+def test_an_op_called_with_out_is_counted_not_a_crash():
+    result = FLOPCalculator().analyze_model(_MmOut(), torch.randn(8, 16), mode="real")
+    assert result["macs"] == 8 * 16 * 8  # (8 x 16) @ (16 x 8)
+
+
+def test_in_place_ops_cost_what_their_twins_do():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Hardswish(inplace=True), nn.ReLU(inplace=True))
+    result = FLOPCalculator().analyze_model(model, (4, 16))
+    assert not result["unsupported_ops"]
+    assert result["other_flops"] >= 2 * 4 * 16  # one per element for each activation
+
+
+def test_embedding_bag_with_weights_is_multiply_adds_and_without_is_a_reduction():
+    class Bag(nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(100, 64, mode=mode)
+
+        def forward(self, ids, w=None):
+            return self.bag(ids, per_sample_weights=w)
+    ids = torch.randint(0, 100, (4, 40))
+    weighted = FLOPCalculator().analyze_model(Bag("sum"), (ids, torch.rand(4, 40)))
+    assert weighted["macs"] == 4 * 40 * 64  # 10,240: one multiply-add per looked-up element
+    for mode in ("mean", "max"):
+        plain = FLOPCalculator().analyze_model(Bag(mode), ids)
+        assert plain["macs"] == 0 and plain["other_flops"] == 4 * 40 * 64 and not plain["unsupported_ops"]
+
+
+@pytest.mark.parametrize("mode, per_element", [("nearest", 1), ("bilinear", 4), ("bicubic", 16)])
+def test_upsampling_is_counted_per_output_element(mode, per_element):
+    model = nn.Upsample(scale_factor=2, mode=mode)
+    result = FLOPCalculator().analyze_model(model, (1, 3, 8, 8))
+    assert result["other_flops"] == 1 * 3 * 16 * 16 * per_element and not result["unsupported_ops"]
+
+
+def test_grid_sample_is_counted():
+    class Warp(nn.Module):
+        def forward(self, x, grid):
+            return nn.functional.grid_sample(x, grid, align_corners=False)
+    result = FLOPCalculator().analyze_model(Warp(), (torch.randn(1, 2, 8, 8), torch.rand(1, 4, 4, 2)))
+    assert result["other_flops"] == 1 * 2 * 4 * 4 * 4 and "grid_sampler_2d" not in result["unsupported_ops"]
+
+
+def test_an_input_that_requires_grad_has_its_gradient_counted():
+    conv = nn.Conv2d(3, 8, 3)
+    x = torch.randn(2, 3, 10, 10)
+    plain = FLOPCalculator().analyze_model(conv, x)
+    with_grad = FLOPCalculator().analyze_model(conv, x.requires_grad_())
+    # the grad of the input: one more transposed convolution, 2 x 2*8*8*8*3*3*3 FLOPs
+    assert with_grad["training_flops"] - plain["training_flops"] == 2 * (2 * 8 * 8 * 8 * 3 * 3 * 3)
+
+
+def test_a_count_that_needed_real_data_says_so():
+    class Nonzero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x[x.sum(dim=1) > 0])  # how many rows survive depends on the data
+    result = FLOPCalculator().analyze_model(Nonzero(), (8, 4))
+    assert result["data_dependent"] and "another input" in result["note"] and result["mode"].startswith("real")
