@@ -68,6 +68,7 @@ FIGURE_FILES = {
     "training": "训练性能可视化.png",
     "amp": "混合精度效益对比.png",
     "dashboard": "综合性能仪表板.png",
+    "model": "你的模型分析.png",  # --model SPEC: your own model
 }
 
 # Bytes per element of each dtype the lab talks about.
@@ -207,7 +208,29 @@ LABELS = {
     "gpu_8gb": ("8 GiB 显卡", "8 GiB GPU"),
     "recommend": ("推荐矩阵（0-1 分，★ 最佳，✗ 不满足限制，未测 = 没有测量）",
                   "Model selection (0-1, ★ best, ✗ fails its limit, n/m not measured)"),
-    "not_measured": ("未测", "n/m"), "not_measured_long": ("（未测）", "(not measured)"),
+    "not_measured": ("未测", "n/m"),
+    # your own model
+    "own_title": ("你的模型：{model}", "Your model: {model}"),
+    "own_sub": ("设备 {device}；输入 {shape}；FLOPs 在 meta 上计数（2 × 乘加），内存、混合精度与延迟在本机实测",
+                "device {device}; input {shape}; FLOPs counted on meta (2 x multiply-adds), memory, mixed "
+                "precision and latency measured here"),
+    "own_flops": ("每个顶层模块的前向 FLOPs", "Forward FLOPs per top-level module"),
+    "own_sizes": ("每个顶层模块的参数与输出字节", "Parameter and output bytes per top-level module"),
+    "own_param_mib": ("参数（MiB）", "parameters (MiB)"),
+    "own_act_mib": ("输出激活（MiB）", "output activations (MiB)"),
+    "own_classes": ("工作量按算子类别", "Where the work goes, by op class"),
+    "own_memory": ("训练一步的峰值内存（Adam，fp32）", "Peak memory of one training step (Adam, fp32)"),
+    "own_memory_estimate": ("估计（fake 张量）", "estimated (fake tensors)"),
+    "own_memory_measured": ("实测", "measured"),
+    "own_data_dependent": ("⚠ 这个模型要真实数值才能跑（数据相关的控制流或输出形状）：FLOPs 按这一次输入的"
+                           "真实运行计数，换输入可能不同",
+                           "⚠ this model needs real values (data-dependent control flow or shapes): FLOPs were "
+                           "counted on one real run, another input can give another count"),
+    "own_amp": ("混合精度：每步时间", "Mixed precision: step time"),
+    "own_latency": ("推理延迟（中位数，误差棒 = 波动范围）", "Inference latency (median, bar = spread)"),
+    "own_latency_text": ("{ms:.2f} ms，{sps:,.0f} 样本/s（{runs} 次）",
+                         "{ms:.2f} ms, {sps:,.0f} samples/s ({runs} runs)"),
+    "not_measured_long": ("（未测）", "(not measured)"),
     "sc_edge": ("边缘推理", "edge inference"), "sc_serving": ("批量服务", "batch serving"),
     "sc_training": ("单卡 8 GB 训练", "training on one 8 GB GPU"),
     "rule": ("规则：先看硬限制。边缘：参数 ≤ {edge_params} 且 batch-1 延迟 ≤ {edge_ms:g} ms；\n"
@@ -389,6 +412,7 @@ PROFILES = {
             "budget_s": 19.0,  # the FLOP stage's models: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
             "latency_s": 6.5,  # batch 1 of every model; batch 8 of those that fit (ViT-B/16's takes ~7 s)
         },
+        "model": {"budget_s": 45.0, "amp_s": 8.0, "latency_s": 3.0},  # --model: unknown size, generous
     },
     "quick": {
         "peak_s": 0.4,  # 512-1024: a lower peak, still a real one
@@ -407,6 +431,7 @@ PROFILES = {
         "amp": {"budget_s": 2.5, "measure_s": 1.0, "batch": 16,
                 "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1 s
         "dashboard": {"budget_s": 4.5, "latency_s": 0.8},  # the FLOP stage's quick zoo
+        "model": {"budget_s": 20.0, "amp_s": 3.0, "latency_s": 1.0},
     },
 }
 
@@ -783,9 +808,14 @@ def _interpolation_kind(name):
 @other_formula("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
                "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d",
                "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_bicubic2d", "_upsample_bicubic2d_aa",
-               "upsample_trilinear3d")
+               "upsample_trilinear3d", "upsample_nearest1d_backward", "upsample_nearest2d_backward",
+               "upsample_nearest3d_backward", "_upsample_nearest_exact1d_backward",
+               "_upsample_nearest_exact2d_backward", "_upsample_nearest_exact3d_backward",
+               "upsample_linear1d_backward", "upsample_bilinear2d_backward", "_upsample_bilinear2d_aa_backward",
+               "upsample_bicubic2d_backward", "_upsample_bicubic2d_aa_backward", "upsample_trilinear3d_backward")
 def interpolate_flops(x, *args, out=None, **kwargs) -> int:
-    """Neighbours weighted per output element (F.interpolate / nn.Upsample)."""
+    """Neighbours weighted per output element (F.interpolate / nn.Upsample); a backward op per
+    element of the gradient it returns."""
     name = kwargs.pop("_name", "nearest")
     return _first_output_numel(out) * INTERPOLATION_NEIGHBOURS[_interpolation_kind(name)]
 
@@ -1153,14 +1183,19 @@ class FLOPCalculator:
 
     MODES = ("auto", "meta", "real")
 
-    def analyze_model(self, model, inputs, *, mode="auto"):
+    def analyze_model(self, model, inputs, *, mode="auto", training=True):
         """Count one forward (inference) and one forward + backward (training) of `model`.
+
+        `training=False` counts one forward in eval mode only (for models that cannot run a
+        training pass on plain inputs, such as detection models that need targets): the training
+        keys are then None.
 
         Parameters
         ----------
         model : nn.Module
         inputs : shape tuple (batch first), tensor, tuple/list of tensors, or dict of kwargs.
         mode : "auto" (meta, real if meta fails), "meta" or "real".
+        training : count the training pass too (default) or only an eval-mode forward.
         """
         _check_model(model)
         if mode not in self.MODES:
@@ -1169,14 +1204,14 @@ class FLOPCalculator:
         can_run_real = _model_device(model).type != "meta"
         if mode in ("auto", "meta"):
             try:
-                return self._count(model, args, kwargs, real=False, mode_note="meta")
+                return self._count(model, args, kwargs, real=False, mode_note="meta", training=training)
             except Exception as err:
                 meta_error = err
                 if mode == "meta" or not can_run_real:
                     raise _run_error(model, args, kwargs, err) from None
         try:
             note = "real" if mode == "real" else f"real (meta failed: {_first_line(meta_error)})"
-            result = self._count(model, args, kwargs, real=True, mode_note=note)
+            result = self._count(model, args, kwargs, real=True, mode_note=note, training=training)
         except Exception as err:
             raise _run_error(model, args, kwargs, err) from None
         if mode == "auto":  # meta could not run it: the count followed the real data of this one run
@@ -1185,30 +1220,36 @@ class FLOPCalculator:
                               "control flow or output shapes): another input can give another count")
         return result
 
-    def _count(self, model, args, kwargs, *, real, mode_note):
+    def _count(self, model, args, kwargs, *, real, mode_note, training=True):
         make = _real_like(_model_device(model), ids_below=_ids_below(model)) if real else _meta_like
         replica = _replica(model, make)
+        if not training:
+            replica.eval()  # the copy only
 
         def make_input(x):  # an input that requires grad gets its gradient counted too
             made = make(x)
             return made.requires_grad_() if x.requires_grad and made.is_floating_point() else made
         run_args, run_kwargs = _map_tensors((args, kwargs), make_input)
+        counted_training = training
         training = _CountingMode()
-        with _track_modules(replica, training), training:
+        with _track_modules(replica, training), training, torch.set_grad_enabled(counted_training):
             output = replica(*run_args, **run_kwargs)
             training.phase = "backward"
-            loss = _scalar_loss(output)
+            loss = _scalar_loss(output) if counted_training else None
             if loss is not None:
                 loss.backward()
         # NB: eval fast paths (nn.MultiheadAttention, TransformerEncoderLayer) run only without
         # autograd on CPU/CUDA, so a real run counts inference in a second, no-grad forward.
         # On meta they never trigger: the forward above is the inference count too.
         inference = training
-        if real:
+        if real and counted_training:
             inference = _CountingMode()
             with _track_modules(replica, inference), inference, torch.no_grad():
                 replica(*run_args, **run_kwargs)
-        return self._result(model, args, kwargs, inference, training, mode_note)
+        result = self._result(model, args, kwargs, inference, training, mode_note)
+        if not counted_training:
+            result.update(training_flops=None, backward_flops=None, training_other_flops=None)
+        return result
 
     @staticmethod
     def _result(model, args, kwargs, inference, training, mode_note):
@@ -3000,6 +3041,149 @@ def _add_utilisation(data, device, profile):
 
 
 # -----------------------------------------------------------------------------
+# Your own model: the zoo's treatment for a model you bring
+# -----------------------------------------------------------------------------
+# `python pytorch_practice_demo.py --model SPEC --input-shape 8,3,224,224` and `analyze(model,
+# inputs)` run the counting, memory, mixed-precision and latency stages on one model of yours, on a
+# copy (yours is never changed), and report per top-level module as fvcore/ptflops/torchinfo do,
+# plus what only this machine can tell.
+
+def load_model(spec):
+    """An nn.Module from SPEC: `torchvision:resnet50` (weights=None), `path/to/file.py:build_fn` or
+    `package.module:attr`; a class or function is called without arguments."""
+    import importlib
+    import importlib.util
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise ValueError(f"--model takes torchvision:NAME, path/to/file.py:ATTR or package.module:ATTR, got {spec!r}")
+    try:
+        if where == "torchvision":  # any torchvision model: classification, detection, segmentation, video
+            import inspect
+
+            import torchvision
+            if attr not in torchvision.models.list_models():
+                raise ValueError(f"torchvision has no model {attr!r}; see torchvision.models.list_models()")
+            builder = torchvision.models.get_model_builder(attr)
+            offline = {"weights": None}  # no download: random weights, as the zoo's
+            if "weights_backbone" in inspect.signature(builder).parameters:
+                offline["weights_backbone"] = None
+            return _as_module(builder(**offline), spec)
+        if where.endswith(".py"):
+            found = importlib.util.spec_from_file_location(Path(where).stem, Path(where).expanduser())
+            if found is None or not Path(where).expanduser().is_file():
+                raise ValueError(f"no Python file at {where!r}")
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+        obj = getattr(module, attr)
+    except (ImportError, AttributeError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot load --model {spec!r}: {type(err).__name__}: {_first_line(err)}") from None
+    return _as_module(obj if isinstance(obj, nn.Module) else obj(), spec)
+
+
+def _as_module(obj, spec):
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"--model {spec!r} gave a {type(obj).__name__}, not a torch.nn.Module")
+    return obj
+
+
+def _top_level_activations(model, inputs):
+    """Output bytes of each top-level module in one forward on meta (no data, no memory)."""
+    args, kwargs = _normalize_inputs(inputs, model)
+    replica = _replica(model, _meta_like)
+    out_bytes = {}
+    handles = [child.register_forward_hook(
+        lambda m, a, o, name=name: out_bytes.__setitem__(name, out_bytes.get(name, 0) + sum(
+            t.numel() * t.element_size() for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor))))
+        for name, child in replica.named_children()]
+    run_args, run_kwargs = _map_tensors((args, kwargs), _meta_like)
+    try:
+        with torch.no_grad():
+            replica(*run_args, **run_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out_bytes
+
+
+def _per_module_rows(model, flops, activations):
+    """One row per top-level module: parameters, forward FLOPs and MACs, output bytes (None when
+    the model cannot run on meta tensors to tell)."""
+    rows = []
+    for name, child in model.named_children():
+        rows.append({"module": name, "type": type(child).__name__,
+                     "parameters": sum(p.numel() for p in child.parameters()),
+                     "parameter_bytes": sum(p.numel() * p.element_size() for p in child.parameters()),
+                     "flops": flops["by_module"].get(name, 0), "macs": flops["by_module"].get(name, 0) // 2,
+                     "activation_bytes": None if activations is None else activations.get(name, 0)})
+    return rows
+
+
+def analyze(model, inputs, *, device=None, profile="default", progress=None):
+    """The whole lab on one model of yours: counted FLOPs per top-level module and by op class,
+    estimated and measured training memory, mixed-precision step time and memory, and latency at
+    your batch.  Measured parts run within the profile's "model" budgets; anything that cannot run
+    on this model is None with the reason (`skipped`).  Your model is never changed."""
+    _check_model(model)
+    sizes = _profile(profile, "model")
+    device = check_device(device) if device is not None else _model_device(model)
+    load_start, budget = machine_load(), Budget(sizes["budget_s"])
+    skipped = {}
+    try:
+        flops = FLOPCalculator().analyze_model(model, inputs)
+    except ModelRunError as err:  # e.g. a detection model wants targets in training mode
+        flops = FLOPCalculator().analyze_model(model, inputs, training=False)
+        skipped["training_flops"] = f"a training pass could not run on these inputs: {_first_line(err)}"
+    data = {"model": type(model).__name__, "device": _device_name(device), "input_shape": flops["input_shape"],
+            "flops": {k: v for k, v in flops.items() if k not in ("by_module",)}, "skipped": skipped,
+            "modules": _per_module_rows(model, flops, _safe(lambda: _top_level_activations(model, inputs), None))}
+    steps = (("memory_estimate", lambda: estimate_memory(model, inputs, device=device)),
+             ("memory_measured", lambda: measure_memory(model, inputs, device=device)),
+             ("amp", lambda: [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in
+                              benchmark_mixed_precision(model, inputs, device=device, time_budget_s=sizes["amp_s"])]),
+             ("latency", lambda: measure_latency(model, inputs, device=device, time_budget_s=sizes["latency_s"])))
+    for i, (key, run) in enumerate(steps):
+        try:
+            data[key] = run()
+        except ValueError as err:  # e.g. nothing to train: say so, go on with the rest
+            data[key], data["skipped"][key] = None, _first_line(err)
+        if progress:
+            progress(i + 1, len(steps), key)
+    data["conditions"] = _conditions(load_start, budget)
+    return data
+
+
+def _safe(fn, default):
+    try:
+        return fn()
+    except Exception:  # NB: activations per module are a bonus; the FLOP count above already ran
+        return default
+
+
+def format_model_table(data):
+    """The per-module table printed in the terminal (FLOPs = 2 x MACs)."""
+    lines = [f"{data['model']}  input {data['input_shape']}  on {data['device']}",
+             f"{'module':<20} {'type':<18} {'parameters':>12} {'FLOPs':>12} {'MACs':>12} {'activations':>12}"]
+    for r in data["modules"]:
+        lines.append(f"{r['module'][:20]:<20} {r['type'][:18]:<18} {readable(r['parameters']):>12} "
+                     f"{readable(r['flops']):>12} {readable(r['macs']):>12} "
+                     f"{'n/a' if r['activation_bytes'] is None else readable(r['activation_bytes'], 'B'):>12}")
+    f = data["flops"]
+    lines.append(f"{'total':<20} {'':<18} {readable(f['parameters']):>12} {readable(f['flops']):>12} "
+                 f"{readable(f['macs']):>12}")
+    train = readable(f["training_flops"], "FLOPs") if f["training_flops"] is not None else "not counted"
+    lines.append(f"FLOPs = 2 x multiply-adds (MACs); forward, batch as given.  Training step: {train}.")
+    if f.get("data_dependent"):
+        lines.append(f"NB: {f['note']} ({f['data_dependent']})")
+    if f.get("unsupported_ops"):
+        lines.append(f"not priced: {', '.join(sorted(f['unsupported_ops']))}")
+    for key, why in data["skipped"].items():
+        lines.append(f"{key}: not measured: {why}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
 # Plotting: each function turns data into a Figure; save_figure writes it
 # -----------------------------------------------------------------------------
 
@@ -3779,6 +3963,123 @@ def demonstrate_mixed_precision_benefits(output_dir=DEFAULT_OUTPUT_DIR, *, data=
     return fig
 
 
+def _plot_module_flops(ax, data):
+    """Forward FLOPs per top-level module."""
+    rows = data["modules"]
+    _barh(ax, [f"{r['module']} ({r['type']})" for r in rows], [r["flops"] for r in rows], ["#4C72B0"] * len(rows),
+          fmt=lambda v: readable(v))
+    ax.set_xlabel(_t("fwd_flops_axis"))
+    ax.set_title(_t("own_flops"))
+
+
+def _plot_module_sizes(ax, data):
+    """Parameters and output bytes per top-level module, side by side."""
+    rows = data["modules"]
+    y = np.arange(len(rows))
+    ax.barh(y - 0.2, [r["parameter_bytes"] / MIB for r in rows], 0.4, color="#55A868", label=_t("own_param_mib"))
+    ax.barh(y + 0.2, [(r["activation_bytes"] or 0) / MIB for r in rows], 0.4, color="#C44E52",
+            label=_t("own_act_mib") + ("" if rows and rows[0]["activation_bytes"] is not None
+                                       else _t("not_measured_long")))
+    ax.set_yticks(y, [f"{r['module']} ({r['type']})" for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(_t("mib"))
+    ax.legend(fontsize=8)
+    ax.set_title(_t("own_sizes"))
+
+
+def _plot_own_memory(ax, data):
+    """The training step's peak by part: estimated (fake tensors) and measured."""
+    pairs = [(k, data[k]) for k in ("memory_estimate", "memory_measured") if data.get(k)]
+    if not pairs:
+        _not_measured(ax, data["skipped"].get("memory_estimate", ""))
+    else:
+        x = np.arange(len(pairs))
+        tops = _stacked_parts(ax, x, [p["at_peak"] for _, p in pairs], 0.5)
+        for xi, top, (_, p) in zip(x, tops, pairs):
+            ax.annotate(f"{p['total'] / MIB:.1f} MiB", (xi, top), xytext=(0, 2), textcoords="offset points",
+                        ha="center", fontsize=8)
+        ax.set_xticks(x, [_t(f"own_{k}") for k, _ in pairs])
+        ax.set_xlim(-0.6, len(pairs) - 0.4)
+        ax.set_ylim(0, max(tops) * 1.45)  # room for the legend above the bars
+        ax.set_ylabel(_t("mib"))
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
+    ax.set_title(_t("own_memory"))
+
+
+def _plot_own_amp(ax, data):
+    """Mixed-precision step time per precision (skips drawn with their reason word)."""
+    if not data.get("amp"):
+        _not_measured(ax, data["skipped"].get("amp", ""))
+    else:
+        _plot_amp_time(ax, {data["model"]: data["amp"]})
+    ax.set_title(_t("own_amp"))
+
+
+def _plot_own_latency(ax, data):
+    """Latency at the batch given, with its spread, and the throughput it means."""
+    lat = data.get("latency")
+    if not lat:
+        _not_measured(ax, data["skipped"].get("latency", ""))
+    else:
+        ms = lat["median_s"] * 1e3
+        ax.bar([0], [ms], color="#8172B2", yerr=[[ms - lat["spread_lo_s"] * 1e3], [lat["spread_hi_s"] * 1e3 - ms]],
+               capsize=4)
+        ax.text(0.5, 0.95, _t("own_latency_text", ms=ms, sps=lat["samples_per_s"], runs=lat["runs"]),
+                ha="center", va="top", fontsize=10, transform=ax.transAxes)
+        ax.set_xticks([0], [_t("batch_n", n=lat["batch"])])
+        ax.set_ylabel("ms")
+        ax.set_ylim(0, lat["spread_hi_s"] * 1e3 * 1.4)
+    ax.set_title(_t("own_latency"))
+
+
+def _plot_own_classes(ax, data):
+    """Where the forward's matmul-class work goes, by op class."""
+    by_class = {k: v for k, v in data["flops"]["by_class"].items() if v}
+    if not by_class:
+        _not_measured(ax, "")
+    else:
+        _barh(ax, list(by_class), list(by_class.values()), ["#4C72B0", "#55A868", "#C44E52", "#8172B2"][:len(by_class)],
+              fmt=lambda v: readable(v))
+        ax.set_xlabel(_t("fwd_flops_axis"))
+    ax.set_title(_t("own_classes"))
+
+
+def _not_measured(ax, why):
+    """An empty panel that says it was not measured, and why (wrapped inside the panel)."""
+    import textwrap
+    why = textwrap.fill(textwrap.shorten(why, 220, placeholder=" …"), 48) if why else ""
+    ax.text(0.5, 0.5, _t("not_measured_long") + ("\n" + why if why else ""), ha="center", va="center",
+            fontsize=9, color="#777777", transform=ax.transAxes, clip_on=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_own_model(data):
+    """Six panels from `analyze` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    with _figure_style():
+        fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
+        _plot_module_flops(axs[0, 0], data)
+        _plot_module_sizes(axs[0, 1], data)
+        _plot_own_classes(axs[0, 2], data)
+        _plot_own_memory(axs[1, 0], data)
+        _plot_own_amp(axs[1, 1], data)
+        _plot_own_latency(axs[1, 2], data)
+        sub = _t("own_sub", device=data["device"], shape=data["input_shape"])
+        if data["flops"].get("data_dependent"):
+            sub += "\n" + _t("own_data_dependent")
+        _suptitle(fig, _t("own_title", model=data["model"]), sub, data.get("conditions"))
+    return fig
+
+
+def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=None, device=None, dpi=120):
+    """analyze() your model and draw 你的模型分析.png into `output_dir` (None: don't save)."""
+    data = data or analyze(model, inputs, device=device)
+    fig = plot_own_model(data)
+    _save_into(fig, output_dir, "model", dpi)
+    return fig
+
+
 def _save_into(fig, output_dir, key, dpi):
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -3804,6 +4105,14 @@ def parse_args(argv=None):
                         help="device for measurements (auto: cuda, then mps, then cpu)")
     parser.add_argument("--lang", default="auto", choices=["auto", "zh", "en"], help="figure labels")
     parser.add_argument("--seed", type=int, default=0, help="seeds torch, numpy and random")
+    parser.add_argument("--model", default=None,
+                        help="your own model instead of the zoo: torchvision:NAME, path/to/file.py:ATTR or "
+                             "package.module:ATTR (a module, or a class/function that builds one); draws "
+                             f"{FIGURE_FILES['model']}")
+    parser.add_argument("--input-shape", action="append", default=None,
+                        help="with --model: an input shape such as 8,3,224,224 (repeat for several inputs)")
+    parser.add_argument("--input-dtype", default=None, choices=["float32", "float64", "bfloat16", "float16", "long"],
+                        help="with --model: dtype of the inputs (long: token ids); default: the model's own")
     parser.add_argument("--threads", default="auto",
                         help="torch threads: a positive integer, or auto (default): before each stage, the "
                              "cores other programs leave free, at least 1 (a busy machine stalls extra threads)")
@@ -3823,6 +4132,18 @@ def parse_args(argv=None):
         parser.error("--dpi must be a positive integer")
     args.dpi = args.dpi or (80 if args.quick else 120)
     args.profile = "quick" if args.quick else "default"
+    if args.model:
+        if not args.input_shape:
+            parser.error("--model needs --input-shape, e.g. --input-shape 8,3,224,224")
+        try:
+            args.input_shape = [tuple(int(d) for d in s.split(",")) for s in args.input_shape]
+        except ValueError:
+            parser.error(f"--input-shape takes comma-separated integers such as 8,3,224,224, got {args.input_shape}")
+        if any(d <= 0 for s in args.input_shape for d in s):
+            parser.error("--input-shape: every dimension must be a positive integer")
+        args.only = ["model"]
+    elif args.input_shape or args.input_dtype:
+        parser.error("--input-shape and --input-dtype go with --model")
     if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
         parser.error(f"--threads takes auto or a positive integer, got {args.threads!r}")
     if args.dataset == "mnist" and "training" in args.only and not args.data_dir:
@@ -3875,10 +4196,23 @@ def _run_stage(stage, args, device, out, results):
     elif stage == "amp":
         data = run_amp_analysis(profile=profile, device=device, seed=args.seed, progress=report)
         demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
-    else:  # the dashboard reuses the FLOP counts and the matmul peak measured by earlier stages
+    elif stage == "dashboard":  # reuses the FLOP counts and the matmul peak of earlier stages
         data = run_dashboard_analysis(**_reusable(results), profile=profile, device=device, progress=report)
         create_comprehensive_dashboard(out, data=data, dpi=args.dpi)
+    else:  # --model
+        inputs = _cli_inputs(args)
+        data = analyze(args.loaded_model, inputs, device=device, profile=profile, progress=report)
+        print(format_model_table(data), flush=True)
+        visualize_own_model(None, None, out, data=data, dpi=args.dpi)
     return data
+
+
+def _cli_inputs(args):
+    """--input-shape (and --input-dtype) as inputs: a shape that follows the model, or meta tensors."""
+    if args.input_dtype is None and len(args.input_shape) == 1:
+        return args.input_shape[0]
+    dtype = getattr(torch, {"long": "int64"}.get(args.input_dtype, args.input_dtype or "float32"))
+    return tuple(torch.empty(s, device="meta", dtype=dtype) for s in args.input_shape)
 
 
 RELEASE_ABOVE_BYTES = 2 ** 30  # below this resident size a collection (~0.15 s, ~0.6 s busy) buys nothing
@@ -3949,6 +4283,7 @@ def main(argv=None):
         _check_writable(args.output_dir)
         if args.dataset == "mnist" and "training" in args.only and not args.download_mnist:
             _mnist_paths(args.data_dir)
+        args.loaded_model = load_model(args.model) if args.model else None
         set_language(args.lang)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

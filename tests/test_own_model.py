@@ -1,5 +1,6 @@
 """A learner's own model: never changed, inputs that follow it, devices and errors that say the real cause."""
 
+import json
 import re
 import threading
 from pathlib import Path
@@ -192,3 +193,46 @@ def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
     namespace = {}
     for block in blocks:  # in order, in one namespace, as a reader pastes them
         exec(compile(block, "README_实践代码.md", "exec"), namespace)
+
+
+# --- --model and analyze() ------------------------------------------------------------------------
+
+def test_analyze_gives_the_zoo_treatment_and_leaves_the_model_alone(tmp_path):
+    model = Stateful()
+    before = state(model)
+    data = demo.analyze(model, (4, 16), profile="quick")
+    assert_same(before, state(model))
+    assert [r["module"] for r in data["modules"]] == ["fc"] and data["modules"][0]["macs"] == 4 * 16 * 16
+    assert data["memory_estimate"]["total"] > 0 and data["memory_measured"]["total"] > 0
+    assert data["latency"]["median_s"] > 0 and data["amp"][0]["precision"] == "fp32"
+    table = demo.format_model_table(data)
+    assert "FLOPs" in table and "MACs" in table and "fc" in table
+    fig = demo.visualize_own_model(None, None, tmp_path, data=data, dpi=40)
+    assert len(fig.axes) == 6 and (tmp_path / demo.FIGURE_FILES["model"]).exists()
+
+
+def test_cli_model_from_a_file_writes_its_figure_and_table(tmp_path, capsys):
+    source = tmp_path / "mine.py"
+    source.write_text("import torch.nn as nn\n\ndef build():\n"
+                      "    return nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(8 * 6, 3))\n")
+    code = demo.main(["--model", f"{source}:build", "--input-shape", "2,6", "--quick", "--output-dir",
+                      str(tmp_path / "out")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Embedding" in printed and "MACs" in printed  # token ids were made for the embedding
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["stages"]["model"]["modules"][2]["macs"] == 2 * 48 * 3
+    assert (tmp_path / "out" / demo.FIGURE_FILES["model"]).exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "nowhere.py:build", "--input-shape", "2,4"], "no Python file"),
+    (["--model", "torchvision:resnet9000", "--input-shape", "2,4"], "no model"),
+    (["--model", "torchvision:resnet18"], "--input-shape"),
+])
+def test_cli_model_errors_are_short(tmp_path, capsys, argv, message):
+    try:
+        code = demo.main(argv + ["--output-dir", str(tmp_path)])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2 and message in capsys.readouterr().err
