@@ -148,7 +148,7 @@ LABELS = {
                   "device {device}; {model} ({params} parameters); batch={batch}; {steps} steps; "
                   "dataset {dataset}; Adam lr={lr}"),
     "strat_baseline": ("基线（fp32）", "baseline (fp32)"),
-    "strat_mixed_precision": ("混合精度（{precision} autocast）", "mixed precision ({precision} autocast)"),
+    "strat_mixed_precision": ("混合精度（{precision}）", "mixed precision ({precision})"),
     "strat_gradient_accumulation": ("梯度累积（{k} × {micro}）", "gradient accumulation ({k} × {micro})"),
     "strat_gradient_checkpointing": ("梯度检查点（{blocks} 个块）", "gradient checkpointing ({blocks} blocks)"),
     "vs_baseline": ("与基线最大差 {diff:.1e}", "max |Δ| vs baseline {diff:.1e}"),
@@ -1316,7 +1316,12 @@ def run_flop_analysis(models=None, *, batch=1, quick=False, progress=None, profi
 # between steps), or during one forward under torch.inference_mode() for inference.
 
 OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
-PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16, "bf16": torch.bfloat16}
+# One vocabulary for the whole API: amp_* = fp32 weights, matmuls under torch.autocast in that dtype;
+# bf16 / fp16 = the weights themselves in that dtype ("pure").  estimate_memory and measure_memory
+# take all five; benchmark_mixed_precision and the training comparison take fp32 and the amp_* ones.
+PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16, "bf16": torch.bfloat16,
+              "fp16": torch.float16}
+PURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _make_optimizer(name, params, foreach=None):
@@ -1604,7 +1609,7 @@ def _napkin_memory(model, options, layer_output_bytes):
     """The lecture's formulas: params x bytes, grads = params, optimizer = k x params, activations
     = the sum of every layer's output."""
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    bytes_per_param = 2 if options["precision"] == "bf16" else 4  # AMP keeps fp32 weights
+    bytes_per_param = 2 if options["precision"] in PURE_DTYPES else 4  # AMP keeps fp32 weights
     parameters = sum(p.numel() for p in model.parameters()) * bytes_per_param
     training = options["training"]
     formula = {
@@ -1657,7 +1662,7 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
     if device.type == "meta":
         device = torch.device("cpu")
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    dtype = torch.bfloat16 if precision == "bf16" else None
+    dtype = PURE_DTYPES.get(precision)
 
     def make(x):
         with fake_mode:
@@ -1701,7 +1706,7 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
     if device.type == "meta":
         raise ValueError("measure_memory needs real weights; the model is on the meta device "
                          "(use estimate_memory, or pass device='cpu' after materialising it)")
-    make = _real_like(device, torch.bfloat16 if precision == "bf16" else None, ids_below=_ids_below(model))
+    make = _real_like(device, PURE_DTYPES.get(precision), ids_below=_ids_below(model))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -2025,7 +2030,7 @@ def checked_utilisation(achieved_flops_per_s, peak, remeasure):
 # Mixed-precision timing harness
 # -----------------------------------------------------------------------------
 
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {p: PRECISIONS[p] for p in ("fp32", "amp_bf16", "amp_fp16")}  # what autocast can time
 AMP_MAX_RUNS = 10  # timed runs per precision at most: the median is stable by then
 AMP_MIN_RUNS = 3   # the fewest timed runs that give a spread worth drawing
 
@@ -2055,10 +2060,10 @@ def supported_precisions(device):
     """Low precisions autocast supports on `device` (as torch documents them)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
+        return ["fp32", "amp_fp16"] + (["amp_bf16"] if torch.cuda.is_bf16_supported() else [])
     if device.type == "mps":
-        return ["fp32", "fp16"]
-    return ["fp32", "bf16", "fp16"]
+        return ["fp32", "amp_fp16"]
+    return ["fp32", "amp_bf16", "amp_fp16"]
 
 
 def _slow_low_precision_reason(device, precision):
@@ -2066,9 +2071,9 @@ def _slow_low_precision_reason(device, precision):
     device = torch.device(device)
     if device.type == "cpu":
         flags = cpu_flags()
-        if precision == "bf16" and not (flags["avx512_bf16"] or flags["amx_bf16"]):
+        if precision == "amp_bf16" and not (flags["avx512_bf16"] or flags["amx_bf16"]):
             return "this CPU has neither AVX512-BF16 nor AMX: bf16 math is converted to fp32 in software"
-        if precision == "fp16" and not flags["amx_bf16"]:
+        if precision == "amp_fp16" and not flags["amx_bf16"]:
             return "this CPU has no native fp16 matmul (AMX-FP16): fp16 math is converted in software"
     return None
 
@@ -2123,7 +2128,7 @@ def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
 
 def _grad_scaler(precision, device):
     """torch.amp.GradScaler for fp16 on CUDA, where small gradients underflow; None otherwise."""
-    return torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+    return torch.amp.GradScaler("cuda") if precision == "amp_fp16" and device.type == "cuda" else None
 
 
 def _optimizer_step(optimizer, scaler):
@@ -2208,7 +2213,10 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
     precisions = list(precisions or supported_precisions(device))
     unknown = [p for p in precisions if p not in AMP_DTYPES]
     if unknown:
-        raise ValueError(f"precisions must be among {list(AMP_DTYPES)}, got {unknown}")
+        pure = [p for p in unknown if p in PURE_DTYPES]
+        raise ValueError(f"precisions must be among {list(AMP_DTYPES)}, got {unknown}"
+                         + (f" ({', '.join(pure)}: pure low-precision weights, an estimate_memory precision; "
+                            f"autocast is amp_{pure[0]})" if pure else ""))
     precisions = ["fp32"] + [p for p in precisions if p != "fp32"]  # fp32 is the reference
     args, kwargs = _normalize_inputs(inputs, model)
     run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
@@ -2471,7 +2479,7 @@ def _strategy_precision(strategy, device):
     faster there), fp16 on CUDA and MPS; every other strategy is fp32."""
     if strategy != "mixed_precision":
         return "fp32"
-    return "bf16" if device.type == "cpu" else "fp16"
+    return "amp_bf16" if device.type == "cpu" else "amp_fp16"
 
 
 class _StrategyRun:
@@ -3617,7 +3625,7 @@ def _plan_note(data):
     if not plan["fits"]:
         note += _t("not_fit")
     for strategy in plan["skipped"]:
-        precision = "bf16" if data["device"].startswith("cpu") else "fp16"
+        precision = "amp_bf16" if data["device"].startswith("cpu") else "amp_fp16"
         name = _t(f"strat_{strategy}", precision=precision, k=data["accumulation"],
                   micro=data["batch"] // data["accumulation"], blocks=data["depth"])
         note += "\n" + _t("strategy_skipped", name=name, ms=plan["calibration_skipped_ms"][strategy])
@@ -3819,7 +3827,8 @@ def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, 
     return fig
 
 
-PRECISION_COLORS = {"fp32": "#4C72B0", "bf16": "#55A868", "fp16": "#C44E52"}
+PRECISION_COLORS = {"fp32": "#4C72B0", "amp_bf16": "#55A868", "amp_fp16": "#C44E52"}
+DTYPE_COLORS = {"fp32": "#4C72B0", "bf16": "#55A868", "fp16": "#C44E52"}  # the dtypes themselves
 
 
 def _amp_matrix(models, key):
@@ -3914,7 +3923,7 @@ def _plot_dtype_ranges(ax, ranges):
     for i, name in enumerate(names):
         r = ranges["dtypes"][name]
         lo, hi = math.log10(r["smallest_subnormal"]), math.log10(r["max"])
-        ax.barh(i, hi - lo, left=lo, color=PRECISION_COLORS[name], alpha=0.8)
+        ax.barh(i, hi - lo, left=lo, color=DTYPE_COLORS[name], alpha=0.8)
         ax.text(hi, i, f" {r['max']:.2g}", va="center", fontsize=8)
         ax.text(lo, i, f"{r['smallest_subnormal']:.2g} ", va="center", ha="right", fontsize=8)
     ax.axvline(math.log10(ranges["value"]), color="k", ls="--", lw=1)

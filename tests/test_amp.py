@@ -36,7 +36,7 @@ def test_a_precision_predicted_too_slow_is_skipped_with_a_readable_reason(monkey
 
 
 def test_every_measured_precision_has_memory_and_a_spread():
-    records = benchmark_mixed_precision(mlp(64), (8, 1024), precisions=["bf16"], time_budget_s=2)
+    records = benchmark_mixed_precision(mlp(64), (8, 1024), precisions=["amp_bf16"], time_budget_s=2)
     for r in records:
         if not r["skipped"]:
             assert r["peak_memory_bytes"] > 0  # fp32 memory too, whenever fp32 timing ran
@@ -60,9 +60,9 @@ def test_fp32_that_cannot_fit_skips_the_model_with_its_reason(monkeypatch):
 
 
 def test_inference_mode_and_explicit_precisions():
-    records = benchmark_mixed_precision(mlp(128), (4, 1024), precisions=["bf16"], training=False,
+    records = benchmark_mixed_precision(mlp(128), (4, 1024), precisions=["amp_bf16"], training=False,
                                         time_budget_s=2)
-    assert [r["precision"] for r in records] == ["fp32", "bf16"]
+    assert [r["precision"] for r in records] == ["fp32", "amp_bf16"]
 
 
 def test_bad_arguments():
@@ -86,5 +86,5 @@ def test_fp16_underflow_that_loss_scaling_fixes():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp16_uses_grad_scaler():
     records = benchmark_mixed_precision(mlp(256).cuda(), (16, 1024), time_budget_s=5)
-    assert {r["precision"] for r in records} >= {"fp32", "fp16"}
+    assert {r["precision"] for r in records} >= {"fp32", "amp_fp16"}
     assert all(r["peak_memory_bytes"] for r in records if not r["skipped"])

@@ -174,6 +174,16 @@ def test_data_dependent_control_flow_falls_back_to_a_measurement_and_says_so():
     assert result["total"] > 0 and result["data_dependent"] and "measured" in result["method"]
 
 
+def test_one_vocabulary_of_precision_names():
+    with pytest.raises(ValueError, match="autocast is amp_bf16"):  # bf16 means pure bf16 weights
+        demo.benchmark_mixed_precision(nn.Linear(4, 4), (2, 4), precisions=["bf16"])
+    with pytest.raises(ValueError, match="amp_fp16"):
+        demo.estimate_memory(nn.Linear(4, 4), (2, 4), precision="fp8")
+    pure = demo.estimate_memory(nn.Linear(64, 64), (2, 64), precision="fp16")
+    amp = demo.estimate_memory(nn.Linear(64, 64), (2, 64), precision="amp_fp16")
+    assert pure["parameters"] == 64 * 64 * 2 + 64 * 2 and amp["parameters"] == 64 * 64 * 4 + 64 * 4
+
+
 def test_a_string_where_a_list_is_wanted():
     with pytest.raises(ValueError, match="list"):
         demo.benchmark_mixed_precision(nn.Linear(4, 4), (2, 4), precisions="bf16")

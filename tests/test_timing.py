@@ -64,8 +64,8 @@ def fake_calibration(step_ms, slow_precision=1.0):
         factor = {"baseline": 1.0, "mixed_precision": slow_precision, "gradient_accumulation": 1.5,
                   "gradient_checkpointing": 1.3}
         return {"step_s": {s: base * factor[s] for s in STRATEGIES},
-                "precision": {s: "bf16" if s == "mixed_precision" else "fp32" for s in STRATEGIES},
-                "eval_s": {"fp32": base, "bf16": base * slow_precision}, "setup_s": 0.01, "wall_s": 0.1}
+                "precision": {s: "amp_bf16" if s == "mixed_precision" else "fp32" for s in STRATEGIES},
+                "eval_s": {"fp32": base, "amp_bf16": base * slow_precision}, "setup_s": 0.01, "wall_s": 0.1}
     return calibrate, calls
 
 

@@ -30,8 +30,8 @@ def test_every_run_reports_what_the_issue_asks(four_strategies):
         assert len(run["val_steps"]) == len(run["val_loss"])
         assert run["samples_per_s"] > 0 and run["peak_memory_bytes"] > 0 and 0 < run["mfu"] <= 1
         assert run["achieved_flops_per_s"] == pytest.approx(data["training_flops_per_step"] / run["median_step_s"])
-    assert data["runs"]["mixed_precision"]["precision"] == "bf16"  # CPU autocast
-    assert {"fp32", "bf16"} == set(data["peak_flops"])
+    assert data["runs"]["mixed_precision"]["precision"] == "amp_bf16"  # CPU autocast
+    assert {"fp32", "amp_bf16"} == set(data["peak_flops"])
     assert "matmul" in data["peak_flops"]["fp32"]["method"]
     # model FLOPs of a step: 3x the forward of a matmul-only model = 6 x parameters x batch, minus
     # the input-gradient of the first layer (its input needs no grad)
@@ -154,5 +154,5 @@ def test_figure_from_data_and_saved_file(four_strategies, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_mixed_precision_uses_fp16_with_grad_scaler():
     data = run_training_comparison(device="cuda", strategies=["baseline", "mixed_precision"], steps=5, batch=64)
-    assert data["runs"]["mixed_precision"]["precision"] == "fp16"
+    assert data["runs"]["mixed_precision"]["precision"] == "amp_fp16"
     assert data["runs"]["mixed_precision"]["peak_memory_bytes"] > 0
