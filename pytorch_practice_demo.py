@@ -128,6 +128,7 @@ LABELS = {
     "fixed_part": ("固定部分：参数+梯度+优化器状态", "fixed part: params + grads + optimizer state"),
     "measured_points": ("实测峰值", "measured peak"),
     "batch_size": ("batch 大小", "batch size"),
+    "mem_variants_precision": ("{model}：精度（估计，batch={batch}）", "{model}: precision (estimated, batch={batch})"),
     "mem_variants": ("{model}：精度与梯度检查点（估计，batch={batch}）",
                      "{model}: precision and checkpointing (estimated, batch={batch})"),
     "bytes_per_param": ("每参数字节数（峰值 / 参数量）", "bytes per parameter (peak / parameters)"),
@@ -174,6 +175,7 @@ LABELS = {
     "samples_per_s": ("样本/秒", "samples/s"),
     "train_memory": ("一步训练的峰值内存（实测）及峰值时刻的组成", "Peak memory of one step (measured), by part"),
     "mfu": ("MFU：模型 FLOPs / 步时间 / 实测矩阵乘峰值", "MFU: model FLOPs / step time / measured matmul peak"),
+    "mfu_peaks": ("峰值：{peaks}", "peaks: {peaks}"),
     "mfu_note": ("检查点重算的前向不计入模型 FLOPs；峰值：{peaks}",
                  "checkpointing's recomputed forward is not model FLOPs; peaks: {peaks}"),
     "radar": ("综合（归一化，越外越好）", "Overall (normalised, outer is better)"),
@@ -190,7 +192,7 @@ LABELS = {
                  "(inference_mode); training memory estimated at batch={tb} with Adam (fake tensors)"),
     "bubble": ("复杂度：FLOPs 与参数量（气泡 = 训练内存，颜色 = batch-1 延迟）",
                "Complexity: FLOPs vs parameters (bubble = training memory, colour = batch-1 latency)"),
-    "latency_ms": ("batch-1 延迟（ms，实测）", "batch-1 latency (ms, measured)"),
+    "latency_ms": ("batch-1 延迟（ms，实测；灰色 = 未测）", "batch-1 latency (ms, measured; grey = not measured)"),
     "relation": ("FLOPs 与实测延迟：离虚线越远，算力用得越少",
                  "FLOPs vs measured latency: far from the line = poorly used"),
     "per_sample_ms": ("每样本时间（ms；误差棒 = 波动范围）", "time per sample (ms; bar = spread)"),
@@ -1939,6 +1941,21 @@ def threads_for_load(sample_s=0.05):
                                                            "free_cores": round(free, 2)}
 
 
+def fitted_threads(fn):
+    """Run `fn` with torch's threads fitted to the machine's load (threads_for_load), and put the
+    caller's thread count back afterwards: a measuring call on a busy machine must not stall on
+    threads the machine cannot give it (a 0.16 ms forward measured 40 ms with two threads)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads_for_load()[0])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapper
+
+
 def _conditions(load_start, budget=None):
     """What a stage ran under: the load average at its start and end, and the cores that other
     processes kept busy meanwhile (from /proc/stat).  Busy: others used OTHERS_BUSY_CORES or more;
@@ -2185,6 +2202,7 @@ def _max_rel_error(outputs, reference):
     return max(float((o - r).abs().max()) for o, r in zip(outputs, reference)) / scale
 
 
+@fitted_threads
 def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, training=True, time_budget_s=None,
                               max_runs=AMP_MAX_RUNS):
     """Time a training step (or a forward) of `model` in fp32 and each low precision.
@@ -2221,13 +2239,20 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
     args, kwargs = _normalize_inputs(inputs, model)
     run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
     hardware = hardware_info(device)
-    records, reference = [], None
+    records, reference, dtype = [], None, _model_dtype(model)
     for i, precision in enumerate(precisions):
         # fp32 is the reference every other precision needs: it may take half, the rest share alike
         share = budget.left() / 2 if i == 0 and len(precisions) > 1 else budget.share(len(precisions) - i)
+        if precision != "fp32" and dtype != torch.float32:  # NB: "fp32" is then the model as given
+            records.append({**_skipped(precision, "unsupported", f"autocast casts float32 ops only; this model "
+                                                                 f"computes in {str(dtype)[6:]}: nothing would change"),
+                            "device": str(device), "training": training, "hardware": hardware,
+                            "model_dtype": str(dtype)[6:]})
+            continue
         if reference is not None and reference["skipped"]:
             records.append({**_skipped(precision, "budget", "no fp32 reference: it did not fit the budget"),
-                            "device": str(device), "training": training, "hardware": hardware})
+                            "device": str(device), "training": training, "hardware": hardware,
+                            "model_dtype": str(dtype)[6:]})
             continue
         try:
             record = _benchmark_one(model, run_args, run_kwargs, precision, device, training, share, reference,
@@ -2238,7 +2263,8 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
             record = _skipped(precision, "failed", f"failed: {_first_line(err)}")
         if precision == "fp32":
             reference = record
-        records.append({**record, "device": str(device), "training": training, "hardware": hardware})
+        records.append({**record, "device": str(device), "training": training, "hardware": hardware,
+                        "model_dtype": str(dtype)[6:]})
     return records
 
 
@@ -2607,8 +2633,8 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
     this order, what is not in `fixed`: steps (to the most that fit, not below `min_steps`),
     then batch (halved, down to TRAIN_MIN_BATCH), then width (halved, down to TRAIN_MIN_WIDTH),
     calibrating again at each new size.  Only when nothing is left to shrink (and the caller fixed
-    no size) does it drop the slowest strategy, with the reason.  Returns the plan: the sizes, the prediction, what was
-    shrunk, the skips and the calibration it was made from.
+    no size) does it drop the slowest strategy but the baseline, with the reason.  Returns the
+    plan: the sizes, the prediction, what was shrunk, the skips and the calibration it was made from.
     """
     size, shrunk, skipped, skipped_ms, spent = {"steps": steps, "batch": batch, "width": width}, [], {}, {}, 0.0
     cal = calibrate(batch, width, CALIBRATION_SHARE * budget_s)
@@ -2626,12 +2652,14 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
                 _halve(size, "width", over, TRAIN_MIN_WIDTH, fixed, shrunk):
             pass
         elif len(cal["step_s"]) > 1 and not fixed:  # sizes the caller chose: run as asked
-            slowest = max(cal["step_s"], key=cal["step_s"].get)
+            # the baseline is what every other strategy is compared with: it is never the one dropped
+            droppable = [s for s in cal["step_s"] if s != "baseline"] or list(cal["step_s"])
+            slowest = max(droppable, key=cal["step_s"].get)
             alone = predict_training_s({**cal, "step_s": {slowest: cal["step_s"][slowest]}}, size["steps"],
                                        eval_every(size["steps"]))
             total = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
             skipped_ms[slowest] = cal["step_s"][slowest] * 1e3
-            skipped[slowest] = (f"the slowest strategy here ({cal['step_s'][slowest] * 1e3:.0f} ms per step, "
+            skipped[slowest] = (f"the slowest strategy but the baseline ({skipped_ms[slowest]:.0f} ms per step, "
                                 f"~{alone:.1f} s for {size['steps']} steps): all of them would need ~{total:.1f} s, "
                                 f"more than the {max(left, 0):.1f} s left at the smallest size")
             cal = {**cal, "step_s": {s: t for s, t in cal["step_s"].items() if s != slowest}}
@@ -2699,6 +2727,7 @@ def _training_data(dataset, data_dir, download, n_train, seed):
     return synthetic_dataset(n_train, TRAIN_VAL_SAMPLES, seed)
 
 
+@fitted_threads
 def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0, dataset="synthetic",
                             data_dir=None, time_budget_s=None, batch=None, width=None, accumulation=4,
                             eval_every=None, download=False, progress=None, profile="default"):
@@ -2802,17 +2831,19 @@ def _eval_mode(model):
             m.training = mode
 
 
+@fitted_threads
 def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=10):
     """Median wall time of one inference forward (eval mode, torch.inference_mode) of `model`.
 
     One warm-up run, one calibration run, then as many more runs as the calibration says fit in
     `time_budget_s`, up to `max_runs` in all (at least the calibration run); every planned run is
     done.  Runs on a copy of the model, so that nothing a forward changes (a counter buffer, a
-    lazily cached mask) reaches yours.  Returns median_s with its spread (time_stats), runs,
-    samples_per_s (the first input dimension / median) and the device.
+    lazily cached mask) reaches yours.  Torch's threads fit the machine's load during the call
+    (fitted_threads).  Returns median_s with its spread (time_stats), runs, samples_per_s (the
+    first input dimension / median), the device and the conditions (load, busy, threads).
     """
     _check_model(model)
-    budget = Budget(time_budget_s)
+    budget, load_start = Budget(time_budget_s), machine_load()
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
     device = check_device(device) if device is not None else _model_device(model)
@@ -2822,9 +2853,10 @@ def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=1
     try:
         runner = _replica(model, _real_like(device))  # counters, cached masks: changed on the copy only
         run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
-        return _time_forward(runner, run_args, run_kwargs, device, budget, max_runs)
+        result = _time_forward(runner, run_args, run_kwargs, device, budget, max_runs)
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
+    return {**result, "conditions": _conditions(load_start)}
 
 
 def _time_forward(runner, run_args, run_kwargs, device, budget, max_runs):
@@ -2864,8 +2896,8 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
     for name in order:
         predicted = None if seconds_per_flop is None else seconds_per_flop * flops[name]
         if predicted is not None and predicted * PLAN_MARGIN > budget.left():
-            why = (f"planned skip: predicted ~{predicted:.1f} s for batch 1, more than the "
-                   f"{budget.left():.1f} s left of the latency budget")
+            why = (f"planned skip: predicted ~{predicted:.1f} s for batch 1 (x{PLAN_MARGIN} margin: "
+                   f"{predicted * PLAN_MARGIN:.1f} s), more than the {budget.left():.1f} s left of the latency budget")
             latency[name] = [{"batch": b, "skipped": why} for b in LATENCY_BATCHES]
             continue
         started = _now()
@@ -2996,6 +3028,7 @@ def recommend_models(models):
     return scores
 
 
+@fitted_threads
 def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, device=None, time_budget_s=None,
                            progress=None, profile="default"):
     """Everything the dashboard draws, per model of the FLOP figure's zoo.
@@ -3410,7 +3443,8 @@ def _plot_memory_variants(ax, variants, parameters, model_name, batch):
     _barh(ax, labels, per_param, ["#4C72B0", "#55A868", "#64B5CD", "#8172B2", "#C44E52", "#DD8452"],
           fmt=lambda v: f"{v:.1f} B")
     ax.set_xlabel(_t("bytes_per_param"))
-    ax.set_title(_t("mem_variants", model=model_name, batch=batch))
+    key = "mem_variants" if any("checkpoint" in label for label in labels) else "mem_variants_precision"
+    ax.set_title(_t(key, model=model_name, batch=batch))
 
 
 def _plot_zero(ax, zero):
@@ -3558,7 +3592,8 @@ def _plot_mfu(ax, data):
     ax.set_xlim(0, 1.0 if max(values) > 0.6 else None)  # never beyond 100 %
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     peaks = ", ".join(f"{p} {readable(v['flops_per_s'], 'FLOP/s')}" for p, v in data["peak_flops"].items())
-    ax.set_xlabel(_t("mfu_note", peaks=peaks), fontsize=8)
+    note = _t("mfu_note", peaks=peaks) if "gradient_checkpointing" in data["runs"] else _t("mfu_peaks", peaks=peaks)
+    ax.set_xlabel(note, fontsize=8)
     ax.set_title(_t("mfu"))
 
 
@@ -3869,7 +3904,9 @@ def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skips=None):
 def _plot_amp_time(ax, models):
     names = list(models)
     med = _amp_matrix(models, "median_s")
-    _grouped_bars(ax, names, med, log=True, fmt=lambda v: f"{v * 1e3:.1f}ms", skips=_amp_skips(models))
+    values = [v for vals in med.values() for v in vals if v]
+    log = bool(values) and max(values) / min(values) > 20  # a log axis makes bar heights lie: only for wide spans
+    _grouped_bars(ax, names, med, log=log, fmt=lambda v: f"{v * 1e3:.1f}ms", skips=_amp_skips(models))
     lo, hi = _amp_matrix(models, "spread_lo_s"), _amp_matrix(models, "spread_hi_s")
     width = 0.8 / len(med)
     for j, p in enumerate(med):
@@ -4311,7 +4348,7 @@ def main(argv=None):
         threads, sample = (threads_for_load() if args.threads == "auto" else (int(args.threads), {}))
         torch.set_num_threads(threads)
         load_start = machine_load()
-        print(f"[{stage}] {FIGURE_FILES[stage]} (budget {budget.seconds:.0f}s) ...", flush=True)
+        print(f"[{stage}] {FIGURE_FILES[stage]} (budget {budget.seconds:g}s) ...", flush=True)
         try:
             results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"])
             print(f"[{stage}] done in {budget.elapsed():.1f}s", flush=True)

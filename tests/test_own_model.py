@@ -184,6 +184,13 @@ def test_one_vocabulary_of_precision_names():
     assert pure["parameters"] == 64 * 64 * 2 + 64 * 2 and amp["parameters"] == 64 * 64 * 4 + 64 * 4
 
 
+def test_autocast_on_a_float64_model_is_skipped_not_reported_as_a_speed_up():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).double()
+    records = demo.benchmark_mixed_precision(model, (8, 16), time_budget_s=5)
+    assert records[0]["model_dtype"] == "float64" and records[0]["median_s"] > 0
+    assert all(r["skipped"] and "float32 ops only" in r["skipped"] for r in records[1:])
+
+
 def test_a_string_where_a_list_is_wanted():
     with pytest.raises(ValueError, match="list"):
         demo.benchmark_mixed_precision(nn.Linear(4, 4), (2, 4), precisions="bf16")

@@ -109,6 +109,17 @@ def test_a_precision_too_slow_for_any_size_is_skipped_with_its_reason():
     assert p["fits"] and p["steps"] == 30  # the others still run the same 30 steps
 
 
+def test_the_baseline_is_never_the_strategy_dropped():
+    calibrate, _ = fake_calibration(step_ms=20)
+
+    def baseline_slowest(batch, width, limit_s=None):
+        cal = calibrate(batch, width, limit_s)
+        cal["step_s"]["baseline"] = 100.0  # noise at a tiny size can make it look the slowest
+        return cal
+    p = plan(baseline_slowest, 10)
+    assert "baseline" not in p["skipped"] and p["skipped"]
+
+
 def test_sizes_given_by_the_caller_are_kept_even_when_they_do_not_fit():
     calibrate, _ = fake_calibration(step_ms=100)
     p = plan(calibrate, 1, steps=200, batch=256, fixed={"steps", "batch", "width"})
