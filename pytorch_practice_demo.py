@@ -115,10 +115,10 @@ LABELS = {
                 "measured = peak of live tensor storage in one real step"),
     "mem_composition": ("训练峰值时刻的内存组成（左：公式，右：估计）",
                         "Memory at the training peak (left: napkin, right: estimate)"),
-    "parameters_part": ("参数", "parameters"), "gradients_part": ("梯度", "gradients"),
-    "optimizer_part": ("优化器状态", "optimizer state"), "activations_part": ("激活", "activations"),
-    "temporary_part": ("临时张量", "temporaries"), "buffers_part": ("缓冲区+输入", "buffers + inputs"),
-    "weight_copies_part": ("autocast 低精度权重副本", "autocast low-precision weight copies"),
+    "parameter_bytes_part": ("参数", "parameters"), "gradient_bytes_part": ("梯度", "gradients"),
+    "optimizer_bytes_part": ("优化器状态", "optimizer state"), "activation_bytes_part": ("激活", "activations"),
+    "temporary_bytes_part": ("临时张量", "temporaries"), "buffer_bytes_part": ("缓冲区+输入", "buffers + inputs"),
+    "weight_copy_bytes_part": ("autocast 低精度权重副本", "autocast low-precision weight copies"),
     "measured_peak": ("实测峰值", "measured peak"),
     "train_vs_infer": ("训练 vs 推理（峰值）", "Training vs inference (peak)"),
     "training": ("训练（fwd+bwd+Adam）", "training (fwd+bwd+Adam)"),
@@ -720,6 +720,23 @@ def mkldnn_rnn_macs(x, w_ih, w_hh, b_ih, b_hh, *args, **kwargs) -> int:
     return _rnn_weight_macs(x, [w_ih, w_hh])
 
 
+LSTM_GATE_FLOPS_PER_UNIT = 13  # 5 adds, 3 sigmoid, 2 tanh, 3 mul: the ops torch's decomposed LSTM cell runs
+LSTM_MODE = 2                  # the `mode` argument of mkldnn_rnn_layer for an LSTM (RNN_RELU 0, RNN_TANH 1, GRU 3)
+
+
+def lstm_gate_flops(x, w_ih, w_hh, b_ih, b_hh, hx, cx, reverse, batch_sizes, mode, *args, **kwargs) -> int:
+    """The elementwise gate work hidden inside the fused CPU LSTM layer, per hidden unit per step,
+    priced as the same layer decomposed into aten ops is (so fake, meta and real counts agree)."""
+    if int(mode) != LSTM_MODE:
+        return 0
+    return LSTM_GATE_FLOPS_PER_UNIT * w_hh.shape[-1] * (x.numel() // x.shape[-1])
+
+
+# NB: fused kernels that hide elementwise work behind one op: name -> its "other" FLOPs, counted
+# beside the op's multiply-adds.  The backward kernels' elementwise work is not counted.
+FUSED_OTHER = {"mkldnn_rnn_layer": lstm_gate_flops}
+
+
 @macs_formula("_cudnn_rnn")
 def cudnn_rnn_macs(x, weights, *args, **kwargs) -> int:
     """The cuDNN RNN over all layers and directions: T*B*(sum of weight matrices)."""
@@ -875,7 +892,7 @@ ZERO_COST_OPS = {
     "scatter", "scatter_", "masked_fill_", "masked_fill", "uniform_", "normal_", "bernoulli_",
     "randn", "rand", "randint", "randperm", "resize_", "set_", "_assert_async", "sym_size",
     "sym_numel", "sym_stride", "sym_storage_offset", "is_same_size",
-    "_has_compatible_shallow_copy_type",
+    "_has_compatible_shallow_copy_type", "device", "layout", "dtype",  # prim queries fake tensors answer
     "split_with_sizes_copy", "unbind_copy", "tril", "triu", "flip", "roll", "repeat",
     "_pin_memory", "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk", "select_backward",
     "slice_backward", "select_scatter", "slice_scatter", "as_strided_scatter", "index_add_", "index_put",
@@ -955,6 +972,11 @@ class _CountingMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         kind, amount = _op_cost(func, args, kwargs, out)
         name = func.overloadpacket.__name__
+        if name in FUSED_OTHER:
+            extra = int(FUSED_OTHER[name](*args, **kwargs))
+            self.other[self.phase] += extra
+            if self.phase == "forward":
+                self.by_operator[name] += extra
         if kind == "unsupported":
             self.unsupported[name] += 1
         elif kind == "macs":
@@ -1007,6 +1029,10 @@ def _replica(model, make):
         memo[id(p)] = nn.Parameter(make(p.detach()), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = make(b.detach())
+    for m in model.modules():  # compiled functions hold no state and cannot be deep-copied: shared
+        for value in vars(m).values():
+            if isinstance(value, (torch.jit.ScriptFunction, torch._C.ScriptFunction)):
+                memo[id(value)] = value
     try:
         return copy.deepcopy(model, memo)
     except Exception as err:  # a lock, a file handle, a compiled function: copy.deepcopy refuses it
@@ -1223,7 +1249,17 @@ class FLOPCalculator:
         return result
 
     def _count(self, model, args, kwargs, *, real, mode_note, training=True):
-        make = _real_like(_model_device(model), ids_below=_ids_below(model)) if real else _meta_like
+        compute = contextlib.nullcontext()
+        if real:
+            make = _real_like(_model_device(model), ids_below=_ids_below(model))
+        else:  # fake tensors of the target device: the kernels it would choose (CPU flash attention), no data
+            from torch._subclasses.fake_tensor import FakeTensorMode
+            compute = FakeTensorMode(allow_non_fake_inputs=True)
+            target = _model_device(model) if _model_device(model).type != "meta" else torch.device("cpu")
+
+            def make(x):
+                with compute:
+                    return torch.empty_like(x, device=target)
         replica = _replica(model, make)
         if not training:
             replica.eval()  # the copy only
@@ -1234,7 +1270,8 @@ class FLOPCalculator:
         run_args, run_kwargs = _map_tensors((args, kwargs), make_input)
         counted_training = training
         training = _CountingMode()
-        with _track_modules(replica, training), training, torch.set_grad_enabled(counted_training):
+        quiet = _quiet_fake_tensor_logs() if not real else contextlib.nullcontext()  # no tracebacks on stderr
+        with quiet, compute, _track_modules(replica, training), training, torch.set_grad_enabled(counted_training):
             output = replica(*run_args, **run_kwargs)
             training.phase = "backward"
             loss = _scalar_loss(output) if counted_training else None
@@ -1453,8 +1490,12 @@ def _categorize(tracker):
             entry[2] = "temporary"
 
 
-MEMORY_PARTS = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
-                "temporary")
+MEMORY_CATEGORIES = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
+                     "temporary")  # what the tracker sorts storages into
+# ... and the result keys they become: bytes are *_bytes (`parameters` elsewhere is a count)
+PART_KEYS = {"parameters": "parameter_bytes", "buffers": "buffer_bytes", "inputs": "input_bytes",
+             "optimizer": "optimizer_bytes", "gradients": "gradient_bytes", "activations": "activation_bytes",
+             "weight_copies": "weight_copy_bytes", "temporary": "temporary_bytes"}
 
 
 def _replay(tracker):
@@ -1469,7 +1510,7 @@ def _replay(tracker):
             peak, at_peak, peak_index = live, Counter(by_cat), i
     phases = sorted(tracker.phase_start.items(), key=lambda kv: kv[1])
     peak_phase = next((p for p, start in reversed(phases) if start <= peak_index), "setup")
-    return peak, {part: int(at_peak[part]) for part in MEMORY_PARTS}, peak_phase
+    return peak, {PART_KEYS[c]: int(at_peak[c]) for c in MEMORY_CATEGORIES}, peak_phase
 
 
 def _memory_summary(tracker):
@@ -1478,9 +1519,9 @@ def _memory_summary(tracker):
     sizes = Counter()
     for nbytes, _, category in tracker.info:
         sizes[category] += nbytes
-    result = {part: int(sizes[part]) for part in MEMORY_PARTS}
+    result = {PART_KEYS[c]: int(sizes[c]) for c in MEMORY_CATEGORIES}
     # parts that live all step are their full size; temporary is what was live at the peak
-    result["temporary"] = at_peak["temporary"]
+    result["temporary_bytes"] = at_peak["temporary_bytes"]
     result.update(total=int(peak), at_peak=at_peak, peak_phase=peak_phase)
     return result
 
@@ -1564,8 +1605,9 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
     finally:
         tracker.close()
     if not options["training"]:  # the forward's working set is its activations
-        summary["activations"] = summary["total"] - summary["parameters"] - summary["buffers"] - summary["inputs"]
-        summary["temporary"] = 0
+        summary["activation_bytes"] = (summary["total"] - summary["parameter_bytes"] - summary["buffer_bytes"]
+                                       - summary["input_bytes"])
+        summary["temporary_bytes"] = 0
     summary["formula"] = _napkin_memory(model, options, layers.nbytes)
     summary["checkpointed_blocks"] = blocks
     return summary
@@ -1615,10 +1657,10 @@ def _napkin_memory(model, options, layer_output_bytes):
     parameters = sum(p.numel() for p in model.parameters()) * bytes_per_param
     training = options["training"]
     formula = {
-        "parameters": parameters,
-        "gradients": n * bytes_per_param if training else 0,
-        "optimizer": OPTIMIZER_STATES[options["optimizer_name"]] * n * bytes_per_param if training else 0,
-        "activations": layer_output_bytes,
+        "parameter_bytes": parameters,
+        "gradient_bytes": n * bytes_per_param if training else 0,
+        "optimizer_bytes": OPTIMIZER_STATES[options["optimizer_name"]] * n * bytes_per_param if training else 0,
+        "activation_bytes": layer_output_bytes,
     }
     formula["total"] = sum(formula.values())
     return formula
@@ -1797,7 +1839,8 @@ def _memory_growth(model, inputs, measured_batches, estimated_batches, known=Non
     return {
         "batches": batches,
         "estimated_total": [e["total"] for e in estimates],
-        "fixed": [e["parameters"] + e["buffers"] + e["gradients"] + e["optimizer"] for e in estimates],
+        "fixed": [e["parameter_bytes"] + e["buffer_bytes"] + e["gradient_bytes"] + e["optimizer_bytes"]
+                  for e in estimates],
         "measured_batches": list(measured_batches),
         "measured_total": [(known[b]["measured"] if b in known else measure_memory(model, inputs(b)))["total"]
                            for b in measured_batches],
@@ -2317,7 +2360,7 @@ def _peak_memory(trainer, device):
     """(peak, activation) bytes of one untimed step, measured as in measure_memory."""
     _, summary = _measured_step(trainer.step, trainer.replica, trainer.optimizer, trainer.args, trainer.kwargs,
                                 device)
-    return summary["total"], summary["activations"]
+    return summary["total"], summary["activation_bytes"]
 
 
 # name -> (builder, inputs(batch)) for the mixed-precision figure: sizes from tiny to a few M params.
@@ -2576,7 +2619,7 @@ def _train_one(model, strategy, data, order, options):
     record.update(steps_done=len(record["train_loss"]), wall_s=_now() - started, cut=None,
                   median_step_s=stats["median_s"], step_time=stats, samples_per_s=batch / stats["median_s"],
                   samples_per_s_range=[batch / stats["spread_hi_s"], batch / stats["spread_lo_s"]],
-                  peak_memory_bytes=memory["total"], activation_bytes=memory["activations"],
+                  peak_memory_bytes=memory["total"], activation_bytes=memory["activation_bytes"],
                   at_peak=memory["at_peak"], peak_phase=memory["peak_phase"],
                   achieved_flops_per_s=options["training_flops"] / stats["median_s"])
     return record
@@ -3372,18 +3415,18 @@ def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, records=None, quic
     return fig
 
 
-MEMORY_COLORS = {"parameters": "#4C72B0", "gradients": "#DD8452", "optimizer": "#55A868",
-                 "activations": "#C44E52", "weight_copies": "#64B5CD", "temporary": "#8172B2",
-                 "buffers": "#937860"}
+MEMORY_COLORS = {"parameter_bytes": "#4C72B0", "gradient_bytes": "#DD8452", "optimizer_bytes": "#55A868",
+                 "activation_bytes": "#C44E52", "weight_copy_bytes": "#64B5CD", "temporary_bytes": "#8172B2",
+                 "buffer_bytes": "#937860"}
 MIB, GIB = 2 ** 20, 2 ** 30
 
 
 def _stacked_parts(ax, x, parts_per_bar, width, *, label=True, hatch=None):
-    """One bar per dict of part -> bytes, stacked in MiB in MEMORY_COLORS order ("buffers"
+    """One bar per dict of part -> bytes, stacked in MiB in MEMORY_COLORS order ("buffer_bytes"
     includes the inputs); parts absent from every dict are left out of the legend."""
     bottom = np.zeros(len(parts_per_bar))
     for part in MEMORY_COLORS:
-        values = np.array([(d.get(part, 0) + (d.get("inputs", 0) if part == "buffers" else 0)) / MIB
+        values = np.array([(d.get(part, 0) + (d.get("input_bytes", 0) if part == "buffer_bytes" else 0)) / MIB
                            for d in parts_per_bar])
         if values.any():
             ax.bar(x, values, width, bottom=bottom, color=MEMORY_COLORS[part], hatch=hatch,

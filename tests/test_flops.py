@@ -372,3 +372,14 @@ def test_a_count_that_needed_real_data_says_so():
             return self.fc(x[x.sum(dim=1) > 0])  # how many rows survive depends on the data
     result = FLOPCalculator().analyze_model(Nonzero(), (8, 4))
     assert result["data_dependent"] and "another input" in result["note"] and result["mode"].startswith("real")
+
+
+def test_attention_and_lstm_count_the_same_without_and_with_real_data():
+    """Counting runs on fake tensors of the target device, so it sees the kernels a real run would
+    (CPU flash attention, the fused oneDNN LSTM): the default and mode="real" agree."""
+    for model, inputs in [(TinyGPT(), torch.zeros(2, 64, dtype=torch.long)),
+                          (LSTMClassifier(), torch.zeros(2, 32, dtype=torch.long))]:
+        default = calc.analyze_model(model, inputs)
+        real = calc.analyze_model(model, inputs, mode="real")
+        for key in ("flops", "other_flops", "training_flops"):
+            assert default[key] == real[key], (type(model).__name__, key)

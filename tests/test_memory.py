@@ -39,22 +39,23 @@ def test_known_byte_counts_for_adam():
     model = mlp(512)
     n = sum(p.numel() for p in model.parameters())  # 658_698
     r = measure_memory(model, (8, 1024), optimizer="adam")
-    assert r["parameters"] == 4 * n and r["gradients"] == 4 * n
-    assert r["optimizer"] >= 8 * n  # exp_avg + exp_avg_sq (+ a 4-byte step counter per tensor)
-    assert r["inputs"] == 8 * 1024 * 4
+    assert r["parameter_bytes"] == 4 * n and r["gradient_bytes"] == 4 * n
+    assert r["optimizer_bytes"] >= 8 * n  # exp_avg + exp_avg_sq (+ a 4-byte step counter per tensor)
+    assert r["input_bytes"] == 8 * 1024 * 4
     # activations saved for backward: the two ReLU outputs and the logits, 8 * (512+256+10) * 4 bytes
-    assert r["activations"] == 8 * (512 + 256 + 10) * 4
+    assert r["activation_bytes"] == 8 * (512 + 256 + 10) * 4
     # the peak is during Adam's step and holds temporaries on top of params + grads + state
-    assert r["peak_phase"] == "optimizer" and r["temporary"] > 0
-    assert r["total"] > r["formula"]["parameters"] + r["formula"]["gradients"] + r["formula"]["optimizer"]
-    assert r["formula"]["optimizer"] == 2 * 4 * n
+    assert r["peak_phase"] == "optimizer" and r["temporary_bytes"] > 0
+    formula = r["formula"]
+    assert r["total"] > formula["parameter_bytes"] + formula["gradient_bytes"] + formula["optimizer_bytes"]
+    assert r["formula"]["optimizer_bytes"] == 2 * 4 * n
 
 
 def test_sgd_has_no_state_and_momentum_has_one():
     model = mlp(256)
     n = sum(p.numel() for p in model.parameters())
-    assert estimate_memory(model, (4, 1024), optimizer="sgd")["optimizer"] == 0
-    assert estimate_memory(model, (4, 1024), optimizer="sgd_momentum")["optimizer"] == 4 * n
+    assert estimate_memory(model, (4, 1024), optimizer="sgd")["optimizer_bytes"] == 0
+    assert estimate_memory(model, (4, 1024), optimizer="sgd_momentum")["optimizer_bytes"] == 4 * n
 
 
 def test_checkpointing_cuts_transformer_activations():
@@ -63,7 +64,7 @@ def test_checkpointing_cuts_transformer_activations():
     plain = estimate_memory(model, x)
     ckpt = estimate_memory(model, x, checkpointing=True)
     assert ckpt["checkpointed_blocks"] == 2
-    assert ckpt["activations"] < plain["activations"]
+    assert ckpt["activation_bytes"] < plain["activation_bytes"]
     assert ckpt["total"] < plain["total"]
 
 
@@ -71,7 +72,7 @@ def test_inference_is_smaller_than_training():
     model = small_gpt()
     x = torch.zeros(8, 64, dtype=torch.long)
     inference = estimate_memory(model, x, training=False)
-    assert inference["gradients"] == inference["optimizer"] == 0
+    assert inference["gradient_bytes"] == inference["optimizer_bytes"] == 0
     assert inference["total"] < estimate_memory(model, x)["total"]
     assert inference["total"] == measure_memory(model, x, training=False)["total"]
 
@@ -82,8 +83,8 @@ def test_precisions():
     fp32 = estimate_memory(model, (16, 1024))
     amp = estimate_memory(model, (16, 1024), precision="amp_bf16")
     pure = estimate_memory(model, (16, 1024), precision="bf16")
-    assert amp["parameters"] == fp32["parameters"] == 4 * n  # autocast keeps fp32 weights
-    assert pure["parameters"] == 2 * n and pure["total"] < fp32["total"]
+    assert amp["parameter_bytes"] == fp32["parameter_bytes"] == 4 * n  # autocast keeps fp32 weights
+    assert pure["parameter_bytes"] == 2 * n and pure["total"] < fp32["total"]
 
 
 def test_meta_model_estimate_but_no_measure():

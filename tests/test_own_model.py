@@ -3,6 +3,7 @@
 import json
 import re
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_a_shape_gives_data_in_the_models_dtype():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).double()
     est = demo.estimate_memory(model, (8, 16))
     meas = demo.measure_memory(model, (8, 16))
-    assert est["inputs"] == meas["inputs"] == 8 * 16 * 8  # float64 data, 8 bytes each
+    assert est["input_bytes"] == meas["input_bytes"] == 8 * 16 * 8  # float64 data, 8 bytes each
     assert demo.measure_latency(model, (8, 16), time_budget_s=1)["median_s"] > 0
 
 
@@ -181,7 +182,7 @@ def test_one_vocabulary_of_precision_names():
         demo.estimate_memory(nn.Linear(4, 4), (2, 4), precision="fp8")
     pure = demo.estimate_memory(nn.Linear(64, 64), (2, 64), precision="fp16")
     amp = demo.estimate_memory(nn.Linear(64, 64), (2, 64), precision="amp_fp16")
-    assert pure["parameters"] == 64 * 64 * 2 + 64 * 2 and amp["parameters"] == 64 * 64 * 4 + 64 * 4
+    assert pure["parameter_bytes"] == 64 * 64 * 2 + 64 * 2 and amp["parameter_bytes"] == 64 * 64 * 4 + 64 * 4
 
 
 def test_autocast_on_a_float64_model_is_skipped_not_reported_as_a_speed_up():
@@ -253,3 +254,28 @@ def test_cli_model_errors_are_short(tmp_path, capsys, argv, message):
     except SystemExit as exit_:
         code = exit_.code
     assert code == 2 and message in capsys.readouterr().err
+
+
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    return x * 2.0
+
+
+with warnings.catch_warnings():  # torch.jit.script is deprecated; models in the wild still hold it
+    warnings.simplefilter("ignore")
+    _scaled = torch.jit.script(_scaled)
+
+
+class HoldsScript(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fn = _scaled
+
+    def forward(self, x):
+        return self.fn(self.fc(x))
+
+
+def test_a_module_holding_a_scripted_function_can_be_analysed():
+    result = demo.FLOPCalculator().analyze_model(HoldsScript(), (2, 4))
+    assert result["macs"] == 2 * 4 * 4
+    assert demo.estimate_memory(HoldsScript(), (2, 4))["total"] > 0
