@@ -83,8 +83,8 @@ CJK_FONT_FAMILIES = ["Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "
 LABELS = {
     # FLOP figure
     "flop_title": ("FLOP 分析：模型规模与计算量", "FLOP analysis: model size and compute"),
-    "flop_sub": ("每个数字均由 FLOPCalculator 在 meta 张量上计数（无真实计算）；batch={batch}；FLOPs = 2 × 乘加",
-                 "Every number counted by FLOPCalculator on meta tensors (no real compute); "
+    "flop_sub": ("每个数字均由 FLOPCalculator 在 fake 张量上计数（无真实计算）；batch={batch}；FLOPs = 2 × 乘加",
+                 "Every number counted by FLOPCalculator on fake tensors (no real compute); "
                  "batch={batch}; FLOPs = 2 × multiply-adds"),
     "flop_bars": ("前向 FLOPs（对数轴）", "Forward FLOPs (log scale)"),
     "matmul_flops": ("矩阵乘类（线性/卷积/注意力/RNN）", "matmul-class (linear/conv/attention/RNN)"),
@@ -213,8 +213,8 @@ LABELS = {
     "not_measured": ("未测", "n/m"),
     # your own model
     "own_title": ("你的模型：{model}", "Your model: {model}"),
-    "own_sub": ("设备 {device}；输入 {shape}；FLOPs 在 meta 上计数（2 × 乘加），内存、混合精度与延迟在本机实测",
-                "device {device}; input {shape}; FLOPs counted on meta (2 x multiply-adds), memory, mixed "
+    "own_sub": ("设备 {device}；输入 {shape}；FLOPs 在 fake 张量上计数（2 × 乘加），内存、混合精度与延迟在本机实测",
+                "device {device}; input {shape}; FLOPs counted on fake tensors (2 x multiply-adds), memory, mixed "
                 "precision and latency measured here"),
     "own_flops": ("每个顶层模块的前向 FLOPs", "Forward FLOPs per top-level module"),
     "own_sizes": ("每个顶层模块的参数与输出字节", "Parameter and output bytes per top-level module"),
@@ -1203,10 +1203,12 @@ def check_device(device):
 class FLOPCalculator:
     """Count FLOPs (2 per multiply-add), MACs and parameters of any nn.Module.
 
-    Counting runs on meta tensors by default: a replica of the model whose weights take no
-    memory, so the cost does not grow with the batch and the user's model is never touched.
-    A model that needs real values (data-dependent control flow) falls back to a real run on a
-    clone of its weights; ``result["mode"]`` says which was used.
+    Counting runs on fake tensors of the model's device by default (mode "meta": no data, no
+    memory, CPU for a model on meta): a replica of the model whose weights take no memory, so
+    the cost does not grow with the batch and the user's model is never touched, and whose ops
+    pick the kernels a real run would (CPU flash attention, the fused LSTM), so "meta" and
+    "real" agree.  A model that needs real values (data-dependent control flow) falls back to a
+    real run on a clone of its weights; ``result["mode"]`` and ``data_dependent`` say so.
     """
 
     MODES = ("auto", "meta", "real")
