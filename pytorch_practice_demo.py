@@ -391,14 +391,15 @@ def seed_everything(seed):
 PROFILES = {
     "default": {
         "peak_s": 0.8,  # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
-        "flop": {"budget_s": 12.0, "models": None},  # 11 zoo models on meta + a figure: ~5 s quiet, ~14 s busy
+        "flop": {"budget_s": 14.0, "models": None},  # 11 zoo models on fake tensors + a figure: ~6 s quiet, ~18 s busy
         "memory": {
-            "budget_s": 12.0,        # ~24 tracked steps, half on fake tensors: ~4 s quiet, ~12 s busy
+            "budget_s": 13.0,        # ~22 tracked steps, half on fake tensors: ~4.5 s quiet, ~14 s busy
             "batch": 16,
             "models": None,          # all of MEMORY_MODELS
-            "growth_estimated": (1, 4, 16, 64),  # memory is linear in batch: four points draw the line
+            "growth_estimated": (1, 16, 64),     # memory is linear in batch: with the measured 4, four points
             "growth_measured": (1, 4, 16),       # real steps, up to the figure's batch (reused)
-            "variants": None,        # all of MEMORY_VARIANTS
+            # AMP fp16 holds the same bytes as AMP bf16 (fp32 weights, 2-byte copies): not estimated twice
+            "variants": ("fp32", "AMP bf16", "pure bf16", "fp32 + checkpoint", "AMP bf16 + checkpoint"),
         },
         "training": {
             "budget_s": 10.0, "measure_s": 7.0,  # 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
@@ -411,28 +412,28 @@ PROFILES = {
             "batch": 32, "models": None,         # all of AMP_MODELS
         },
         "dashboard": {
-            "budget_s": 19.0,  # the FLOP stage's models: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
+            "budget_s": 20.0,  # the FLOP stage's models: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
             "latency_s": 6.5,  # batch 1 of every model; batch 8 of those that fit (ViT-B/16's takes ~7 s)
         },
         "model": {"budget_s": 45.0, "amp_s": 8.0, "latency_s": 3.0},  # --model: unknown size, generous
     },
     "quick": {
-        "peak_s": 0.4,  # 512-1024: a lower peak, still a real one
-        "flop": {"budget_s": 6.0, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
+        "peak_s": 0.3,  # 512-1024: a lower peak, still a real one
+        "flop": {"budget_s": 7.0, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
         "memory": {
             "budget_s": 6.0, "batch": 8,
-            "models": ("MLP-2048", "MNIST-CNN", "TinyGPT (T=64)"),  # ResNet-18 is the slowest op by op
+            "models": ("MLP-2048", "TinyGPT (T=64)"),  # an MLP and a transformer: each real+fake step ~1 s busy
             "growth_estimated": (1, 8), "growth_measured": (8,),  # batch 8 is reused: one new estimate
             "variants": ("fp32", "AMP bf16"),  # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
         },
         "training": {
-            "budget_s": 4.5, "measure_s": 2.5,
+            "budget_s": 4.5, "measure_s": 2.2,
             "steps": 30, "min_steps": 30, "batch": 64, "width": 128,
             "depth": 4,  # half the per-step overhead: 4 strategies x 30 steps fit on a busy laptop
         },
-        "amp": {"budget_s": 2.5, "measure_s": 1.0, "batch": 16,
+        "amp": {"budget_s": 2.5, "measure_s": 0.8, "batch": 16,
                 "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1 s
-        "dashboard": {"budget_s": 4.5, "latency_s": 0.8},  # the FLOP stage's quick zoo
+        "dashboard": {"budget_s": 5.0, "latency_s": 0.6},  # the FLOP stage's quick zoo
         "model": {"budget_s": 20.0, "amp_s": 3.0, "latency_s": 1.0},
     },
 }
