@@ -1987,6 +1987,19 @@ def threads_for_load(sample_s=0.05):
                                                            "free_cores": round(free, 2)}
 
 
+@functools.lru_cache(maxsize=None)
+def _warm_up_torch():
+    """Pay torch's one-time costs before a measuring budget starts: the first optimizer imports
+    torch._dynamo (~1.8 s on a quiet 2-core CPU, ~7 s on a busy one), and autocast and
+    checkpointing set themselves up on first use.  They are the process's, not the measurement's."""
+    import torch.utils.checkpoint  # noqa: F401
+    p = nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.Adam([p])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (p @ p).float().sum().backward()
+    optimizer.step()
+
+
 def fitted_threads(fn):
     """Run `fn` with torch's threads fitted to the machine's load (threads_for_load), and put the
     caller's thread count back afterwards: a measuring call on a busy machine must not stall on
@@ -2263,6 +2276,7 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
     memory in one step, then as many runs as fit (AMP_MIN_RUNS to `max_runs`), all of them.
     """
     _check_model(model)
+    _warm_up_torch()
     profile = _profile("default", "amp")
     budget = Budget(time_budget_s if time_budget_s is not None
                     else profile["measure_s"] / len(AMP_MODELS))
@@ -2631,7 +2645,6 @@ def _train_one(model, strategy, data, order, options):
 # --- planning: calibrate a step of each strategy, then choose the size that fits -------------
 
 TRAIN_MIN_BATCH, TRAIN_MIN_WIDTH = 32, 32  # the smallest size still worth a figure
-CALIBRATION_SHARE = 0.25  # a calibration that has used this share of the budget stops; the rest is extrapolated
 TRAIN_VAL_SAMPLES = 512    # one validation pass costs ~2 training steps at batch 256
 TRAIN_MAX_SAMPLES = 60_000  # one pass over at most this many training samples
 
@@ -2668,12 +2681,19 @@ def _halve(size, key, over, smallest, fixed, shrunk):
     return True
 
 
+def _at_smallest(size, fixed, accumulation):
+    """Nothing left to halve: batch and width at their floors (or fixed by the caller)."""
+    return all(key in fixed or size[key] // 2 < floor for key, floor in
+               (("batch", max(TRAIN_MIN_BATCH, accumulation)), ("width", TRAIN_MIN_WIDTH)))
+
+
 def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_every, accumulation,
                   fixed=()):
     """Choose steps, batch and width so that every strategy runs the same steps within `budget_s`.
 
     `calibrate(batch, width, limit_s)` times one steady step of each strategy at that size (once
-    it has spent `limit_s`, the strategies left are taken as slow as the slowest timed) and returns
+    it has spent `limit_s`, the strategies left are taken as slow as the slowest timed: a limit of
+    0 is a cheap probe of the first one, used to find a feasible size before timing them all) and returns
     {"step_s": {strategy: s}, "precision": {strategy: name}, "eval_s": {precision: s}, "setup_s": s,
     "wall_s": its own cost}.  Shrinks, in
     this order, what is not in `fixed`: steps (to the most that fit, not below `min_steps`),
@@ -2683,10 +2703,17 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
     plan: the sizes, the prediction, what was shrunk, the skips and the calibration it was made from.
     """
     size, shrunk, skipped, skipped_ms, spent = {"steps": steps, "batch": batch, "width": width}, [], {}, {}, 0.0
-    cal = calibrate(batch, width, CALIBRATION_SHARE * budget_s)
+    cal = calibrate(batch, width, 0.0)  # a probe: the first strategy's step; the rest taken as slow as it
     spent += cal.get("wall_s", 0.0)
-    while not _fits(cal, size["steps"], eval_every, budget_s - spent):
+    while True:
         left = budget_s - spent
+        complete = cal.get("complete", True)
+        if _fits(cal, size["steps"], eval_every, left) and complete:
+            break
+        if _fits(cal, size["steps"], eval_every, left) or (not complete and _at_smallest(size, fixed, accumulation)):
+            cal = calibrate(size["batch"], size["width"], math.inf)  # the whole calibration where it looks feasible
+            spent += cal.get("wall_s", 0.0)
+            continue
         if "steps" not in fixed and size["steps"] > min_steps:
             n = max((n for n in range(min_steps, size["steps"]) if _fits(cal, n, eval_every, left)),
                     default=min_steps)
@@ -2712,7 +2739,7 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
             continue
         else:
             break  # nothing left to shrink: run the smallest plan and say it does not fit
-        cal = calibrate(size["batch"], size["width"], CALIBRATION_SHARE * (budget_s - spent))  # time it again
+        cal = calibrate(size["batch"], size["width"], 0.0)  # a new size: probe it again
         spent += cal.get("wall_s", 0.0)
     predicted = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
     return {**size, "predicted_s": predicted, "budget_s": budget_s, "calibration_s": spent,
@@ -2793,6 +2820,7 @@ def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0,
     (against the measured matmul peak, `peak_flops`; None with `mfu_invalid` if impossible).
     """
     sizes = _profile(profile, "training")
+    _warm_up_torch()
     strategies = list(TRAIN_STRATEGIES if strategies is None else strategies)
     _check_training_options(strategies, steps, batch, accumulation, eval_every, dataset)
     fixed = {k for k, v in (("steps", steps), ("batch", batch), ("width", width)) if v is not None}
