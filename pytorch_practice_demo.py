@@ -439,7 +439,9 @@ PROFILES = {
 }
 
 
-def _profile(profile, stage):
+def _profile(profile, stage, quick=False):
+    """PROFILES[profile][stage]; `quick=True` (the older keyword of the run_* functions) is "quick"."""
+    profile = "quick" if quick else profile
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
     return PROFILES[profile][stage]
@@ -1338,7 +1340,7 @@ def run_flop_analysis(models=None, *, batch=1, quick=False, progress=None, profi
     defaults to the profile's list (all of MODEL_ZOO by default; `quick=True` is profile "quick").
     `progress(done, total, name)` is called after each model when given.
     """
-    names = list(models or _profile("quick" if quick else profile, "flop")["models"] or MODEL_ZOO)
+    names = list(models or _profile(profile, "flop", quick)["models"] or MODEL_ZOO)
     records = []
     for i, name in enumerate(names):
         kind, _, make_inputs = MODEL_ZOO[name]
@@ -1804,7 +1806,7 @@ def _memory_pair(model, inputs, **options):
 
 def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None, profile="default"):
     """Estimate and measure training/inference memory of the profile's MEMORY_MODELS; return plain data."""
-    sizes = _profile("quick" if quick else profile, "memory")
+    sizes = _profile(profile, "memory", quick)
     device = check_device(device or "cpu")
     batch = batch or sizes["batch"]
     data = {"device": _device_name(device), "batch": batch, "optimizer": "adam", "dtype": "fp32", "models": {}}
@@ -2392,7 +2394,7 @@ def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None
                      profile="default"):
     """Run benchmark_mixed_precision on the profile's AMP_MODELS within `time_budget_s` in all (default:
     the profile's `measure_s`), each model an equal share of what is left; return plain data."""
-    sizes = _profile("quick" if quick else profile, "amp")
+    sizes = _profile(profile, "amp", quick)
     device = check_device(device or "cpu")
     batch = batch or sizes["batch"]
     budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
