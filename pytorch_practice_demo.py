@@ -1952,6 +1952,15 @@ def _cpu_ticks():
     return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])  # utime + stime
 
 
+def _others_busy_cores(start, end):
+    """Cores that processes other than this one kept busy between two _cpu_ticks() snapshots
+    (None when either is missing)."""
+    if not (start and end):
+        return None
+    busy, total, own = (e - s for e, s in zip(end, start))
+    return max(busy - own, 0) / max(total, 1) * (os.cpu_count() or 1)
+
+
 def machine_load():
     """How busy the machine is now: the 1-minute load average, the cores, and a CPU-tick snapshot
     that _conditions turns into what other processes used while a stage ran."""
@@ -1978,13 +1987,10 @@ def threads_for_load(sample_s=0.05):
     """
     start = _cpu_ticks()
     time.sleep(sample_s)
-    end = _cpu_ticks()
-    if not (start and end):
+    others = _others_busy_cores(start, _cpu_ticks())
+    if others is None:
         return DEFAULT_THREADS, {"others_busy_cores": None, "free_cores": None}
-    busy, total, own = (e - s for e, s in zip(end, start))
-    cores = os.cpu_count() or 1
-    others = max(busy - own, 0) / max(total, 1) * cores
-    free = cores - others
+    free = (os.cpu_count() or 1) - others
     return max(1, min(DEFAULT_THREADS, int(free + 0.5))), {"others_busy_cores": round(others, 2),
                                                            "free_cores": round(free, 2)}
 
@@ -2022,10 +2028,8 @@ def _conditions(load_start, budget=None):
     processes kept busy meanwhile (from /proc/stat).  Busy: others used OTHERS_BUSY_CORES or more;
     where /proc is missing, a load average above the cores (it lags by a minute)."""
     end = machine_load()
-    others = None
-    if load_start["ticks"] and end["ticks"]:
-        busy, total, own = (e - s for e, s in zip(end["ticks"], load_start["ticks"]))
-        others = round(max(busy - own, 0) / max(total, 1) * end["cores"], 2)
+    others = _others_busy_cores(load_start["ticks"], end["ticks"])
+    others = None if others is None else round(others, 2)
     strip = ("ticks",)
     busy = others >= OTHERS_BUSY_CORES if others is not None else bool(load_start["busy"] or end["busy"])
     out = {"load_start": {k: v for k, v in load_start.items() if k not in strip},
@@ -2977,7 +2981,8 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
             latency[name] = [{"batch": b, "skipped": why} for b in LATENCY_BATCHES]
             continue
         started = _now()
-        model = _build_zoo_model(name, device)
+        seed_everything(0)
+        model = build_model(name, device)
         build_s = _now() - started
         one = _zoo_latency(model, name, 1, device, AMP_MIN_RUNS)
         seconds_per_flop = (_now() - started) / flops[name]
@@ -2991,20 +2996,14 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
         if isinstance(runs, str):  # a planned skip and its reason
             latency[name].append({"batch": big, "skipped": runs})
         else:
-            model = _build_zoo_model(name, device)
+            seed_everything(0)
+            model = build_model(name, device)
             latency[name].append(_zoo_latency(model, name, big, device, runs))
             del model
         done += 1
         if progress:
             progress(done, total, f"{name} latency, batch {big}")
     return {r["name"]: latency[r["name"]] for r in records}
-
-
-def _build_zoo_model(name, device):
-    _, builder, _ = MODEL_ZOO[name]
-    seed_everything(0)
-    with torch.device(device):
-        return builder()
 
 
 def plan_latency(calibration, budget_s):
@@ -4278,11 +4277,7 @@ def _resolve_device(name):
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: no MPS device is available here")
-    return torch.device(name)
+    return check_device(name)
 
 
 def _check_writable(output_dir):
