@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +69,7 @@ FIGURE_FILES = {
     "training": "训练性能可视化.png",
     "amp": "混合精度效益对比.png",
     "dashboard": "综合性能仪表板.png",
+    "lecture": "讲义对照.png",
     "model": "你的模型分析.png",  # --model SPEC: your own model
 }
 
@@ -110,9 +112,9 @@ LABELS = {
     # memory figure
     "mem_title": ("内存分析：训练一步中内存去了哪里", "Memory analysis: where one training step's memory goes"),
     "mem_sub": ("设备 {device}；fp32；batch={batch}；Adam；"
-                "估计 = fake 张量（无真实计算），实测 = 真实一步中活跃张量存储的峰值",
+                "估计 = fake 张量（无真实计算），实测 = 真实一步中分配器记录的峰值",
                 "device {device}; fp32; batch={batch}; Adam; estimate = fake tensors (no real compute), "
-                "measured = peak of live tensor storage in one real step"),
+                "measured = the allocator's peak in one real step"),
     "mem_composition": ("训练峰值时刻的内存组成（左：公式，右：估计）",
                         "Memory at the training peak (left: napkin, right: estimate)"),
     "parameter_bytes_part": ("参数", "parameters"), "gradient_bytes_part": ("梯度", "gradients"),
@@ -138,6 +140,8 @@ LABELS = {
                   "mixed-precision Adam, 16 bytes/param (ZeRO paper, §3); activations excluded"),
     "gpu_80gb": ("80 GiB 显卡", "80 GiB GPU"),
     "mem_error": ("与实测峰值的相对误差", "Relative error vs measured peak"),
+    "mem_source": ("实测峰值来自：{method}，与估计不共用任何代码", "measured peak from: {method}, which shares no code "
+                   "with the estimate"),
     "napkin": ("公式（参数×4 + 梯度 + Adam 2× + 各层输出之和）",
                "napkin (params×4 + grads + 2× Adam + sum of layer outputs)"),
     "estimate": ("估计（fake 张量）", "estimate (fake tensors)"),
@@ -262,7 +266,60 @@ LABELS = {
     "lit_mark": ("文献参考值 2-3×（非实测）", "literature 2-3× (reference, not measured)"),
     "underflow": ("1e-8 → {fp16}（fp16 下溢）；bf16 → {bf16:.3g}；× 损失缩放 {scale} 后 fp16 → {scaled:.3g}",
                   "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
+    # lecture figure
+    "lec_title": ("讲义对照：讲义里的公式与表格 vs 这台机器", "The lecture's formulas and table vs this machine"),
+    "lec_sub": ("设备 {device}；fp32；内存与 KV 缓存为实测（{source}），FLOPs 为 FLOPCalculator 计数；"
+                "优化表取自训练对比（batch={batch}）与融合实测",
+                "device {device}; fp32; memory and KV cache measured ({source}), FLOPs counted by FLOPCalculator; "
+                "table from the training comparison (batch={batch}) and the fusion measurement"),
+    "lec_memory": ("训练内存：讲义公式 vs 实测峰值时刻的各部分（TinyGPT，batch={batch}，T={seq}，Adam）",
+                   "Training memory: lecture formula vs the parts alive at the measured peak "
+                   "(TinyGPT, batch={batch}, T={seq}, Adam)"),
+    "lec_formula": ("讲义", "lecture"), "lec_measured": ("实测", "measured"),
+    "lec_total_error": ("讲义总和误差 {err:+.0%}", "formula total {err:+.0%}"),
+    "lec_act_note": ("讲义激活 = B·T·H·L·4 字节，只算每层一个隐藏向量；\n实际每层保存约 20 个以上（注意力、MLP 4H、LayerNorm…）",
+                     "lecture activations = B·T·H·L·4 bytes: one hidden vector per layer;\n"
+                     "a layer really saves 20+ (attention, the 4H MLP, LayerNorms…)"),
+    "lec_kv": ("KV 缓存：逐 token 生成（TinyGPT {layers}×{hidden}，batch={batch}）",
+               "KV cache while generating (TinyGPT {layers}×{hidden}, batch={batch})"),
+    "kv_formula": ("讲义：B·T·L·H·2·字节", "lecture: B·T·L·H·2·bytes"),
+    "kv_held": ("实测：每个 token 后仍占用", "measured: held after each token"),
+    "kv_peak": ("实测：该 token 内的峰值（torch.cat 复制）", "measured: peak within the token (torch.cat copies)"),
+    "tokens": ("序列长度（token）", "sequence length (tokens)"),
+    "lec_flops": ("FLOP 公式 vs 计数（TinyGPT 4×256，T=256）", "FLOP formulas vs counting (TinyGPT 4×256, T=256)"),
+    "lec_flop_error": ("讲义公式相对计数的误差", "lecture formula vs counted"),
+    "lec_flop_fixed": ("修正后的表达式", "corrected expression"),
+    "lec_flop_notes": ("修正：每 token 前向 ≈ 24·L·H² + 4·L·T·H + 2·H·V（Kaplan et al. 2020 表 1）；"
+                       "训练 ≈ 3 × 前向（6N 忽略注意力与 LM 头的使用方式）",
+                       "corrected: forward per token ≈ 24·L·H² + 4·L·T·H + 2·H·V (Kaplan et al. 2020, Table 1); "
+                       "training ≈ 3 × forward (6N leaves out attention and how the LM head is used)"),
+    "flop_matmul": ("矩阵乘 2·m·k·n", "matmul 2·m·k·n"), "flop_attention": ("注意力 4·B·T²·H（每层）", "attention 4·B·T²·H (per layer)"),
+    "flop_per_token": ("每 token 2·L·H·(H+4H)", "per token 2·L·H·(H+4H)"),
+    "flop_training_6n": ("训练 6·N·tokens", "training 6·N·tokens"),
+    "lec_fusion": ("算子融合实测：逐元素写法 vs 融合内核（{shape}，fp32）", "Fusion measured: op by op vs fused kernel ({shape}, fp32)"),
+    "composed": ("逐算子组合", "op by op"), "fused": ("融合内核", "fused kernel"),
+    "fusion_note": ("{speed}；峰值 {a} → {b}", "{speed}; peak {a} → {b}"),
+    "faster": ("快 {x:.1f}×", "{x:.1f}× faster"), "slower": ("慢 {x:.1f}×", "{x:.1f}× slower"),
+    "ms": ("毫秒", "ms"),
+    "compile_row": ("torch.compile 训练步", "torch.compile train step"),
+    "compile_note": ("编译 {c:.1f} s（另计），之后每步 {speed}", "compile {c:.1f} s (apart), then each step {speed}"),
+    "compile_skipped": ("torch.compile：{why}", "torch.compile: {why}"),
+    "lec_table": ("讲义的优化技巧表，逐格对照本机实测", "The lecture's optimisation table, cell by cell, against this machine"),
+    "col_technique": ("技术", "technique"), "col_aspect": ("方面", "aspect"), "col_claim": ("讲义", "lecture"),
+    "col_measured": ("本机实测", "measured here"), "col_verdict": ("判定", "verdict"), "col_source": ("来源", "source"),
+    "tech_mixed_precision": ("混合精度", "mixed precision"), "tech_gradient_accumulation": ("梯度累积", "gradient accumulation"),
+    "tech_gradient_checkpointing": ("梯度检查点", "gradient checkpointing"), "tech_fusion": ("算子融合", "operator fusion"),
+    "aspect_memory": ("内存节省", "memory saved"), "aspect_speed": ("速度", "speed"),
+    "claim_~50%": ("~50%", "~50%"), "claim_~2-3x": ("~2-3×", "~2-3×"), "claim_virtual": ("虚拟大批次", "virtual large batch"),
+    "claim_slight": ("轻微", "slight"), "claim_~50%act": ("~50% 激活内存", "~50% of activations"),
+    "claim_~20%": ("~20% 重计算", "~20% recompute"), "claim_~10-30%": ("~10-30%", "~10-30%"),
+    "verdict_agree": ("相符", "agrees"), "verdict_disagree": ("不符", "disagrees"), "verdict_partly": ("部分相符", "partly"),
+    "verdict_info": ("—", "—"), "verdict_not_measured": ("未测", "not measured"),
+    "saved": ("省 {p:.0%}", "{p:.0%} saved"), "more_memory": ("多用 {p:.0%}", "{p:.0%} more"),
+    "src_training": ("训练对比", "training comparison"), "src_fusion": ("融合实测", "fusion"),
+    "act_suffix": ("（激活）", " (activations)"), "peak_suffix": ("（峰值）", " (peak)"),
 }
+
 
 _LANG = None  # "zh" or "en"; resolved on first use by _lang()
 _CJK_FONT = None  # family name registered with matplotlib, or "" when none is usable
@@ -400,6 +457,7 @@ PROFILES = {
             "growth_measured": (1, 4, 16),       # real steps, up to the figure's batch (reused)
             # AMP fp16 holds the same bytes as AMP bf16 (fp32 weights, 2-byte copies): not estimated twice
             "variants": ("fp32", "AMP bf16", "pure bf16", "fp32 + checkpoint", "AMP bf16 + checkpoint"),
+            "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # ~0.3 s with the profiler reading each token
         },
         "training": {
             "budget_s": 10.0, "measure_s": 7.0,  # 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
@@ -416,6 +474,13 @@ PROFILES = {
             "latency_s": 6.5,  # batch 1 of every model; batch 8 of those that fit (ViT-B/16's takes ~7 s)
         },
         "model": {"budget_s": 45.0, "amp_s": 8.0, "latency_s": 3.0},  # --model: unknown size, generous
+        "lecture": {
+            "budget_s": 4.0,  # the issue's goal: <= 4 s added to the default run (two new TinyGPT steps, fusion, figure)
+            "batch": 16, "gpt_sizes": ((2, 128), (4, 256), (6, 384)),  # (layers, hidden); (4, 256) reused
+            "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # only when the memory stage did not run
+            "fusion_shape": (2048, 1024), "fusion_s": 0.6,  # 8 MiB of fp32: a composed GELU ~15 ms quiet
+            "compile_s": 120.0,  # --compile: a child process killed after this
+        },
     },
     "quick": {
         "peak_s": 0.3,  # 512-1024: a lower peak, still a real one
@@ -425,6 +490,7 @@ PROFILES = {
             "models": ("MLP-2048", "TinyGPT (T=64)"),  # an MLP and a transformer: each real+fake step ~1 s busy
             "growth_estimated": (1, 8), "growth_measured": (8,),  # batch 8 is reused: one new estimate
             "variants": ("fp32", "AMP bf16"),  # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
+            "kv": {"batch": 4, "prompt": 8, "new_tokens": 24},
         },
         "training": {
             "budget_s": 4.5, "measure_s": 2.2,
@@ -435,6 +501,9 @@ PROFILES = {
                 "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1 s
         "dashboard": {"budget_s": 5.0, "latency_s": 0.6},  # the FLOP stage's quick zoo
         "model": {"budget_s": 20.0, "amp_s": 3.0, "latency_s": 1.0},
+        "lecture": {"budget_s": 2.5, "batch": 8, "gpt_sizes": ((2, 128), (4, 256)),
+                    "kv": {"batch": 4, "prompt": 8, "new_tokens": 24},
+                    "fusion_shape": (1024, 1024), "fusion_s": 0.3, "compile_s": 60.0},
     },
 }
 
@@ -476,6 +545,32 @@ class MnistNet(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
+class KVCache:
+    """The keys and values every layer has seen, kept so that generating one more token attends to
+    them instead of recomputing them: per layer a (B, H, T, C/H) key and value, grown by
+    concatenation as tokens arrive.  Holds B x T x layers x C x 2 numbers."""
+
+    def __init__(self, n_layer):
+        self.layers = [None] * n_layer
+
+    def __len__(self):  # tokens cached (in the first layer: the others catch up within a forward)
+        return self.tokens(0)
+
+    def tokens(self, layer):
+        return 0 if self.layers[layer] is None else self.layers[layer][0].shape[2]
+
+    def append(self, layer, k, v):
+        """Add this step's keys and values to `layer`'s; return all of them."""
+        if self.layers[layer] is not None:
+            k = torch.cat((self.layers[layer][0], k), dim=2)
+            v = torch.cat((self.layers[layer][1], v), dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for kv in self.layers if kv for t in kv)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd, n_head):
         super().__init__()
@@ -483,11 +578,18 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
 
-    def forward(self, x):                                    # (B, T, C)
+    def forward(self, x, cache=None, layer=0):              # (B, T, C); cache: KVCache of earlier tokens
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
+        past = cache.tokens(layer) if cache is not None else 0
+        if cache is not None:
+            k, v = cache.append(layer, k, v)                 # (B, H, past + T, C/H)
+        if past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
+        else:  # query i sees every cached token and the new ones up to itself
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
@@ -500,8 +602,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(n_embd, n_head)
         self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
 
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln1(x), cache, layer)
         return x + self.mlp(self.ln2(x))
 
 
@@ -517,12 +619,29 @@ class TinyGPT(nn.Module):
         self.head = nn.Linear(n_embd, vocab_size, bias=False)
         self.head.weight = self.tok.weight  # weight tying: one parameter, counted once
 
-    def forward(self, idx):                                  # (B, T) token ids
-        positions = torch.arange(idx.shape[1], device=idx.device)
+    def forward(self, idx, cache=None):                      # (B, T) token ids; cache: KVCache or None
+        past = len(cache) if cache is not None else 0
+        positions = torch.arange(past, past + idx.shape[1], device=idx.device)
         x = self.tok(idx) + self.pos(positions)              # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x) if cache is None else block(x, cache, layer)
         return self.head(self.ln_f(x))                       # (B, T, vocab)
+
+    @torch.inference_mode()
+    def generate(self, idx, new_tokens, *, use_cache=True, on_token=None):
+        """Greedy decoding of `new_tokens` after the prompt `idx`; with `use_cache` each step runs
+        only the newest token through the model and reads the rest from a KVCache.
+        `on_token(step, cache)` is called after each token.  Returns (B, T + new_tokens) ids."""
+        cache = KVCache(len(self.blocks)) if use_cache else None
+        step_input = idx
+        for step in range(new_tokens):
+            logits = self(step_input if use_cache else idx, cache)
+            token = logits[:, -1].argmax(dim=-1, keepdim=True)
+            idx = torch.cat((idx, token), dim=1)
+            step_input = token
+            if on_token:
+                on_token(step, cache)
+        return idx
 
 
 class LSTMClassifier(nn.Module):
@@ -1423,6 +1542,56 @@ def _checkpointed(forward, *args, **kwargs):
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+# Working memory CPU kernels allocate inside themselves: no tensor carries it past the dispatcher,
+# so fake tensors never see it, but the allocator does (read with torch.profiler, profile_memory=True,
+# op by op; torch 2.14, x86).  Each rule returns the bytes held during the op, freed at its end.
+def _dense_bytes(t):
+    return t.numel() * t.element_size()
+
+
+def _blas_compatible(t):
+    """The layouts BLAS takes as they are (aten/src/ATen/native/LinearAlgebra.cpp, addmm_impl_cpu_:
+    one unit stride, the other at least the size); any other operand is copied first."""
+    if t.dim() != 2:
+        return True
+    rows, cols = t.shape
+    s0, s1 = t.stride()
+    return (s1 == 1 and s0 >= max(1, cols)) or (s0 == 1 and s1 >= max(1, rows))
+
+
+def _conv_scratch(x, w, *args, out_bytes, **kwargs):
+    # oneDNN computes into a blocked-layout output (nChw16c) and reorders it into the plain one; for
+    # most shapes it reorders the weight into a blocked layout too (NB: not for every shape: a
+    # small overcount of the weight's bytes where it does not)
+    return out_bytes + _dense_bytes(w)
+
+
+def _conv_backward_scratch(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                           groups, output_mask, **kwargs):
+    # oneDNN reorders grad_output into its blocked layout, and the input too when its grad is wanted
+    return _dense_bytes(grad_out) + (_dense_bytes(x) if output_mask[0] else 0)
+
+
+def _matmul_scratch(*operands, **kwargs):
+    # a stride-0 (expanded) or otherwise non-BLAS operand is made contiguous before the GEMM
+    return sum(_dense_bytes(t) for t in operands if isinstance(t, torch.Tensor) and not _blas_compatible(t))
+
+
+# NB: under torch.inference_mode the dispatcher shows the composite ops (conv2d, linear) instead
+CPU_SCRATCH = {"convolution": _conv_scratch, "conv1d": _conv_scratch, "conv2d": _conv_scratch,
+               "conv3d": _conv_scratch, "convolution_backward": _conv_backward_scratch,
+               "mm": _matmul_scratch, "addmm": _matmul_scratch, "linear": _matmul_scratch}
+
+
+def _scratch_bytes(func, args, kwargs, out):
+    """Kernel working memory of `func` on CPU by CPU_SCRATCH, or 0."""
+    rule = CPU_SCRATCH.get(func._overloadpacket.__name__)
+    if rule is None or not torch.backends.mkldnn.is_available() and rule is not _matmul_scratch:
+        return 0
+    out_bytes = sum(_dense_bytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    return rule(*args, **(kwargs or {}), out_bytes=out_bytes)
+
+
 class _StorageTracker(TorchDispatchMode):
     """Follows every tensor storage that ops create, and when each one is freed.
 
@@ -1430,8 +1599,9 @@ class _StorageTracker(TorchDispatchMode):
     weakref finalizer, and logged as +/- events so categories can be decided after the step.
     """
 
-    def __init__(self):
+    def __init__(self, scratch=False):
         super().__init__()
+        self.scratch = scratch  # also log CPU kernels' working memory (CPU_SCRATCH) as temporaries
         self.phase = "setup"
         self.info = []         # key -> [nbytes, phase created in, category or None]
         self.live = {}         # id(storage) -> key, for storages alive now
@@ -1464,14 +1634,26 @@ class _StorageTracker(TorchDispatchMode):
         """Call after backward: the .grad storages are gradients, whichever phase made them."""
         self.gradient_keys |= {self.add(p.grad) for p in parameters if p.grad is not None}
 
+    def _scratch(self, nbytes):
+        """Log kernel working memory held across the op's outputs and freed at its end."""
+        key = len(self.info)
+        self.info.append([nbytes, self.phase, "temporary"])
+        self.events.append((key, 1))
+        return key
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        scratch = self.scratch and _scratch_bytes(func, args, kwargs, out)
+        if scratch:
+            key = self._scratch(scratch)
         # autocast's low-precision copy of a weight, cached for the whole forward
         category = "weight_copies" if func is torch.ops.aten._to_copy.default and \
             isinstance(args[0], nn.Parameter) else None
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 self.add(t, category)
+        if scratch:
+            self.events.append((key, -1))
         return out
 
     def close(self):
@@ -1591,7 +1773,8 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
     blocks = _checkpoint_blocks(replica) if options["checkpointing"] else 0
     with compute or contextlib.nullcontext():
         run_args, run_kwargs = _map_tensors((args, kwargs), make)
-    tracker, layers = _StorageTracker(), _LayerOutputs()
+    # an estimate (fake tensors) on CPU adds the kernels' working memory the allocator will see
+    tracker, layers = _StorageTracker(scratch=compute is not None and device.type == "cpu"), _LayerOutputs()
     try:
         if options["training"]:
             optimizer = _make_optimizer(options["optimizer_name"], replica.parameters(), foreach=foreach)
@@ -1613,6 +1796,7 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
         summary["activation_bytes"] = (summary["total"] - summary["parameter_bytes"] - summary["buffer_bytes"]
                                        - summary["input_bytes"])
         summary["temporary_bytes"] = 0
+    summary["tracked_total"] = summary["total"]  # measure_memory replaces `total` with the allocator's peak
     summary["formula"] = _napkin_memory(model, options, layers.nbytes)
     summary["checkpointed_blocks"] = blocks
     return summary
@@ -1742,13 +1926,101 @@ def _measured_instead(model, inputs, options, device, op):
             "method": f"measured instead: data-dependent control flow ({op}) needs real values; {measured['method']}"}
 
 
+ALLOCATOR_SOURCE = "CPU allocator events (torch.profiler, profile_memory=True)"
+TRACKER_SOURCE = "live tensor storages (dispatch-mode tracker)"
+
+
+class _AllocatorPeak:
+    """Reads the CPU allocator's own alloc/free events through torch.profiler (profile_memory=True)
+    while the body runs: `peak_bytes` is the most allocated at once, counted from the start, and
+    `end_bytes` what was still held at the end.  A source the storage tracker shares nothing with:
+    it also sees memory no tensor reaches the dispatcher with (kernel scratch, oneDNN workspaces).
+
+    Unavailable (`reason` says why, peaks stay None) when another profiler is running (torch
+    cannot nest them) or kineto is missing from this torch build.
+    """
+
+    def __init__(self):
+        self.peak_bytes = self.end_bytes = self.reason = None
+        self.marks = []  # (bytes held at each mark(), peak since the previous mark)
+        self._prof = None
+
+    @staticmethod
+    def mark():
+        """A point in time the totals are read at (a zero-length torch.profiler range)."""
+        with torch.profiler.record_function(ALLOCATOR_MARK):
+            pass
+
+    def __enter__(self):
+        if torch._C._autograd._profiler_enabled():
+            self.reason = "another torch.profiler session is running (profilers cannot nest)"
+        elif not torch.autograd.kineto_available():
+            self.reason = "this torch build has no kineto profiler"
+        else:
+            from torch.profiler import ProfilerActivity, profile
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._prof is None:
+            return False
+        self._prof.__exit__(*exc)
+        if exc[0] is None:
+            self.peak_bytes, self.end_bytes, self.marks = _running_peak(_cpu_allocations(self._prof))
+        return False
+
+
+ALLOCATOR_MARK = "lab::mark"
+
+
+def _cpu_allocations(prof):
+    """(time, address, +bytes allocated / -bytes freed, or None at a mark) of the CPU allocator."""
+    from torch._C._profiler import _EventType
+    found, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            found.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+        elif node.tag == _EventType.TorchOp and node.name == ALLOCATOR_MARK:
+            found.append((node.start_time_ns, 0, None))
+    return sorted(found, key=lambda e: e[0])
+
+
+def _running_peak(events):
+    """(highest running total, final total, [(total, peak since the last) at each mark]) of
+    (time, address, +/- bytes) events.  A free counts only when its block was allocated in the
+    window: one freed there that was allocated before (earlier garbage, collected now) is not
+    this window's memory."""
+    live = peak = since = 0
+    held, marks = set(), []
+    for _, address, nbytes in events:
+        if nbytes is None:
+            marks.append((live, since))
+            since = live
+            continue
+        if nbytes > 0:
+            held.add(address)
+        elif address in held:
+            held.discard(address)
+        else:
+            continue
+        live += nbytes
+        peak, since = max(peak, live), max(since, live)
+    return peak, live, marks
+
+
 def measure_memory(model, inputs, *, training=True, optimizer="adam", precision="fp32",
                    checkpointing=False, device=None):
     """Run one real step (or inference forward) on a copy of the model and measure its memory.
 
-    CUDA: the caching allocator's peak (torch.cuda.max_memory_allocated) for `total`; CPU and
-    MPS: the peak of live tensor storages followed through a dispatch mode.  The parts come from
-    the storage tracker on every device.
+    `total` comes from the allocator, not from the storage tracker the estimate shares:
+    CUDA's caching allocator (torch.cuda.max_memory_allocated), or on CPU the allocator's events
+    read through torch.profiler, over the whole copy-and-step, so the copy's weights, inputs and
+    optimizer state are counted as allocated.  MPS, or a CPU whose profiler is busy, falls back to
+    the tracker (`method` says which).  The parts come from the tracker on every device, and
+    `tracked_total` is the tracker's own peak.
     """
     args, kwargs, device, options = _memory_options(model, inputs, training, optimizer, precision,
                                                     checkpointing, device)
@@ -1761,16 +2033,22 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+    allocator = _AllocatorPeak() if device.type == "cpu" else contextlib.nullcontext()
     try:
-        result = _memory_run(model, args, kwargs, options, make=make, device=device)
+        with allocator:
+            result = _memory_run(model, args, kwargs, options, make=make, device=device)
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
-    method = "live tensor storages (dispatch-mode tracker)"
+    method = TRACKER_SOURCE
     if cuda:  # NB: includes the warm-up step's peak, which a steady step matches or exceeds
         torch.cuda.synchronize(device)
-        result["tracked_total"] = result["total"]
         result["total"] = torch.cuda.max_memory_allocated(device) - before
         method = "CUDA caching allocator (max_memory_allocated)"
+    elif device.type == "cpu" and allocator.peak_bytes is not None:
+        result["total"] = allocator.peak_bytes
+        method = ALLOCATOR_SOURCE
+    elif device.type == "cpu":
+        method = f"{TRACKER_SOURCE}: {allocator.reason}"
     return {**result, **options, "device": str(device), "method": method, "data_dependent": None}
 
 
@@ -1828,6 +2106,7 @@ def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None, 
     data["variants"] = _memory_variants(gpt, gpt_inputs(batch), sizes["variants"] or MEMORY_VARIANTS,
                                         known[batch]["estimate"])
     data["gpt_parameters"] = sum(p.numel() for p in gpt.parameters())
+    data["kv_cache"] = measure_kv_cache(gpt, **sizes["kv"])
     seven_b = 7_000_000_000
     data["zero"] = {"parameters": seven_b, "devices": 8, "per_device": zero_memory_per_device(seven_b, 8)}
     if progress:
@@ -1863,6 +2142,62 @@ def _memory_variants(model, inputs, labels, fp32_estimate=None):
     """Estimated peak of each variant; the plain fp32 one is reused when already estimated."""
     return {label: (fp32_estimate if label == "fp32" and fp32_estimate else
                     estimate_memory(model, inputs, **MEMORY_VARIANTS[label]))["total"] for label in labels}
+
+
+def kv_cache_formula(batch, tokens, layers, hidden, bytes_per_element):
+    """The lecture's KV cache: a key and a value of `hidden` numbers per token, layer and sample."""
+    return batch * tokens * layers * hidden * 2 * bytes_per_element
+
+
+def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
+    """Memory while a TinyGPT generates `new_tokens` greedily with its KVCache, read after each
+    token: `held_bytes` (allocated and not yet freed, counted from the start of generation),
+    `step_peak_bytes` (the most at once during that token), `cache_bytes` (the cache's own
+    tensors) and `formula_bytes` (kv_cache_formula).  CPU: the allocator's events through
+    torch.profiler; CUDA: torch.cuda.memory_allocated; elsewhere the cache's tensor sizes.
+    The model is used in eval mode and put back as it was."""
+    if not isinstance(model, TinyGPT):
+        raise TypeError(f"measure_kv_cache takes a TinyGPT (a model with a KVCache), not {type(model).__name__}")
+    if prompt + new_tokens > model.pos.num_embeddings:
+        raise ValueError(f"prompt + new_tokens = {prompt + new_tokens} is longer than the model's "
+                         f"{model.pos.num_embeddings} positions")
+    device = _model_device(model)
+    layers, hidden = len(model.blocks), model.tok.embedding_dim
+    element = model.tok.weight.element_size()
+    idx = torch.zeros(batch, prompt, dtype=torch.long, device=device)
+    cache_bytes, cuda_held = [], []
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+
+    def on_token(step, cache):
+        cache_bytes.append(cache.nbytes())
+        if cuda:
+            torch.cuda.synchronize(device)
+            cuda_held.append(torch.cuda.memory_allocated(device) - base)
+        _AllocatorPeak.mark()
+
+    allocator = _AllocatorPeak() if device.type == "cpu" else contextlib.nullcontext()
+    with _eval_mode(model), allocator:
+        model.generate(idx, new_tokens, on_token=on_token)
+    tokens = list(range(prompt + 1, prompt + new_tokens + 1))
+    result = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "layers": layers, "hidden": hidden,
+              "dtype": str(model.tok.weight.dtype).replace("torch.", ""), "tokens": tokens,
+              "cache_bytes": cache_bytes,
+              "formula_bytes": [kv_cache_formula(batch, t - 1, layers, hidden, element) for t in tokens],
+              "step_peak_bytes": None}
+    # NB: after token t the cache holds t - 1 positions: the newest token's keys are made when it is fed
+    if device.type == "cpu" and allocator.marks:
+        result["held_bytes"] = [held for held, _ in allocator.marks]
+        result["step_peak_bytes"] = [peak for _, peak in allocator.marks]
+        result["method"] = ALLOCATOR_SOURCE
+    elif cuda:
+        result["held_bytes"], result["method"] = cuda_held, "CUDA caching allocator (memory_allocated)"
+    else:
+        reason = getattr(allocator, "reason", None) or f"no allocator reading on {device.type}"
+        result["held_bytes"], result["method"] = cache_bytes, f"the cache's tensor sizes ({reason})"
+    return result
 
 
 def _device_name(device):
@@ -2183,8 +2518,9 @@ def _ratio_words(factor):
 def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
     """Run `step(tracker)` once under the storage tracker: (what it returns, memory summary).
 
-    The parts come from the tracker on every device; on CUDA `total` is the caching allocator's
-    peak during the step plus the model state that was alive before it (as in measure_memory).
+    The parts come from the tracker on every device; `total` is the allocator's peak during the
+    step (CUDA's caching allocator, or the CPU allocator's profiler events, as in measure_memory)
+    plus the model state that was alive before it.
     """
     cuda = device.type == "cuda"
     if cuda:
@@ -2193,19 +2529,30 @@ def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
         torch.cuda.reset_peak_memory_stats(device)
     tracker = _StorageTracker()
     _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
+    allocator = _AllocatorPeak() if device.type == "cpu" else contextlib.nullcontext()
     try:
-        with tracker:
+        with allocator, tracker:
             tracker.set_phase("forward")
             value = step(tracker)
         summary = _memory_summary(tracker)
     finally:
         tracker.close()
+    summary["tracked_total"] = summary["total"]
+    state = _state_bytes(replica, optimizer, run_args, run_kwargs)
     if cuda:
         torch.cuda.synchronize(device)
-        state = sum(t.numel() * t.element_size() for _, t in _model_state(replica, optimizer))
-        summary["tracked_total"] = summary["total"]
         summary["total"] = torch.cuda.max_memory_allocated(device) - before + state
+    elif device.type == "cpu" and allocator.peak_bytes is not None:
+        summary["total"] = allocator.peak_bytes + state
     return value, summary
+
+
+def _state_bytes(replica, optimizer, run_args, run_kwargs):
+    """Bytes of the distinct storages alive before a step: weights, buffers, optimizer state, inputs."""
+    tensors = [t for _, t in _model_state(replica, optimizer)]
+    tensors += [x for x in tree_flatten((run_args, run_kwargs))[0] if isinstance(x, torch.Tensor)]
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def _grad_scaler(precision, device):
@@ -2891,6 +3238,39 @@ def _add_mfu(result, device, profile):
 # The dashboard reuses the FLOP stage's counts and adds what only a real run can tell: how long a
 # forward takes on this device at batch 1 (one request) and at a small serving batch.
 
+def _has_tensorboard():
+    import importlib.util
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def write_tensorboard(data, log_dir):
+    """The training comparison (run_training_comparison's data) as TensorBoard logs, one run per
+    strategy under `log_dir`: train and validation loss per step, step time, throughput, and the
+    hyper-parameters with their results (the HPARAMS tab).  tensorboard is an optional dependency.
+    Returns the folder written."""
+    if not _has_tensorboard():
+        raise LabError("write_tensorboard needs the tensorboard package, which is optional and not installed "
+                       "here: pip install tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+    log_dir = Path(log_dir)
+    for strategy, run in data["runs"].items():
+        with SummaryWriter(log_dir / strategy) as writer:
+            for step, loss in enumerate(run["train_loss"], 1):
+                writer.add_scalar("loss/train", loss, step)
+            for step, loss in zip(run["val_steps"], run["val_loss"]):
+                writer.add_scalar("loss/val", loss, step)
+            for step, seconds in enumerate(run["step_times_s"], 1):
+                writer.add_scalar("time/step_s", seconds, step)
+            writer.add_scalar("throughput/samples_per_s", run["samples_per_s"], run["steps_done"])
+            hparams = {"strategy": strategy, "precision": run["precision"], "micro_batches": run["micro_batches"],
+                       "batch": data["batch"], "width": data["width"], "depth": data["depth"], "lr": data["lr"],
+                       "steps": run["steps_done"], "optimizer": data["optimizer"], "dataset": data["dataset"]}
+            metrics = {"hparam/final_val_loss": run["val_loss"][-1], "hparam/samples_per_s": run["samples_per_s"],
+                       "hparam/peak_memory_mib": run["peak_memory_bytes"] / 2 ** 20}
+            writer.add_hparams(hparams, metrics, run_name=".")
+    return log_dir
+
+
 LATENCY_BATCHES = (1, 8)     # one request; a small serving batch
 TRAIN_MEMORY_BATCH = 32      # the batch of the "train on one 8 GB GPU" scenario
 EDGE_MAX_PARAMETERS = 10e6   # edge inference: at most 10 M parameters (40 MB of fp32 weights)
@@ -3154,6 +3534,366 @@ def _add_utilisation(data, device, profile):
             achieved, data["peak_flops"],
             lambda: measure_peak_flops(device, time_budget_s=_profile(profile, "peak_s")))
         m["util_batch"] = best["batch"]
+
+
+# -----------------------------------------------------------------------------
+# The lecture, claim by claim
+# -----------------------------------------------------------------------------
+# The lecture guide's formulas and optimisation table (its "核心概念速览"), each beside what this
+# lab counts or measures here.  Earlier stages' numbers are reused (results.json `stages`); only
+# what no stage measures is measured here: a few TinyGPT sizes, fusion, and torch.compile on request.
+
+def lecture_memory_terms(parameters, *, batch, seq, hidden, layers, bytes_per_element=4):
+    """The lecture's training memory: weights, gradients = weights, Adam = 2 x weights, and
+    activations = batch x sequence x hidden x layers x bytes."""
+    weights = parameters * bytes_per_element
+    return {"parameter_bytes": weights, "gradient_bytes": weights, "optimizer_bytes": 2 * weights,
+            "activation_bytes": batch * seq * hidden * layers * bytes_per_element}
+
+
+LECTURE_MEMORY_PARTS = ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "activation_bytes")
+
+
+def _gpt_memory_row(layers, hidden, batch, seq, measured):
+    """One TinyGPT size: the lecture's terms beside the measured parts, and the totals' error."""
+    parameters = measured["parameters"]
+    lecture = lecture_memory_terms(parameters, batch=batch, seq=seq, hidden=hidden, layers=layers)
+    lecture_total = sum(lecture.values())
+    return {"layers": layers, "hidden": hidden, "batch": batch, "seq": seq, "parameters": parameters,
+            "lecture": lecture, "lecture_total": lecture_total,
+            "measured": {k: measured[k] for k in LECTURE_MEMORY_PARTS},  # each part's full size
+            "at_peak": measured["at_peak"],  # what of each part was alive at the peak: these sum to it
+            "measured_total": measured["total"], "method": measured["method"],
+            "error": (lecture_total - measured["total"]) / measured["total"]}
+
+
+def lecture_memory_check(sizes, *, batch, seq=64, known=None, device="cpu"):
+    """Measure one Adam training step of TinyGPT at each (layers, hidden) in `sizes` and put the
+    lecture's memory formula beside it.  `known` maps (layers, hidden) to a measure_memory result
+    at this batch already taken (the memory stage's TinyGPT), reused."""
+    rows = []
+    for layers, hidden in sizes:
+        measured = (known or {}).get((layers, hidden))
+        if measured is None:
+            with torch.device(device):
+                model = TinyGPT(n_layer=layers, n_embd=hidden, n_head=max(hidden // 64, 1))
+            measured = measure_memory(model, torch.zeros(batch, seq, dtype=torch.long, device=device))
+            measured["parameters"] = sum(p.numel() for p in model.parameters())
+        rows.append(_gpt_memory_row(layers, hidden, batch, seq, measured))
+    return rows
+
+
+def lecture_flop_check(record, *, layers, hidden, vocab):
+    """The lecture's FLOP formulas beside FLOPCalculator's counts of TinyGPT (a FLOP record of the
+    zoo's TinyGPT, as run_flop_analysis makes) and of one matmul.  Each row: the lecture's value,
+    the counted one, the error and, where the lecture is off, the expression that matches."""
+    batch, seq = record["input_shape"][:2]
+    tokens = batch * seq
+    m, k, n = tokens, hidden, 4 * hidden  # the MLP's first matmul of this very model
+    counted_mm = FLOPCalculator().analyze_model(nn.Linear(k, n, bias=False, device="meta"), (m, k),
+                                                training=False)["flops"]
+    params = record["parameters"]
+    per_token = record["flops"] / tokens
+    rows = [
+        {"name": "matmul", "lecture_expr": "2·m·k·n", "lecture": 2 * m * k * n, "counted": counted_mm,
+         "shape": f"({m},{k})×({k},{n})", "correct_expr": None},
+        {"name": "attention", "lecture_expr": "4·B·T²·H", "lecture": 4 * batch * seq ** 2 * hidden,
+         "counted": record["by_class"]["attention"] / layers, "shape": f"B={batch}, T={seq}, H={hidden}, per layer",
+         # Q·Kᵀ and P·V: B·T·T·H multiply-adds each; causal kernels skip about half of it
+         "correct_expr": None},
+        {"name": "per_token", "lecture_expr": "2·L·H·(H+4H)", "lecture": 2 * layers * hidden * 5 * hidden,
+         "counted": per_token, "shape": f"L={layers}, H={hidden}, T={seq}, V={vocab}",
+         # Kaplan et al. 2020, Table 1 (forward, per token): 2 x the matmul weights (qkv 3H², proj H²,
+         # MLP 8H² per layer: 24·L·H² FLOPs) + attention 4·L·T·H (counted in full, no causal halving)
+         # + the LM head 2·H·V; plus the elementwise "other" FLOPs this counter reports separately
+         "correct_expr": "24·L·H² + 4·L·T·H + 2·H·V",
+         "correct": 24 * layers * hidden ** 2 + 4 * layers * seq * hidden + 2 * hidden * vocab},
+        {"name": "training_6n", "lecture_expr": "6·N·tokens", "lecture": 6 * params * tokens,
+         "counted": record["training_flops"], "shape": f"N={params:,}, tokens={tokens}",
+         # Kaplan et al. 2020, Sec. 2.1: C ≈ 6N per token, N the non-embedding parameters; backward
+         # is 2x forward.  Embedding lookups do no FLOPs, attention adds 3·4·L·T·H per token
+         "correct_expr": "3 × (24·L·H² + 4·L·T·H + 2·H·V) · tokens",
+         "correct": 3 * (24 * layers * hidden ** 2 + 4 * layers * seq * hidden + 2 * hidden * vocab) * tokens},
+    ]
+    for row in rows:
+        row["error"] = (row["lecture"] - row["counted"]) / row["counted"]
+        row["correct_error"] = ((row["correct"] - row["counted"]) / row["counted"]) if row.get("correct") else None
+    return rows
+
+
+# --- fusion: the same math as a chain of elementwise ops, and as PyTorch's one kernel ----------------
+GELU_C = math.sqrt(2 / math.pi)  # the tanh approximation of GELU (Hendrycks & Gimpel 2016, Sec. 2)
+
+
+def _gelu_composed(x):
+    return 0.5 * x * (1 + torch.tanh(GELU_C * (x + 0.044715 * x ** 3)))
+
+
+def _gelu_fused(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _layer_norm_composed(x, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def _layer_norm_fused(x, eps=1e-5):
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+FUSION_CASES = {"GELU (tanh)": (_gelu_composed, _gelu_fused), "LayerNorm": (_layer_norm_composed, _layer_norm_fused)}
+FUSION_MIN_RUNS, FUSION_MAX_RUNS = 3, 15
+
+
+def _time_call(fn, x, device, budget_s):
+    """Median seconds of fn(x) over as many runs as fit `budget_s` (3 to 15), after one warm-up."""
+    _, first = _timed(device, fn, x)
+    runs = int(min(max(budget_s / max(first, 1e-9), FUSION_MIN_RUNS), FUSION_MAX_RUNS))
+    return time_stats([_timed(device, fn, x)[1] for _ in range(runs)])
+
+
+def _allocated_peak(fn, x, device):
+    """Bytes the call allocates at most beyond its input: the allocator's peak (CPU profiler events,
+    CUDA max_memory_allocated), or None where neither is readable."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn(x)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        return None
+    with _AllocatorPeak() as allocator:
+        fn(x)
+    return allocator.peak_bytes
+
+
+@fitted_threads
+def measure_fusion(*, device="cpu", shape=(2048, 1024), time_budget_s=1.0):
+    """Time and peak memory of each FUSION_CASES pair on one fp32 tensor of `shape`: the op
+    written out elementwise (each op a kernel and a temporary) against PyTorch's fused kernel.
+    Returns {case: {"composed": time_stats + peak_bytes, "fused": ..., "speedup", "memory_saving",
+    "max_abs_diff"}}; speedup > 1 means the fused kernel is faster."""
+    device = check_device(device)
+    budget = Budget(time_budget_s)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+    out = {"shape": list(shape), "dtype": "fp32", "device": _device_name(device), "cases": {}}
+    with torch.inference_mode():
+        for i, (name, (composed, fused)) in enumerate(FUSION_CASES.items()):
+            share = budget.share(2 * (len(FUSION_CASES) - i))
+            case = {"composed": _time_call(composed, x, device, share)}
+            case["fused"] = _time_call(fused, x, device, budget.share(2 * (len(FUSION_CASES) - i) - 1))
+            for key, fn in (("composed", composed), ("fused", fused)):
+                case[key]["peak_bytes"] = _allocated_peak(fn, x, device)
+            case["speedup"] = case["composed"]["median_s"] / case["fused"]["median_s"]
+            peaks = case["composed"]["peak_bytes"], case["fused"]["peak_bytes"]
+            case["memory_saving"] = None if None in peaks else 1 - peaks[1] / peaks[0]
+            case["max_abs_diff"] = float((composed(x) - fused(x)).abs().max())
+            out["cases"][name] = case
+    out["conditions"] = None
+    return out
+
+
+# --- torch.compile on the training model, in a child process so that a slow compile is bounded ------
+def _compile_child(width, depth, batch, steps):
+    """Run in a child by measure_compile: eager and compiled Adam steps of ResMLPClassifier; JSON out."""
+    torch.manual_seed(0)
+    model = ResMLPClassifier(width=width, depth=depth)
+    x, y = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    cpu = torch.device("cpu")
+
+    def timed_steps(net, optimizer):
+        def step():
+            F.cross_entropy(net(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        first = _timed(cpu, step)[1]  # the compiled model compiles here
+        return first, time_stats([_timed(cpu, step)[1] for _ in range(steps)])
+
+    eager = timed_steps(model, torch.optim.Adam(model.parameters()))
+    compiled_model = torch.compile(model)
+    compiled = timed_steps(compiled_model, torch.optim.Adam(model.parameters()))
+    print(json.dumps({"eager": eager[1], "compiled": compiled[1], "compile_s": compiled[0] - eager[1]["median_s"],
+                      "first_compiled_step_s": compiled[0]}))
+
+
+def measure_compile(*, time_budget_s=90.0, width=128, depth=8, batch=256, steps=20):
+    """torch.compile on the training comparison's model: the first call's compile time, reported
+    apart from the step time, and eager vs compiled step time.  Runs in a child process killed
+    after `time_budget_s`, so a slow compile (inductor builds C++ on CPU) cannot stall the lab;
+    then `skipped` says why."""
+    base = {"width": width, "depth": depth, "batch": batch, "steps": steps, "budget_s": time_budget_s}
+    if sys.platform == "win32" or not hasattr(torch, "compile"):
+        return {**base, "skipped": "torch.compile is not supported on this platform"}
+    code = (f"import sys; sys.path.insert(0, {str(_HERE)!r}); import pytorch_practice_demo as lab; "
+            f"lab._compile_child({width}, {depth}, {batch}, {steps})")
+    start = _now()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=time_budget_s)
+    except subprocess.TimeoutExpired:
+        return {**base, "skipped": f"compiling and timing took longer than its {time_budget_s:.0f} s budget here "
+                                   "(inductor generates and builds C++ for the CPU); stopped"}
+    if proc.returncode != 0:
+        last = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no message"]
+        return {**base, "skipped": f"torch.compile failed here: {last[0][:200]}"}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["speedup"] = result["eager"]["median_s"] / result["compiled"]["median_s"]
+    return {**base, **result, "wall_s": _now() - start, "skipped": None}
+
+
+# --- the optimisation table ------------------------------------------------------------------------
+# (technique, aspect, the lecture's words, the range read as agreeing).  Speed is a speed-up
+# (baseline time / technique time: > 1 faster); memory a saving (1 - technique / baseline).
+# "~" is read as about +-15 points: ~50 % as 35-65 %, ~2-3x as 1.7-3.5x, ~20 % recompute as
+# 11-33 % slower (speed-up 0.75-0.9), ~10-30 % as 1.05-1.45x; "slight" as at most 25 %.
+LECTURE_CLAIMS = (
+    ("mixed_precision", "memory", "~50%", (0.35, 0.65)),
+    ("mixed_precision", "speed", "~2-3x", (1.7, 3.5)),
+    ("gradient_accumulation", "memory", "virtual", None),
+    ("gradient_accumulation", "speed", "slight", (0.85, 1.0)),
+    ("gradient_checkpointing", "memory", "~50%act", (0.35, 0.65)),
+    ("gradient_checkpointing", "speed", "~20%", (0.75, 0.9)),
+    ("fusion", "memory", "slight", (0.0, 0.25)),
+    ("fusion", "speed", "~10-30%", (1.05, 1.45)),
+)
+TECHNIQUES = ("mixed_precision", "gradient_accumulation", "gradient_checkpointing", "fusion")
+
+
+def _training_measure(training, strategy, aspect):
+    """(value, source, reason) of one strategy against the baseline in the training comparison."""
+    runs = (training or {}).get("runs") or {}
+    if not training or "runs" not in training:
+        return None, None, "the training comparison did not run"
+    if strategy not in runs or "baseline" not in runs:
+        missing = strategy if strategy not in runs else "baseline"
+        return None, None, (training.get("skipped") or {}).get(missing, f"{missing} was not run")
+    base, run = runs["baseline"], runs[strategy]
+    source = f"training comparison: {training['model']}, batch {training['batch']}, {run['precision']}"
+    if aspect == "speed":
+        return run["samples_per_s"] / base["samples_per_s"], source, None
+    key = "peak_memory_bytes" if strategy == "mixed_precision" else "activation_bytes"
+    return 1 - run[key] / base[key], source + (" (peak)" if key == "peak_memory_bytes" else " (activations)"), None
+
+
+def _fusion_measure(fusion, aspect):
+    cases = (fusion or {}).get("cases") or {}
+    if not cases:
+        return None, None, "fusion was not measured"
+    key = "speedup" if aspect == "speed" else "memory_saving"
+    values = {name: case[key] for name, case in cases.items() if case[key] is not None}
+    if not values:
+        return None, None, "no allocator reading on this device"
+    return values, f"fusion: {', '.join(values)} on {fusion['shape'][0]}x{fusion['shape'][1]} {fusion['dtype']}", None
+
+
+def _verdict(value, agree):
+    if value is None:
+        return "not_measured"
+    if agree is None:
+        return "info"
+    values = list(value.values()) if isinstance(value, dict) else [value]
+    inside = [agree[0] <= v <= agree[1] for v in values]
+    return "agree" if all(inside) else "disagree" if not any(inside) else "partly"
+
+
+def lecture_claims(training=None, fusion=None):
+    """The lecture's optimisation table, cell by cell, with this machine's measured value from the
+    training comparison (`training`, run_training_comparison's data) and the fusion measurement."""
+    rows = []
+    for technique, aspect, claim, agree in LECTURE_CLAIMS:
+        if technique == "fusion":
+            value, source, reason = _fusion_measure(fusion, aspect)
+        else:
+            value, source, reason = _training_measure(training, technique, aspect)
+        rows.append({"technique": technique, "aspect": aspect, "claim": claim, "agree_range": agree,
+                     "measured": value, "source": source, "reason": reason, "verdict": _verdict(value, agree)})
+    return rows
+
+
+def format_lecture_table(data):
+    """The optimisation table and the formula checks as text (Markdown), as drawn in 讲义对照.png."""
+    lines = ["| technique | aspect | lecture | measured here | source | verdict |", "|---|---|---|---|---|---|"]
+    for r in data["claims"]:
+        value = r["measured"]
+        if value is None:
+            text = f"not measured: {r['reason']}"
+        else:
+            values = value if isinstance(value, dict) else {"": value}
+            text = "; ".join((f"{k} {v:.2f}x" if r["aspect"] == "speed" else
+                              f"{k} {v:.0%} saved" if v >= 0 else f"{k} {-v:.0%} more").strip()
+                             for k, v in values.items())
+        lines.append(f"| {r['technique']} | {r['aspect']} | {r['claim']} | {text} | {r['source'] or '-'} | "
+                     f"{r['verdict']} |")
+    lines += ["", "| formula | lecture | counted | error | corrected |", "|---|---|---|---|---|"]
+    for r in data["flops"]:
+        fixed = f"{r['correct_expr']} ({r['correct_error']:+.1%})" if r.get("correct_expr") else "-"
+        lines.append(f"| {r['lecture_expr']} ({r['shape']}) | {r['lecture']:,.0f} | {r['counted']:,.0f} | "
+                     f"{r['error']:+.1%} | {fixed} |")
+    lines += ["", "| TinyGPT | lecture memory | measured peak | error |", "|---|---|---|---|"]
+    for r in data["memory"]:
+        lines.append(f"| L={r['layers']} H={r['hidden']} B={r['batch']} T={r['seq']} | "
+                     f"{r['lecture_total'] / 2 ** 20:.1f} MiB | {r['measured_total'] / 2 ** 20:.1f} MiB | "
+                     f"{r['error']:+.1%} |")
+    kv = data["kv_cache"]
+    lines.append(f"\nKV cache at {kv['tokens'][-1]} tokens: lecture {kv['formula_bytes'][-1] / 2 ** 20:.2f} MiB, "
+                 f"measured held {kv['held_bytes'][-1] / 2 ** 20:.2f} MiB ({kv['method']})")
+    return "\n".join(lines)
+
+
+def _lecture_known_memory(memory):
+    """The memory stage's TinyGPT training measurement, keyed as lecture_memory_check takes it."""
+    if not isinstance(memory, dict) or "TinyGPT (T=64)" not in memory.get("models", {}):
+        return {}, None
+    measured = dict(memory["models"]["TinyGPT (T=64)"]["training"]["measured"],
+                    parameters=memory["gpt_parameters"])
+    return {(4, 256): measured}, memory["batch"]
+
+
+def run_lecture_comparison(*, results=None, device=None, compile=False, progress=None, profile="default",
+                           quick=False):
+    """The lecture's claims beside this machine's numbers; returns plain data for 讲义对照.png.
+
+    `results` holds earlier stages' data (flop, memory, training), reused so that nothing is
+    measured twice; a missing stage's part is counted or measured here instead (the optimisation
+    table's training cells then say "not measured").  `compile=True` adds torch.compile."""
+    sizes = _profile(profile, "lecture", quick)
+    device = check_device(device or "cpu")
+    results = results or {}
+    load_start, budget = machine_load(), Budget(sizes["budget_s"])
+    data = {"device": _device_name(device), "profile": profile}
+    steps = 5 if compile else 4
+    known, batch = _lecture_known_memory(results.get("memory"))
+    data["memory"] = lecture_memory_check(sizes["gpt_sizes"], batch=batch or sizes["batch"], known=known,
+                                          device=device)
+    if progress:
+        progress(1, steps, "memory formulas")
+    memory = results.get("memory")
+    data["kv_cache"] = (memory["kv_cache"] if isinstance(memory, dict) and memory.get("kv_cache") else
+                        measure_kv_cache(build_model("TinyGPT", device), **sizes["kv"]))
+    if progress:
+        progress(2, steps, "KV cache")
+    flop = results.get("flop")
+    record = next((r for r in flop if r["name"] == "TinyGPT"), None) if isinstance(flop, list) else None
+    record = record or run_flop_analysis(["TinyGPT"])[0]
+    data["flops"] = lecture_flop_check(record, layers=4, hidden=256, vocab=1024)  # the zoo's TinyGPT
+    if progress:
+        progress(3, steps, "FLOP formulas")
+    data["fusion"] = measure_fusion(device=device, shape=sizes["fusion_shape"], time_budget_s=sizes["fusion_s"])
+    if progress:
+        progress(4, steps, "fusion")
+    data["compile"] = measure_compile(time_budget_s=sizes["compile_s"]) if compile else None
+    if compile and progress:
+        progress(5, steps, "torch.compile")
+    training = results.get("training") if isinstance(results.get("training"), dict) else None
+    data["claims"] = lecture_claims(training, data["fusion"])
+    data["training_conditions"] = training.get("conditions") if training else None
+    data["training_batch"] = training.get("batch") if training else None
+    data["conditions"] = _conditions(load_start, budget)
+    return data
 
 
 # -----------------------------------------------------------------------------
@@ -3554,6 +4294,8 @@ def _plot_memory_error(ax, models):
     ax.set_xticks(x, names, fontsize=8)
     ax.set_ylabel("%")
     ax.set_title(_t("mem_error"))
+    method = next(iter(models.values()))["training"]["measured"]["method"]
+    ax.set_xlabel(_t("mem_source", method=method), fontsize=8)
     ax.margins(y=0.12)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2)
 
@@ -4201,6 +4943,191 @@ def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=No
     return fig
 
 
+VERDICT_COLORS = {"agree": "#D8EFD8", "disagree": "#F6D5D5", "partly": "#FBEBC8", "info": "#EEEEEE",
+                  "not_measured": "#E0E0E0"}
+
+
+def _plot_lecture_memory(ax, rows):
+    """Per TinyGPT size: the lecture's four terms stacked beside the measured parts, with the
+    formula total's error against the measured (allocator) peak."""
+    x = np.arange(len(rows))
+    width = 0.36
+    parts = {"lecture": LECTURE_MEMORY_PARTS, "at_peak": LECTURE_MEMORY_PARTS + ("temporary_bytes", "input_bytes")}
+    for offset, key, hatch in ((-width / 2, "lecture", "//"), (width / 2, "at_peak", None)):
+        bottom = np.zeros(len(rows))
+        for part in parts[key]:
+            values = np.array([r[key].get(part, 0) / MIB for r in rows])
+            ax.bar(x + offset, values, width, bottom=bottom, color=MEMORY_COLORS.get(part, "#937860"), hatch=hatch,
+                   edgecolor="white", label=_t(part + "_part") if key == "at_peak" and part != "input_bytes" else None)
+            bottom += values
+    ax.scatter(x + width / 2, [r["measured_total"] / MIB for r in rows], marker="_", s=400, color="k", zorder=3,
+               label=_t("measured_peak"))
+    for xi, r in zip(x, rows):
+        top = max(r["lecture_total"], r["measured_total"]) / MIB
+        ax.annotate(_t("lec_total_error", err=r["error"]), (xi, top), xytext=(0, 4), textcoords="offset points",
+                    ha="center", fontsize=8, color="#B22222")
+    ax.set_xticks(x, [f"L={r['layers']} H={r['hidden']}\n{_t('lec_formula')} | {_t('lec_measured')}" for r in rows],
+                  fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_title(_t("lec_memory", batch=rows[0]["batch"], seq=rows[0]["seq"]), fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.text(0.98, 0.97, _t("lec_act_note"), transform=ax.transAxes, ha="right", va="top", fontsize=7,
+            color="#555555")
+    ax.margins(y=0.25)
+
+
+def _plot_kv_cache(ax, kv):
+    """Held bytes after each generated token and the peak within it, against the lecture's formula."""
+    tokens = kv["tokens"]
+    ax.plot(tokens, np.array(kv["formula_bytes"]) / MIB, "--", color="k", lw=1.5, label=_t("kv_formula"))
+    ax.plot(tokens, np.array(kv["held_bytes"]) / MIB, color="#4C72B0", lw=2, label=_t("kv_held"))
+    if kv.get("step_peak_bytes"):
+        ax.plot(tokens, np.array(kv["step_peak_bytes"]) / MIB, ":", color="#C44E52", lw=1.5, label=_t("kv_peak"))
+    ax.set_xlabel(_t("tokens"))
+    ax.set_ylabel("MiB")
+    ax.set_title(_t("lec_kv", layers=kv["layers"], hidden=kv["hidden"], batch=kv["batch"]), fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(bottom=0)
+
+
+def _plot_flop_formulas(ax, rows):
+    """Each lecture FLOP formula's error against FLOPCalculator's count; the corrected expression's
+    error beside it where the lecture's is off."""
+    names = [_t("flop_" + r["name"]) for r in rows]
+    y = np.arange(len(rows))
+    errors = np.array([100 * r["error"] for r in rows])
+    ax.barh(y, errors, 0.5, color=["#55A868" if abs(e) < 1 else "#C44E52" for e in errors],
+            label=_t("lec_flop_error"))
+    fixed = [(yi, 100 * r["correct_error"]) for yi, r in zip(y, rows) if r.get("correct_error") is not None]
+    if fixed:
+        ax.scatter([e for _, e in fixed], [yi for yi, _ in fixed], marker="D", color="#4C72B0", zorder=3,
+                   label=_t("lec_flop_fixed"))
+    for yi, e, r in zip(y, errors, rows):
+        ax.annotate(f"{e:+.1f}%\n{readable(r['lecture'])} / {readable(r['counted'])}", (e, yi),
+                    xytext=(4 if e >= 0 else -4, 0), textcoords="offset points", va="center",
+                    ha="left" if e >= 0 else "right", fontsize=7)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(min(errors.min(), 0) * 1.9 - 5, max(errors.max(), 0) * 1.9 + 45)  # room for the labels
+    ax.set_xlabel("%")
+    ax.set_title(_t("lec_flops"), fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+
+
+def _speed_words(speedup):
+    return _t("faster", x=speedup) if speedup >= 1 else _t("slower", x=1 / speedup)
+
+
+def _plot_fusion(ax, fusion, compiled=None):
+    """Median time (bars: IQR or min-max) of each op written out and as one fused kernel; the
+    speed-up and the allocator peaks written under each pair; torch.compile's step when run."""
+    cases = fusion["cases"]
+    groups = list(cases)
+    x = np.arange(len(groups))
+    for offset, key, color in ((-0.2, "composed", "#DD8452"), (0.2, "fused", "#4C72B0")):
+        med = np.array([cases[g][key]["median_s"] * 1e3 for g in groups])
+        lo = med - np.array([cases[g][key]["spread_lo_s"] * 1e3 for g in groups])
+        hi = np.array([cases[g][key]["spread_hi_s"] * 1e3 for g in groups]) - med
+        ax.bar(x + offset, med, 0.4, yerr=[lo, hi], capsize=3, color=color, label=_t(key))
+    labels = []
+    for g in groups:
+        c = cases[g]
+        peaks = c["composed"]["peak_bytes"], c["fused"]["peak_bytes"]
+        speed = _speed_words(c["speedup"])
+        labels.append(f"{g}\n" + (_t("fusion_note", speed=speed, a=f"{peaks[0] / MIB:.0f} MiB", b=f"{peaks[1] / MIB:.0f} MiB")
+                                  if None not in peaks else speed))
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel(_t("ms"))
+    title = _t("lec_fusion", shape="×".join(map(str, fusion["shape"])))
+    if compiled:
+        note = (_t("compile_skipped", why=compiled["skipped"]) if compiled.get("skipped") else
+                _t("compile_note", c=compiled["compile_s"], speed=_speed_words(compiled["speedup"])))
+        ax.text(0.02, 0.97, _wrap(note, 60), transform=ax.transAxes, va="top", fontsize=8, color="#555555")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.margins(y=0.2)
+
+
+def _wrap(text, width):
+    import textwrap
+    return textwrap.fill(text, width)
+
+
+def _claim_text(row):
+    """This machine's value in a table cell, in words: a saving or a speed-up (a slowdown as such)."""
+    value = row["measured"]
+    if value is None:
+        return _t("verdict_not_measured")
+    values = value if isinstance(value, dict) else {"": value}
+    words = []
+    for name, v in values.items():
+        if row["aspect"] == "speed":
+            text = _speed_words(v)
+        else:
+            text = _t("saved", p=v) if v >= 0 else _t("more_memory", p=-v)
+        words.append(f"{name} {text}".strip())
+    return "；".join(words) if _lang() == "zh" else "; ".join(words)
+
+
+def _claim_source(row):
+    if row["source"] is None:
+        return _wrap(row["reason"] or "", 40)
+    if row["technique"] == "fusion":
+        return _t("src_fusion")
+    return _t("src_training") + (_t("peak_suffix") if "(peak)" in row["source"] else
+                                 _t("act_suffix") if "activations" in row["source"] and row["aspect"] == "memory" else "")
+
+
+def _plot_claims_table(ax, rows):
+    """The lecture's optimisation table with this machine's value in every cell, coloured by verdict."""
+    ax.axis("off")
+    header = [_t("col_technique"), _t("col_aspect"), _t("col_claim"), _t("col_measured"), _t("col_source"),
+              _t("col_verdict")]
+    cells = [[_t("tech_" + r["technique"]), _t("aspect_" + r["aspect"]), _t("claim_" + r["claim"]), _claim_text(r),
+              _claim_source(r), _t("verdict_" + r["verdict"])] for r in rows]
+    table = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="center",
+                     colWidths=[0.14, 0.1, 0.13, 0.3, 0.23, 0.1])
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.9)
+    for (i, j), cell in table.get_celld().items():
+        if i == 0:
+            cell.set_facecolor("#DDDDDD")
+        elif j in (3, 5):
+            cell.set_facecolor(VERDICT_COLORS[rows[i - 1]["verdict"]])
+    ax.set_title(_t("lec_table"), fontsize=11)
+
+
+def plot_lecture_claims(data):
+    """Five panels from `run_lecture_comparison` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    with _figure_style():
+        fig = plt.figure(figsize=(20, 12), layout="constrained")
+        grid = fig.add_gridspec(2, 3)
+        _plot_lecture_memory(fig.add_subplot(grid[0, 0]), data["memory"])
+        _plot_kv_cache(fig.add_subplot(grid[0, 1]), data["kv_cache"])
+        _plot_flop_formulas(fig.add_subplot(grid[0, 2]), data["flops"])
+        _plot_fusion(fig.add_subplot(grid[1, 0]), data["fusion"], data.get("compile"))
+        _plot_claims_table(fig.add_subplot(grid[1, 1:]), data["claims"])
+        source = "torch.profiler" if data["memory"][0]["method"] == ALLOCATOR_SOURCE else data["memory"][0]["method"]
+        _suptitle(fig, _t("lec_title"), _t("lec_sub", device=data["device"], source=source,
+                                           batch=data.get("training_batch") or "—"),
+                  data.get("training_conditions") or data.get("conditions"))
+        fig.supxlabel(_t("lec_flop_notes"), fontsize=9, x=0.01, ha="left", color="#333333")
+    return fig
+
+
+def visualize_lecture_claims(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, results=None, quick=False, device=None,
+                             dpi=120):
+    """The lecture's claims against this machine: draw 讲义对照.png into `output_dir` (None: don't
+    save).  `results`: earlier stages' data to reuse (run_lecture_comparison)."""
+    data = data or run_lecture_comparison(results=results, quick=quick, device=device)
+    fig = plot_lecture_claims(data)
+    _save_into(fig, output_dir, "lecture", dpi)
+    return fig
+
+
 def _save_into(fig, output_dir, key, dpi):
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
@@ -4211,7 +5138,7 @@ def _save_into(fig, output_dir, key, dpi):
 # CLI / main()
 # -----------------------------------------------------------------------------
 
-STAGES = ("flop", "memory", "training", "amp", "dashboard")  # in the order they run
+STAGES = ("flop", "memory", "training", "amp", "dashboard", "lecture")  # in the order they run
 STAGE_OVERRUN = 1.3  # a stage that ends within 1.3x its budget kept it (results.json "timing")
 
 
@@ -4243,7 +5170,16 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (optionally .gz)")
     parser.add_argument("--download-mnist", action="store_true",
                         help="allow fetching MNIST into --data-dir if missing (the only network use)")
+    parser.add_argument("--compile", action="store_true",
+                        help="lecture stage: also time torch.compile on the training model (a child process, "
+                             f"stopped after {PROFILES['default']['lecture']['compile_s']:.0f} s)")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="write the training comparison's curves, throughput and hyper-parameters as "
+                             "TensorBoard logs into DIR (needs the optional tensorboard package)")
     args = parser.parse_args(argv)
+    if args.tensorboard and not _has_tensorboard():
+        parser.error("--tensorboard needs the tensorboard package, which is optional and not installed here: "
+                     "pip install tensorboard")
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -4310,12 +5246,20 @@ def _run_stage(stage, args, device, out, results):
         data = run_training_comparison(device=device, dataset=args.dataset, data_dir=args.data_dir,
                                        download=args.download_mnist, seed=args.seed, progress=report, profile=profile)
         visualize_training_performance(out, data=data, dpi=args.dpi)
+        if args.tensorboard:
+            print(f"  TensorBoard logs: {write_tensorboard(data, args.tensorboard)} "
+                  f"(tensorboard --logdir {args.tensorboard})", flush=True)
     elif stage == "amp":
         data = run_amp_analysis(profile=profile, device=device, seed=args.seed, progress=report)
         demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
     elif stage == "dashboard":  # reuses the FLOP counts and the matmul peak of earlier stages
         data = run_dashboard_analysis(**_reusable(results), profile=profile, device=device, progress=report)
         create_comprehensive_dashboard(out, data=data, dpi=args.dpi)
+    elif stage == "lecture":  # reuses the FLOP, memory and training stages' numbers
+        data = run_lecture_comparison(results=results, device=device, compile=args.compile, profile=profile,
+                                      progress=report)
+        print(format_lecture_table(data), flush=True)
+        visualize_lecture_claims(out, data=data, dpi=args.dpi)
     else:  # --model
         inputs = _cli_inputs(args)
         data = analyze(args.loaded_model, inputs, device=device, profile=profile, progress=report)
@@ -4385,6 +5329,10 @@ def _warn_ineffective(args):
               file=sys.stderr)
     if args.dataset == "mnist" and not training:
         print("warning: --dataset only changes the training stage, which --only leaves out", file=sys.stderr)
+    if args.tensorboard and not training:
+        print("warning: --tensorboard writes the training stage's logs, which --only leaves out", file=sys.stderr)
+    if args.compile and "lecture" not in args.only:
+        print("warning: --compile belongs to the lecture stage, which --only leaves out", file=sys.stderr)
 
 
 def main(argv=None):
