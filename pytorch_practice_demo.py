@@ -1,9 +1,9 @@
 """PyTorch resource-accounting lab: FLOPs, memory, training strategies, mixed precision.
 
-One command draws five figures, and every number on them is counted or measured on the
-machine that runs it:
+One command draws six figures (the sixth puts the lecture's formulas and optimisation table beside
+this machine's numbers), and every number on them is counted or measured on the machine that runs it:
 
-    python pytorch_practice_demo.py                 # five PNGs + results.json in 生成的图片/
+    python pytorch_practice_demo.py                 # six PNGs + results.json in 生成的图片/
     python pytorch_practice_demo.py --quick         # smaller sizes, a fast check
     python pytorch_practice_demo.py --only flop,amp --lang en
 
@@ -17,7 +17,9 @@ Conventions (stated once, used everywhere):
 - FLOPs = 2 x multiply-adds (MACs). Bias adds are not counted. ``flops`` holds the matmul-class
   work (linear, matmul, conv, attention, RNN); elementwise/normalisation/softmax/pooling work is
   kept apart in ``other_flops`` so ``flops`` stays comparable with published numbers.
-- Memory is the peak of live tensor storage bytes during one steady-state step.
+- Memory is the peak of bytes allocated during one steady-state step.  Measured: the allocator's
+  own count (CPU: torch.profiler's allocation events; CUDA: max_memory_allocated); estimated:
+  the same step on fake tensors, plus the CPU kernels' scratch rules (CPU_SCRATCH).
 
 References behind the formulas:
 - torch/utils/flop_counter.py (per-op formulas, conv and SDPA backward conventions).
@@ -302,7 +304,10 @@ LABELS = {
     "faster": ("快 {x:.1f}×", "{x:.1f}× faster"), "slower": ("慢 {x:.1f}×", "{x:.1f}× slower"),
     "ms": ("毫秒", "ms"),
     "compile_row": ("torch.compile 训练步", "torch.compile train step"),
-    "compile_note": ("编译 {c:.1f} s（另计），之后每步 {speed}", "compile {c:.1f} s (apart), then each step {speed}"),
+    "compile_note": ("torch.compile（训练对比的 ResMLP {depth}×{width}，batch={batch}，Adam 一步）：\n"
+                     "编译 {c:.1f} s（另计）；之后每步 {e:.1f} → {k:.1f} ms，{speed}",
+                     "torch.compile (the training comparison's ResMLP {depth}×{width}, batch={batch}, one Adam step):\n"
+                     "compile {c:.1f} s (apart); then each step {e:.1f} → {k:.1f} ms, {speed}"),
     "compile_skipped": ("torch.compile：{why}", "torch.compile: {why}"),
     "lec_table": ("讲义的优化技巧表，逐格对照本机实测", "The lecture's optimisation table, cell by cell, against this machine"),
     "col_technique": ("技术", "technique"), "col_aspect": ("方面", "aspect"), "col_claim": ("讲义", "lecture"),
@@ -5042,8 +5047,11 @@ def _plot_fusion(ax, fusion, compiled=None):
     title = _t("lec_fusion", shape="×".join(map(str, fusion["shape"])))
     if compiled:
         note = (_t("compile_skipped", why=compiled["skipped"]) if compiled.get("skipped") else
-                _t("compile_note", c=compiled["compile_s"], speed=_speed_words(compiled["speedup"])))
-        ax.text(0.02, 0.97, _wrap(note, 60), transform=ax.transAxes, va="top", fontsize=8, color="#555555")
+                _t("compile_note", c=compiled["compile_s"], speed=_speed_words(compiled["speedup"]),
+                   depth=compiled["depth"], width=compiled["width"], batch=compiled["batch"],
+                   e=compiled["eager"]["median_s"] * 1e3, k=compiled["compiled"]["median_s"] * 1e3))
+        ax.text(0.02, 0.97, note if not compiled.get("skipped") else _wrap(note, 60), transform=ax.transAxes,
+                va="top", fontsize=8, color="#555555")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.margins(y=0.2)
@@ -5319,6 +5327,12 @@ def _stage_stamp(args):
     return {"finished_at": datetime.datetime.now().isoformat(timespec="seconds"), "options": options}
 
 
+def _stage_budget_s(args, stage):
+    """The stage's budget from PROFILES; --compile adds its child process's limit to the lecture's."""
+    sizes = _profile(args.profile, stage)
+    return sizes["budget_s"] + (sizes["compile_s"] if stage == "lecture" and args.compile else 0)
+
+
 def _warn_ineffective(args):
     """Options that do nothing in this run, said rather than silently ignored."""
     training = "training" in args.only
@@ -5363,7 +5377,7 @@ def main(argv=None):
     results.pop("interrupted", None)
     failed, started, done = [], _now(), 0
     for stage in args.only:
-        budget = Budget(_profile(args.profile, stage)["budget_s"])
+        budget = Budget(_stage_budget_s(args, stage))
         threads, sample = (threads_for_load() if args.threads == "auto" else (int(args.threads), {}))
         torch.set_num_threads(threads)
         load_start = machine_load()

@@ -86,26 +86,38 @@ def case_meta_5b():
 
 
 def case_memory_error_table():
+    """Estimate (fake tensors + CPU scratch rules) against the measured peak, which on CPU is read
+    from the allocator's own events (torch.profiler, profile_memory=True): a source the estimate's
+    storage tracker shares nothing with.  `tracked` is the tracker's own peak in the real step,
+    shown so that what only the allocator sees (kernel scratch) is visible.  Goal: |err| <= 10 %."""
     import torch
+    import torchvision
 
     from pytorch_practice_demo import MnistNet, TinyGPT, estimate_memory, measure_memory, mlp
     models = {"mlp": (lambda: mlp(512), lambda b: (b, 1024)),
               "cnn": (MnistNet, lambda b: (b, 1, 28, 28)),
               "transformer": (lambda: TinyGPT(vocab_size=512, n_layer=2, n_embd=128, n_head=4, block_size=64),
                               lambda b: torch.zeros(b, 64, dtype=torch.long))}
-    rows = []
-    for name, (make, inputs) in models.items():
-        model = make()
-        for batch in (8, 64):
-            for optimizer in ("adam", "sgd"):
-                for ckpt in (False, True):
-                    e = estimate_memory(model, inputs(batch), optimizer=optimizer, checkpointing=ckpt)
-                    m = measure_memory(model, inputs(batch), optimizer=optimizer, checkpointing=ckpt)
-                    rows.append(f"{name:11s} b={batch:<3d} {optimizer:4s} ckpt={ckpt!s:5s} "
-                                f"est={e['total']:>11,d} meas={m['total']:>11,d} "
-                                f"err={(e['total'] - m['total']) / m['total']:+.2%} "
-                                f"napkin_err={(e['formula']['total'] - m['total']) / m['total']:+.1%}")
-    return {"rows": rows}
+    cases = [(name, batch, optimizer, ckpt, True) for name in models for batch in (8, 64)
+             for optimizer in ("adam", "sgd") for ckpt in (False, True)]
+    cases += [(name, batch, "adam", False, False) for name in models for batch in (8, 64)]  # inference
+    models["resnet18-64px"] = (lambda: torchvision.models.resnet18(weights=None), lambda b: (b, 3, 64, 64))
+    cases += [("resnet18-64px", 8, "adam", False, True), ("resnet18-64px", 8, "adam", False, False)]
+    rows, worst, source = [], 0.0, None
+    built = {}
+    for name, batch, optimizer, ckpt, training in cases:
+        make, inputs = models[name]
+        model = built.setdefault(name, make())
+        options = dict(training=training, optimizer=optimizer, checkpointing=ckpt)
+        e = estimate_memory(model, inputs(batch), **options)
+        m = measure_memory(model, inputs(batch), **options)
+        err = (e["total"] - m["total"]) / m["total"]
+        worst, source = max(worst, abs(err)), m["method"]
+        rows.append(f"{name:13s} b={batch:<3d} {'train ' + optimizer if training else 'inference':10s} "
+                    f"ckpt={ckpt!s:5s} est={e['total']:>11,d} meas={m['total']:>11,d} "
+                    f"tracked={m['tracked_total']:>11,d} err={err:+.2%} "
+                    f"napkin_err={(e['formula']['total'] - m['total']) / m['total']:+.1%}")
+    return {"rows": rows, "worst_abs_err": f"{worst:.2%}", "measured_with": source, "goal": "<= 10 %"}
 
 
 def case_memory_speed():
