@@ -270,12 +270,13 @@ LABELS = {
                   "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
     # lecture figure
     "lec_title": ("讲义对照：讲义里的公式与表格 vs 这台机器", "The lecture's formulas and table vs this machine"),
-    "lec_sub": ("设备 {device}；fp32；内存与 KV 缓存为实测（{source}），FLOPs 为 FLOPCalculator 计数；"
-                "优化表取自训练对比（batch={batch}）与融合实测",
-                "device {device}; fp32; memory and KV cache measured ({source}), FLOPs counted by FLOPCalculator; "
-                "table from the training comparison (batch={batch}) and the fusion measurement"),
+    "lec_sub": ("设备 {device}；fp32；内存与 KV 缓存为实测（{source}），FLOPs 为 FLOPCalculator 计数\n"
+                "优化表取自训练对比（{training}）与融合实测",
+                "device {device}; fp32; memory and KV cache measured ({source}); FLOPs counted by FLOPCalculator\n"
+                "table from the training comparison ({training}) and the fusion measurement"),
+    "lec_training": ("batch={batch}", "batch={batch}"), "lec_no_training": ("未运行", "not run"),
     "lec_memory": ("训练内存：讲义公式 vs 实测峰值时刻的各部分（TinyGPT，batch={batch}，T={seq}，Adam）",
-                   "Training memory: lecture formula vs the parts alive at the measured peak "
+                   "Training memory: lecture formula vs parts alive at the measured peak\n"
                    "(TinyGPT, batch={batch}, T={seq}, Adam)"),
     "lec_formula": ("讲义", "lecture"), "lec_measured": ("实测", "measured"),
     "lec_total_error": ("讲义总和误差 {err:+.0%}", "formula total {err:+.0%}"),
@@ -2853,7 +2854,8 @@ def _read_idx(path):
     """An IDX file (yann.lecun.com/exdb/mnist format): magic 0x0000 08 ndim, big-endian uint32
     sizes, then unsigned bytes.  Gzipped files are read too."""
     import gzip
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+        raw = f.read()
     if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
         raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()})")
     ndim = raw[3]
@@ -5118,9 +5120,11 @@ def plot_lecture_claims(data):
         _plot_flop_formulas(fig.add_subplot(grid[0, 2]), data["flops"])
         _plot_fusion(fig.add_subplot(grid[1, 0]), data["fusion"], data.get("compile"))
         _plot_claims_table(fig.add_subplot(grid[1, 1:]), data["claims"])
-        source = "torch.profiler" if data["memory"][0]["method"] == ALLOCATOR_SOURCE else data["memory"][0]["method"]
-        _suptitle(fig, _t("lec_title"), _t("lec_sub", device=data["device"], source=source,
-                                           batch=data.get("training_batch") or "—"),
+        method = data["memory"][0]["method"]
+        source = "torch.profiler" if method == ALLOCATOR_SOURCE else method.split(" (")[0]
+        batch = data.get("training_batch")
+        training = _t("lec_training", batch=batch) if batch else _t("lec_no_training")
+        _suptitle(fig, _t("lec_title"), _t("lec_sub", device=data["device"], source=source, training=training),
                   data.get("training_conditions") or data.get("conditions"))
         fig.supxlabel(_t("lec_flop_notes"), fontsize=9, x=0.01, ha="left", color="#333333")
     return fig

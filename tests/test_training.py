@@ -101,7 +101,8 @@ def test_bad_arguments(kwargs, match):
 def _write_idx(path, array, gz=False):
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     payload = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(payload)
+    with (gzip.open if gz else open)(path, "wb") as f:  # closed (and the gzip stream ended) before reading
+        f.write(payload)
 
 
 def _tiny_mnist(folder, n_train=512, n_test=128):
