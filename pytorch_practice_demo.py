@@ -302,7 +302,7 @@ LABELS = {
     "lec_fusion": ("算子融合实测：逐元素写法 vs 融合内核（{shape}，fp32）", "Fusion measured: op by op vs fused kernel ({shape}, fp32)"),
     "composed": ("逐算子组合", "op by op"), "fused": ("融合内核", "fused kernel"),
     "fusion_note": ("{speed}；峰值 {a} → {b}", "{speed}; peak {a} → {b}"),
-    "faster": ("快 {x:.1f}×", "{x:.1f}× faster"), "slower": ("慢 {x:.1f}×", "{x:.1f}× slower"),
+    "faster": ("快 {x:.1f}×", "{x:.1f}× faster"), "as_fast": ("持平（相差 10% 以内）", "as fast (within 10%)"), "slower": ("慢 {x:.1f}×", "{x:.1f}× slower"),
     "ms": ("毫秒", "ms"),
     "compile_row": ("torch.compile 训练步", "torch.compile train step"),
     "compile_note": ("torch.compile（训练对比的 ResMLP {depth}×{width}，batch={batch}，Adam 一步）：\n"
@@ -5023,6 +5023,8 @@ def _plot_flop_formulas(ax, rows):
 
 
 def _speed_words(speedup):
+    if 1 / 1.1 <= speedup <= 1.1:
+        return _t("as_fast")
     return _t("faster", x=speedup) if speedup >= 1 else _t("slower", x=1 / speedup)
 
 
