@@ -21,6 +21,33 @@ Conventions (stated once, used everywhere):
   own count (CPU: torch.profiler's allocation events; CUDA: max_memory_allocated); estimated:
   the same step on fake tensors, plus the CPU kernels' scratch rules (CPU_SCRATCH).
 
+Contents (each section opens with a `# %%` cell, so VS Code, PyCharm or Jupytext run it one
+section at a time; the sections follow the data: units -> a model's replica -> measuring ->
+the models -> counting and measuring them -> the figures -> the command line):
+  1. Units, precision names and the hardware .... readable, PRECISIONS, hardware_info, resolve_device
+  2. Running a model on a replica ............... LabError, training_step (the lab's one training step)
+  3. Timing and measuring primitives ............ Budget, time_stats, machine_load, threads_for_load,
+                                                  measure_peak_flops, checked_utilisation
+  4. The model zoo .............................. mlp, MnistNet, TinyGPT (with KVCache), LSTMClassifier,
+                                                  ResMLPClassifier, MODEL_ZOO, build_model
+  5. FLOP counting .............................. FLOPCalculator, run_flop_analysis (one formula registry)
+  6. Memory ..................................... estimate_memory, measure_memory, measure_kv_cache,
+                                                  zero_memory_per_device, run_memory_analysis
+  7. Mixed precision ............................ benchmark_mixed_precision, run_amp_analysis, dtype_ranges
+  8. Training ................................... run_training_comparison, plan_training, load_mnist,
+                                                  write_tensorboard
+  9. Model selection ............................ measure_latency, recommend_models, run_dashboard_analysis
+ 10. The lecture, claim by claim ................ measure_fusion, measure_compile, lecture_claims,
+                                                  run_lecture_comparison, format_lecture_table
+ 11. Your own model ............................. load_model, analyze, format_model_table
+ 12. Figures .................................... set_language, save_figure, then per figure (stage order):
+                                                  visualize_flop_analysis, visualize_memory_analysis,
+                                                  visualize_training_performance,
+                                                  demonstrate_mixed_precision_benefits,
+                                                  create_comprehensive_dashboard, visualize_lecture_claims,
+                                                  visualize_own_model (each with its plot_* function)
+ 13. The CLI .................................... PROFILES, STAGES, parse_args, main
+
 References behind the formulas:
 - torch/utils/flop_counter.py (per-op formulas, conv and SDPA backward conventions).
 - Kaplan et al. 2020, "Scaling Laws for Neural Language Models", Table 1 (transformer FLOPs).
@@ -49,6 +76,8 @@ import warnings
 import weakref
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -190,6 +219,26 @@ LABELS = {
     "r_wall": ("总耗时更短", "shorter wall time"),
     "radar_row": ("{name}：{sps:,.0f} 样本/s，{mem:.1f} MiB，验证损失 {loss:.3f}，MFU {mfu:.1%}，{wall:.1f} s",
                   "{name}: {sps:,.0f} samples/s, {mem:.1f} MiB, val loss {loss:.3f}, MFU {mfu:.1%}, {wall:.1f} s"),
+    # mixed-precision figure
+    "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
+    "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
+                "device {device}; one training step (fwd+bwd+Adam); batch={batch}; hardware: {support}"),
+    "amp_time": ("每步时间（中位数；误差棒 = IQR，少于 4 次为最小-最大）",
+                 "Step time (median; bar = IQR, min-max under 4 runs)"),
+    "seconds": ("秒", "seconds"),
+    "amp_memory": ("一步中的峰值内存", "Peak memory in one step"),
+    "amp_speedup": ("相对 fp32 的加速比（<1 即变慢）", "Speed-up vs fp32 (<1 is a slowdown)"),
+    "amp_saving": ("激活内存相对 fp32 的节省（峰值见中上图）", "Activation memory saved vs fp32 (peaks: top middle)"),
+    "amp_error": ("输出与 fp32 的最大相对误差", "Max relative error of outputs vs fp32"),
+    "amp_ranges": ("为什么 fp16 需要损失缩放：可表示范围", "Why fp16 needs loss scaling: representable ranges"),
+    "range_bar": ("最小次正规数 … 最大值", "smallest subnormal … max"),
+    "skipped": ("跳过", "skipped"),
+    "skip_budget": ("跳过：预算不够", "skipped: budget"), "skip_unsupported": ("跳过：不支持", "skipped: unsupported"),
+    "skip_failed": ("跳过：出错", "skipped: failed"),
+    "skip_notes": ("跳过的原因：", "Why skipped:"),
+    "lit_mark": ("文献参考值 2-3×（非实测）", "literature 2-3× (reference, not measured)"),
+    "underflow": ("1e-8 → {fp16}（fp16 下溢）；bf16 → {bf16:.3g}；× 损失缩放 {scale} 后 fp16 → {scaled:.3g}",
+                  "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
     # dashboard
     "dash_title": ("综合性能仪表板：选模型看的是资源", "Dashboard: choosing a model by its resources"),
     "dash_sub": ("设备 {device}；fp32；FLOPs 取自 FLOP 分析（batch=1）；"
@@ -217,27 +266,6 @@ LABELS = {
     "recommend": ("推荐矩阵（0-1 分，★ 最佳，✗ 不满足限制，未测 = 没有测量）",
                   "Model selection (0-1, ★ best, ✗ fails its limit, n/m not measured)"),
     "not_measured": ("未测", "n/m"),
-    # your own model
-    "own_title": ("你的模型：{model}", "Your model: {model}"),
-    "own_sub": ("设备 {device}；输入 {shape}；FLOPs 在 fake 张量上计数（2 × 乘加），内存、混合精度与延迟在本机实测",
-                "device {device}; input {shape}; FLOPs counted on fake tensors (2 x multiply-adds), memory, mixed "
-                "precision and latency measured here"),
-    "own_flops": ("每个顶层模块的前向 FLOPs", "Forward FLOPs per top-level module"),
-    "own_sizes": ("每个顶层模块的参数与输出字节", "Parameter and output bytes per top-level module"),
-    "own_param_mib": ("参数（MiB）", "parameters (MiB)"),
-    "own_act_mib": ("输出激活（MiB）", "output activations (MiB)"),
-    "own_classes": ("工作量按算子类别", "Where the work goes, by op class"),
-    "own_memory": ("训练一步的峰值内存（Adam，fp32）", "Peak memory of one training step (Adam, fp32)"),
-    "own_memory_estimate": ("估计（fake 张量）", "estimated (fake tensors)"),
-    "own_memory_measured": ("实测", "measured"),
-    "own_data_dependent": ("⚠ 这个模型要真实数值才能跑（数据相关的控制流或输出形状）：FLOPs 按这一次输入的"
-                           "真实运行计数，换输入可能不同",
-                           "⚠ this model needs real values (data-dependent control flow or shapes): FLOPs were "
-                           "counted on one real run, another input can give another count"),
-    "own_amp": ("混合精度：每步时间", "Mixed precision: step time"),
-    "own_latency": ("推理延迟（中位数，误差棒 = 波动范围）", "Inference latency (median, bar = spread)"),
-    "own_latency_text": ("{ms:.2f} ms，{sps:,.0f} 样本/s（{runs} 次）",
-                         "{ms:.2f} ms, {sps:,.0f} samples/s ({runs} runs)"),
     "not_measured_long": ("（未测）", "(not measured)"),
     "sc_edge": ("边缘推理", "edge inference"), "sc_serving": ("批量服务", "batch serving"),
     "sc_training": ("单卡 8 GB 训练", "training on one 8 GB GPU"),
@@ -248,26 +276,6 @@ LABELS = {
              "serving: ≥ {serve} samples/s at batch {big}; training: estimated peak ≤ 8 GiB.\n"
              "Models that pass are scored by forward FLOPs (a capacity proxy), log-scaled.\n"
              "Resources only: the models solve different tasks."),
-    # mixed-precision figure
-    "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
-    "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
-                "device {device}; one training step (fwd+bwd+Adam); batch={batch}; hardware: {support}"),
-    "amp_time": ("每步时间（中位数；误差棒 = IQR，少于 4 次为最小-最大）",
-                 "Step time (median; bar = IQR, min-max under 4 runs)"),
-    "seconds": ("秒", "seconds"),
-    "amp_memory": ("一步中的峰值内存", "Peak memory in one step"),
-    "amp_speedup": ("相对 fp32 的加速比（<1 即变慢）", "Speed-up vs fp32 (<1 is a slowdown)"),
-    "amp_saving": ("激活内存相对 fp32 的节省（峰值见中上图）", "Activation memory saved vs fp32 (peaks: top middle)"),
-    "amp_error": ("输出与 fp32 的最大相对误差", "Max relative error of outputs vs fp32"),
-    "amp_ranges": ("为什么 fp16 需要损失缩放：可表示范围", "Why fp16 needs loss scaling: representable ranges"),
-    "range_bar": ("最小次正规数 … 最大值", "smallest subnormal … max"),
-    "skipped": ("跳过", "skipped"),
-    "skip_budget": ("跳过：预算不够", "skipped: budget"), "skip_unsupported": ("跳过：不支持", "skipped: unsupported"),
-    "skip_failed": ("跳过：出错", "skipped: failed"),
-    "skip_notes": ("跳过的原因：", "Why skipped:"),
-    "lit_mark": ("文献参考值 2-3×（非实测）", "literature 2-3× (reference, not measured)"),
-    "underflow": ("1e-8 → {fp16}（fp16 下溢）；bf16 → {bf16:.3g}；× 损失缩放 {scale} 后 fp16 → {scaled:.3g}",
-                  "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
     # lecture figure
     "lec_title": ("讲义对照：讲义里的公式与表格 vs 这台机器", "The lecture's formulas and table vs this machine"),
     "lec_sub": ("设备 {device}；fp32；内存与 KV 缓存为实测（{source}），FLOPs 为 FLOPCalculator 计数\n"
@@ -324,6 +332,27 @@ LABELS = {
     "saved": ("省 {p:.0%}", "{p:.0%} saved"), "more_memory": ("多用 {p:.0%}", "{p:.0%} more"),
     "src_training": ("训练对比", "training comparison"), "src_fusion": ("融合实测", "fusion"),
     "act_suffix": ("（激活）", " (activations)"), "peak_suffix": ("（峰值）", " (peak)"),
+    # your own model
+    "own_title": ("你的模型：{model}", "Your model: {model}"),
+    "own_sub": ("设备 {device}；输入 {shape}；FLOPs 在 fake 张量上计数（2 × 乘加），内存、混合精度与延迟在本机实测",
+                "device {device}; input {shape}; FLOPs counted on fake tensors (2 x multiply-adds), memory, mixed "
+                "precision and latency measured here"),
+    "own_flops": ("每个顶层模块的前向 FLOPs", "Forward FLOPs per top-level module"),
+    "own_sizes": ("每个顶层模块的参数与输出字节", "Parameter and output bytes per top-level module"),
+    "own_param_mib": ("参数（MiB）", "parameters (MiB)"),
+    "own_act_mib": ("输出激活（MiB）", "output activations (MiB)"),
+    "own_classes": ("工作量按算子类别", "Where the work goes, by op class"),
+    "own_memory": ("训练一步的峰值内存（Adam，fp32）", "Peak memory of one training step (Adam, fp32)"),
+    "own_memory_estimate": ("估计（fake 张量）", "estimated (fake tensors)"),
+    "own_memory_measured": ("实测", "measured"),
+    "own_data_dependent": ("⚠ 这个模型要真实数值才能跑（数据相关的控制流或输出形状）：FLOPs 按这一次输入的"
+                           "真实运行计数，换输入可能不同",
+                           "⚠ this model needs real values (data-dependent control flow or shapes): FLOPs were "
+                           "counted on one real run, another input can give another count"),
+    "own_amp": ("混合精度：每步时间", "Mixed precision: step time"),
+    "own_latency": ("推理延迟（中位数，误差棒 = 波动范围）", "Inference latency (median, bar = spread)"),
+    "own_latency_text": ("{ms:.2f} ms，{sps:,.0f} 样本/s（{runs} 次）",
+                         "{ms:.2f} ms, {sps:,.0f} samples/s ({runs} runs)"),
 }
 
 
@@ -710,16 +739,35 @@ def build_model(name, device="meta"):
 # FLOPs = 2 * MACs; bias adds not counted.  MAC formulas below return multiply-adds for the
 # matmul-class ops; "other" formulas return FLOPs directly (one per elementwise operation).
 
-_FORMULAS = {}  # aten op name -> (kind, formula); kind is "macs" or "other"
+WORK_CLASSES = ("linear/matmul", "conv", "attention", "RNN")  # what kind of matmul-class work an op is
 
 
-def _register(kind, *op_names):
+class Formula(NamedTuple):
+    """One registry entry: how an aten op is priced.
+
+    kind: "macs" (fn returns multiply-adds), "other" (fn returns FLOPs) or "by_call" (fn returns
+    (kind, amount): the kind depends on the arguments); work: its WORK_CLASSES entry when it does
+    matmul-class work; extra: for a fused kernel that hides elementwise work behind one op, a
+    function returning those "other" FLOPs, counted beside the op's multiply-adds."""
+    kind: str
+    fn: object
+    work: str = "linear/matmul"
+    extra: object = None
+
+
+_FORMULAS = {}  # aten op name -> Formula: the one registry every count reads
+
+
+def _register(kind, *op_names, work="linear/matmul", extra=None):
     """Register `formula` for aten ops by name (names, not objects: older torch lacks some ops)."""
+    if work not in WORK_CLASSES:
+        raise ValueError(f"work must be one of {WORK_CLASSES}, got {work!r}")
+
     def decorator(fn):
         for name in op_names:
             if name in _FORMULAS:
                 raise RuntimeError(f"a formula for aten.{name} is already registered")
-            _FORMULAS[name] = (kind, fn)
+            _FORMULAS[name] = Formula(kind, fn, work, extra)
         return fn
     return decorator
 
@@ -744,13 +792,15 @@ def addmm_macs(bias, a, b, *args, **kwargs) -> int:
     return mm_macs(a, b)
 
 
-@macs_formula("bmm")
+# NB: bmm and baddbmm are classed as attention: in these models they are its score and value
+# products (a bmm written elsewhere is classed the same).
+@macs_formula("bmm", work="attention")
 def bmm_macs(a, b, *args, **kwargs) -> int:
     """(B, m, k) @ (B, k, n): B*m*k*n."""
     return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
 
 
-@macs_formula("baddbmm")
+@macs_formula("baddbmm", work="attention")
 def baddbmm_macs(bias, a, b, *args, **kwargs) -> int:
     return bmm_macs(a, b)
 
@@ -777,12 +827,12 @@ def _conv_macs(x_shape, w_shape, out_shape, transposed) -> int:
     return (_numel(x_shape) if transposed else _numel(out_shape)) * per_element
 
 
-@macs_formula("convolution", "_convolution")
+@macs_formula("convolution", "_convolution", work="conv")
 def conv_macs(x, w, bias, stride, padding, dilation, transposed, *args, out=None, **kwargs) -> int:
     return _conv_macs(x.shape, w.shape, out.shape, transposed)
 
 
-@macs_formula("convolution_backward")
+@macs_formula("convolution_backward", work="conv")
 def conv_backward_macs(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed,
                        output_padding, groups, output_mask, *args, **kwargs) -> int:
     """grad_input and grad_weight each cost one forward conv (flop_counter.py conv_backward_flop)."""
@@ -800,7 +850,7 @@ def _sdpa_macs(q, k, v) -> int:
 @macs_formula("_scaled_dot_product_flash_attention_for_cpu",
               "_scaled_dot_product_flash_attention",
               "_scaled_dot_product_efficient_attention",
-              "_scaled_dot_product_cudnn_attention")
+              "_scaled_dot_product_cudnn_attention", work="attention")
 def sdpa_macs(q, k, v, *args, **kwargs) -> int:
     return _sdpa_macs(q, k, v)
 
@@ -808,7 +858,7 @@ def sdpa_macs(q, k, v, *args, **kwargs) -> int:
 @macs_formula("_scaled_dot_product_flash_attention_for_cpu_backward",
               "_scaled_dot_product_flash_attention_backward",
               "_scaled_dot_product_efficient_attention_backward",
-              "_scaled_dot_product_cudnn_attention_backward")
+              "_scaled_dot_product_cudnn_attention_backward", work="attention")
 def sdpa_backward_macs(grad_out, q, k, v, *args, **kwargs) -> int:
     """Recompute scores, then grad_scores, grad_v, grad_q, grad_k: flop_counter.py's 5 bmms."""
     b, h, l, e = q.shape
@@ -816,7 +866,9 @@ def sdpa_backward_macs(grad_out, q, k, v, *args, **kwargs) -> int:
     return b * h * l * s * (2 * e + 2 * ev + e)
 
 
-@macs_formula("_native_multi_head_attention")
+# NB: a fused layer that mixes classes: the q/k/v and output projections are linear work, but the
+# whole op is classed as attention (one op, one class).
+@macs_formula("_native_multi_head_attention", work="attention")
 def mha_fastpath_macs(q, k, v, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight,
                       *args, **kwargs) -> int:
     """nn.MultiheadAttention's eval fast path: q/k/v projections, attention, out projection."""
@@ -826,6 +878,8 @@ def mha_fastpath_macs(q, k, v, embed_dim, num_heads, qkv_weight, qkv_bias, proj_
     return projections + 2 * b * l * s * e  # scores and weighted values over all heads
 
 
+# NB: a fused layer that mixes classes: self-attention (projections and scores) and the FFN; the
+# whole op is classed as linear/matmul, where most of its multiply-adds are at the zoo's sizes.
 @macs_formula("_transformer_encoder_layer_fwd")
 def encoder_fastpath_macs(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight,
                           proj_bias, use_gelu, norm_first, eps, nw1, nb1, nw2, nb2,
@@ -843,12 +897,6 @@ def _rnn_weight_macs(x, weights) -> int:
     return steps_times_batch * sum(w.numel() for w in weights if w.dim() == 2)
 
 
-@macs_formula("mkldnn_rnn_layer")
-def mkldnn_rnn_macs(x, w_ih, w_hh, b_ih, b_hh, *args, **kwargs) -> int:
-    """The CPU (oneDNN) LSTM/GRU layer: T*B*(W_ih + W_hh) multiply-adds."""
-    return _rnn_weight_macs(x, [w_ih, w_hh])
-
-
 LSTM_GATE_FLOPS_PER_UNIT = 13  # 5 adds, 3 sigmoid, 2 tanh, 3 mul: the ops torch's decomposed LSTM cell runs
 LSTM_MODE = 2                  # the `mode` argument of mkldnn_rnn_layer for an LSTM (RNN_RELU 0, RNN_TANH 1, GRU 3)
 
@@ -861,18 +909,21 @@ def lstm_gate_flops(x, w_ih, w_hh, b_ih, b_hh, hx, cx, reverse, batch_sizes, mod
     return LSTM_GATE_FLOPS_PER_UNIT * w_hh.shape[-1] * (x.numel() // x.shape[-1])
 
 
-# NB: fused kernels that hide elementwise work behind one op: name -> its "other" FLOPs, counted
-# beside the op's multiply-adds.  The backward kernels' elementwise work is not counted.
-FUSED_OTHER = {"mkldnn_rnn_layer": lstm_gate_flops}
+# NB: a fused kernel that hides elementwise work behind one op: its gate FLOPs are `extra`, counted
+# as "other" beside the layer's multiply-adds.  The backward kernels' elementwise work is not counted.
+@macs_formula("mkldnn_rnn_layer", work="RNN", extra=lstm_gate_flops)
+def mkldnn_rnn_macs(x, w_ih, w_hh, b_ih, b_hh, *args, **kwargs) -> int:
+    """The CPU (oneDNN) LSTM/GRU layer: T*B*(W_ih + W_hh) multiply-adds."""
+    return _rnn_weight_macs(x, [w_ih, w_hh])
 
 
-@macs_formula("_cudnn_rnn")
+@macs_formula("_cudnn_rnn", work="RNN")
 def cudnn_rnn_macs(x, weights, *args, **kwargs) -> int:
     """The cuDNN RNN over all layers and directions: T*B*(sum of weight matrices)."""
     return _rnn_weight_macs(x, weights)
 
 
-@macs_formula("mkldnn_rnn_layer_backward", "_cudnn_rnn_backward")
+@macs_formula("mkldnn_rnn_layer_backward", "_cudnn_rnn_backward", work="RNN")
 def rnn_backward_macs(x, w1, w2, *args, **kwargs) -> int:
     """NB: grad wrt inputs/hidden and grad wrt weights: 2x the forward (an approximation)."""
     weights = w1 if isinstance(w1, (list, tuple)) else [w1, w2]
@@ -1005,10 +1056,10 @@ def _embedding_bag_backward_cost(weights_at):
     return cost
 
 
-# Formulas whose kind depends on the call: op name -> fn returning (kind, amount).
-_KIND_BY_CALL = {"_embedding_bag": embedding_bag_cost, "_embedding_bag_forward_only": embedding_bag_cost,
-                 "_embedding_bag_backward": _embedding_bag_backward_cost(8),
-                 "_embedding_bag_dense_backward": _embedding_bag_backward_cost(6)}
+# Formulas whose kind depends on the call (a weighted bag is multiply-adds, a plain one a reduction)
+_register("by_call", "_embedding_bag", "_embedding_bag_forward_only")(embedding_bag_cost)
+_register("by_call", "_embedding_bag_backward")(_embedding_bag_backward_cost(8))
+_register("by_call", "_embedding_bag_dense_backward")(_embedding_bag_backward_cost(6))
 
 
 # Ops that move or create data without arithmetic: neither counted nor "unsupported".
@@ -1036,14 +1087,14 @@ def _op_cost(func, args, kwargs, out):
     name = func.overloadpacket.__name__
     kwargs = {**kwargs, "out": out}
     twin = _out_of_place_twin(name)
-    if twin in _KIND_BY_CALL:
-        kind, amount = _KIND_BY_CALL[twin](*args, **kwargs)
+    entry = _FORMULAS.get(twin)
+    if entry is not None and entry.kind == "by_call":
+        kind, amount = entry.fn(*args, **kwargs)
         return kind, int(amount)
-    if twin in _FORMULAS:
-        kind, formula = _FORMULAS[twin]
-        if formula is interpolate_flops:
+    if entry is not None:
+        if entry.fn is interpolate_flops:
             kwargs["_name"] = twin
-        return kind, int(formula(*args, **kwargs))
+        return entry.kind, int(entry.fn(*args, **kwargs))
     if func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
         return "zero", 0
     if torch.Tag.pointwise in func.tags or _pointwise_op(twin):  # one FLOP per output element
@@ -1065,21 +1116,12 @@ def _pointwise_op(name):
     return overload is not None and torch.Tag.pointwise in overload.tags
 
 
-ATTENTION_OPS = {"bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
-                 "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                 "_scaled_dot_product_cudnn_attention", "_native_multi_head_attention"}
-WORK_CLASSES = ("linear/matmul", "conv", "attention", "RNN")
-
-
 def _work_class(op_name, module):
-    """Which kind of matmul-class work an op is, judged by the op and its innermost module."""
-    if isinstance(module, nn.RNNBase) or "rnn" in op_name:
+    """The registry's work class of an op; inside an RNN module (an RNN decomposed into matmuls) RNN."""
+    if isinstance(module, nn.RNNBase):
         return "RNN"
-    if op_name in ("convolution", "_convolution", "convolution_backward"):
-        return "conv"
-    if op_name in ATTENTION_OPS:
-        return "attention"
-    return "linear/matmul"
+    entry = _FORMULAS.get(op_name)
+    return entry.work if entry is not None else "linear/matmul"
 
 
 class _CountingMode(TorchDispatchMode):
@@ -1101,8 +1143,9 @@ class _CountingMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         kind, amount = _op_cost(func, args, kwargs, out)
         name = func.overloadpacket.__name__
-        if name in FUSED_OTHER:
-            extra = int(FUSED_OTHER[name](*args, **kwargs))
+        entry = _FORMULAS.get(name)
+        if entry is not None and entry.extra is not None:
+            extra = int(entry.extra(*args, **kwargs))
             self.other[self.phase] += extra
             if self.phase == "forward":
                 self.by_operator[name] += extra
@@ -1309,6 +1352,15 @@ def available_devices():
     """The devices torch can use here, by name: cpu, each cuda:N, mps."""
     names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
     return names + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def resolve_device(device=None, model=None):
+    """The one device policy: a device you pass is checked and used; otherwise the model's own
+    (meta stays meta: estimates then run on CPU fake tensors, measurements refuse it); otherwise,
+    with no model (the run_* stages), the CPU.  Public functions take it as the keyword `device`."""
+    if device is not None:
+        return check_device(device)
+    return _model_device(model) if model is not None else torch.device("cpu")
 
 
 def check_device(device):
@@ -1749,29 +1801,44 @@ def _register_step_state(tracker, replica, optimizer, run_args, run_kwargs):
             tracker.add(x, "inputs")
 
 
-def _train_step(replica, run_args, run_kwargs, optimizer, precision, device, tracker, *, compute=None):
-    """One tracked training step: forward (under autocast for AMP), backward, optimizer.step(),
-    zero_grad.
+def training_step(replica, optimizer, micro_batches, *, precision="fp32", device, loss_fn=None, scaler=None,
+                  tracker=None, compute=None, item=False):
+    """The one training step every stage runs: for each micro-batch (args, kwargs, target, weight),
+    forward under autocast in `precision`, loss (`loss_fn(output, target)`, or the output's sum
+    when it is a scalar-reducible tensor) times `weight` when given, backward (through the
+    GradScaler when given); then optimizer.step() and zero_grad(set_to_none=True).
 
-    `compute` is the context forward and backward run in (FakeTensorMode when estimating); the
-    optimizer runs outside it so its CPU step counters stay real numbers.
+    `tracker` (a _StorageTracker) is entered around the step and told its phases; `compute` is the
+    context forward and backward run in (FakeTensorMode when estimating): the optimizer runs outside
+    it, so its CPU step counters stay real numbers.  Returns the summed (weighted) loss as a float
+    when `item` (one host sync per micro-batch), else None.
     """
-    with compute or contextlib.nullcontext(), tracker, torch.enable_grad():  # even inside a no_grad block
-        tracker.set_phase("forward")
-        with _autocast(_amp_dtype(precision), device):
-            output = replica(*run_args, **run_kwargs)
-        tracker.set_phase("backward")
-        loss = _scalar_loss(output)
-        del output
-        if loss is None:
-            raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
-        loss.backward()
-        del loss
-        tracker.mark_gradients(replica.parameters())
-    with tracker:
-        tracker.set_phase("optimizer")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    track = tracker if tracker is not None else contextlib.nullcontext()
+    phase = tracker.set_phase if tracker is not None else (lambda name: None)
+    total = 0.0 if item else None
+    with compute or contextlib.nullcontext(), track, torch.enable_grad():  # even inside a no_grad block
+        for run_args, run_kwargs, target, weight in micro_batches:
+            phase("forward")
+            with _autocast(_amp_dtype(precision), device):
+                output = replica(*run_args, **run_kwargs)
+                loss = loss_fn(output, target) if loss_fn is not None else None
+            phase("backward")
+            if loss_fn is None:
+                loss = _scalar_loss(output)
+            del output
+            if loss is None:
+                raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
+            loss = loss * weight if weight is not None else loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if item:
+                total += loss.item()
+            del loss
+        if tracker is not None:
+            tracker.mark_gradients(replica.parameters())
+    with track:
+        phase("optimizer")
+        _optimizer_step(optimizer, scaler)
+    return total
 
 
 def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None):
@@ -1788,8 +1855,8 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
             _create_optimizer_state(replica, optimizer, compute)
             _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
             with _global_forward_hook(layers):
-                _train_step(replica, run_args, run_kwargs, optimizer, options["precision"], device, tracker,
-                            compute=compute)
+                training_step(replica, optimizer, [(run_args, run_kwargs, None, None)],
+                              precision=options["precision"], device=device, tracker=tracker, compute=compute)
         else:
             _register_step_state(tracker, replica, None, run_args, run_kwargs)
             with compute or contextlib.nullcontext(), tracker, torch.inference_mode(), \
@@ -1849,7 +1916,8 @@ def _napkin_memory(model, options, layer_output_bytes):
     """The lecture's formulas: params x bytes, grads = params, optimizer = k x params, activations
     = the sum of every layer's output."""
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    bytes_per_param = 2 if options["precision"] in PURE_DTYPES else 4  # AMP keeps fp32 weights
+    # pure bf16/fp16 weights are 2 bytes; AMP keeps fp32 weights
+    bytes_per_param = BYTES_PER_ELEMENT[PURE_DTYPES.get(options["precision"], torch.float32)]
     parameters = sum(p.numel() for p in model.parameters()) * bytes_per_param
     training = options["training"]
     formula = {
@@ -1878,7 +1946,7 @@ def _memory_options(model, inputs, training, optimizer, precision, checkpointing
     _check_model(model)
     _check_memory_options(optimizer, precision)
     args, kwargs = _normalize_inputs(inputs, model)
-    device = check_device(device) if device is not None else _model_device(model)
+    device = resolve_device(device, model)
     if training and not any(p.requires_grad for p in model.parameters()):
         raise LabError(f"{type(model).__name__} has no trainable parameters, so a training step has nothing to "
                        "train (no parameter requires grad); pass training=False to measure inference")
@@ -1979,6 +2047,40 @@ class _AllocatorPeak:
 
 
 ALLOCATOR_MARK = "lab::mark"
+CUDA_SOURCE = "CUDA caching allocator (max_memory_allocated)"
+
+
+class _PeakMemory:
+    """The allocator's peak while the block runs, counted from its start: CUDA's caching allocator
+    (max_memory_allocated minus what was allocated before), or the CPU allocator's own events
+    (_AllocatorPeak).  The one bracket every memory measurement uses.  `peak_bytes` stays None
+    where neither can be read (MPS; a CPU whose profiler is busy), and `reason` says why."""
+
+    def __init__(self, device):
+        self.device, self.peak_bytes, self.reason, self.method = device, None, None, None
+        self._cpu = _AllocatorPeak() if device.type == "cpu" else None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self._cpu is not None:
+            self._cpu.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+            self.method = CUDA_SOURCE
+        elif self._cpu is not None:
+            self._cpu.__exit__(*exc)
+            self.peak_bytes, self.reason = self._cpu.peak_bytes, self._cpu.reason
+            self.method = ALLOCATOR_SOURCE if self.peak_bytes is not None else None
+        else:
+            self.reason = f"no allocator reading on {self.device.type}"
+        return False
 
 
 def _cpu_allocations(prof):
@@ -2035,27 +2137,15 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
         raise ValueError("measure_memory needs real weights; the model is on the meta device "
                          "(use estimate_memory, or pass device='cpu' after materialising it)")
     make = _real_like(device, PURE_DTYPES.get(precision), ids_below=_ids_below(model))
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    allocator = _AllocatorPeak() if device.type == "cpu" else contextlib.nullcontext()
+    peak = _PeakMemory(device)
     try:
-        with allocator:
+        with peak:
             result = _memory_run(model, args, kwargs, options, make=make, device=device)
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
-    method = TRACKER_SOURCE
-    if cuda:  # NB: includes the warm-up step's peak, which a steady step matches or exceeds
-        torch.cuda.synchronize(device)
-        result["total"] = torch.cuda.max_memory_allocated(device) - before
-        method = "CUDA caching allocator (max_memory_allocated)"
-    elif device.type == "cpu" and allocator.peak_bytes is not None:
-        result["total"] = allocator.peak_bytes
-        method = ALLOCATOR_SOURCE
-    elif device.type == "cpu":
-        method = f"{TRACKER_SOURCE}: {allocator.reason}"
+    method = TRACKER_SOURCE + (f": {peak.reason}" if device.type == "cpu" and peak.reason else "")
+    if peak.peak_bytes is not None:
+        result["total"], method = peak.peak_bytes, peak.method
     return {**result, **options, "device": str(device), "method": method, "data_dependent": None}
 
 
@@ -2092,7 +2182,7 @@ def _memory_pair(model, inputs, **options):
 def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None, profile="default"):
     """Estimate and measure training/inference memory of the profile's MEMORY_MODELS; return plain data."""
     sizes = _profile(profile, "memory", quick)
-    device = check_device(device or "cpu")
+    device = resolve_device(device)
     batch = batch or sizes["batch"]
     data = {"device": _device_name(device), "batch": batch, "optimizer": "adam", "dtype": "fp32", "models": {}}
     names = list(sizes["models"] or MEMORY_MODELS)
@@ -2200,7 +2290,7 @@ def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
         result["step_peak_bytes"] = [peak for _, peak in allocator.marks]
         result["method"] = ALLOCATOR_SOURCE
     elif cuda:
-        result["held_bytes"], result["method"] = cuda_held, "CUDA caching allocator (memory_allocated)"
+        result["held_bytes"], result["method"] = cuda_held, CUDA_SOURCE.replace("max_memory_allocated", "memory_allocated")
     else:
         reason = getattr(allocator, "reason", None) or f"no allocator reading on {device.type}"
         result["held_bytes"], result["method"] = cache_bytes, f"the cache's tensor sizes ({reason})"
@@ -2249,8 +2339,15 @@ class Budget:
         """An equal share of what is left among `parts` remaining pieces of work."""
         return self.left() / max(parts, 1)
 
-    def fits(self, predicted_s):
-        return predicted_s <= self.left()
+    def fits(self, predicted_s, margin=1.0):
+        """Whether predicted work fits what is left (planning passes margin=PLAN_MARGIN)."""
+        return fits_budget(predicted_s, self.left(), margin)
+
+
+def fits_budget(predicted_s, left_s, margin=PLAN_MARGIN):
+    """The one budget check: predicted work, times the margin a busy machine's variation needs,
+    within the seconds left."""
+    return predicted_s * margin <= left_s
 
 
 def _synchronize(device):
@@ -2276,11 +2373,18 @@ def time_stats(times):
     The spread is the interquartile range from 4 runs on, and min-max below that (too few runs
     for quartiles); `spread_lo_s` / `spread_hi_s` bound it, `spread` says which it is.
     """
-    t = np.asarray(times, dtype=float)
+    median, lo, hi, kind, iqr = spread(times)
+    return {"median_s": median, "iqr_s": iqr, "spread_lo_s": lo, "spread_hi_s": hi, "spread": kind,
+            "runs": len(times), "times_s": [float(x) for x in times]}
+
+
+def spread(values):
+    """(median, low, high, kind, iqr) of measured values: the interquartile range from 4 values on,
+    min-max below that (too few for quartiles).  The one median/spread calculation."""
+    t = np.asarray(values, dtype=float)
     q25, q75 = np.percentile(t, [25, 75])
     lo, hi, kind = (q25, q75, "iqr") if len(t) >= 4 else (t.min(), t.max(), "min-max")
-    return {"median_s": float(np.median(t)), "iqr_s": float(q75 - q25), "spread_lo_s": float(lo),
-            "spread_hi_s": float(hi), "spread": kind, "runs": len(t), "times_s": [float(x) for x in t]}
+    return float(np.median(t)), float(lo), float(hi), kind, float(q75 - q25)
 
 
 def _cpu_ticks():
@@ -2419,7 +2523,7 @@ def measure_peak_flops(device, precision="fp32", *, time_budget_s=None, sizes=PE
             times = [_timed(device, torch.matmul, a, a)[1] for _ in range(repeats)]
             rates = sorted(2 * n ** 3 / max(t, 1e-9) for t in times)
             sweep.append({"size": n, "repeats": repeats, "best_s": min(times), "best_flops_per_s": rates[-1],
-                          "median_flops_per_s": float(np.median(rates)), "worst_flops_per_s": rates[0]})
+                          "median_flops_per_s": spread(rates)[0], "worst_flops_per_s": rates[0]})
             best_before = max((s["best_flops_per_s"] for s in sweep[:-1]), default=0.0)
             if len(sweep) > 1 and rates[-1] < PEAK_RISE * best_before:
                 stopped = f"the rate stopped rising at {n}x{n}"
@@ -2529,28 +2633,18 @@ def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
     step (CUDA's caching allocator, or the CPU allocator's profiler events, as in measure_memory)
     plus the model state that was alive before it.
     """
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
     tracker = _StorageTracker()
     _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
-    allocator = _AllocatorPeak() if device.type == "cpu" else contextlib.nullcontext()
+    peak = _PeakMemory(device)
     try:
-        with allocator, tracker:
-            tracker.set_phase("forward")
-            value = step(tracker)
+        with peak:
+            value = step(tracker)  # enters the tracker (training_step) and marks its phases
         summary = _memory_summary(tracker)
     finally:
         tracker.close()
     summary["tracked_total"] = summary["total"]
-    state = _state_bytes(replica, optimizer, run_args, run_kwargs)
-    if cuda:
-        torch.cuda.synchronize(device)
-        summary["total"] = torch.cuda.max_memory_allocated(device) - before + state
-    elif device.type == "cpu" and allocator.peak_bytes is not None:
-        summary["total"] = allocator.peak_bytes + state
+    if peak.peak_bytes is not None:
+        summary["total"] = peak.peak_bytes + _state_bytes(replica, optimizer, run_args, run_kwargs)
     return value, summary
 
 
@@ -2565,6 +2659,11 @@ def _state_bytes(replica, optimizer, run_args, run_kwargs):
 def _grad_scaler(precision, device):
     """torch.amp.GradScaler for fp16 on CUDA, where small gradients underflow; None otherwise."""
     return torch.amp.GradScaler("cuda") if precision == "amp_fp16" and device.type == "cuda" else None
+
+
+def _loss_scale(scaler):
+    """The GradScaler's current loss scale (fp16 on CUDA), or None where no scaler is used."""
+    return float(scaler.get_scale()) if scaler is not None else None
 
 
 def _optimizer_step(optimizer, scaler):
@@ -2595,19 +2694,13 @@ class _AmpTrainer:
 
     def step(self, tracker=None):
         if not self.training:
-            with torch.inference_mode():
+            with tracker if tracker is not None else contextlib.nullcontext(), torch.inference_mode():
+                if tracker is not None:
+                    tracker.set_phase("forward")
                 self.forward()
             return
-        output = self.forward()
-        if tracker is not None:
-            tracker.set_phase("backward")
-        loss = _scalar_loss(output)
-        del output
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        if tracker is not None:
-            tracker.mark_gradients(self.replica.parameters())
-            tracker.set_phase("optimizer")
-        _optimizer_step(self.optimizer, self.scaler)
+        training_step(self.replica, self.optimizer, [(self.args, self.kwargs, None, None)], precision=self.precision,
+                      device=self.device, scaler=self.scaler, tracker=tracker)
 
     def outputs(self):
         with torch.no_grad():
@@ -2642,7 +2735,7 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
                     else profile["measure_s"] / len(AMP_MODELS))
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
-    device = check_device(device) if device is not None else _model_device(model)
+    device = resolve_device(device, model)
     if device.type == "meta":
         raise ValueError("benchmark_mixed_precision needs real weights; the model is on the meta device")
     if isinstance(precisions, str):
@@ -2691,7 +2784,7 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
 def _skipped(precision, kind, reason):
     return {"precision": precision, "median_s": None, "iqr_s": None, "runs": 0, "peak_memory_bytes": None,
             "activation_bytes": None, "speedup_vs_fp32": None, "max_rel_error_vs_fp32": None,
-            "skipped": reason, "skip_kind": kind, "note": None, "times_s": []}
+            "skipped": reason, "skip_kind": kind, "note": None, "times_s": [], "loss_scale": None}
 
 
 def _benchmark_one(model, run_args, run_kwargs, precision, device, training, share_s, reference, max_runs):
@@ -2730,7 +2823,7 @@ def _benchmark_one(model, run_args, run_kwargs, precision, device, training, sha
         note = _ratio_words(1 / speedup) + (f": {slow_reason}" if speedup < 1 / 1.1 and slow_reason else "")
     return {"precision": precision, **stats, "peak_memory_bytes": peak, "activation_bytes": activations,
             "speedup_vs_fp32": speedup, "max_rel_error_vs_fp32": error, "skipped": None, "skip_kind": None,
-            "note": note, "outputs": outputs}
+            "note": note, "outputs": outputs, "loss_scale": _loss_scale(trainer.scaler)}
 
 
 def _peak_memory(trainer, device):
@@ -2753,7 +2846,7 @@ def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None
     """Run benchmark_mixed_precision on the profile's AMP_MODELS within `time_budget_s` in all (default:
     the profile's `measure_s`), each model an equal share of what is left; return plain data."""
     sizes = _profile(profile, "amp", quick)
-    device = check_device(device or "cpu")
+    device = resolve_device(device)
     batch = batch or sizes["batch"]
     budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
     load_start = machine_load()
@@ -2943,22 +3036,11 @@ class _StrategyRun:
 
     def step(self, x, y, tracker=None):
         """One optimizer step on the batch (x, y); returns its mean training loss."""
-        phase = tracker.set_phase if tracker is not None else (lambda name: None)
-        total = 0.0
-        for xs, ys in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches)):
-            phase("forward")
-            with _autocast(AMP_DTYPES[self.precision], self.device):
-                loss = F.cross_entropy(self.replica(xs), ys)
-            phase("backward")
-            # micro-batch mean x its share of the batch: the k gradients add up to the batch mean's
-            loss = loss * (len(xs) / len(x)) if self.micro_batches > 1 else loss
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total += loss.item()
-        if tracker is not None:
-            tracker.mark_gradients(self.replica.parameters())
-        phase("optimizer")
-        _optimizer_step(self.optimizer, self.scaler)
-        return total
+        # micro-batch mean x its share of the batch: the k gradients add up to the batch mean's
+        micro = [((xs,), {}, ys, len(xs) / len(x) if self.micro_batches > 1 else None)
+                 for xs, ys in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches))]
+        return training_step(self.replica, self.optimizer, micro, precision=self.precision, device=self.device,
+                             loss_fn=F.cross_entropy, scaler=self.scaler, tracker=tracker, item=True)
 
     @torch.no_grad()
     def evaluate(self, x, y, batch=1024):
@@ -2999,7 +3081,8 @@ def _train_one(model, strategy, data, order, options):
                   samples_per_s_range=[batch / stats["spread_hi_s"], batch / stats["spread_lo_s"]],
                   peak_memory_bytes=memory["total"], activation_bytes=memory["activation_bytes"],
                   at_peak=memory["at_peak"], peak_phase=memory["peak_phase"],
-                  achieved_flops_per_s=options["training_flops"] / stats["median_s"])
+                  achieved_flops_per_s=options["training_flops"] / stats["median_s"],
+                  loss_scale=_loss_scale(run.scaler))
     return record
 
 
@@ -3026,7 +3109,7 @@ def predict_training_s(calibration, steps, eval_every):
 
 
 def _fits(calibration, steps, eval_every, left_s):
-    return predict_training_s(calibration, steps, eval_every(steps)) * PLAN_MARGIN <= left_s
+    return fits_budget(predict_training_s(calibration, steps, eval_every(steps)), left_s)
 
 
 def _halve(size, key, over, smallest, fixed, shrunk):
@@ -3104,7 +3187,7 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
         spent += cal.get("wall_s", 0.0)
     predicted = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
     return {**size, "predicted_s": predicted, "budget_s": budget_s, "calibration_s": spent,
-            "fits": predicted * PLAN_MARGIN <= budget_s - spent, "shrunk": shrunk, "skipped": skipped,
+            "fits": fits_budget(predicted, budget_s - spent), "shrunk": shrunk, "skipped": skipped,
             "calibration_skipped_ms": skipped_ms, "calibration": cal}
 
 
@@ -3135,7 +3218,7 @@ def _calibrator(strategies, data, device, options, depth, seed):
                 eval_s[run.precision] = _timed(device, run.evaluate, *val)[1]
         return {"step_s": step_s, "precision": precision, "eval_s": eval_s,
                 "complete": len(setup_s) == len(strategies),
-                "setup_s": float(np.median(setup_s)),  # the first one pays one-time imports
+                "setup_s": spread(setup_s)[0],  # the first one pays one-time imports
                 "batch": batch, "width": width, "wall_s": _now() - started}
     return calibrate
 
@@ -3187,7 +3270,7 @@ def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0,
     fixed = {k for k, v in (("steps", steps), ("batch", batch), ("width", width)) if v is not None}
     budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
     load_start = machine_load()
-    device = check_device(device or "cpu")
+    device = resolve_device(device)
     steps, batch, width = steps or sizes["steps"], batch or sizes["batch"], width or sizes["width"]
     data = _training_data(dataset, data_dir, download, min(steps * batch, TRAIN_MAX_SAMPLES), seed)
     options = {"device": device, "accumulation": accumulation, "lr": 1e-3}
@@ -3224,9 +3307,37 @@ def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0,
         if progress:
             progress(i + 1, len(to_run), strategy)
     _add_mfu(result, device, profile)
+    result["radar"] = _radar_scores(result["runs"])
+    result["loss_diff_vs_baseline"] = {s: {key: _max_loss_diff(result, s, key) for key in ("train_loss", "val_loss")}
+                                       for s in result["runs"]}
     result["wall_s"] = budget.elapsed()
     result["conditions"] = _conditions(load_start, budget)
     return result
+
+
+RADAR_AXES = ("r_throughput", "r_memory", "r_loss", "r_mfu", "r_wall")
+
+
+def _radar_scores(runs):
+    """The training radar: each metric of each strategy's run scaled to (0, 1] so that bigger is
+    better (x / best or best / x).  {axis: {strategy: score}}."""
+    names, runs = list(runs), list(runs.values())
+    raw = {"r_throughput": [r["samples_per_s"] for r in runs], "r_memory": [r["peak_memory_bytes"] for r in runs],
+           "r_loss": [r["val_loss"][-1] for r in runs], "r_mfu": [r["mfu"] or 0.0 for r in runs],
+           "r_wall": [r["wall_s"] for r in runs]}
+    higher_is_better = {"r_throughput", "r_mfu"}
+    return {k: dict(zip(names, (v / (max(vals) or 1) if k in higher_is_better else min(vals) / v for v in vals)))
+            for k, vals in raw.items()}
+
+
+def _max_loss_diff(data, strategy, key):
+    """The largest gap between a strategy's loss curve and the baseline's (None for the baseline)."""
+    base = data["runs"].get("baseline")
+    if base is None or strategy == "baseline":
+        return None
+    ours = data["runs"][strategy][key]
+    n = min(len(ours), len(base[key]))
+    return float(np.max(np.abs(np.array(ours[:n]) - np.array(base[key][:n]))))
 
 
 def _add_mfu(result, device, profile):
@@ -3314,7 +3425,7 @@ def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=1
     budget, load_start = Budget(time_budget_s), machine_load()
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
-    device = check_device(device) if device is not None else _model_device(model)
+    device = resolve_device(device, model)
     if device.type == "meta" or _model_device(model).type == "meta":
         raise ValueError("measure_latency needs real weights; the model or the device is meta")
     args, kwargs = _normalize_inputs(inputs, model)
@@ -3347,7 +3458,7 @@ def _zoo_latency(model, name, batch, device, runs):
     return {**_time_forward(model, run_args, {}, device, Budget(1e9), runs), "skipped": None}
 
 
-def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0):
+def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0, seed=0):
     """Batch-1 and larger-batch latency of every model, planned to fit `budget_s` in all.
 
     Pass 1, batch 1, cheapest model first (by forward FLOPs, with a floor: tiny models still
@@ -3363,13 +3474,13 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
     latency, calibration, seconds_per_flop = {}, {}, None
     for name in order:
         predicted = None if seconds_per_flop is None else seconds_per_flop * flops[name]
-        if predicted is not None and predicted * PLAN_MARGIN > budget.left():
+        if predicted is not None and not budget.fits(predicted, margin=PLAN_MARGIN):
             why = (f"planned skip: predicted ~{predicted:.1f} s for batch 1 (x{PLAN_MARGIN} margin: "
                    f"{predicted * PLAN_MARGIN:.1f} s), more than the {budget.left():.1f} s left of the latency budget")
             latency[name] = [{"batch": b, "skipped": why} for b in LATENCY_BATCHES]
             continue
         started = _now()
-        seed_everything(0)
+        seed_everything(seed)
         model = build_model(name, device)
         build_s = _now() - started
         one = _zoo_latency(model, name, 1, device, AMP_MIN_RUNS)
@@ -3384,7 +3495,7 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
         if isinstance(runs, str):  # a planned skip and its reason
             latency[name].append({"batch": big, "skipped": runs})
         else:
-            seed_everything(0)
+            seed_everything(seed)
             model = build_model(name, device)
             latency[name].append(_zoo_latency(model, name, big, device, runs))
             del model
@@ -3493,7 +3604,7 @@ def recommend_models(models):
 
 @fitted_threads
 def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, device=None, time_budget_s=None,
-                           progress=None, profile="default"):
+                           progress=None, profile="default", seed=0):
     """Everything the dashboard draws, per model of the FLOP figure's zoo.
 
     Reuses `flop_records` (run_flop_analysis at batch 1) and `peak_flops` (measure_peak_flops in
@@ -3504,7 +3615,7 @@ def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, d
     """
     profile = "quick" if quick else profile
     sizes = _profile(profile, "dashboard")
-    device = check_device(device or "cpu")
+    device = resolve_device(device)
     load_start = machine_load()
     records = flop_records or run_flop_analysis(profile=profile)
     budget = time_budget_s if time_budget_s is not None else sizes["latency_s"]
@@ -3519,13 +3630,33 @@ def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, d
                                 "training_memory_bytes": memory["total"]}
         if progress:
             progress(i + 1, steps, f"{name} memory")
-    latency = _measure_latencies(records, device, budget, progress, done=len(records), total=steps)
+    latency = _measure_latencies(records, device, budget, progress, done=len(records), total=steps, seed=seed)
     for name, runs in latency.items():
         data["models"][name]["latency"] = runs
     _add_utilisation(data, device, profile)
     data["scores"], data["verdicts"] = recommend_models(data["models"]), recommendation_verdicts(data["models"])
+    data["radar"] = dashboard_radar(data["models"])
     data["conditions"] = _conditions(load_start)
     return data
+
+
+DASH_RADAR_MODELS = ("MNIST-CNN", "ResNet-18", "ResNet-50", "MobileNetV2", "ViT-B/16", "TinyGPT")
+DASH_RADAR_AXES = ("d_latency", "d_throughput", "d_params", "d_memory", "d_util")
+
+
+def dashboard_radar(models):
+    """The dashboard radar: for DASH_RADAR_MODELS, batch-1 latency, batch-8 throughput, parameters,
+    training memory and utilisation, each log-scaled to [0, 1] with 1 the best (_log_scores);
+    {axis: {model: score}}, a model missing where it was not measured."""
+    chosen = {name: m for name, m in models.items() if name in DASH_RADAR_MODELS}
+    big = LATENCY_BATCHES[-1]
+    latency = {n: (_latency_of(m, 1), _latency_of(m, big)) for n, m in chosen.items()}
+    raw = {"d_latency": ({n: one for n, (one, _) in latency.items() if one}, False),
+           "d_throughput": ({n: big / many for n, (_, many) in latency.items() if many}, True),
+           "d_params": ({n: m["parameters"] for n, m in chosen.items()}, False),
+           "d_memory": ({n: m["training_memory_bytes"] for n, m in chosen.items()}, False),
+           "d_util": ({n: m["utilisation"] for n, m in chosen.items() if m["utilisation"]}, True)}
+    return {k: _log_scores(values, better) for k, (values, better) in raw.items()}
 
 
 def _add_utilisation(data, device, profile):
@@ -3551,7 +3682,7 @@ def _add_utilisation(data, device, profile):
 # lab counts or measures here.  Earlier stages' numbers are reused (results.json `stages`); only
 # what no stage measures is measured here: a few TinyGPT sizes, fusion, and torch.compile on request.
 
-def lecture_memory_terms(parameters, *, batch, seq, hidden, layers, bytes_per_element=4):
+def lecture_memory_terms(parameters, *, batch, seq, hidden, layers, bytes_per_element=BYTES_PER_ELEMENT[torch.float32]):
     """The lecture's training memory: weights, gradients = weights, Adam = 2 x weights, and
     activations = batch x sequence x hidden x layers x bytes."""
     weights = parameters * bytes_per_element
@@ -3575,11 +3706,11 @@ def _gpt_memory_row(layers, hidden, batch, seq, measured):
             "error": (lecture_total - measured["total"]) / measured["total"]}
 
 
-def lecture_memory_check(sizes, *, batch, seq=64, known=None, device="cpu"):
+def lecture_memory_check(sizes, *, batch, seq=64, known=None, device=None):
     """Measure one Adam training step of TinyGPT at each (layers, hidden) in `sizes` and put the
     lecture's memory formula beside it.  `known` maps (layers, hidden) to a measure_memory result
     at this batch already taken (the memory stage's TinyGPT), reused."""
-    rows = []
+    device, rows = resolve_device(device), []
     for layers, hidden in sizes:
         measured = (known or {}).get((layers, hidden))
         if measured is None:
@@ -3663,29 +3794,19 @@ def _time_call(fn, x, device, budget_s):
 
 
 def _allocated_peak(fn, x, device):
-    """Bytes the call allocates at most beyond its input: the allocator's peak (CPU profiler events,
-    CUDA max_memory_allocated), or None where neither is readable."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    """Bytes the call allocates at most beyond its input (_PeakMemory), or None where unreadable."""
+    with _PeakMemory(device) as peak:
         fn(x)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    if device.type != "cpu":
-        return None
-    with _AllocatorPeak() as allocator:
-        fn(x)
-    return allocator.peak_bytes
+    return peak.peak_bytes
 
 
 @fitted_threads
-def measure_fusion(*, device="cpu", shape=(2048, 1024), time_budget_s=1.0):
+def measure_fusion(*, device=None, shape=(2048, 1024), time_budget_s=1.0):
     """Time and peak memory of each FUSION_CASES pair on one fp32 tensor of `shape`: the op
     written out elementwise (each op a kernel and a temporary) against PyTorch's fused kernel.
     Returns {case: {"composed": time_stats + peak_bytes, "fused": ..., "speedup", "memory_saving",
     "max_abs_diff"}}; speedup > 1 means the fused kernel is faster."""
-    device = check_device(device)
+    device = resolve_device(device)
     budget = Budget(time_budget_s)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
@@ -3869,7 +3990,7 @@ def run_lecture_comparison(*, results=None, device=None, compile=False, progress
     measured twice; a missing stage's part is counted or measured here instead (the optimisation
     table's training cells then say "not measured").  `compile=True` adds torch.compile."""
     sizes = _profile(profile, "lecture", quick)
-    device = check_device(device or "cpu")
+    device = resolve_device(device)
     results = results or {}
     load_start, budget = machine_load(), Budget(sizes["budget_s"])
     data = {"device": _device_name(device), "profile": profile}
@@ -3991,7 +4112,7 @@ def analyze(model, inputs, *, device=None, profile="default", progress=None):
     on this model is None with the reason (`skipped`).  Your model is never changed."""
     _check_model(model)
     sizes = _profile(profile, "model")
-    device = check_device(device) if device is not None else _model_device(model)
+    device = resolve_device(device, model)
     load_start, budget = machine_load(), Budget(sizes["budget_s"])
     skipped = {}
     try:
@@ -4051,7 +4172,17 @@ def format_model_table(data):
 # Plotting: each function turns data into a Figure; save_figure writes it
 # -----------------------------------------------------------------------------
 
-KIND_COLORS = {"mlp": "#4C72B0", "cnn": "#55A868", "transformer": "#C44E52", "rnn": "#8172B2"}
+# One palette for every figure: seaborn's "deep" colours (matplotlib ships them as the
+# seaborn-v0_8 styles), then the greys of notes and tables, then the verdict backgrounds.
+PALETTE = SimpleNamespace(
+    blue="#4C72B0", orange="#DD8452", green="#55A868", red="#C44E52", purple="#8172B2", brown="#937860",
+    cyan="#64B5CD", olive="#CCB974",
+    warning="#B22222",  # red text: errors of a formula, skips
+    ink="#333333", dark="#444444", note="#555555", muted="#777777", faint="#999999", rule="#BBBBBB",
+    header="#DDDDDD", unmeasured="#E0E0E0", pale="#EEEEEE",
+    agree="#D8EFD8", disagree="#F6D5D5", partly="#FBEBC8",
+)
+KIND_COLORS = {"mlp": PALETTE.blue, "cnn": PALETTE.green, "transformer": PALETTE.red, "rnn": PALETTE.purple}
 
 def _suptitle(fig, title, subtitle, conditions=None):
     """Title on the first line, the conditions of the numbers (device, dtype, batch) below it, and
@@ -4061,6 +4192,7 @@ def _suptitle(fig, title, subtitle, conditions=None):
 
 
 def _busy_note(conditions):
+    """The warning line for a busy machine (empty when the stage ran on a quiet one)."""
     if not conditions or not conditions.get("busy"):
         return ""
     others = conditions.get("others_busy_cores")
@@ -4070,7 +4202,8 @@ def _busy_note(conditions):
 
 
 def _kind_color(kind):
-    return KIND_COLORS.get(kind, "#777777")
+    """The colour of a model kind (mlp, cnn, transformer, rnn); grey for any other."""
+    return KIND_COLORS.get(kind, PALETTE.muted)
 
 
 def _barh(ax, names, values, colors, *, log=False, fmt=None, inside=False, label_at=None):
@@ -4094,16 +4227,18 @@ def _barh(ax, names, values, colors, *, log=False, fmt=None, inside=False, label
 
 
 def _kind_legend(ax, kinds, loc="lower right"):
+    """A legend of the model kinds present, one coloured patch each."""
     from matplotlib.patches import Patch
     handles = [Patch(color=_kind_color(k), label=_t(f"kind_{k}")) for k in dict.fromkeys(kinds)]
     ax.legend(handles=handles, loc=loc, fontsize=8)
 
 
 def _plot_flop_bars(ax, records):
+    """Forward FLOPs per model: matmul-class and other, side by side, log scale."""
     names = [r["name"] for r in records]
     y = np.arange(len(records))
-    ax.barh(y - 0.2, [r["flops"] for r in records], height=0.4, color="#4C72B0", label=_t("matmul_flops"))
-    ax.barh(y + 0.2, [max(r["other_flops"], 1) for r in records], height=0.4, color="#DD8452",
+    ax.barh(y - 0.2, [r["flops"] for r in records], height=0.4, color=PALETTE.blue, label=_t("matmul_flops"))
+    ax.barh(y + 0.2, [max(r["other_flops"], 1) for r in records], height=0.4, color=PALETTE.orange,
             label=_t("other_flops"))
     for yi, r in zip(y, records):
         ax.annotate(readable(r["flops"]), (r["flops"], yi - 0.2), xytext=(3, 0), textcoords="offset points",
@@ -4117,6 +4252,7 @@ def _plot_flop_bars(ax, records):
 
 
 def _plot_param_bars(ax, records):
+    """Parameter count per model, log scale."""
     _barh(ax, [r["name"] for r in records], [r["parameters"] for r in records],
           [_kind_color(r["kind"]) for r in records], log=True, fmt=readable)
     ax.set_title(_t("params_bars"))
@@ -4124,6 +4260,7 @@ def _plot_param_bars(ax, records):
 
 
 def _plot_flops_vs_params(ax, records):
+    """FLOPs against parameters, one point per model: compute is not proportional to size."""
     params = np.array([r["parameters"] for r in records], dtype=float)
     flops = np.array([r["flops"] for r in records], dtype=float)
     ax.scatter(params, flops, s=60, c=[_kind_color(r["kind"]) for r in records], zorder=3)
@@ -4141,6 +4278,7 @@ def _plot_flops_vs_params(ax, records):
 
 
 def _plot_flops_per_param(ax, records):
+    """Forward FLOPs per parameter (2 x how often each weight is reused per sample)."""
     per_param = [r["flops"] / r["batch"] / r["parameters"] for r in records]
     _barh(ax, [r["name"] for r in records], per_param, [_kind_color(r["kind"]) for r in records],
           log=True, fmt=lambda v: f"{v:,.0f}")
@@ -4149,6 +4287,7 @@ def _plot_flops_per_param(ax, records):
 
 
 def _plot_training_ratio(ax, records):
+    """Training / forward FLOPs per model: what the backward ops that ran add."""
     ratios = [r["training_flops"] / r["flops"] for r in records]
     _barh(ax, [r["name"] for r in records], ratios, [_kind_color(r["kind"]) for r in records],
           fmt=lambda v: f"{v:.2f}×", inside=True)
@@ -4159,9 +4298,10 @@ def _plot_training_ratio(ax, records):
 
 
 def _plot_flop_composition(ax, records):
+    """Each model's forward matmul-class FLOPs split by work class (registry's `work`)."""
     names = [r["name"] for r in records]
     left = np.zeros(len(records))
-    colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2"]
+    colors = [PALETTE.blue, PALETTE.green, PALETTE.red, PALETTE.purple]
     for cls, color in zip(WORK_CLASSES, colors):
         share = np.array([100 * r["by_class"][cls] / max(r["flops"], 1) for r in records])
         ax.barh(names, share, left=left, color=color, label=_t(f"cls_{cls.split('/')[0]}"))
@@ -4195,9 +4335,9 @@ def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, records=None, quic
     return fig
 
 
-MEMORY_COLORS = {"parameter_bytes": "#4C72B0", "gradient_bytes": "#DD8452", "optimizer_bytes": "#55A868",
-                 "activation_bytes": "#C44E52", "weight_copy_bytes": "#64B5CD", "temporary_bytes": "#8172B2",
-                 "buffer_bytes": "#937860"}
+MEMORY_COLORS = {"parameter_bytes": PALETTE.blue, "gradient_bytes": PALETTE.orange, "optimizer_bytes": PALETTE.green,
+                 "activation_bytes": PALETTE.red, "weight_copy_bytes": PALETTE.cyan, "temporary_bytes": PALETTE.purple,
+                 "buffer_bytes": PALETTE.brown}
 MIB, GIB = 2 ** 20, 2 ** 30
 
 
@@ -4216,6 +4356,7 @@ def _stacked_parts(ax, x, parts_per_bar, width, *, label=True, hatch=None):
 
 
 def _plot_memory_composition(ax, models):
+    """The parts alive at the training peak: napkin formula (hatched) beside the estimate, with the measured peak."""
     names = list(models)
     x = np.arange(len(names))
     estimates = [models[name]["training"]["estimate"] for name in names]
@@ -4232,12 +4373,13 @@ def _plot_memory_composition(ax, models):
 
 
 def _plot_train_vs_inference(ax, models):
+    """Peak memory of a training step against an inference forward, per model."""
     names = list(models)
     x = np.arange(len(names))
     train = [models[n]["training"]["measured"]["total"] / MIB for n in names]
     infer = [models[n]["inference"]["measured"]["total"] / MIB for n in names]
-    ax.bar(x - 0.2, train, 0.4, color="#C44E52", label=_t("training"))
-    ax.bar(x + 0.2, infer, 0.4, color="#4C72B0", label=_t("inference"))
+    ax.bar(x - 0.2, train, 0.4, color=PALETTE.red, label=_t("training"))
+    ax.bar(x + 0.2, infer, 0.4, color=PALETTE.blue, label=_t("inference"))
     for xi, t, i in zip(x, train, infer):
         ax.annotate(f"{t / i:.1f}×", (xi - 0.2, t), xytext=(0, 2), textcoords="offset points", ha="center",
                     fontsize=8)
@@ -4248,9 +4390,10 @@ def _plot_train_vs_inference(ax, models):
 
 
 def _plot_memory_growth(ax, growth, model_name):
-    ax.plot(growth["batches"], np.array(growth["estimated_total"]) / MIB, "o-", color="#C44E52",
+    """Estimated training peak as the batch grows (fixed part dashed), measured points on it."""
+    ax.plot(growth["batches"], np.array(growth["estimated_total"]) / MIB, "o-", color=PALETTE.red,
             label=_t("estimated_total"))
-    ax.plot(growth["batches"], np.array(growth["fixed"]) / MIB, "--", color="#4C72B0", label=_t("fixed_part"))
+    ax.plot(growth["batches"], np.array(growth["fixed"]) / MIB, "--", color=PALETTE.blue, label=_t("fixed_part"))
     ax.scatter(growth["measured_batches"], np.array(growth["measured_total"]) / MIB, marker="D", s=60,
                color="black", zorder=3, label=_t("measured_points"))
     ax.set_xlabel(_t("batch_size"))
@@ -4261,9 +4404,10 @@ def _plot_memory_growth(ax, growth, model_name):
 
 
 def _plot_memory_variants(ax, variants, parameters, model_name, batch):
+    """Bytes per parameter at the peak for each precision / checkpointing variant (estimates)."""
     labels = list(variants)
     per_param = [variants[label] / parameters for label in labels]
-    _barh(ax, labels, per_param, ["#4C72B0", "#55A868", "#64B5CD", "#8172B2", "#C44E52", "#DD8452"],
+    _barh(ax, labels, per_param, [PALETTE.blue, PALETTE.green, PALETTE.cyan, PALETTE.purple, PALETTE.red, PALETTE.orange],
           fmt=lambda v: f"{v:.1f} B")
     ax.set_xlabel(_t("bytes_per_param"))
     key = "mem_variants" if any("checkpoint" in label for label in labels) else "mem_variants_precision"
@@ -4271,9 +4415,10 @@ def _plot_memory_variants(ax, variants, parameters, model_name, batch):
 
 
 def _plot_zero(ax, zero):
+    """Per-device model-state memory of a 7B model on 8 devices: DDP and ZeRO stages 1-3 (arithmetic)."""
     labels = list(zero["per_device"])
     values = [v / GIB for v in zero["per_device"].values()]
-    ax.bar(labels, values, color=["#777777", "#4C72B0", "#55A868", "#C44E52"])
+    ax.bar(labels, values, color=[PALETTE.muted, PALETTE.blue, PALETTE.green, PALETTE.red])
     for i, v in enumerate(values):
         ax.annotate(f"{v:.1f}", (i, v), xytext=(0, 2), textcoords="offset points", ha="center", fontsize=8)
     ax.axhline(80, color="k", ls="--", lw=1, label=_t("gpu_80gb"))
@@ -4285,9 +4430,10 @@ def _plot_zero(ax, zero):
 
 
 def _plot_memory_error(ax, models):
+    """The napkin formula's and the estimate's error against the measured peak, with its source."""
     names = list(models)
     x = np.arange(len(names))
-    for offset, key, color in ((-0.2, "napkin", "#DD8452"), (0.2, "estimate", "#4C72B0")):
+    for offset, key, color in ((-0.2, "napkin", PALETTE.orange), (0.2, "estimate", PALETTE.blue)):
         errors = []
         for name in names:
             pair = models[name]["training"]
@@ -4333,32 +4479,25 @@ def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick
 
 
 STRATEGY_STYLES = {  # colour, line style, width: curves that coincide stay visible
-    "baseline": ("#4C72B0", "-", 3.0), "mixed_precision": ("#55A868", "-", 1.4),
-    "gradient_accumulation": ("#DD8452", "--", 1.6), "gradient_checkpointing": ("#C44E52", ":", 2.0),
+    "baseline": (PALETTE.blue, "-", 3.0), "mixed_precision": (PALETTE.green, "-", 1.4),
+    "gradient_accumulation": (PALETTE.orange, "--", 1.6), "gradient_checkpointing": (PALETTE.red, ":", 2.0),
 }
 
 
 def _strategy_label(data, strategy):
+    """A strategy's name on the figure, with its micro-batches or checkpointed blocks."""
     run = data["runs"][strategy]
     return _t(f"strat_{strategy}", precision=run["precision"], k=run["micro_batches"],
               micro=data["batch"] // run["micro_batches"], blocks=run["checkpointed_blocks"])
 
 
-def _max_loss_diff(data, strategy, key):
-    base = data["runs"].get("baseline")
-    if base is None or strategy == "baseline":
-        return None
-    ours = data["runs"][strategy][key]
-    n = min(len(ours), len(base[key]))
-    return float(np.max(np.abs(np.array(ours[:n]) - np.array(base[key][:n]))))
-
-
 def _plot_loss_curves(ax, data, key):
+    """Training or validation loss per step for every strategy, with each one's gap to the baseline."""
     for strategy, run in data["runs"].items():
         color, style, width = STRATEGY_STYLES[strategy]
         steps = run["val_steps"] if key == "val_loss" else np.arange(1, len(run[key]) + 1)
         label = _strategy_label(data, strategy)
-        diff = _max_loss_diff(data, strategy, key)
+        diff = data["loss_diff_vs_baseline"][strategy][key]
         if diff is not None:
             label += "\n" + _t("vs_baseline", diff=diff)
         ax.plot(steps, run[key], ls=style, lw=width, color=color, label=label,
@@ -4371,12 +4510,14 @@ def _plot_loss_curves(ax, data, key):
 
 
 def _strategy_bars(ax, data, values, fmt, label_at=None):
+    """Horizontal bars, one per strategy in its colour."""
     names = [_strategy_label(data, s) for s in data["runs"]]
     colors = [STRATEGY_STYLES[s][0] for s in data["runs"]]
     _barh(ax, names, values, colors, fmt=fmt, label_at=label_at)
 
 
 def _plot_throughput(ax, data):
+    """Samples per second per strategy (median, bar = its spread)."""
     runs = list(data["runs"].values())
     values = [run["samples_per_s"] for run in runs]
     base = data["runs"].get("baseline", {}).get("samples_per_s")
@@ -4390,6 +4531,7 @@ def _plot_throughput(ax, data):
 
 
 def _plot_training_memory(ax, data):
+    """Each strategy's measured step peak, split into the parts alive at it."""
     runs = list(data["runs"].values())
     x = np.arange(len(runs))
     _stacked_parts(ax, x, [run["at_peak"] for run in runs], 0.6)
@@ -4406,13 +4548,14 @@ def _plot_training_memory(ax, data):
 
 
 def _plot_mfu(ax, data):
+    """Model FLOPs utilisation per strategy against its precision's measured peak ('invalid' above 100 %)."""
     runs = list(data["runs"].values())
     values = [run["mfu"] or 0.0 for run in runs]  # None: invalid, drawn as a word, not a bar
     from matplotlib.ticker import PercentFormatter
     _strategy_bars(ax, data, values, lambda v: f"{v:.1%}" if v else "")
     for i, run in enumerate(runs):
         if run["mfu"] is None:
-            ax.text(0.01, i, _t("mfu_invalid"), va="center", fontsize=8, color="#B22222",
+            ax.text(0.01, i, _t("mfu_invalid"), va="center", fontsize=8, color=PALETTE.warning,
                     transform=ax.get_yaxis_transform())
     ax.set_xlim(0, 1.0 if max(values) > 0.6 else None)  # never beyond 100 %
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
@@ -4422,26 +4565,13 @@ def _plot_mfu(ax, data):
     ax.set_title(_t("mfu"))
 
 
-RADAR_AXES = ("r_throughput", "r_memory", "r_loss", "r_mfu", "r_wall")
-
-
-def _radar_scores(runs):
-    """Each metric scaled to (0, 1] so that bigger is better: x / best or best / x."""
-    raw = {"r_throughput": [r["samples_per_s"] for r in runs], "r_memory": [r["peak_memory_bytes"] for r in runs],
-           "r_loss": [r["val_loss"][-1] for r in runs], "r_mfu": [r["mfu"] or 0.0 for r in runs],
-           "r_wall": [r["wall_s"] for r in runs]}
-    higher_is_better = {"r_throughput", "r_mfu"}
-    return {k: [v / (max(vals) or 1) if k in higher_is_better else min(vals) / v for v in vals]
-            for k, vals in raw.items()}
-
-
 def _plot_training_radar(ax, data):
-    runs = list(data["runs"].values())
-    scores = _radar_scores(runs)
+    """The training radar: five metrics per strategy (run_training_comparison's `radar`)."""
+    scores = data["radar"]
     angles = np.linspace(0, 2 * np.pi, len(RADAR_AXES), endpoint=False)
-    for i, (strategy, run) in enumerate(data["runs"].items()):
+    for strategy, run in data["runs"].items():
         color, style, width = STRATEGY_STYLES[strategy]
-        values = [scores[k][i] for k in RADAR_AXES]
+        values = [scores[k][strategy] for k in RADAR_AXES]
         label = _t("radar_row", name=_strategy_label(data, strategy), sps=run["samples_per_s"],
                    mem=run["peak_memory_bytes"] / MIB, loss=run["val_loss"][-1], mfu=run["mfu"] or 0.0,
                    wall=run["wall_s"])
@@ -4517,11 +4647,12 @@ def _dash_rows(data):
 
 
 def _plot_bubbles(ax, rows):
+    """Parameters against FLOPs; bubble area = training memory, colour = batch-1 latency."""
     import matplotlib
     from matplotlib.colors import LogNorm
     latency_ms = np.array([r["latency_1"] * 1e3 if r["latency_1"] else np.nan for r in rows])  # nan: not measured
     sizes = 2000 * np.sqrt(np.array([r["memory"] for r in rows]) / max(r["memory"] for r in rows))  # area ∝ bytes
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#DDDDDD")  # grey: latency not measured
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=PALETTE.header)  # grey: latency not measured
     points = ax.scatter([r["parameters"] for r in rows], [r["flops"] for r in rows], s=sizes, c=latency_ms,
                         cmap=cmap, norm=LogNorm(), alpha=0.75, edgecolors="black", linewidths=0.5,
                         plotnonfinite=True)
@@ -4537,6 +4668,7 @@ def _plot_bubbles(ax, rows):
 
 
 def _plot_latency_vs_flops(ax, rows, peak):
+    """Measured latency against FLOPs, with the time the measured peak would take."""
     flops = np.array([r["flops"] for r in rows], dtype=float)
     for batch, key, marker in ((1, "latency_1", "o"), (LATENCY_BATCHES[-1], "latency_big", "s")):
         pts = [(r["flops"], r[key] / batch * 1e3, r) for r in rows if r[key]]
@@ -4545,7 +4677,7 @@ def _plot_latency_vs_flops(ax, rows, peak):
                    edgecolors=[_kind_color(p[2]["kind"]) for p in pts], zorder=3, label=_t("batch_n", n=batch))
         lo = [y - r["spread"][batch][0] / batch * 1e3 for _, y, r in pts]
         hi = [r["spread"][batch][1] / batch * 1e3 - y for _, y, r in pts]
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], fmt="none", ecolor="#444444",
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], fmt="none", ecolor=PALETTE.dark,
                     capsize=2, lw=0.8, zorder=2)
         if batch == 1:
             for x, y, r in pts:
@@ -4562,6 +4694,7 @@ def _plot_latency_vs_flops(ax, rows, peak):
 
 
 def _plot_efficiency_ranking(ax, rows):
+    """Utilisation of the measured peak per model, ranked (never above 100 %)."""
     ranked = sorted(rows, key=lambda r: r["utilisation"] or 0.0, reverse=True)  # None (invalid) last
     _barh(ax, [f"{r['name']} ({_t('at_batch', n=r['util_batch']) if r['util_batch'] else _t('not_measured')})"
                for r in ranked],
@@ -4570,7 +4703,7 @@ def _plot_efficiency_ranking(ax, rows):
     for i, r in enumerate(ranked):
         if r["utilisation"] is None:
             ax.text(0.01, i, _t("mfu_invalid") if r["util_batch"] else _t("not_measured_long"), va="center",
-                    fontsize=8, color="#B22222" if r["util_batch"] else "#777777", transform=ax.get_yaxis_transform())
+                    fontsize=8, color=PALETTE.warning if r["util_batch"] else PALETTE.muted, transform=ax.get_yaxis_transform())
     from matplotlib.ticker import PercentFormatter
     ax.set_xlim(0, min(1.0, 1.3 * max([r["utilisation"] or 0.0 for r in rows] + [0.01])))  # never beyond 100 %
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
@@ -4578,21 +4711,11 @@ def _plot_efficiency_ranking(ax, rows):
     _kind_legend(ax, [r["kind"] for r in rows])
 
 
-DASH_RADAR_MODELS = ("MNIST-CNN", "ResNet-18", "ResNet-50", "MobileNetV2", "ViT-B/16", "TinyGPT")
-DASH_RADAR_AXES = ("d_latency", "d_throughput", "d_params", "d_memory", "d_util")
-
-
-def _plot_dashboard_radar(ax, rows):
+def _plot_dashboard_radar(ax, rows, scores):
+    """Six models on five log-scaled axes (run_dashboard_analysis's `radar`), outer is better."""
     chosen = [r for r in rows if r["name"] in DASH_RADAR_MODELS]
-    big = LATENCY_BATCHES[-1]
-    raw = {"d_latency": ({r["name"]: r["latency_1"] for r in chosen if r["latency_1"]}, False),
-           "d_throughput": ({r["name"]: big / r["latency_big"] for r in chosen if r["latency_big"]}, True),
-           "d_params": ({r["name"]: r["parameters"] for r in chosen}, False),
-           "d_memory": ({r["name"]: r["memory"] for r in chosen}, False),
-           "d_util": ({r["name"]: r["utilisation"] for r in chosen if r["utilisation"]}, True)}
-    scores = {k: _log_scores(values, better) for k, (values, better) in raw.items()}
     angles = np.linspace(0, 2 * np.pi, len(DASH_RADAR_AXES), endpoint=False)
-    colors = ["#4C72B0", "#55A868", "#C44E52", "#8172B2", "#CCB974", "#64B5CD"]
+    colors = [PALETTE.blue, PALETTE.green, PALETTE.red, PALETTE.purple, PALETTE.olive, PALETTE.cyan]
     for r, color in zip(chosen, colors):
         values = [0.05 + 0.95 * scores[k].get(r["name"], 0.0) for k in DASH_RADAR_AXES]  # 0 stays visible
         ax.plot(np.append(angles, angles[0]), values + values[:1], color=color, lw=1.8, label=r["name"])
@@ -4606,9 +4729,10 @@ def _plot_dashboard_radar(ax, rows):
 
 
 def _plot_training_memory_bars(ax, rows, train_batch):
+    """Estimated training peak per model at the scenario's batch, against an 8 GiB card."""
     fits = [r["memory"] <= TRAINING_GPU_BYTES for r in rows]
     _barh(ax, [r["name"] for r in rows], [r["memory"] / GIB for r in rows],
-          [_kind_color(r["kind"]) if ok else "#BBBBBB" for r, ok in zip(rows, fits)], log=True,
+          [_kind_color(r["kind"]) if ok else PALETTE.rule for r, ok in zip(rows, fits)], log=True,
           fmt=lambda v: f"{v:.2f} GiB" if v >= 0.1 else f"{v * 1024:.0f} MiB")
     ax.axvline(TRAINING_GPU_BYTES / GIB, color="k", ls="--", lw=1, label=_t("gpu_8gb"))
     ax.set_xlabel(_t("gib"))
@@ -4629,12 +4753,12 @@ def _plot_recommendations(ax, data):
         for i, value in enumerate(matrix[:, j]):
             verdict = verdicts[scenario][names[i]]["verdict"]
             if verdict == "not_measured":
-                ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="#EEEEEE", hatch="///",
-                                                edgecolor="#BBBBBB", lw=0))
-                text, color = _t("not_measured"), "#777777"
+                ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=PALETTE.pale, hatch="///",
+                                                edgecolor=PALETTE.rule, lw=0))
+                text, color = _t("not_measured"), PALETTE.muted
             else:
                 text = "✗" if np.isnan(value) else f"{value:.2f}" + (" ★" if value == best else "")
-                color = "#B22222" if np.isnan(value) else "black"
+                color = PALETTE.warning if np.isnan(value) else "black"
             ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
     ax.set_xticks(range(len(SCENARIOS)), [_t(f"sc_{s}") for s in SCENARIOS], fontsize=9)
     ax.set_yticks(range(len(names)), names, fontsize=8)
@@ -4655,7 +4779,7 @@ def plot_dashboard(data):
         _plot_bubbles(axs["bubble"], rows)
         _plot_latency_vs_flops(axs["relation"], rows, data["peak_flops"])
         _plot_efficiency_ranking(axs["ranking"], rows)
-        _plot_dashboard_radar(axs["radar"], rows)
+        _plot_dashboard_radar(axs["radar"], rows, data["radar"])
         _plot_training_memory_bars(axs["memory"], rows, data["train_memory_batch"])
         _plot_recommendations(axs["recommend"], data)
         _suptitle(fig, _t("dash_title"), _t("dash_sub", device=data["device"],
@@ -4687,8 +4811,8 @@ def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, 
     return fig
 
 
-PRECISION_COLORS = {"fp32": "#4C72B0", "amp_bf16": "#55A868", "amp_fp16": "#C44E52"}
-DTYPE_COLORS = {"fp32": "#4C72B0", "bf16": "#55A868", "fp16": "#C44E52"}  # the dtypes themselves
+PRECISION_COLORS = {"fp32": PALETTE.blue, "amp_bf16": PALETTE.green, "amp_fp16": PALETTE.red}
+DTYPE_COLORS = {"fp32": PALETTE.blue, "bf16": PALETTE.green, "fp16": PALETTE.red}  # the dtypes themselves
 
 
 def _amp_matrix(models, key):
@@ -4716,7 +4840,7 @@ def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skips=None):
         for xi, v, skip in zip(xs, values, why):
             if v is None:  # at the foot of the axes, whatever its scale
                 ax.annotate(_t(skip or "skipped"), (xi, 0.02), xycoords=ax.get_xaxis_transform(), ha="center",
-                            va="bottom", fontsize=7, rotation=90, color="#B22222")
+                            va="bottom", fontsize=7, rotation=90, color=PALETTE.warning)
             elif fmt:
                 ax.annotate(fmt(v), (xi, v), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
                             fontsize=7)
@@ -4727,6 +4851,7 @@ def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skips=None):
 
 
 def _plot_amp_time(ax, models):
+    """Step time per model and precision (median, bar = spread); skipped cells say why."""
     names = list(models)
     med = _amp_matrix(models, "median_s")
     values = [v for vals in med.values() for v in vals if v]
@@ -4744,6 +4869,7 @@ def _plot_amp_time(ax, models):
 
 
 def _plot_amp_memory(ax, models):
+    """Peak memory of one step per model and precision."""
     _grouped_bars(ax, list(models), {p: [v / MIB if v else None for v in vals]
                                      for p, vals in _amp_matrix(models, "peak_memory_bytes").items()},
                   fmt=lambda v: f"{v:.0f}", skips=_amp_skips(models))
@@ -4752,11 +4878,12 @@ def _plot_amp_memory(ax, models):
 
 
 def _plot_amp_speedup(ax, models):
+    """Speed-up against fp32 per model and precision (below 1 is a slowdown)."""
     matrix = {p: v for p, v in _amp_matrix(models, "speedup_vs_fp32").items() if p != "fp32"}
     _grouped_bars(ax, list(models), matrix, log=True, fmt=lambda v: f"{v:.2f}×", skips=_amp_skips(models))
     from matplotlib.ticker import FuncFormatter, NullFormatter
     ax.axhline(1, color="k", lw=1)
-    ax.axhspan(2, 3, color="#999999", alpha=0.2, label=_t("lit_mark"))
+    ax.axhspan(2, 3, color=PALETTE.faint, alpha=0.2, label=_t("lit_mark"))
     ax.set_ylim(min([v for vals in matrix.values() for v in vals if v] + [0.5]) / 2, 6)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
     ax.yaxis.set_minor_formatter(NullFormatter())
@@ -4765,6 +4892,7 @@ def _plot_amp_speedup(ax, models):
 
 
 def _plot_amp_saving(ax, models):
+    """Activation memory saved against fp32 per model and precision."""
     peaks = _amp_matrix(models, "activation_bytes")
     matrix = {p: [100 * (1 - v / f) if (v and f) else None for v, f in zip(peaks[p], peaks["fp32"])]
               for p in peaks if p != "fp32"}
@@ -4775,12 +4903,14 @@ def _plot_amp_saving(ax, models):
 
 
 def _plot_amp_error(ax, models):
+    """The largest relative error of the outputs against fp32."""
     matrix = {p: v for p, v in _amp_matrix(models, "max_rel_error_vs_fp32").items() if p != "fp32"}
     _grouped_bars(ax, list(models), matrix, log=True, fmt=lambda v: f"{v:.1e}", skips=_amp_skips(models))
     ax.set_title(_t("amp_error"))
 
 
 def _plot_dtype_ranges(ax, ranges):
+    """Representable ranges of fp16, bf16 and fp32, and what a small gradient becomes in each."""
     names = list(ranges["dtypes"])
     for i, name in enumerate(names):
         r = ranges["dtypes"][name]
@@ -4799,6 +4929,7 @@ def _plot_dtype_ranges(ax, ranges):
 
 
 def _hardware_support(hw):
+    """The subtitle's words for what this device supports natively (bf16, fp16, TF32)."""
     flags = [f"{k}={'yes' if v else 'no'}" for k, v in hw.items() if k in ("avx512_bf16", "amx_bf16", "bf16_supported")
              and v is not None]
     return ", ".join([f"torch {hw['torch']}", f"{hw['threads']} threads", f"TF32={hw['tf32_matmul']}"] + flags)
@@ -4821,7 +4952,7 @@ def plot_amp_analysis(data):
                  for r in recs if r["skipped"]]
         if notes:
             fig.supxlabel(_t("skip_notes") + "\n" + "\n".join(notes), fontsize=8, x=0.01, ha="left",
-                          color="#B22222")  # inside the constrained layout, below the panels
+                          color=PALETTE.warning)  # inside the constrained layout, below the panels
     return fig
 
 
@@ -4837,7 +4968,7 @@ def demonstrate_mixed_precision_benefits(output_dir=DEFAULT_OUTPUT_DIR, *, data=
 def _plot_module_flops(ax, data):
     """Forward FLOPs per top-level module."""
     rows = data["modules"]
-    _barh(ax, [f"{r['module']} ({r['type']})" for r in rows], [r["flops"] for r in rows], ["#4C72B0"] * len(rows),
+    _barh(ax, [f"{r['module']} ({r['type']})" for r in rows], [r["flops"] for r in rows], [PALETTE.blue] * len(rows),
           fmt=lambda v: readable(v))
     ax.set_xlabel(_t("fwd_flops_axis"))
     ax.set_title(_t("own_flops"))
@@ -4847,8 +4978,8 @@ def _plot_module_sizes(ax, data):
     """Parameters and output bytes per top-level module, side by side."""
     rows = data["modules"]
     y = np.arange(len(rows))
-    ax.barh(y - 0.2, [r["parameter_bytes"] / MIB for r in rows], 0.4, color="#55A868", label=_t("own_param_mib"))
-    ax.barh(y + 0.2, [(r["activation_bytes"] or 0) / MIB for r in rows], 0.4, color="#C44E52",
+    ax.barh(y - 0.2, [r["parameter_bytes"] / MIB for r in rows], 0.4, color=PALETTE.green, label=_t("own_param_mib"))
+    ax.barh(y + 0.2, [(r["activation_bytes"] or 0) / MIB for r in rows], 0.4, color=PALETTE.red,
             label=_t("own_act_mib") + ("" if rows and rows[0]["activation_bytes"] is not None
                                        else _t("not_measured_long")))
     ax.set_yticks(y, [f"{r['module']} ({r['type']})" for r in rows])
@@ -4893,7 +5024,7 @@ def _plot_own_latency(ax, data):
         _not_measured(ax, data["skipped"].get("latency", ""))
     else:
         ms = lat["median_s"] * 1e3
-        ax.bar([0], [ms], color="#8172B2", yerr=[[ms - lat["spread_lo_s"] * 1e3], [lat["spread_hi_s"] * 1e3 - ms]],
+        ax.bar([0], [ms], color=PALETTE.purple, yerr=[[ms - lat["spread_lo_s"] * 1e3], [lat["spread_hi_s"] * 1e3 - ms]],
                capsize=4)
         ax.text(0.5, 0.95, _t("own_latency_text", ms=ms, sps=lat["samples_per_s"], runs=lat["runs"]),
                 ha="center", va="top", fontsize=10, transform=ax.transAxes)
@@ -4909,7 +5040,7 @@ def _plot_own_classes(ax, data):
     if not by_class:
         _not_measured(ax, "")
     else:
-        _barh(ax, list(by_class), list(by_class.values()), ["#4C72B0", "#55A868", "#C44E52", "#8172B2"][:len(by_class)],
+        _barh(ax, list(by_class), list(by_class.values()), [PALETTE.blue, PALETTE.green, PALETTE.red, PALETTE.purple][:len(by_class)],
               fmt=lambda v: readable(v))
         ax.set_xlabel(_t("fwd_flops_axis"))
     ax.set_title(_t("own_classes"))
@@ -4920,7 +5051,7 @@ def _not_measured(ax, why):
     import textwrap
     why = textwrap.fill(textwrap.shorten(why, 220, placeholder=" …"), 48) if why else ""
     ax.text(0.5, 0.5, _t("not_measured_long") + ("\n" + why if why else ""), ha="center", va="center",
-            fontsize=9, color="#777777", transform=ax.transAxes, clip_on=True)
+            fontsize=9, color=PALETTE.muted, transform=ax.transAxes, clip_on=True)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -4951,8 +5082,8 @@ def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=No
     return fig
 
 
-VERDICT_COLORS = {"agree": "#D8EFD8", "disagree": "#F6D5D5", "partly": "#FBEBC8", "info": "#EEEEEE",
-                  "not_measured": "#E0E0E0"}
+VERDICT_COLORS = {"agree": PALETTE.agree, "disagree": PALETTE.disagree, "partly": PALETTE.partly, "info": PALETTE.pale,
+                  "not_measured": PALETTE.unmeasured}
 
 
 def _plot_lecture_memory(ax, rows):
@@ -4965,7 +5096,7 @@ def _plot_lecture_memory(ax, rows):
         bottom = np.zeros(len(rows))
         for part in parts[key]:
             values = np.array([r[key].get(part, 0) / MIB for r in rows])
-            ax.bar(x + offset, values, width, bottom=bottom, color=MEMORY_COLORS.get(part, "#937860"), hatch=hatch,
+            ax.bar(x + offset, values, width, bottom=bottom, color=MEMORY_COLORS.get(part, PALETTE.brown), hatch=hatch,
                    edgecolor="white", label=_t(part + "_part") if key == "at_peak" and part != "input_bytes" else None)
             bottom += values
     ax.scatter(x + width / 2, [r["measured_total"] / MIB for r in rows], marker="_", s=400, color="k", zorder=3,
@@ -4973,14 +5104,14 @@ def _plot_lecture_memory(ax, rows):
     for xi, r in zip(x, rows):
         top = max(r["lecture_total"], r["measured_total"]) / MIB
         ax.annotate(_t("lec_total_error", err=r["error"]), (xi, top), xytext=(0, 4), textcoords="offset points",
-                    ha="center", fontsize=8, color="#B22222")
+                    ha="center", fontsize=8, color=PALETTE.warning)
     ax.set_xticks(x, [f"L={r['layers']} H={r['hidden']}\n{_t('lec_formula')} | {_t('lec_measured')}" for r in rows],
                   fontsize=8)
     ax.set_ylabel("MiB")
     ax.set_title(_t("lec_memory", batch=rows[0]["batch"], seq=rows[0]["seq"]), fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     ax.text(0.98, 0.97, _t("lec_act_note"), transform=ax.transAxes, ha="right", va="top", fontsize=7,
-            color="#555555")
+            color=PALETTE.note)
     ax.margins(y=0.25)
 
 
@@ -4988,9 +5119,9 @@ def _plot_kv_cache(ax, kv):
     """Held bytes after each generated token and the peak within it, against the lecture's formula."""
     tokens = kv["tokens"]
     ax.plot(tokens, np.array(kv["formula_bytes"]) / MIB, "--", color="k", lw=1.5, label=_t("kv_formula"))
-    ax.plot(tokens, np.array(kv["held_bytes"]) / MIB, color="#4C72B0", lw=2, label=_t("kv_held"))
+    ax.plot(tokens, np.array(kv["held_bytes"]) / MIB, color=PALETTE.blue, lw=2, label=_t("kv_held"))
     if kv.get("step_peak_bytes"):
-        ax.plot(tokens, np.array(kv["step_peak_bytes"]) / MIB, ":", color="#C44E52", lw=1.5, label=_t("kv_peak"))
+        ax.plot(tokens, np.array(kv["step_peak_bytes"]) / MIB, ":", color=PALETTE.red, lw=1.5, label=_t("kv_peak"))
     ax.set_xlabel(_t("tokens"))
     ax.set_ylabel("MiB")
     ax.set_title(_t("lec_kv", layers=kv["layers"], hidden=kv["hidden"], batch=kv["batch"]), fontsize=10)
@@ -5004,11 +5135,11 @@ def _plot_flop_formulas(ax, rows):
     names = [_t("flop_" + r["name"]) for r in rows]
     y = np.arange(len(rows))
     errors = np.array([100 * r["error"] for r in rows])
-    ax.barh(y, errors, 0.5, color=["#55A868" if abs(e) < 1 else "#C44E52" for e in errors],
+    ax.barh(y, errors, 0.5, color=[PALETTE.green if abs(e) < 1 else PALETTE.red for e in errors],
             label=_t("lec_flop_error"))
     fixed = [(yi, 100 * r["correct_error"]) for yi, r in zip(y, rows) if r.get("correct_error") is not None]
     if fixed:
-        ax.scatter([e for _, e in fixed], [yi for yi, _ in fixed], marker="D", color="#4C72B0", zorder=3,
+        ax.scatter([e for _, e in fixed], [yi for yi, _ in fixed], marker="D", color=PALETTE.blue, zorder=3,
                    label=_t("lec_flop_fixed"))
     for yi, e, r in zip(y, errors, rows):
         ax.annotate(f"{e:+.1f}%\n{readable(r['lecture'])} / {readable(r['counted'])}", (e, yi),
@@ -5035,7 +5166,7 @@ def _plot_fusion(ax, fusion, compiled=None):
     cases = fusion["cases"]
     groups = list(cases)
     x = np.arange(len(groups))
-    for offset, key, color in ((-0.2, "composed", "#DD8452"), (0.2, "fused", "#4C72B0")):
+    for offset, key, color in ((-0.2, "composed", PALETTE.orange), (0.2, "fused", PALETTE.blue)):
         med = np.array([cases[g][key]["median_s"] * 1e3 for g in groups])
         lo = med - np.array([cases[g][key]["spread_lo_s"] * 1e3 for g in groups])
         hi = np.array([cases[g][key]["spread_hi_s"] * 1e3 for g in groups]) - med
@@ -5056,7 +5187,7 @@ def _plot_fusion(ax, fusion, compiled=None):
                    depth=compiled["depth"], width=compiled["width"], batch=compiled["batch"],
                    e=compiled["eager"]["median_s"] * 1e3, k=compiled["compiled"]["median_s"] * 1e3))
         ax.text(0.02, 0.97, note if not compiled.get("skipped") else _wrap(note, 60), transform=ax.transAxes,
-                va="top", fontsize=8, color="#555555")
+                va="top", fontsize=8, color=PALETTE.note)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.margins(y=0.2)
@@ -5106,7 +5237,7 @@ def _plot_claims_table(ax, rows):
     table.scale(1, 1.9)
     for (i, j), cell in table.get_celld().items():
         if i == 0:
-            cell.set_facecolor("#DDDDDD")
+            cell.set_facecolor(PALETTE.header)
         elif j in (3, 5):
             cell.set_facecolor(VERDICT_COLORS[rows[i - 1]["verdict"]])
     ax.set_title(_t("lec_table"), fontsize=11)
@@ -5129,7 +5260,7 @@ def plot_lecture_claims(data):
         training = _t("lec_training", batch=batch) if batch else _t("lec_no_training")
         _suptitle(fig, _t("lec_title"), _t("lec_sub", device=data["device"], source=source, training=training),
                   data.get("training_conditions") or data.get("conditions"))
-        fig.supxlabel(_t("lec_flop_notes"), fontsize=9, x=0.01, ha="left", color="#333333")
+        fig.supxlabel(_t("lec_flop_notes"), fontsize=9, x=0.01, ha="left", color=PALETTE.ink)
     return fig
 
 
@@ -5268,7 +5399,8 @@ def _run_stage(stage, args, device, out, results):
         data = run_amp_analysis(profile=profile, device=device, seed=args.seed, progress=report)
         demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
     elif stage == "dashboard":  # reuses the FLOP counts and the matmul peak of earlier stages
-        data = run_dashboard_analysis(**_reusable(results), profile=profile, device=device, progress=report)
+        data = run_dashboard_analysis(**_reusable(results), profile=profile, device=device, progress=report,
+                                      seed=args.seed)
         create_comprehensive_dashboard(out, data=data, dpi=args.dpi)
     elif stage == "lecture":  # reuses the FLOP, memory and training stages' numbers
         data = run_lecture_comparison(results=results, device=device, compile=args.compile, profile=profile,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import assert_unchanged, bn_model, snapshot
 from pytorch_practice_demo import FLOPCalculator, MnistNet, TinyGPT, LSTMClassifier
 
 calc = FLOPCalculator()
@@ -178,38 +179,6 @@ def test_unsupported_op_is_reported():
 
 
 # --- the user's model is never changed -------------------------------------------------------
-
-def snapshot(model):
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "training": [m.training for m in model.modules()],
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-        "grads": [p.grad for p in model.parameters()],
-        "dicts": [sorted(m.__dict__) for m in model.modules()],
-        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-                  for m in model.modules()],
-        "global_hooks": (len(nn.modules.module._global_forward_hooks),
-                         len(nn.modules.module._global_forward_pre_hooks)),
-        "devices": [t.device for t in model.state_dict().values()],
-    }
-
-
-def assert_unchanged(before, model):
-    after = snapshot(model)
-    for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
-    for key in ("training", "requires_grad", "dicts", "hooks", "global_hooks", "devices"):
-        assert before[key] == after[key], key
-    assert all(g is None for g in after["grads"])
-
-
-def bn_model():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.1),
-                          nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
-    model[0].weight.requires_grad_(False)
-    model[3].eval()  # mixed modes must survive
-    return model
-
 
 @pytest.mark.parametrize("mode", ["meta", "real"])
 def test_model_untouched(mode):

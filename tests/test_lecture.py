@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import pytorch_practice_demo as demo
+from conftest import assert_panels
 
 
 def small_gpt(**kw):
@@ -173,8 +174,7 @@ def test_lecture_figure_panels(tmp_path):
     data = demo.run_lecture_comparison(profile="quick")
     assert [r["verdict"] for r in data["claims"]][:6] == ["not_measured"] * 6  # no training stage given
     fig = demo.visualize_lecture_claims(tmp_path, data=data, dpi=50)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert len(fig.axes) == 5 and all(titles)
+    assert_panels(fig, 5)
     assert (tmp_path / demo.FIGURE_FILES["lecture"]).exists()
     table = fig.axes[4].tables[0]
     assert len(table.get_celld()) == 6 * (len(demo.LECTURE_CLAIMS) + 1)

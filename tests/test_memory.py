@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from pytorch_practice_demo import MnistNet, TinyGPT, estimate_memory, measure_memory, mlp
-from test_flops import assert_unchanged, bn_model, snapshot
+from conftest import assert_unchanged, bn_model, snapshot
 
 
 def small_gpt():

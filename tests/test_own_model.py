@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import pytorch_practice_demo as demo
+from conftest import assert_panels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,7 +227,8 @@ def test_analyze_gives_the_zoo_treatment_and_leaves_the_model_alone(tmp_path):
     table = demo.format_model_table(data)
     assert "FLOPs" in table and "MACs" in table and "fc" in table
     fig = demo.visualize_own_model(None, None, tmp_path, data=data, dpi=40)
-    assert len(fig.axes) == 6 and (tmp_path / demo.FIGURE_FILES["model"]).exists()
+    assert_panels(fig, 6)
+    assert (tmp_path / demo.FIGURE_FILES["model"]).exists()
 
 
 def test_cli_model_from_a_file_writes_its_figure_and_table(tmp_path, capsys):
