@@ -87,370 +87,34 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 
-# -----------------------------------------------------------------------------
-# Constants, labels and output helpers
-# -----------------------------------------------------------------------------
+# %% =============================================================================================
+# 1. Units, precision names and the hardware: one vocabulary
+# ================================================================================================
+# FLOPs = 2 x multiply-adds (MACs), bias adds not counted; bytes are *_bytes everywhere and
+# `parameters` is a count.  Precisions: fp32; amp_bf16 / amp_fp16 = fp32 weights, matmuls under
+# torch.autocast in that dtype; bf16 / fp16 = the weights themselves in that dtype ("pure").
+# Devices follow one policy (resolve_device): public functions take the keyword `device`.
 
-# Beside the script in a checkout; in the current folder when installed (pip install .)
-_HERE = Path(__file__).resolve().parent
-DEFAULT_OUTPUT_DIR = _HERE / "生成的图片" if (_HERE / "生成的图片").is_dir() else Path("生成的图片")
-FIGURE_FILES = {
-    "flop": "FLOP分析可视化.png",
-    "memory": "内存分析可视化.png",
-    "training": "训练性能可视化.png",
-    "amp": "混合精度效益对比.png",
-    "dashboard": "综合性能仪表板.png",
-    "lecture": "讲义对照.png",
-    "model": "你的模型分析.png",  # --model SPEC: your own model
-}
 
 # Bytes per element of each dtype the lab talks about.
 BYTES_PER_ELEMENT = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
-# Families that ship CJK glyphs, in order of preference, looked up among installed fonts.
-CJK_FONT_FAMILIES = ["Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
-                     "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC",
-                     "Heiti SC", "Arial Unicode MS"]
 
-# Every label of every figure, Chinese and English side by side: one table, one lookup (_t).
-LABELS = {
-    # FLOP figure
-    "flop_title": ("FLOP 分析：模型规模与计算量", "FLOP analysis: model size and compute"),
-    "flop_sub": ("每个数字均由 FLOPCalculator 在 fake 张量上计数（无真实计算）；batch={batch}；FLOPs = 2 × 乘加",
-                 "Every number counted by FLOPCalculator on fake tensors (no real compute); "
-                 "batch={batch}; FLOPs = 2 × multiply-adds"),
-    "flop_bars": ("前向 FLOPs（对数轴）", "Forward FLOPs (log scale)"),
-    "matmul_flops": ("矩阵乘类（线性/卷积/注意力/RNN）", "matmul-class (linear/conv/attention/RNN)"),
-    "other_flops": ("其他（逐元素/归一化/softmax/池化）", "other (elementwise/norm/softmax/pool)"),
-    "params_bars": ("参数数量（对数轴）", "Parameter count (log scale)"),
-    "parameters": ("参数量", "parameters"),
-    "flops_vs_params": ("FLOPs 与参数量不成正比", "FLOPs are not proportional to parameters"),
-    "flops_per_param": ("每个参数的前向 FLOPs = 2 × 复用次数", "Forward FLOPs per parameter = 2 × reuse"),
-    "train_ratio": ("训练/前向 FLOP 比（反向实际运行的算子）", "Training/forward FLOP ratio (backward ops that ran)"),
-    "reuse_note": ("卷积核在每个空间位置、权重在每个 token 上被复用",
-                   "conv kernels reused at every position, weights at every token"),
-    "ratio_2x": ("FLOPs = 2 × 参数：每个权重每个样本只用一次",
-                 "FLOPs = 2 × parameters: each weight used once per sample"),
-    "ratio_3x": ("常用的 3× 估计", "the common 3× rule"),
-    "fwd_flops_axis": ("前向 FLOPs", "forward FLOPs"),
-    "kind_mlp": ("MLP", "MLP"), "kind_cnn": ("CNN", "CNN"), "kind_transformer": ("Transformer", "Transformer"),
-    "kind_rnn": ("RNN", "RNN"),
-    "flop_composition": ("前向矩阵乘类 FLOPs 的去向（%）", "Where forward matmul-class FLOPs go (%)"),
-    "cls_linear": ("线性层/矩阵乘", "linear/matmul"),
-    "cls_conv": ("卷积", "convolution"),
-    "cls_attention": ("注意力（QKᵀ 与 加权 V）", "attention (QKᵀ and weighted V)"),
-    "cls_RNN": ("RNN 单元", "RNN cells"),
-    # memory figure
-    "mem_title": ("内存分析：训练一步中内存去了哪里", "Memory analysis: where one training step's memory goes"),
-    "mem_sub": ("设备 {device}；fp32；batch={batch}；Adam；"
-                "估计 = fake 张量（无真实计算），实测 = 真实一步中分配器记录的峰值",
-                "device {device}; fp32; batch={batch}; Adam; estimate = fake tensors (no real compute), "
-                "measured = the allocator's peak in one real step"),
-    "mem_composition": ("训练峰值时刻的内存组成（左：公式，右：估计）",
-                        "Memory at the training peak (left: napkin, right: estimate)"),
-    "parameter_bytes_part": ("参数", "parameters"), "gradient_bytes_part": ("梯度", "gradients"),
-    "optimizer_bytes_part": ("优化器状态", "optimizer state"), "activation_bytes_part": ("激活", "activations"),
-    "temporary_bytes_part": ("临时张量", "temporaries"), "buffer_bytes_part": ("缓冲区+输入", "buffers + inputs"),
-    "weight_copy_bytes_part": ("autocast 低精度权重副本", "autocast low-precision weight copies"),
-    "measured_peak": ("实测峰值", "measured peak"),
-    "train_vs_infer": ("训练 vs 推理（峰值）", "Training vs inference (peak)"),
-    "training": ("训练（fwd+bwd+Adam）", "training (fwd+bwd+Adam)"),
-    "inference": ("推理（inference_mode）", "inference (inference_mode)"),
-    "mem_growth": ("{model}：内存随 batch 增长", "{model}: memory growth with batch size"),
-    "estimated_total": ("估计峰值", "estimated peak"),
-    "fixed_part": ("固定部分：参数+梯度+优化器状态", "fixed part: params + grads + optimizer state"),
-    "measured_points": ("实测峰值", "measured peak"),
-    "batch_size": ("batch 大小", "batch size"),
-    "mem_variants_precision": ("{model}：精度（估计，batch={batch}）", "{model}: precision (estimated, batch={batch})"),
-    "mem_variants": ("{model}：精度与梯度检查点（估计，batch={batch}）",
-                     "{model}: precision and checkpointing (estimated, batch={batch})"),
-    "bytes_per_param": ("每参数字节数（峰值 / 参数量）", "bytes per parameter (peak / parameters)"),
-    "zero_title": ("纸面计算：7B 模型在 {n} 卡上的每卡模型状态",
-                   "On paper: per-device model states, 7B model on {n} GPUs"),
-    "zero_note": ("混合精度 Adam 每参数 16 字节（ZeRO 论文 §3）；不含激活",
-                  "mixed-precision Adam, 16 bytes/param (ZeRO paper, §3); activations excluded"),
-    "gpu_80gb": ("80 GiB 显卡", "80 GiB GPU"),
-    "mem_error": ("与实测峰值的相对误差", "Relative error vs measured peak"),
-    "mem_source": ("实测峰值来自：{method}，与估计不共用任何代码", "measured peak from: {method}, which shares no code "
-                   "with the estimate"),
-    "napkin": ("公式（参数×4 + 梯度 + Adam 2× + 各层输出之和）",
-               "napkin (params×4 + grads + 2× Adam + sum of layer outputs)"),
-    "estimate": ("估计（fake 张量）", "estimate (fake tensors)"),
-    "mib": ("MiB", "MiB"), "gib": ("GiB", "GiB"),
-    # training figure
-    "train_title": ("训练策略对比：同一模型、同一初始权重、同一批次顺序，真实训练",
-                    "Training strategies: same model, same initial weights, same batches, real runs"),
-    "train_sub": ("设备 {device}；{model}（{params} 参数）；batch={batch}；{steps} 步；数据集 {dataset}；Adam lr={lr}",
-                  "device {device}; {model} ({params} parameters); batch={batch}; {steps} steps; "
-                  "dataset {dataset}; Adam lr={lr}"),
-    "strat_baseline": ("基线（fp32）", "baseline (fp32)"),
-    "strat_mixed_precision": ("混合精度（{precision}）", "mixed precision ({precision})"),
-    "strat_gradient_accumulation": ("梯度累积（{k} × {micro}）", "gradient accumulation ({k} × {micro})"),
-    "strat_gradient_checkpointing": ("梯度检查点（{blocks} 个块）", "gradient checkpointing ({blocks} blocks)"),
-    "vs_baseline": ("与基线最大差 {diff:.1e}", "max |Δ| vs baseline {diff:.1e}"),
-    "plan": ("计划：{steps} 步 × batch {batch}，宽 {width}（校准后预测 {pred:.1f} s，测量预算 {budget:.0f} s）",
-             "plan: {steps} steps × batch {batch}, width {width} (predicted {pred:.1f} s after calibration, "
-             "measuring budget {budget:.0f} s)"),
-    "shrunk": ("；本机较慢，已缩小：{what}", "; this machine is slow, shrunk: {what}"),
-    "size_steps": ("步数", "steps"), "size_batch": ("batch", "batch"), "size_width": ("宽度", "width"),
-    "not_fit": ("；指定的规模超出预算", "; the requested size does not fit the budget"),
-    "strategy_skipped": ("跳过 {name}：缩到最小规模仍放不下预算（每步 {ms:.0f} ms，原因全文见 results.json）",
-                         "skipped {name}: does not fit the budget even at the smallest size ({ms:.0f} ms per step; "
-                         "results.json has the reason)"),
-    "busy": ("⚠ 机器繁忙：其他进程占用约 {others} 核（共 {cores} 核），1 分钟负载 {load}；计时偏慢、波动更大",
-             "⚠ busy machine: other processes used ~{others} of {cores} cores, 1-min load {load}; "
-             "times are slower and noisier"),
-    "invalid": ("无效", "invalid"),
-    "mfu_invalid": ("无效：实测速率高于重测后的峰值", "invalid: achieved rate above the re-measured peak"),
-    "train_loss": ("训练损失（每个优化步）", "Training loss (every optimizer step)"),
-    "val_loss": ("验证损失（{n} 个留出样本）", "Validation loss ({n} held-out samples)"),
-    "opt_step": ("优化步", "optimizer step"), "cross_entropy": ("交叉熵", "cross-entropy"),
-    "throughput": ("训练吞吐（计时步的中位数，误差棒 = IQR）",
-                   "Training throughput (median of timed steps, bar = IQR)"),
-    "samples_per_s": ("样本/秒", "samples/s"),
-    "train_memory": ("一步训练的峰值内存（实测）及峰值时刻的组成", "Peak memory of one step (measured), by part"),
-    "mfu": ("MFU：模型 FLOPs / 步时间 / 实测矩阵乘峰值", "MFU: model FLOPs / step time / measured matmul peak"),
-    "mfu_peaks": ("峰值：{peaks}", "peaks: {peaks}"),
-    "mfu_note": ("检查点重算的前向不计入模型 FLOPs；峰值：{peaks}",
-                 "checkpointing's recomputed forward is not model FLOPs; peaks: {peaks}"),
-    "radar": ("综合（归一化，越外越好）", "Overall (normalised, outer is better)"),
-    "r_throughput": ("吞吐", "throughput"), "r_memory": ("内存更省", "less memory"),
-    "r_loss": ("最终验证损失更低", "lower final val loss"), "r_mfu": ("MFU", "MFU"),
-    "r_wall": ("总耗时更短", "shorter wall time"),
-    "radar_row": ("{name}：{sps:,.0f} 样本/s，{mem:.1f} MiB，验证损失 {loss:.3f}，MFU {mfu:.1%}，{wall:.1f} s",
-                  "{name}: {sps:,.0f} samples/s, {mem:.1f} MiB, val loss {loss:.3f}, MFU {mfu:.1%}, {wall:.1f} s"),
-    # mixed-precision figure
-    "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
-    "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
-                "device {device}; one training step (fwd+bwd+Adam); batch={batch}; hardware: {support}"),
-    "amp_time": ("每步时间（中位数；误差棒 = IQR，少于 4 次为最小-最大）",
-                 "Step time (median; bar = IQR, min-max under 4 runs)"),
-    "seconds": ("秒", "seconds"),
-    "amp_memory": ("一步中的峰值内存", "Peak memory in one step"),
-    "amp_speedup": ("相对 fp32 的加速比（<1 即变慢）", "Speed-up vs fp32 (<1 is a slowdown)"),
-    "amp_saving": ("激活内存相对 fp32 的节省（峰值见中上图）", "Activation memory saved vs fp32 (peaks: top middle)"),
-    "amp_error": ("输出与 fp32 的最大相对误差", "Max relative error of outputs vs fp32"),
-    "amp_ranges": ("为什么 fp16 需要损失缩放：可表示范围", "Why fp16 needs loss scaling: representable ranges"),
-    "range_bar": ("最小次正规数 … 最大值", "smallest subnormal … max"),
-    "skipped": ("跳过", "skipped"),
-    "skip_budget": ("跳过：预算不够", "skipped: budget"), "skip_unsupported": ("跳过：不支持", "skipped: unsupported"),
-    "skip_failed": ("跳过：出错", "skipped: failed"),
-    "skip_notes": ("跳过的原因：", "Why skipped:"),
-    "lit_mark": ("文献参考值 2-3×（非实测）", "literature 2-3× (reference, not measured)"),
-    "underflow": ("1e-8 → {fp16}（fp16 下溢）；bf16 → {bf16:.3g}；× 损失缩放 {scale} 后 fp16 → {scaled:.3g}",
-                  "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
-    # dashboard
-    "dash_title": ("综合性能仪表板：选模型看的是资源", "Dashboard: choosing a model by its resources"),
-    "dash_sub": ("设备 {device}；fp32；FLOPs 取自 FLOP 分析（batch=1）；"
-                 "延迟实测于 batch={batches}（inference_mode）；训练内存为 batch={tb} + Adam 的估计（fake 张量）",
-                 "device {device}; fp32; FLOPs from the FLOP analysis (batch=1); latency measured at batch={batches} "
-                 "(inference_mode); training memory estimated at batch={tb} with Adam (fake tensors)"),
-    "bubble": ("复杂度：FLOPs 与参数量（气泡 = 训练内存，颜色 = batch-1 延迟）",
-               "Complexity: FLOPs vs parameters (bubble = training memory, colour = batch-1 latency)"),
-    "latency_ms": ("batch-1 延迟（ms，实测；灰色 = 未测）", "batch-1 latency (ms, measured; grey = not measured)"),
-    "relation": ("FLOPs 与实测延迟：离虚线越远，算力用得越少",
-                 "FLOPs vs measured latency: far from the line = poorly used"),
-    "per_sample_ms": ("每样本时间（ms；误差棒 = 波动范围）", "time per sample (ms; bar = spread)"),
-    "peak_line": ("以实测峰值 {peak} 运行时的时间", "time at the measured peak {peak}"),
-    "batch_n": ("batch={n}（每样本）", "batch={n} (per sample)"),
-    "ranking": ("效率排行：推理达到的 FLOP/s 占实测矩阵乘峰值",
-                "Efficiency ranking: inference FLOP/s as % of the matmul peak"),
-    "at_batch": ("batch={n}", "batch={n}"),
-    "dash_radar": ("归一化指标（对数刻度，越外越好）", "Normalised metrics (log scale, outer is better)"),
-    "d_latency": ("低延迟", "low latency"), "d_throughput": ("高吞吐", "high throughput"),
-    "d_params": ("参数少", "few parameters"), "d_memory": ("训练内存小", "small training memory"),
-    "d_util": ("算力利用率", "utilisation"),
-    "train_mem_bars": ("训练峰值内存（batch={tb}，Adam，估计）与 8 GiB 显卡",
-                       "Training peak (batch={tb}, Adam, estimated) vs an 8 GiB GPU"),
-    "gpu_8gb": ("8 GiB 显卡", "8 GiB GPU"),
-    "recommend": ("推荐矩阵（0-1 分，★ 最佳，✗ 不满足限制，未测 = 没有测量）",
-                  "Model selection (0-1, ★ best, ✗ fails its limit, n/m not measured)"),
-    "not_measured": ("未测", "n/m"),
-    "not_measured_long": ("（未测）", "(not measured)"),
-    "sc_edge": ("边缘推理", "edge inference"), "sc_serving": ("批量服务", "batch serving"),
-    "sc_training": ("单卡 8 GB 训练", "training on one 8 GB GPU"),
-    "rule": ("规则：先看硬限制。边缘：参数 ≤ {edge_params} 且 batch-1 延迟 ≤ {edge_ms:g} ms；\n"
-             "服务：batch={big} 吞吐 ≥ {serve} 样本/s；训练：估计峰值 ≤ 8 GiB。\n"
-             "满足者按前向 FLOPs（容量的代理）对数归一化打分。\n只比较资源，不比较精度（各模型任务不同）。",
-             "Rule: first the limits. Edge: ≤ {edge_params} parameters and batch-1 latency ≤ {edge_ms:g} ms;\n"
-             "serving: ≥ {serve} samples/s at batch {big}; training: estimated peak ≤ 8 GiB.\n"
-             "Models that pass are scored by forward FLOPs (a capacity proxy), log-scaled.\n"
-             "Resources only: the models solve different tasks."),
-    # lecture figure
-    "lec_title": ("讲义对照：讲义里的公式与表格 vs 这台机器", "The lecture's formulas and table vs this machine"),
-    "lec_sub": ("设备 {device}；fp32；内存与 KV 缓存为实测（{source}），FLOPs 为 FLOPCalculator 计数\n"
-                "优化表取自训练对比（{training}）与融合实测",
-                "device {device}; fp32; memory and KV cache measured ({source}); FLOPs counted by FLOPCalculator\n"
-                "table from the training comparison ({training}) and the fusion measurement"),
-    "lec_training": ("batch={batch}", "batch={batch}"), "lec_no_training": ("未运行", "not run"),
-    "lec_memory": ("训练内存：讲义公式 vs 实测峰值时刻的各部分（TinyGPT，batch={batch}，T={seq}，Adam）",
-                   "Training memory: lecture formula vs parts alive at the measured peak\n"
-                   "(TinyGPT, batch={batch}, T={seq}, Adam)"),
-    "lec_formula": ("讲义", "lecture"), "lec_measured": ("实测", "measured"),
-    "lec_total_error": ("讲义总和误差 {err:+.0%}", "formula total {err:+.0%}"),
-    "lec_act_note": ("讲义激活 = B·T·H·L·4 字节，只算每层一个隐藏向量；\n实际每层保存约 20 个以上（注意力、MLP 4H、LayerNorm…）",
-                     "lecture activations = B·T·H·L·4 bytes: one hidden vector per layer;\n"
-                     "a layer really saves 20+ (attention, the 4H MLP, LayerNorms…)"),
-    "lec_kv": ("KV 缓存：逐 token 生成（TinyGPT {layers}×{hidden}，batch={batch}）",
-               "KV cache while generating (TinyGPT {layers}×{hidden}, batch={batch})"),
-    "kv_formula": ("讲义：B·T·L·H·2·字节", "lecture: B·T·L·H·2·bytes"),
-    "kv_held": ("实测：每个 token 后仍占用", "measured: held after each token"),
-    "kv_peak": ("实测：该 token 内的峰值（torch.cat 复制）", "measured: peak within the token (torch.cat copies)"),
-    "tokens": ("序列长度（token）", "sequence length (tokens)"),
-    "lec_flops": ("FLOP 公式 vs 计数（TinyGPT 4×256，T=256）", "FLOP formulas vs counting (TinyGPT 4×256, T=256)"),
-    "lec_flop_error": ("讲义公式相对计数的误差", "lecture formula vs counted"),
-    "lec_flop_fixed": ("修正后的表达式", "corrected expression"),
-    "lec_flop_notes": ("修正：每 token 前向 ≈ 24·L·H² + 4·L·T·H + 2·H·V（Kaplan et al. 2020 表 1）；"
-                       "训练 ≈ 3 × 前向（6N 忽略注意力与 LM 头的使用方式）",
-                       "corrected: forward per token ≈ 24·L·H² + 4·L·T·H + 2·H·V (Kaplan et al. 2020, Table 1); "
-                       "training ≈ 3 × forward (6N leaves out attention and how the LM head is used)"),
-    "flop_matmul": ("矩阵乘 2·m·k·n", "matmul 2·m·k·n"), "flop_attention": ("注意力 4·B·T²·H（每层）", "attention 4·B·T²·H (per layer)"),
-    "flop_per_token": ("每 token 2·L·H·(H+4H)", "per token 2·L·H·(H+4H)"),
-    "flop_training_6n": ("训练 6·N·tokens", "training 6·N·tokens"),
-    "lec_fusion": ("算子融合实测：逐元素写法 vs 融合内核（{shape}，fp32）", "Fusion measured: op by op vs fused kernel ({shape}, fp32)"),
-    "composed": ("逐算子组合", "op by op"), "fused": ("融合内核", "fused kernel"),
-    "fusion_note": ("{speed}；峰值 {a} → {b}", "{speed}; peak {a} → {b}"),
-    "faster": ("快 {x:.1f}×", "{x:.1f}× faster"), "as_fast": ("持平（相差 10% 以内）", "as fast (within 10%)"), "slower": ("慢 {x:.1f}×", "{x:.1f}× slower"),
-    "ms": ("毫秒", "ms"),
-    "compile_row": ("torch.compile 训练步", "torch.compile train step"),
-    "compile_note": ("torch.compile（训练对比的 ResMLP {depth}×{width}，batch={batch}，Adam 一步）：\n"
-                     "编译 {c:.1f} s（另计）；之后每步 {e:.1f} → {k:.1f} ms，{speed}",
-                     "torch.compile (the training comparison's ResMLP {depth}×{width}, batch={batch}, one Adam step):\n"
-                     "compile {c:.1f} s (apart); then each step {e:.1f} → {k:.1f} ms, {speed}"),
-    "compile_skipped": ("torch.compile：{why}", "torch.compile: {why}"),
-    "lec_table": ("讲义的优化技巧表，逐格对照本机实测", "The lecture's optimisation table, cell by cell, against this machine"),
-    "col_technique": ("技术", "technique"), "col_aspect": ("方面", "aspect"), "col_claim": ("讲义", "lecture"),
-    "col_measured": ("本机实测", "measured here"), "col_verdict": ("判定", "verdict"), "col_source": ("来源", "source"),
-    "tech_mixed_precision": ("混合精度", "mixed precision"), "tech_gradient_accumulation": ("梯度累积", "gradient accumulation"),
-    "tech_gradient_checkpointing": ("梯度检查点", "gradient checkpointing"), "tech_fusion": ("算子融合", "operator fusion"),
-    "aspect_memory": ("内存节省", "memory saved"), "aspect_speed": ("速度", "speed"),
-    "claim_~50%": ("~50%", "~50%"), "claim_~2-3x": ("~2-3×", "~2-3×"), "claim_virtual": ("虚拟大批次", "virtual large batch"),
-    "claim_slight": ("轻微", "slight"), "claim_~50%act": ("~50% 激活内存", "~50% of activations"),
-    "claim_~20%": ("~20% 重计算", "~20% recompute"), "claim_~10-30%": ("~10-30%", "~10-30%"),
-    "verdict_agree": ("相符", "agrees"), "verdict_disagree": ("不符", "disagrees"), "verdict_partly": ("部分相符", "partly"),
-    "verdict_info": ("—", "—"), "verdict_not_measured": ("未测", "not measured"),
-    "saved": ("省 {p:.0%}", "{p:.0%} saved"), "more_memory": ("多用 {p:.0%}", "{p:.0%} more"),
-    "src_training": ("训练对比", "training comparison"), "src_fusion": ("融合实测", "fusion"),
-    "act_suffix": ("（激活）", " (activations)"), "peak_suffix": ("（峰值）", " (peak)"),
-    # your own model
-    "own_title": ("你的模型：{model}", "Your model: {model}"),
-    "own_sub": ("设备 {device}；输入 {shape}；FLOPs 在 fake 张量上计数（2 × 乘加），内存、混合精度与延迟在本机实测",
-                "device {device}; input {shape}; FLOPs counted on fake tensors (2 x multiply-adds), memory, mixed "
-                "precision and latency measured here"),
-    "own_flops": ("每个顶层模块的前向 FLOPs", "Forward FLOPs per top-level module"),
-    "own_sizes": ("每个顶层模块的参数与输出字节", "Parameter and output bytes per top-level module"),
-    "own_param_mib": ("参数（MiB）", "parameters (MiB)"),
-    "own_act_mib": ("输出激活（MiB）", "output activations (MiB)"),
-    "own_classes": ("工作量按算子类别", "Where the work goes, by op class"),
-    "own_memory": ("训练一步的峰值内存（Adam，fp32）", "Peak memory of one training step (Adam, fp32)"),
-    "own_memory_estimate": ("估计（fake 张量）", "estimated (fake tensors)"),
-    "own_memory_measured": ("实测", "measured"),
-    "own_data_dependent": ("⚠ 这个模型要真实数值才能跑（数据相关的控制流或输出形状）：FLOPs 按这一次输入的"
-                           "真实运行计数，换输入可能不同",
-                           "⚠ this model needs real values (data-dependent control flow or shapes): FLOPs were "
-                           "counted on one real run, another input can give another count"),
-    "own_amp": ("混合精度：每步时间", "Mixed precision: step time"),
-    "own_latency": ("推理延迟（中位数，误差棒 = 波动范围）", "Inference latency (median, bar = spread)"),
-    "own_latency_text": ("{ms:.2f} ms，{sps:,.0f} 样本/s（{runs} 次）",
-                         "{ms:.2f} ms, {sps:,.0f} samples/s ({runs} runs)"),
-}
+MIB, GIB = 2 ** 20, 2 ** 30
 
 
-_LANG = None  # "zh" or "en"; resolved on first use by _lang()
-_CJK_FONT = None  # family name registered with matplotlib, or "" when none is usable
+# One vocabulary for the whole API: amp_* = fp32 weights, matmuls under torch.autocast in that dtype;
+# bf16 / fp16 = the weights themselves in that dtype ("pure").  estimate_memory and measure_memory
+# take all five; benchmark_mixed_precision and the training comparison take fp32 and the amp_* ones.
+PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16, "bf16": torch.bfloat16,
+              "fp16": torch.float16}
+PURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _find_cjk_font():
-    """Return a CJK font family usable by matplotlib, registering mplfonts' file if needed."""
-    from matplotlib import font_manager
-    installed = {f.name for f in font_manager.fontManager.ttflist}
-    for family in CJK_FONT_FAMILIES:
-        if family in installed:
-            return family
-    try:
-        import mplfonts
-    except ImportError:
-        return ""
-    path = Path(mplfonts.__file__).parent / "fonts" / "NotoSansCJKsc-Regular.otf"
-    if not path.exists():
-        return ""
-    font_manager.fontManager.addfont(str(path))  # registers for this process only
-    return font_manager.FontProperties(fname=str(path)).get_name()
+AMP_DTYPES = {p: PRECISIONS[p] for p in ("fp32", "amp_bf16", "amp_fp16")}  # what autocast can time
 
 
-def set_language(lang="auto"):
-    """Choose figure labels: "zh", "en" or "auto" (Chinese when a CJK font can be used)."""
-    global _LANG, _CJK_FONT
-    if lang not in ("auto", "zh", "en"):
-        raise ValueError(f"lang must be 'auto', 'zh' or 'en', got {lang!r}")
-    if _CJK_FONT is None:
-        _CJK_FONT = _find_cjk_font()
-    if lang == "en":
-        _LANG = "en"
-    elif _CJK_FONT:
-        _LANG = "zh"
-    else:
-        _LANG = "en"
-        warnings.warn("No CJK font found, figure labels are in English. For Chinese labels: "
-                      "pip install mplfonts (or install a font such as Noto Sans CJK SC).",
-                      stacklevel=2)
-    return _LANG
-
-
-def _lang():
-    return _LANG or set_language("auto")
-
-
-def _t(key, **fmt):
-    """The label for `key` in the current language, formatted with `fmt`."""
-    zh, en = LABELS[key]
-    text = zh if _lang() == "zh" else en
-    return text.format(**fmt) if fmt else text
-
-
-@contextlib.contextmanager
-def _figure_style(style="whitegrid"):
-    """Seaborn's theme as matplotlib ships it (no seaborn/pandas import: ~0.4 s, ~1.5 s on a busy
-    machine) and a concrete CJK-capable font family, applied only inside the block."""
-    import matplotlib.pyplot as plt
-    families = ([_CJK_FONT] if _lang() == "zh" else []) + ["DejaVu Sans"]
-    with plt.style.context(f"seaborn-v0_8-{style}"), plt.rc_context({"font.family": families,
-                                                                     "axes.unicode_minus": False}):
-        yield
-
-
-def _atomic_write(path, write):
-    """Call write(file) on a temp file beside `path`, then os.replace it: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def save_figure(fig, path, dpi=120):
-    """Write `fig` to `path` atomically and close it; return the path."""
-    import matplotlib.pyplot as plt
-    path = Path(path)
-    try:
-        return _atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi))
-    finally:
-        plt.close(fig)
-
-
-def write_json_atomic(data, path):
-    """Write `data` as JSON to `path` atomically."""
-    text = json.dumps(data, ensure_ascii=False, indent=1, default=str)
-    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
 
 
 def readable(n, unit=""):
@@ -468,93 +132,787 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# -----------------------------------------------------------------------------
-# Profiles: every size and time budget of a run, in one table
-# -----------------------------------------------------------------------------
-# The CLI (`--quick` picks "quick") and every run_* / visualize_* function read their sizes and
-# budgets here; nothing else holds a default.  Budgets are wall seconds on a 2-core laptop CPU,
-# quiet or busy.  A stage's `budget_s` covers the whole stage (counting, measuring, drawing,
-# saving) and is what main() checks it against; `measure_s` is the part a measuring stage plans
-# its timed work into (calibrate, choose sizes, run the plan whole).  The rest of a stage is
-# fixed work (counting on meta, fake-tensor estimates, drawing) that a busy machine slows
-# ~2.5x, so a budget is what that work takes busy plus `measure_s`.  Goals (benchmarks/bench.py):
-# default <= 40 s quiet and <= 80 s busy, quick <= 15 s and <= 30 s.
-
-PROFILES = {
-    "default": {
-        "peak_s": 0.8,  # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
-        "flop": {"budget_s": 14.0, "models": None},  # 11 zoo models on fake tensors + a figure: ~6 s quiet, ~18 s busy
-        "memory": {
-            "budget_s": 13.0,        # ~22 tracked steps, half on fake tensors: ~4.5 s quiet, ~14 s busy
-            "batch": 16,
-            "models": None,          # all of MEMORY_MODELS
-            "growth_estimated": (1, 16, 64),     # memory is linear in batch: with the measured 4, four points
-            "growth_measured": (1, 4, 16),       # real steps, up to the figure's batch (reused)
-            # AMP fp16 holds the same bytes as AMP bf16 (fp32 weights, 2-byte copies): not estimated twice
-            "variants": ("fp32", "AMP bf16", "pure bf16", "fp32 + checkpoint", "AMP bf16 + checkpoint"),
-            "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # ~0.3 s with the profiler reading each token
-        },
-        "training": {
-            "budget_s": 10.0, "measure_s": 7.0,  # 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
-            "steps": 40, "min_steps": 30,        # equal steps for all; a plan never goes below 30
-            "batch": 256, "width": 128,          # shrunk (batch, then width) on a slow machine
-            "depth": 8,                          # narrow and deep: activations matter next to Adam state
-        },
-        "amp": {
-            "budget_s": 10.0, "measure_s": 7.0,  # 3 models x 3 precisions; TinyGPT's fp32 step ~0.3 s quiet
-            "batch": 32, "models": None,         # all of AMP_MODELS
-        },
-        "dashboard": {
-            "budget_s": 20.0,  # the FLOP stage's models: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
-            "latency_s": 6.5,  # batch 1 of every model; batch 8 of those that fit (ViT-B/16's takes ~7 s)
-        },
-        "model": {"budget_s": 45.0, "amp_s": 8.0, "latency_s": 3.0},  # --model: unknown size, generous
-        "lecture": {
-            "budget_s": 4.0,  # <= 4 s added to the default run: two small TinyGPT steps, fusion, figure; ~2 s quiet
-            # (layers, hidden): (4, 256) is the memory stage's, reused; (6, 384) took 0.6 s quiet, 5 s busy
-            "batch": 16, "gpt_sizes": ((2, 128), (4, 256), (2, 384)),
-            "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # only when the memory stage did not run
-            "fusion_shape": (2048, 1024), "fusion_s": 0.4,  # 8 MiB of fp32: a composed GELU ~5 ms quiet
-            "compile_s": 120.0,  # --compile: a child process killed after this
-        },
-    },
-    "quick": {
-        "peak_s": 0.3,  # 512-1024: a lower peak, still a real one
-        "flop": {"budget_s": 7.0, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
-        "memory": {
-            "budget_s": 6.0, "batch": 8,
-            "models": ("MLP-2048", "TinyGPT (T=64)"),  # an MLP and a transformer: each real+fake step ~1 s busy
-            "growth_estimated": (1, 8), "growth_measured": (8,),  # batch 8 is reused: one new estimate
-            "variants": ("fp32", "AMP bf16"),  # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
-            "kv": {"batch": 4, "prompt": 8, "new_tokens": 24},
-        },
-        "training": {
-            "budget_s": 4.5, "measure_s": 2.2,
-            "steps": 30, "min_steps": 30, "batch": 64, "width": 128,
-            "depth": 4,  # half the per-step overhead: 4 strategies x 30 steps fit on a busy laptop
-        },
-        "amp": {"budget_s": 2.5, "measure_s": 0.8, "batch": 16,
-                "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1 s
-        "dashboard": {"budget_s": 5.0, "latency_s": 0.6},  # the FLOP stage's quick zoo
-        "model": {"budget_s": 20.0, "amp_s": 3.0, "latency_s": 1.0},
-        "lecture": {"budget_s": 2.5, "batch": 8, "gpt_sizes": ((2, 128), (4, 256)),
-                    "kv": {"batch": 4, "prompt": 8, "new_tokens": 24},
-                    "fusion_shape": (1024, 1024), "fusion_s": 0.3, "compile_s": 60.0},
-    },
-}
+def cpu_flags():
+    """Whether this CPU has AVX512-BF16 and AMX-BF16 (fast bf16 matmuls); None when unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"avx512_bf16": None, "amx_bf16": None}
+    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
-def _profile(profile, stage, quick=False):
-    """PROFILES[profile][stage]; `quick=True` (the older keyword of the run_* functions) is "quick"."""
-    profile = "quick" if quick else profile
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
-    return PROFILES[profile][stage]
+def hardware_info(device):
+    device = torch.device(device)
+    info = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **cpu_flags()}
+    if device.type == "cuda":
+        info["bf16_supported"] = torch.cuda.is_bf16_supported()
+        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return info
 
 
-# -----------------------------------------------------------------------------
-# Model zoo: small models written here, torchvision models built with weights=None
-# -----------------------------------------------------------------------------
+def supported_precisions(device):
+    """Low precisions autocast supports on `device` (as torch documents them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return ["fp32", "amp_fp16"] + (["amp_bf16"] if torch.cuda.is_bf16_supported() else [])
+    if device.type == "mps":
+        return ["fp32", "amp_fp16"]
+    return ["fp32", "amp_bf16", "amp_fp16"]
+
+
+def _device_name(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return device.type
+
+
+def available_devices():
+    """The devices torch can use here, by name: cpu, each cuda:N, mps."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    return names + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def resolve_device(device=None, model=None):
+    """The one device policy: a device you pass is checked and used; otherwise the model's own
+    (meta stays meta: estimates then run on CPU fake tensors, measurements refuse it); otherwise,
+    with no model (the run_* stages), the CPU.  Public functions take it as the keyword `device`."""
+    if device is not None:
+        return check_device(device)
+    return _model_device(model) if model is not None else torch.device("cpu")
+
+
+def check_device(device):
+    """torch.device(device), or a ValueError naming what is available, before torch touches a
+    device that is not here (a missing MPS device aborts the process; a missing CUDA one fails deep
+    inside torch).  "meta" is allowed: it holds shapes, no data."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LabError(f"device must be cpu, cuda, cuda:N, mps or meta, got {device!r}; available here: "
+                       f"{', '.join(available_devices())}") from None
+    absent = (device.type == "cuda" and (not torch.cuda.is_available()
+                                         or (device.index or 0) >= torch.cuda.device_count())
+              or device.type == "mps" and not torch.backends.mps.is_available()
+              or device.type not in ("cpu", "cuda", "mps", "meta"))
+    if absent:
+        raise LabError(f"device {str(device)!r} is not available here: {', '.join(available_devices())}")
+    return device
+
+
+def _autocast(dtype, device):
+    """torch.autocast to `dtype` on `device`'s type; no-op for dtype None (fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _amp_dtype(precision):
+    """The autocast dtype of a memory precision: amp_* autocast, fp32 and pure bf16 do not."""
+    return PRECISIONS[precision] if precision.startswith("amp_") else None
+
+
+# %% =============================================================================================
+# 2. Running a model on a replica: the user's module is never touched
+# ================================================================================================
+# Every analysis runs on a copy of the model (_replica), with inputs that follow the model
+# (_normalize_inputs), and errors that name the real cause (LabError, ModelRunError).  The one
+# training step of the whole lab (training_step) is here: memory, mixed precision and the training
+# comparison all run it.
+
+
+class LabError(ValueError):
+    """A refusal whose message already names its cause (a model that cannot be copied, nothing to
+    train, an absent device): passed on as it is, never re-worded as a problem with the inputs."""
+
+
+class ModelRunError(ValueError):
+    """The model could not run on the inputs given (shape mismatch and the like)."""
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# --- running a model on a replica: the user's module is never touched -------------------
+
+def _replica(model, make):
+    """A deep copy of `model` whose parameters and buffers are `make(tensor)`.
+
+    `make` gives empty meta tensors (counting), fake tensors (estimating) or real clones
+    (measuring); the user's module is never touched.  Tied weights stay tied (deepcopy's memo).
+    """
+    memo = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(make(p.detach()), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = make(b.detach())
+    for m in model.modules():  # compiled functions hold no state and cannot be deep-copied: shared
+        for value in vars(m).values():
+            if isinstance(value, (torch.jit.ScriptFunction, torch._C.ScriptFunction)):
+                memo[id(value)] = value
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as err:  # a lock, a file handle, a compiled function: copy.deepcopy refuses it
+        raise LabError(f"model cannot be copied ({type(err).__name__}: {_first_line(err)}); the lab runs every "
+                       "step on a copy so that your model is never changed. Keep such objects outside the "
+                       "module (or give it a __deepcopy__)") from None
+
+
+def _meta_like(x):
+    return torch.empty_like(x, device="meta")
+
+
+def _real_like(device, dtype=None, seed=0, ids_below=None):
+    """Real copies on `device` (floating tensors cast to `dtype`); a meta input (a shape the user
+    gave) becomes random data: normal floats, or integer ids below `ids_below` (zeros without)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(x):
+        cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+        if x.is_meta:  # a shape given by the user
+            if x.is_floating_point():
+                return torch.randn(x.shape, generator=generator).to(device, cast)
+            if ids_below:
+                return torch.randint(0, ids_below, x.shape, generator=generator).to(device, x.dtype)
+            return torch.zeros(x.shape, dtype=x.dtype, device=device)
+        return x.detach().to(device, cast, copy=True)
+    return make
+
+
+def _model_device(model):
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _embedding_first(model):
+    """The first module that holds parameters, when it is an embedding (its inputs are ids)."""
+    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+    return first if isinstance(first, (nn.Embedding, nn.EmbeddingBag)) else None
+
+
+def _ids_below(model):
+    first = _embedding_first(model) if model is not None else None
+    return first.num_embeddings if first is not None else None
+
+
+def _model_dtype(model):
+    """The floating dtype of the model's first floating parameter or buffer (float32 without)."""
+    return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                torch.float32)
+
+
+def _is_dim(d):
+    return isinstance(d, (int, float, np.integer, np.floating)) and not isinstance(d, torch.Tensor)
+
+
+def _normalize_inputs(inputs, model=None):
+    """Turn `inputs` into (args, kwargs) of tensors; validate shapes given as tuples.
+
+    A shape becomes a meta tensor that follows the model: integer ids for a model whose first
+    layer is an embedding (random ids below num_embeddings when made real), else data in the
+    dtype of the model's parameters.
+    """
+    if isinstance(inputs, torch.Size) or (isinstance(inputs, (tuple, list)) and inputs
+                                          and all(_is_dim(d) for d in inputs)):
+        bad = next((d for d in inputs if isinstance(d, (bool, np.bool_, float, np.floating)) or int(d) <= 0), None)
+        if bad is not None:
+            raise ValueError(f"dims must be positive integers (got {bad!r}); to pass data "
+                             "instead of a shape, give a tensor, e.g. torch.randn(32, 1024) or token ids "
+                             "torch.randint(0, vocab, (8, 128))")
+        shape = tuple(int(d) for d in inputs)
+        if model is not None and _embedding_first(model) is not None:
+            return (torch.empty(shape, device="meta", dtype=torch.long),), {}
+        dtype = _model_dtype(model) if model is not None else torch.float32
+        return (torch.empty(shape, device="meta", dtype=dtype),), {}
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return tuple(inputs), {}
+    raise TypeError("inputs must be a shape tuple such as (32, 1024), a tensor, a tuple/list "
+                    f"of tensors (positional arguments) or a dict (keyword arguments); "
+                    f"got {type(inputs).__name__}")
+
+
+def _map_tensors(tree, make):
+    """Apply `make` to every tensor in `tree`.
+
+    The same tensor passed twice stays one tensor (nn.MultiheadAttention's fast path checks
+    `query is key`).
+    """
+    made = {}
+
+    def one(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if id(x) not in made:
+            made[id(x)] = make(x)
+        return made[id(x)]
+    return tree_map(one, tree)
+
+
+def _shapes(args, kwargs):
+    leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+    shapes = [tuple(x.shape) for x in leaves]
+    return shapes[0] if len(shapes) == 1 else shapes
+
+
+def _check_model(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _scalar_loss(output):
+    """Sum of every floating-point output tensor that requires grad (None if there is none)."""
+    leaves = [x for x in tree_flatten(output)[0]
+              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+    if not leaves:
+        return None
+    return sum(x.float().sum() for x in leaves)
+
+
+def _run_error(model, args, kwargs, err):
+    if isinstance(err, LabError):
+        return err
+    hint = ""
+    if any(isinstance(x, torch.Tensor) and x.is_meta for x in tree_flatten((args, kwargs))[0]):
+        hint = (" (a shape gives data in the model's dtype, or ids for a model that starts with an embedding; "
+                "pass tensors for anything else)")
+    return ModelRunError(f"{type(model).__name__} could not run on inputs of shape "
+                         f"{_shapes(args, kwargs)}: {_first_line(err)}{hint}")
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """model.eval() inside the block; every submodule's own mode is put back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _checkpoint_blocks(model):
+    """Recompute each block in backward: torch.utils.checkpoint around the elements of the model's
+    outermost nn.Sequential / nn.ModuleList containers (the model itself if it is one).
+    Only for replicas: it sets `forward` on the blocks.  Returns the number of blocks wrapped."""
+    containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
+
+    def visit(module):
+        for child in module.children():
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+                containers.append(child)
+            else:
+                visit(child)
+
+    if not containers:
+        visit(model)
+    blocks = [b for c in containers for b in c if any(True for _ in b.parameters())]
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    return len(blocks)
+
+
+def _checkpointed(forward, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _make_optimizer(name, params, foreach=None):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+    if name == "sgd_momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-3, foreach=foreach)
+    return torch.optim.AdamW(params, lr=1e-3, foreach=foreach)
+
+
+def _grad_scaler(precision, device):
+    """torch.amp.GradScaler for fp16 on CUDA, where small gradients underflow; None otherwise."""
+    return torch.amp.GradScaler("cuda") if precision == "amp_fp16" and device.type == "cuda" else None
+
+
+def _loss_scale(scaler):
+    """The GradScaler's current loss scale (fp16 on CUDA), or None where no scaler is used."""
+    return float(scaler.get_scale()) if scaler is not None else None
+
+
+def _optimizer_step(optimizer, scaler):
+    """optimizer.step() (through the scaler, which skips steps with inf/NaN grads), then zero_grad."""
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def training_step(replica, optimizer, micro_batches, *, precision="fp32", device, loss_fn=None, scaler=None,
+                  tracker=None, compute=None, item=False):
+    """The one training step every stage runs: for each micro-batch (args, kwargs, target, weight),
+    forward under autocast in `precision`, loss (`loss_fn(output, target)`, or the output's sum
+    when it is a scalar-reducible tensor) times `weight` when given, backward (through the
+    GradScaler when given); then optimizer.step() and zero_grad(set_to_none=True).
+
+    `tracker` (a _StorageTracker) is entered around the step and told its phases; `compute` is the
+    context forward and backward run in (FakeTensorMode when estimating): the optimizer runs outside
+    it, so its CPU step counters stay real numbers.  Returns the summed (weighted) loss as a float
+    when `item` (one host sync per micro-batch), else None.
+    """
+    track = tracker if tracker is not None else contextlib.nullcontext()
+    phase = tracker.set_phase if tracker is not None else (lambda name: None)
+    total = 0.0 if item else None
+    with compute or contextlib.nullcontext(), track, torch.enable_grad():  # even inside a no_grad block
+        for run_args, run_kwargs, target, weight in micro_batches:
+            phase("forward")
+            with _autocast(_amp_dtype(precision), device):
+                output = replica(*run_args, **run_kwargs)
+                loss = loss_fn(output, target) if loss_fn is not None else None
+            phase("backward")
+            if loss_fn is None:
+                loss = _scalar_loss(output)
+            del output
+            if loss is None:
+                raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
+            loss = loss * weight if weight is not None else loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if item:
+                total += loss.item()
+            del loss
+        if tracker is not None:
+            tracker.mark_gradients(replica.parameters())
+    with track:
+        phase("optimizer")
+        _optimizer_step(optimizer, scaler)
+    return total
+
+
+@contextlib.contextmanager
+def _global_forward_hook(hook):
+    handle = nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_logs():
+    """FakeTensorMode logs a traceback for a shape error even when it is caught: silence it."""
+    import logging
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    was_disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = was_disabled
+
+
+# %% =============================================================================================
+# 3. Timing and measuring primitives: one clock, one budget, one spread, the machine's load, the allocator
+# ================================================================================================
+# A learner's machine is rarely quiet.  Every measuring stage first calibrates (times a step or
+# two), then plans its work to fit its budget (fits_budget), then runs the plan whole: nothing is cut
+# halfway.  All timing reads `CLOCK`, so tests drive budgets and plans with a fake clock instead of
+# waiting.  Memory is read from the allocator itself (_PeakMemory): CUDA's caching allocator, or the
+# CPU allocator's events through torch.profiler.
+
+
+CLOCK = time.perf_counter
+PLAN_MARGIN = 1.25  # planned work x this must fit its budget: a busy machine's steps vary by ~20 %
+
+
+def _now():
+    return CLOCK()
+
+
+class Budget:
+    """Seconds of wall time for one piece of work: what is left, a fair share of it, what fits."""
+
+    def __init__(self, seconds):
+        if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and seconds > 0):
+            raise ValueError(f"time_budget_s must be a positive number of seconds, got {seconds!r}")
+        self.seconds, self.start = float(seconds), _now()
+
+    def elapsed(self):
+        return _now() - self.start
+
+    def left(self):
+        return max(self.seconds - self.elapsed(), 0.0)
+
+    def share(self, parts):
+        """An equal share of what is left among `parts` remaining pieces of work."""
+        return self.left() / max(parts, 1)
+
+    def fits(self, predicted_s, margin=1.0):
+        """Whether predicted work fits what is left (planning passes margin=PLAN_MARGIN)."""
+        return fits_budget(predicted_s, self.left(), margin)
+
+
+def fits_budget(predicted_s, left_s, margin=PLAN_MARGIN):
+    """The one budget check: predicted work, times the margin a busy machine's variation needs,
+    within the seconds left."""
+    return predicted_s * margin <= left_s
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _timed(device, fn, *args):
+    """(fn(*args), seconds), with the device synchronised before and after: GPU work is
+    asynchronous, so an unsynchronised clock measures only the launch."""
+    _synchronize(device)
+    start = _now()
+    value = fn(*args)
+    _synchronize(device)
+    return value, _now() - start
+
+
+def time_stats(times):
+    """Median and spread of measured seconds.
+
+    The spread is the interquartile range from 4 runs on, and min-max below that (too few runs
+    for quartiles); `spread_lo_s` / `spread_hi_s` bound it, `spread` says which it is.
+    """
+    median, lo, hi, kind, iqr = spread(times)
+    return {"median_s": median, "iqr_s": iqr, "spread_lo_s": lo, "spread_hi_s": hi, "spread": kind,
+            "runs": len(times), "times_s": [float(x) for x in times]}
+
+
+def spread(values):
+    """(median, low, high, kind, iqr) of measured values: the interquartile range from 4 values on,
+    min-max below that (too few for quartiles).  The one median/spread calculation."""
+    t = np.asarray(values, dtype=float)
+    q25, q75 = np.percentile(t, [25, 75])
+    lo, hi, kind = (q25, q75, "iqr") if len(t) >= 4 else (t.min(), t.max(), "min-max")
+    return float(np.median(t)), float(lo), float(hi), kind, float(q75 - q25)
+
+
+def _cpu_ticks():
+    """(busy ticks of the whole machine, all ticks, this process's ticks) from /proc; None off Linux."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])  # utime + stime
+
+
+def _others_busy_cores(start, end):
+    """Cores that processes other than this one kept busy between two _cpu_ticks() snapshots
+    (None when either is missing)."""
+    if not (start and end):
+        return None
+    busy, total, own = (e - s for e, s in zip(end, start))
+    return max(busy - own, 0) / max(total, 1) * (os.cpu_count() or 1)
+
+
+def machine_load():
+    """How busy the machine is now: the 1-minute load average, the cores, and a CPU-tick snapshot
+    that _conditions turns into what other processes used while a stage ran."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # Windows has no load average
+        load = None
+    cores = os.cpu_count() or 1
+    return {"load_avg_1m": load, "cores": cores, "busy": load is not None and load > cores, "ticks": _cpu_ticks()}
+
+
+OTHERS_BUSY_CORES = 0.5  # other processes using half a core or more during a stage: a busy machine
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice at import: one per physical core
+
+
+def threads_for_load(sample_s=0.05):
+    """How many threads torch should use now: the cores other processes leave free, sampled over
+    `sample_s` (/proc/stat), at least 1 and at most torch's default.
+
+    On a busy machine every op waits at a barrier for a sibling thread that the scheduler has put
+    aside: here a 2-thread training step went from 24 ms quiet to 3.8 s with four busy programs
+    on two cores, and 70 ms with one thread.  Fewer threads then measure faster and truer.
+    Returns (threads, {"others_busy_cores", "free_cores"}); off Linux, torch's default.
+    """
+    start = _cpu_ticks()
+    time.sleep(sample_s)
+    others = _others_busy_cores(start, _cpu_ticks())
+    if others is None:
+        return DEFAULT_THREADS, {"others_busy_cores": None, "free_cores": None}
+    free = (os.cpu_count() or 1) - others
+    return max(1, min(DEFAULT_THREADS, int(free + 0.5))), {"others_busy_cores": round(others, 2),
+                                                           "free_cores": round(free, 2)}
+
+
+@functools.lru_cache(maxsize=None)
+def _warm_up_torch():
+    """Pay torch's one-time costs before a measuring budget starts: the first optimizer imports
+    torch._dynamo (~1.8 s on a quiet 2-core CPU, ~7 s on a busy one), and autocast and
+    checkpointing set themselves up on first use.  They are the process's, not the measurement's."""
+    import torch.utils.checkpoint  # noqa: F401
+    p = nn.Parameter(torch.zeros(2, 2))
+    optimizer = torch.optim.Adam([p])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (p @ p).float().sum().backward()
+    optimizer.step()
+
+
+def fitted_threads(fn):
+    """Run `fn` with torch's threads fitted to the machine's load (threads_for_load), and put the
+    caller's thread count back afterwards: a measuring call on a busy machine must not stall on
+    threads the machine cannot give it (a 0.16 ms forward measured 40 ms with two threads)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads_for_load()[0])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+    return wrapper
+
+
+def _conditions(load_start, budget=None):
+    """What a stage ran under: the load average at its start and end, and the cores that other
+    processes kept busy meanwhile (from /proc/stat).  Busy: others used OTHERS_BUSY_CORES or more;
+    where /proc is missing, a load average above the cores (it lags by a minute)."""
+    end = machine_load()
+    others = _others_busy_cores(load_start["ticks"], end["ticks"])
+    others = None if others is None else round(others, 2)
+    strip = ("ticks",)
+    busy = others >= OTHERS_BUSY_CORES if others is not None else bool(load_start["busy"] or end["busy"])
+    out = {"load_start": {k: v for k, v in load_start.items() if k not in strip},
+           "load_end": {k: v for k, v in end.items() if k not in strip},
+           "others_busy_cores": others, "cores": end["cores"], "threads": torch.get_num_threads(), "busy": busy}
+    if budget is not None:
+        out.update(budget_s=budget.seconds, wall_s=budget.elapsed())
+    return out
+
+
+# --- the device's peak: square matmuls swept from small to large -----------------------------
+
+PEAK_SIZES = (512, 1024, 2048, 4096, 8192)  # the sweep stops early: when the rate stops rising, or the budget
+PEAK_ALWAYS = 1024  # sizes up to this are always measured: below it thread start-up and a busy machine's
+                    # stalls hide the peak (a 512 matmul: 11 GFLOP/s busy with 2 threads, 58 at 1024)
+PEAK_REPEATS = (3, 10)  # timed runs per size: at least 3, more while they are cheap; the fastest counts
+PEAK_RISE = 1.05        # a larger size must beat the best so far by 5 % to go on
+
+
+def measure_peak_flops(device, precision="fp32", *, time_budget_s=None, sizes=PEAK_SIZES):
+    """The device's peak FLOP/s: the best rate over a sweep of square matmuls (2 n^3 FLOPs each).
+
+    The denominator of MFU (PaLM, Appendix B), measured here rather than read from a data sheet.
+    Each size gets a warm-up and 3 to 10 timed runs (as many as an eighth of the budget buys);
+    its rate is its fastest run (a peak is a best case).  The sweep goes up while the rate still
+    rises by PEAK_RISE; past PEAK_ALWAYS it stops before a size whose predicted time ((n / previous
+    n)^3 x the previous run, x 4) would not fit the budget.  One slow small run never ends it.
+    Low precisions run under autocast, as the training steps do.  Returns the rate, the size that
+    reached it, every size's best/median/worst rate and repeats, and why the sweep stopped.
+    """
+    device = torch.device(device)
+    budget = Budget(time_budget_s or PROFILES["default"]["peak_s"])
+    fewest, most = PEAK_REPEATS
+    sweep, stopped = [], "largest size reached"
+    with _autocast(AMP_DTYPES[precision], device):
+        for n in sizes:
+            if sweep and n > PEAK_ALWAYS:
+                predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (fewest + 1)
+                if not budget.fits(predicted):
+                    stopped = f"{n}x{n} (predicted {predicted:.2f} s) does not fit the budget"
+                    break
+            a = torch.randn(n, n, device=device)
+            warm_s = _timed(device, torch.matmul, a, a)[1]  # warm-up: kernel selection, caches, threads
+            repeats = int(min(most, max(fewest, budget.seconds / 8 // max(warm_s, 1e-9))))
+            times = [_timed(device, torch.matmul, a, a)[1] for _ in range(repeats)]
+            rates = sorted(2 * n ** 3 / max(t, 1e-9) for t in times)
+            sweep.append({"size": n, "repeats": repeats, "best_s": min(times), "best_flops_per_s": rates[-1],
+                          "median_flops_per_s": spread(rates)[0], "worst_flops_per_s": rates[0]})
+            best_before = max((s["best_flops_per_s"] for s in sweep[:-1]), default=0.0)
+            if len(sweep) > 1 and rates[-1] < PEAK_RISE * best_before:
+                stopped = f"the rate stopped rising at {n}x{n}"
+                break
+    best = max(sweep, key=lambda s: s["best_flops_per_s"])
+    return {"flops_per_s": best["best_flops_per_s"], "precision": precision, "matmul_size": best["size"],
+            "repeats": best["repeats"], "sweep": sweep, "stopped": stopped,
+            "method": f"fastest of {best['repeats']} runs of {best['size']}x{best['size']} matmul, sizes "
+                      f"{sweep[0]['size']}-{sweep[-1]['size']} swept, {precision}"}
+
+
+def checked_utilisation(achieved_flops_per_s, peak, remeasure):
+    """achieved / peak FLOP/s, never above 1.
+
+    An achieved rate above the measured peak is impossible, so it means the peak was measured in a
+    bad moment (a busy machine): `remeasure()` measures it once more and the better peak is kept.
+    If the rate is still above it, the utilisation is None and `invalid` says why.  Returns
+    (utilisation or None, the peak used, invalid reason or None).
+    """
+    if achieved_flops_per_s <= peak["flops_per_s"]:
+        return achieved_flops_per_s / peak["flops_per_s"], peak, None
+    again = remeasure()
+    if again["flops_per_s"] > peak["flops_per_s"]:
+        peak = {**again, "remeasured": True}
+    if achieved_flops_per_s <= peak["flops_per_s"]:
+        return achieved_flops_per_s / peak["flops_per_s"], peak, None
+    return None, peak, (f"achieved {readable(achieved_flops_per_s, 'FLOP/s')} is above the measured peak "
+                        f"{readable(peak['flops_per_s'], 'FLOP/s')} even after measuring the peak again")
+
+
+def _matmul_slowdown(device, precision, size=256, reps=3):
+    """Time one size x size matmul under autocast vs fp32: a cheap predictor of a step's slowdown."""
+    a = torch.randn(size, size, device=device)
+
+    def time_it(ctx):
+        with ctx:
+            a @ a  # warm-up
+            return min(_timed(device, torch.matmul, a, a)[1] for _ in range(reps))
+    fp32 = time_it(contextlib.nullcontext())
+    low = time_it(torch.autocast(device.type, dtype=AMP_DTYPES[precision]))
+    return low / max(fp32, 1e-9)
+
+
+ALLOCATOR_SOURCE = "CPU allocator events (torch.profiler, profile_memory=True)"
+TRACKER_SOURCE = "live tensor storages (dispatch-mode tracker)"
+
+
+CUDA_SOURCE = "CUDA caching allocator (max_memory_allocated)"
+
+
+ALLOCATOR_MARK = "lab::mark"
+
+
+class _AllocatorPeak:
+    """Reads the CPU allocator's own alloc/free events through torch.profiler (profile_memory=True)
+    while the body runs: `peak_bytes` is the most allocated at once, counted from the start, and
+    `end_bytes` what was still held at the end.  A source the storage tracker shares nothing with:
+    it also sees memory no tensor reaches the dispatcher with (kernel scratch, oneDNN workspaces).
+
+    Unavailable (`reason` says why, peaks stay None) when another profiler is running (torch
+    cannot nest them) or kineto is missing from this torch build.
+    """
+
+    def __init__(self):
+        self.peak_bytes = self.end_bytes = self.reason = None
+        self.marks = []  # (bytes held at each mark(), peak since the previous mark)
+        self._prof = None
+
+    @staticmethod
+    def mark():
+        """A point in time the totals are read at (a zero-length torch.profiler range)."""
+        with torch.profiler.record_function(ALLOCATOR_MARK):
+            pass
+
+    def __enter__(self):
+        if torch._C._autograd._profiler_enabled():
+            self.reason = "another torch.profiler session is running (profilers cannot nest)"
+        elif not torch.autograd.kineto_available():
+            self.reason = "this torch build has no kineto profiler"
+        else:
+            from torch.profiler import ProfilerActivity, profile
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._prof is None:
+            return False
+        self._prof.__exit__(*exc)
+        if exc[0] is None:
+            self.peak_bytes, self.end_bytes, self.marks = _running_peak(_cpu_allocations(self._prof))
+        return False
+
+
+def _cpu_allocations(prof):
+    """(time, address, +bytes allocated / -bytes freed, or None at a mark) of the CPU allocator."""
+    from torch._C._profiler import _EventType
+    found, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            found.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+        elif node.tag == _EventType.TorchOp and node.name == ALLOCATOR_MARK:
+            found.append((node.start_time_ns, 0, None))
+    return sorted(found, key=lambda e: e[0])
+
+
+def _running_peak(events):
+    """(highest running total, final total, [(total, peak since the last) at each mark]) of
+    (time, address, +/- bytes) events.  A free counts only when its block was allocated in the
+    window: one freed there that was allocated before (earlier garbage, collected now) is not
+    this window's memory."""
+    live = peak = since = 0
+    held, marks = set(), []
+    for _, address, nbytes in events:
+        if nbytes is None:
+            marks.append((live, since))
+            since = live
+            continue
+        if nbytes > 0:
+            held.add(address)
+        elif address in held:
+            held.discard(address)
+        else:
+            continue
+        live += nbytes
+        peak, since = max(peak, live), max(since, live)
+    return peak, live, marks
+
+
+class _PeakMemory:
+    """The allocator's peak while the block runs, counted from its start: CUDA's caching allocator
+    (max_memory_allocated minus what was allocated before), or the CPU allocator's own events
+    (_AllocatorPeak).  The one bracket every memory measurement uses.  `peak_bytes` stays None
+    where neither can be read (MPS; a CPU whose profiler is busy), and `reason` says why."""
+
+    def __init__(self, device):
+        self.device, self.peak_bytes, self.reason, self.method = device, None, None, None
+        self._cpu = _AllocatorPeak() if device.type == "cpu" else None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self._cpu is not None:
+            self._cpu.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+            self.method = CUDA_SOURCE
+        elif self._cpu is not None:
+            self._cpu.__exit__(*exc)
+            self.peak_bytes, self.reason = self._cpu.peak_bytes, self._cpu.reason
+            self.method = ALLOCATOR_SOURCE if self.peak_bytes is not None else None
+        else:
+            self.reason = f"no allocator reading on {self.device.type}"
+        return False
+
+
+# %% =============================================================================================
+# 4. The model zoo in one table
+# ================================================================================================
+# Small models written here, torchvision models built with weights=None (nothing downloaded).
+# MODEL_ZOO is what the FLOP and dashboard figures compare; the memory and mixed-precision stages
+# take the sizes of it that a laptop can run for real (MEMORY_MODELS, AMP_MODELS), the training
+# comparison its own ResMLPClassifier.
+
 
 def mlp(width=512, in_features=1024, classes=10):
     """The seed MLP, Linear(1024, w) -> Linear(w, w/2) -> Linear(w/2, 10), at any width."""
@@ -694,6 +1052,34 @@ class LSTMClassifier(nn.Module):
         return self.fc(out[:, -1])
 
 
+class ResidualMLPBlock(nn.Module):
+    """Pre-norm residual MLP block: x + W2 gelu(W1 LayerNorm(x)), as the MLP half of a transformer."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.ln = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, 4 * width)
+        self.fc2 = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class ResMLPClassifier(nn.Module):
+    """28x28 images (or any 784 features) -> 10 classes through `depth` residual blocks.
+    The blocks sit in one nn.Sequential: the unit that gradient checkpointing recomputes."""
+
+    def __init__(self, in_features=784, width=256, depth=4, classes=10):
+        super().__init__()
+        self.embed = nn.Linear(in_features, width)
+        self.blocks = nn.Sequential(*(ResidualMLPBlock(width) for _ in range(depth)))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):                                    # (B, 784) or (B, 1, 28, 28)
+        return self.head(self.ln(self.blocks(self.embed(x.flatten(1)))))
+
+
 def _torchvision(name):
     def build():
         import torchvision
@@ -733,11 +1119,30 @@ def build_model(name, device="meta"):
         return builder()
 
 
-# -----------------------------------------------------------------------------
-# FLOP counting
-# -----------------------------------------------------------------------------
-# FLOPs = 2 * MACs; bias adds not counted.  MAC formulas below return multiply-adds for the
-# matmul-class ops; "other" formulas return FLOPs directly (one per elementwise operation).
+# name -> (builder, inputs(batch)): the models of the memory figure, small enough to measure.
+MEMORY_MODELS = {
+    "MLP-2048": (functools.partial(mlp, 2048), lambda b: (b, 1024)),
+    "MNIST-CNN": (MnistNet, lambda b: (b, 1, 28, 28)),
+    "ResNet-18 (64px)": (_torchvision("resnet18"), lambda b: (b, 3, 64, 64)),
+    "TinyGPT (T=64)": (TinyGPT, lambda b: torch.zeros(b, 64, dtype=torch.long)),
+}
+
+
+# name -> (builder, inputs(batch)) for the mixed-precision figure: sizes from tiny to a few M params.
+AMP_MODELS = {
+    "MLP-1024": (functools.partial(mlp, 1024), lambda b: (b, 1024)),
+    "MLP-4096": (functools.partial(mlp, 4096), lambda b: (b, 1024)),
+    "TinyGPT (T=64)": (TinyGPT, lambda b: torch.zeros(b, 64, dtype=torch.long)),
+}
+
+
+# %% =============================================================================================
+# 5. FLOP counting
+# ================================================================================================
+# MAC formulas return multiply-adds for the matmul-class ops; "other" formulas return FLOPs
+# directly (one per elementwise operation).  One registry (_FORMULAS) holds every op's formula, its
+# kind and its work class.
+
 
 WORK_CLASSES = ("linear/matmul", "conv", "attention", "RNN")  # what kind of matmul-class work an op is
 
@@ -1055,10 +1460,11 @@ def _embedding_bag_backward_cost(weights_at):
         return ("macs", elements) if weights is not None else ("other", elements)
     return cost
 
-
 # Formulas whose kind depends on the call (a weighted bag is multiply-adds, a plain one a reduction)
 _register("by_call", "_embedding_bag", "_embedding_bag_forward_only")(embedding_bag_cost)
+
 _register("by_call", "_embedding_bag_backward")(_embedding_bag_backward_cost(8))
+
 _register("by_call", "_embedding_bag_dense_backward")(_embedding_bag_backward_cost(6))
 
 
@@ -1188,199 +1594,6 @@ def _track_modules(model, mode):
             handle.remove()
 
 
-# --- running a model on a replica: the user's module is never touched -------------------
-
-def _replica(model, make):
-    """A deep copy of `model` whose parameters and buffers are `make(tensor)`.
-
-    `make` gives empty meta tensors (counting), fake tensors (estimating) or real clones
-    (measuring); the user's module is never touched.  Tied weights stay tied (deepcopy's memo).
-    """
-    memo = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(make(p.detach()), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = make(b.detach())
-    for m in model.modules():  # compiled functions hold no state and cannot be deep-copied: shared
-        for value in vars(m).values():
-            if isinstance(value, (torch.jit.ScriptFunction, torch._C.ScriptFunction)):
-                memo[id(value)] = value
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as err:  # a lock, a file handle, a compiled function: copy.deepcopy refuses it
-        raise LabError(f"model cannot be copied ({type(err).__name__}: {_first_line(err)}); the lab runs every "
-                       "step on a copy so that your model is never changed. Keep such objects outside the "
-                       "module (or give it a __deepcopy__)") from None
-
-
-def _meta_like(x):
-    return torch.empty_like(x, device="meta")
-
-
-def _real_like(device, dtype=None, seed=0, ids_below=None):
-    """Real copies on `device` (floating tensors cast to `dtype`); a meta input (a shape the user
-    gave) becomes random data: normal floats, or integer ids below `ids_below` (zeros without)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def make(x):
-        cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
-        if x.is_meta:  # a shape given by the user
-            if x.is_floating_point():
-                return torch.randn(x.shape, generator=generator).to(device, cast)
-            if ids_below:
-                return torch.randint(0, ids_below, x.shape, generator=generator).to(device, x.dtype)
-            return torch.zeros(x.shape, dtype=x.dtype, device=device)
-        return x.detach().to(device, cast, copy=True)
-    return make
-
-
-def _model_device(model):
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _embedding_first(model):
-    """The first module that holds parameters, when it is an embedding (its inputs are ids)."""
-    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
-    return first if isinstance(first, (nn.Embedding, nn.EmbeddingBag)) else None
-
-
-def _ids_below(model):
-    first = _embedding_first(model) if model is not None else None
-    return first.num_embeddings if first is not None else None
-
-
-def _model_dtype(model):
-    """The floating dtype of the model's first floating parameter or buffer (float32 without)."""
-    return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
-                torch.float32)
-
-
-def _is_dim(d):
-    return isinstance(d, (int, float, np.integer, np.floating)) and not isinstance(d, torch.Tensor)
-
-
-def _normalize_inputs(inputs, model=None):
-    """Turn `inputs` into (args, kwargs) of tensors; validate shapes given as tuples.
-
-    A shape becomes a meta tensor that follows the model: integer ids for a model whose first
-    layer is an embedding (random ids below num_embeddings when made real), else data in the
-    dtype of the model's parameters.
-    """
-    if isinstance(inputs, torch.Size) or (isinstance(inputs, (tuple, list)) and inputs
-                                          and all(_is_dim(d) for d in inputs)):
-        bad = next((d for d in inputs if isinstance(d, (bool, np.bool_, float, np.floating)) or int(d) <= 0), None)
-        if bad is not None:
-            raise ValueError(f"dims must be positive integers (got {bad!r}); to pass data "
-                             "instead of a shape, give a tensor, e.g. torch.randn(32, 1024) or token ids "
-                             "torch.randint(0, vocab, (8, 128))")
-        shape = tuple(int(d) for d in inputs)
-        if model is not None and _embedding_first(model) is not None:
-            return (torch.empty(shape, device="meta", dtype=torch.long),), {}
-        dtype = _model_dtype(model) if model is not None else torch.float32
-        return (torch.empty(shape, device="meta", dtype=dtype),), {}
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)) and inputs:
-        return tuple(inputs), {}
-    raise TypeError("inputs must be a shape tuple such as (32, 1024), a tensor, a tuple/list "
-                    f"of tensors (positional arguments) or a dict (keyword arguments); "
-                    f"got {type(inputs).__name__}")
-
-
-def _map_tensors(tree, make):
-    """Apply `make` to every tensor in `tree`.
-
-    The same tensor passed twice stays one tensor (nn.MultiheadAttention's fast path checks
-    `query is key`).
-    """
-    made = {}
-
-    def one(x):
-        if not isinstance(x, torch.Tensor):
-            return x
-        if id(x) not in made:
-            made[id(x)] = make(x)
-        return made[id(x)]
-    return tree_map(one, tree)
-
-
-def _shapes(args, kwargs):
-    leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
-    shapes = [tuple(x.shape) for x in leaves]
-    return shapes[0] if len(shapes) == 1 else shapes
-
-
-def _check_model(model):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _scalar_loss(output):
-    """Sum of every floating-point output tensor that requires grad (None if there is none)."""
-    leaves = [x for x in tree_flatten(output)[0]
-              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
-    if not leaves:
-        return None
-    return sum(x.float().sum() for x in leaves)
-
-
-class LabError(ValueError):
-    """A refusal whose message already names its cause (a model that cannot be copied, nothing to
-    train, an absent device): passed on as it is, never re-worded as a problem with the inputs."""
-
-
-class ModelRunError(ValueError):
-    """The model could not run on the inputs given (shape mismatch and the like)."""
-
-
-def _run_error(model, args, kwargs, err):
-    if isinstance(err, LabError):
-        return err
-    hint = ""
-    if any(isinstance(x, torch.Tensor) and x.is_meta for x in tree_flatten((args, kwargs))[0]):
-        hint = (" (a shape gives data in the model's dtype, or ids for a model that starts with an embedding; "
-                "pass tensors for anything else)")
-    return ModelRunError(f"{type(model).__name__} could not run on inputs of shape "
-                         f"{_shapes(args, kwargs)}: {_first_line(err)}{hint}")
-
-
-def available_devices():
-    """The devices torch can use here, by name: cpu, each cuda:N, mps."""
-    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
-    return names + (["mps"] if torch.backends.mps.is_available() else [])
-
-
-def resolve_device(device=None, model=None):
-    """The one device policy: a device you pass is checked and used; otherwise the model's own
-    (meta stays meta: estimates then run on CPU fake tensors, measurements refuse it); otherwise,
-    with no model (the run_* stages), the CPU.  Public functions take it as the keyword `device`."""
-    if device is not None:
-        return check_device(device)
-    return _model_device(model) if model is not None else torch.device("cpu")
-
-
-def check_device(device):
-    """torch.device(device), or a ValueError naming what is available, before torch touches a
-    device that is not here (a missing MPS device aborts the process; a missing CUDA one fails deep
-    inside torch).  "meta" is allowed: it holds shapes, no data."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise LabError(f"device must be cpu, cuda, cuda:N, mps or meta, got {device!r}; available here: "
-                       f"{', '.join(available_devices())}") from None
-    absent = (device.type == "cuda" and (not torch.cuda.is_available()
-                                         or (device.index or 0) >= torch.cuda.device_count())
-              or device.type == "mps" and not torch.backends.mps.is_available()
-              or device.type not in ("cpu", "cuda", "mps", "meta"))
-    if absent:
-        raise LabError(f"device {str(device)!r} is not available here: {', '.join(available_devices())}")
-    return device
-
-
 class FLOPCalculator:
     """Count FLOPs (2 per multiply-add), MACs and parameters of any nn.Module.
 
@@ -1502,11 +1715,6 @@ class FLOPCalculator:
         }
 
 
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 FLOP_RECORD_KEYS = ("flops", "macs", "other_flops", "training_flops", "backward_flops", "parameters",
                     "trainable_parameters", "by_operator", "by_class", "unsupported_ops", "mode", "input_shape")
 
@@ -1530,30 +1738,13 @@ def run_flop_analysis(models=None, *, batch=1, quick=False, progress=None, profi
     return records
 
 
-# -----------------------------------------------------------------------------
-# Memory accounting
-# -----------------------------------------------------------------------------
-# total = the peak of live tensor storage bytes during one steady-state training step
-# (forward, backward, optimizer.step(), optimizer state already created, grads set to None
-# between steps), or during one forward under torch.inference_mode() for inference.
-
-OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
-# One vocabulary for the whole API: amp_* = fp32 weights, matmuls under torch.autocast in that dtype;
-# bf16 / fp16 = the weights themselves in that dtype ("pure").  estimate_memory and measure_memory
-# take all five; benchmark_mixed_precision and the training comparison take fp32 and the amp_* ones.
-PRECISIONS = {"fp32": None, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16, "bf16": torch.bfloat16,
-              "fp16": torch.float16}
-PURE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _make_optimizer(name, params, foreach=None):
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
-    if name == "sgd_momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-3, foreach=foreach)
-    return torch.optim.AdamW(params, lr=1e-3, foreach=foreach)
+# %% =============================================================================================
+# 6. Memory
+# ================================================================================================
+# total = the peak of bytes allocated during one steady-state training step (forward, backward,
+# optimizer.step(), optimizer state already created, grads set to None between steps), or during
+# one forward under torch.inference_mode() for inference.  Estimated on fake tensors, measured from
+# the allocator; the storage tracker sorts the bytes into categories either way.
 
 
 def _check_memory_options(optimizer, precision):
@@ -1561,44 +1752,6 @@ def _check_memory_options(optimizer, precision):
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-
-
-def _autocast(dtype, device):
-    """torch.autocast to `dtype` on `device`'s type; no-op for dtype None (fp32)."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _amp_dtype(precision):
-    """The autocast dtype of a memory precision: amp_* autocast, fp32 and pure bf16 do not."""
-    return PRECISIONS[precision] if precision.startswith("amp_") else None
-
-
-def _checkpoint_blocks(model):
-    """Recompute each block in backward: torch.utils.checkpoint around the elements of the model's
-    outermost nn.Sequential / nn.ModuleList containers (the model itself if it is one).
-    Only for replicas: it sets `forward` on the blocks.  Returns the number of blocks wrapped."""
-    containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
-
-    def visit(module):
-        for child in module.children():
-            if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
-                containers.append(child)
-            else:
-                visit(child)
-
-    if not containers:
-        visit(model)
-    blocks = [b for c in containers for b in c if any(True for _ in b.parameters())]
-    for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward)
-    return len(blocks)
-
-
-def _checkpointed(forward, *args, **kwargs):
-    from torch.utils.checkpoint import checkpoint
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 # Working memory CPU kernels allocate inside themselves: no tensor carries it past the dispatcher,
@@ -1801,46 +1954,6 @@ def _register_step_state(tracker, replica, optimizer, run_args, run_kwargs):
             tracker.add(x, "inputs")
 
 
-def training_step(replica, optimizer, micro_batches, *, precision="fp32", device, loss_fn=None, scaler=None,
-                  tracker=None, compute=None, item=False):
-    """The one training step every stage runs: for each micro-batch (args, kwargs, target, weight),
-    forward under autocast in `precision`, loss (`loss_fn(output, target)`, or the output's sum
-    when it is a scalar-reducible tensor) times `weight` when given, backward (through the
-    GradScaler when given); then optimizer.step() and zero_grad(set_to_none=True).
-
-    `tracker` (a _StorageTracker) is entered around the step and told its phases; `compute` is the
-    context forward and backward run in (FakeTensorMode when estimating): the optimizer runs outside
-    it, so its CPU step counters stay real numbers.  Returns the summed (weighted) loss as a float
-    when `item` (one host sync per micro-batch), else None.
-    """
-    track = tracker if tracker is not None else contextlib.nullcontext()
-    phase = tracker.set_phase if tracker is not None else (lambda name: None)
-    total = 0.0 if item else None
-    with compute or contextlib.nullcontext(), track, torch.enable_grad():  # even inside a no_grad block
-        for run_args, run_kwargs, target, weight in micro_batches:
-            phase("forward")
-            with _autocast(_amp_dtype(precision), device):
-                output = replica(*run_args, **run_kwargs)
-                loss = loss_fn(output, target) if loss_fn is not None else None
-            phase("backward")
-            if loss_fn is None:
-                loss = _scalar_loss(output)
-            del output
-            if loss is None:
-                raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
-            loss = loss * weight if weight is not None else loss
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if item:
-                total += loss.item()
-            del loss
-        if tracker is not None:
-            tracker.mark_gradients(replica.parameters())
-    with track:
-        phase("optimizer")
-        _optimizer_step(optimizer, scaler)
-    return total
-
-
 def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None):
     """Run one tracked step (or inference forward) on a replica; return the summary dict."""
     replica = _replica(model, make)
@@ -1903,15 +2016,6 @@ def _create_optimizer_state(replica, optimizer, compute=None):
             optimizer.state[p] = state
 
 
-@contextlib.contextmanager
-def _global_forward_hook(hook):
-    handle = nn.modules.module.register_module_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _napkin_memory(model, options, layer_output_bytes):
     """The lecture's formulas: params x bytes, grads = params, optimizer = k x params, activations
     = the sum of every layer's output."""
@@ -1928,18 +2032,6 @@ def _napkin_memory(model, options, layer_output_bytes):
     }
     formula["total"] = sum(formula.values())
     return formula
-
-
-@contextlib.contextmanager
-def _quiet_fake_tensor_logs():
-    """FakeTensorMode logs a traceback for a shape error even when it is caught: silence it."""
-    import logging
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    was_disabled, logger.disabled = logger.disabled, True
-    try:
-        yield
-    finally:
-        logger.disabled = was_disabled
 
 
 def _memory_options(model, inputs, training, optimizer, precision, checkpointing, device):
@@ -2001,125 +2093,6 @@ def _measured_instead(model, inputs, options, device, op):
             "method": f"measured instead: data-dependent control flow ({op}) needs real values; {measured['method']}"}
 
 
-ALLOCATOR_SOURCE = "CPU allocator events (torch.profiler, profile_memory=True)"
-TRACKER_SOURCE = "live tensor storages (dispatch-mode tracker)"
-
-
-class _AllocatorPeak:
-    """Reads the CPU allocator's own alloc/free events through torch.profiler (profile_memory=True)
-    while the body runs: `peak_bytes` is the most allocated at once, counted from the start, and
-    `end_bytes` what was still held at the end.  A source the storage tracker shares nothing with:
-    it also sees memory no tensor reaches the dispatcher with (kernel scratch, oneDNN workspaces).
-
-    Unavailable (`reason` says why, peaks stay None) when another profiler is running (torch
-    cannot nest them) or kineto is missing from this torch build.
-    """
-
-    def __init__(self):
-        self.peak_bytes = self.end_bytes = self.reason = None
-        self.marks = []  # (bytes held at each mark(), peak since the previous mark)
-        self._prof = None
-
-    @staticmethod
-    def mark():
-        """A point in time the totals are read at (a zero-length torch.profiler range)."""
-        with torch.profiler.record_function(ALLOCATOR_MARK):
-            pass
-
-    def __enter__(self):
-        if torch._C._autograd._profiler_enabled():
-            self.reason = "another torch.profiler session is running (profilers cannot nest)"
-        elif not torch.autograd.kineto_available():
-            self.reason = "this torch build has no kineto profiler"
-        else:
-            from torch.profiler import ProfilerActivity, profile
-            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._prof.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._prof is None:
-            return False
-        self._prof.__exit__(*exc)
-        if exc[0] is None:
-            self.peak_bytes, self.end_bytes, self.marks = _running_peak(_cpu_allocations(self._prof))
-        return False
-
-
-ALLOCATOR_MARK = "lab::mark"
-CUDA_SOURCE = "CUDA caching allocator (max_memory_allocated)"
-
-
-class _PeakMemory:
-    """The allocator's peak while the block runs, counted from its start: CUDA's caching allocator
-    (max_memory_allocated minus what was allocated before), or the CPU allocator's own events
-    (_AllocatorPeak).  The one bracket every memory measurement uses.  `peak_bytes` stays None
-    where neither can be read (MPS; a CPU whose profiler is busy), and `reason` says why."""
-
-    def __init__(self, device):
-        self.device, self.peak_bytes, self.reason, self.method = device, None, None, None
-        self._cpu = _AllocatorPeak() if device.type == "cpu" else None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif self._cpu is not None:
-            self._cpu.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._before
-            self.method = CUDA_SOURCE
-        elif self._cpu is not None:
-            self._cpu.__exit__(*exc)
-            self.peak_bytes, self.reason = self._cpu.peak_bytes, self._cpu.reason
-            self.method = ALLOCATOR_SOURCE if self.peak_bytes is not None else None
-        else:
-            self.reason = f"no allocator reading on {self.device.type}"
-        return False
-
-
-def _cpu_allocations(prof):
-    """(time, address, +bytes allocated / -bytes freed, or None at a mark) of the CPU allocator."""
-    from torch._C._profiler import _EventType
-    found, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            found.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-        elif node.tag == _EventType.TorchOp and node.name == ALLOCATOR_MARK:
-            found.append((node.start_time_ns, 0, None))
-    return sorted(found, key=lambda e: e[0])
-
-
-def _running_peak(events):
-    """(highest running total, final total, [(total, peak since the last) at each mark]) of
-    (time, address, +/- bytes) events.  A free counts only when its block was allocated in the
-    window: one freed there that was allocated before (earlier garbage, collected now) is not
-    this window's memory."""
-    live = peak = since = 0
-    held, marks = set(), []
-    for _, address, nbytes in events:
-        if nbytes is None:
-            marks.append((live, since))
-            since = live
-            continue
-        if nbytes > 0:
-            held.add(address)
-        elif address in held:
-            held.discard(address)
-        else:
-            continue
-        live += nbytes
-        peak, since = max(peak, live), max(since, live)
-    return peak, live, marks
-
-
 def measure_memory(model, inputs, *, training=True, optimizer="adam", precision="fp32",
                    checkpointing=False, device=None):
     """Run one real step (or inference forward) on a copy of the model and measure its memory.
@@ -2149,6 +2122,36 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
     return {**result, **options, "device": str(device), "method": method, "data_dependent": None}
 
 
+def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
+    """Run `step(tracker)` once under the storage tracker: (what it returns, memory summary).
+
+    The parts come from the tracker on every device; `total` is the allocator's peak during the
+    step (CUDA's caching allocator, or the CPU allocator's profiler events, as in measure_memory)
+    plus the model state that was alive before it.
+    """
+    tracker = _StorageTracker()
+    _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
+    peak = _PeakMemory(device)
+    try:
+        with peak:
+            value = step(tracker)  # enters the tracker (training_step) and marks its phases
+        summary = _memory_summary(tracker)
+    finally:
+        tracker.close()
+    summary["tracked_total"] = summary["total"]
+    if peak.peak_bytes is not None:
+        summary["total"] = peak.peak_bytes + _state_bytes(replica, optimizer, run_args, run_kwargs)
+    return value, summary
+
+
+def _state_bytes(replica, optimizer, run_args, run_kwargs):
+    """Bytes of the distinct storages alive before a step: weights, buffers, optimizer state, inputs."""
+    tensors = [t for _, t in _model_state(replica, optimizer)]
+    tensors += [x for x in tree_flatten((run_args, run_kwargs))[0] if isinstance(x, torch.Tensor)]
+    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 # ZeRO (Rajbhandari et al. 2020, Sec. 3 / Fig. 1): mixed-precision Adam holds per parameter
 # 2 bytes fp16 weights + 2 bytes fp16 grads + K = 12 bytes of fp32 master weights, m and v.
 ZERO_WEIGHT_BYTES, ZERO_GRAD_BYTES, ZERO_OPTIMIZER_BYTES = 2, 2, 12
@@ -2163,15 +2166,6 @@ def zero_memory_per_device(parameters, devices):
         "ZeRO-2": parameters * (w + (g + k) / devices),    # + gradients sharded
         "ZeRO-3": parameters * (w + g + k) / devices,      # + parameters sharded
     }
-
-
-# name -> (builder, inputs(batch)): the models of the memory figure, small enough to measure.
-MEMORY_MODELS = {
-    "MLP-2048": (functools.partial(mlp, 2048), lambda b: (b, 1024)),
-    "MNIST-CNN": (MnistNet, lambda b: (b, 1, 28, 28)),
-    "ResNet-18 (64px)": (_torchvision("resnet18"), lambda b: (b, 3, 64, 64)),
-    "TinyGPT (T=64)": (TinyGPT, lambda b: torch.zeros(b, 64, dtype=torch.long)),
-}
 
 
 def _memory_pair(model, inputs, **options):
@@ -2290,308 +2284,24 @@ def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
         result["step_peak_bytes"] = [peak for _, peak in allocator.marks]
         result["method"] = ALLOCATOR_SOURCE
     elif cuda:
-        result["held_bytes"], result["method"] = cuda_held, CUDA_SOURCE.replace("max_memory_allocated", "memory_allocated")
+        result["held_bytes"] = cuda_held
+        result["method"] = CUDA_SOURCE.replace("max_memory_allocated", "memory_allocated")
     else:
         reason = getattr(allocator, "reason", None) or f"no allocator reading on {device.type}"
         result["held_bytes"], result["method"] = cache_bytes, f"the cache's tensor sizes ({reason})"
     return result
 
 
-def _device_name(device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    if device.type == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return device.type
+# %% =============================================================================================
+# 7. Mixed precision
+# ================================================================================================
+# fp32 against autocast bf16 / fp16 on this device: step time with its spread, peak memory and
+# the outputs' error, each precision gated by a matmul probe so that a 25-50x slowdown on a CPU
+# without AMX is predicted, said and skipped rather than waited for.
 
 
-# -----------------------------------------------------------------------------
-# Timing primitives: one clock, one budget, one spread, the machine's load
-# -----------------------------------------------------------------------------
-# A learner's machine is rarely quiet.  Every measuring stage first calibrates (times a step or
-# two), then plans its work to fit its budget, then runs the plan whole: nothing is cut halfway.
-# All timing reads `CLOCK`, so tests drive budgets and plans with a fake clock instead of waiting.
-
-CLOCK = time.perf_counter
-PLAN_MARGIN = 1.25  # planned work x this must fit its budget: a busy machine's steps vary by ~20 %
-
-
-def _now():
-    return CLOCK()
-
-
-class Budget:
-    """Seconds of wall time for one piece of work: what is left, a fair share of it, what fits."""
-
-    def __init__(self, seconds):
-        if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and seconds > 0):
-            raise ValueError(f"time_budget_s must be a positive number of seconds, got {seconds!r}")
-        self.seconds, self.start = float(seconds), _now()
-
-    def elapsed(self):
-        return _now() - self.start
-
-    def left(self):
-        return max(self.seconds - self.elapsed(), 0.0)
-
-    def share(self, parts):
-        """An equal share of what is left among `parts` remaining pieces of work."""
-        return self.left() / max(parts, 1)
-
-    def fits(self, predicted_s, margin=1.0):
-        """Whether predicted work fits what is left (planning passes margin=PLAN_MARGIN)."""
-        return fits_budget(predicted_s, self.left(), margin)
-
-
-def fits_budget(predicted_s, left_s, margin=PLAN_MARGIN):
-    """The one budget check: predicted work, times the margin a busy machine's variation needs,
-    within the seconds left."""
-    return predicted_s * margin <= left_s
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _timed(device, fn, *args):
-    """(fn(*args), seconds), with the device synchronised before and after: GPU work is
-    asynchronous, so an unsynchronised clock measures only the launch."""
-    _synchronize(device)
-    start = _now()
-    value = fn(*args)
-    _synchronize(device)
-    return value, _now() - start
-
-
-def time_stats(times):
-    """Median and spread of measured seconds.
-
-    The spread is the interquartile range from 4 runs on, and min-max below that (too few runs
-    for quartiles); `spread_lo_s` / `spread_hi_s` bound it, `spread` says which it is.
-    """
-    median, lo, hi, kind, iqr = spread(times)
-    return {"median_s": median, "iqr_s": iqr, "spread_lo_s": lo, "spread_hi_s": hi, "spread": kind,
-            "runs": len(times), "times_s": [float(x) for x in times]}
-
-
-def spread(values):
-    """(median, low, high, kind, iqr) of measured values: the interquartile range from 4 values on,
-    min-max below that (too few for quartiles).  The one median/spread calculation."""
-    t = np.asarray(values, dtype=float)
-    q25, q75 = np.percentile(t, [25, 75])
-    lo, hi, kind = (q25, q75, "iqr") if len(t) >= 4 else (t.min(), t.max(), "min-max")
-    return float(np.median(t)), float(lo), float(hi), kind, float(q75 - q25)
-
-
-def _cpu_ticks():
-    """(busy ticks of the whole machine, all ticks, this process's ticks) from /proc; None off Linux."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])  # utime + stime
-
-
-def _others_busy_cores(start, end):
-    """Cores that processes other than this one kept busy between two _cpu_ticks() snapshots
-    (None when either is missing)."""
-    if not (start and end):
-        return None
-    busy, total, own = (e - s for e, s in zip(end, start))
-    return max(busy - own, 0) / max(total, 1) * (os.cpu_count() or 1)
-
-
-def machine_load():
-    """How busy the machine is now: the 1-minute load average, the cores, and a CPU-tick snapshot
-    that _conditions turns into what other processes used while a stage ran."""
-    try:
-        load = round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):  # Windows has no load average
-        load = None
-    cores = os.cpu_count() or 1
-    return {"load_avg_1m": load, "cores": cores, "busy": load is not None and load > cores, "ticks": _cpu_ticks()}
-
-
-OTHERS_BUSY_CORES = 0.5  # other processes using half a core or more during a stage: a busy machine
-DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice at import: one per physical core
-
-
-def threads_for_load(sample_s=0.05):
-    """How many threads torch should use now: the cores other processes leave free, sampled over
-    `sample_s` (/proc/stat), at least 1 and at most torch's default.
-
-    On a busy machine every op waits at a barrier for a sibling thread that the scheduler has put
-    aside: here a 2-thread training step went from 24 ms quiet to 3.8 s with four busy programs
-    on two cores, and 70 ms with one thread.  Fewer threads then measure faster and truer.
-    Returns (threads, {"others_busy_cores", "free_cores"}); off Linux, torch's default.
-    """
-    start = _cpu_ticks()
-    time.sleep(sample_s)
-    others = _others_busy_cores(start, _cpu_ticks())
-    if others is None:
-        return DEFAULT_THREADS, {"others_busy_cores": None, "free_cores": None}
-    free = (os.cpu_count() or 1) - others
-    return max(1, min(DEFAULT_THREADS, int(free + 0.5))), {"others_busy_cores": round(others, 2),
-                                                           "free_cores": round(free, 2)}
-
-
-@functools.lru_cache(maxsize=None)
-def _warm_up_torch():
-    """Pay torch's one-time costs before a measuring budget starts: the first optimizer imports
-    torch._dynamo (~1.8 s on a quiet 2-core CPU, ~7 s on a busy one), and autocast and
-    checkpointing set themselves up on first use.  They are the process's, not the measurement's."""
-    import torch.utils.checkpoint  # noqa: F401
-    p = nn.Parameter(torch.zeros(2, 2))
-    optimizer = torch.optim.Adam([p])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        (p @ p).float().sum().backward()
-    optimizer.step()
-
-
-def fitted_threads(fn):
-    """Run `fn` with torch's threads fitted to the machine's load (threads_for_load), and put the
-    caller's thread count back afterwards: a measuring call on a busy machine must not stall on
-    threads the machine cannot give it (a 0.16 ms forward measured 40 ms with two threads)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads_for_load()[0])
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-    return wrapper
-
-
-def _conditions(load_start, budget=None):
-    """What a stage ran under: the load average at its start and end, and the cores that other
-    processes kept busy meanwhile (from /proc/stat).  Busy: others used OTHERS_BUSY_CORES or more;
-    where /proc is missing, a load average above the cores (it lags by a minute)."""
-    end = machine_load()
-    others = _others_busy_cores(load_start["ticks"], end["ticks"])
-    others = None if others is None else round(others, 2)
-    strip = ("ticks",)
-    busy = others >= OTHERS_BUSY_CORES if others is not None else bool(load_start["busy"] or end["busy"])
-    out = {"load_start": {k: v for k, v in load_start.items() if k not in strip},
-           "load_end": {k: v for k, v in end.items() if k not in strip},
-           "others_busy_cores": others, "cores": end["cores"], "threads": torch.get_num_threads(), "busy": busy}
-    if budget is not None:
-        out.update(budget_s=budget.seconds, wall_s=budget.elapsed())
-    return out
-
-
-# --- the device's peak: square matmuls swept from small to large -----------------------------
-
-PEAK_SIZES = (512, 1024, 2048, 4096, 8192)  # the sweep stops early: when the rate stops rising, or the budget
-PEAK_ALWAYS = 1024  # sizes up to this are always measured: below it thread start-up and a busy machine's
-                    # stalls hide the peak (a 512 matmul: 11 GFLOP/s busy with 2 threads, 58 at 1024)
-PEAK_REPEATS = (3, 10)  # timed runs per size: at least 3, more while they are cheap; the fastest counts
-PEAK_RISE = 1.05        # a larger size must beat the best so far by 5 % to go on
-
-
-def measure_peak_flops(device, precision="fp32", *, time_budget_s=None, sizes=PEAK_SIZES):
-    """The device's peak FLOP/s: the best rate over a sweep of square matmuls (2 n^3 FLOPs each).
-
-    The denominator of MFU (PaLM, Appendix B), measured here rather than read from a data sheet.
-    Each size gets a warm-up and 3 to 10 timed runs (as many as an eighth of the budget buys);
-    its rate is its fastest run (a peak is a best case).  The sweep goes up while the rate still
-    rises by PEAK_RISE; past PEAK_ALWAYS it stops before a size whose predicted time ((n / previous
-    n)^3 x the previous run, x 4) would not fit the budget.  One slow small run never ends it.
-    Low precisions run under autocast, as the training steps do.  Returns the rate, the size that
-    reached it, every size's best/median/worst rate and repeats, and why the sweep stopped.
-    """
-    device = torch.device(device)
-    budget = Budget(time_budget_s or PROFILES["default"]["peak_s"])
-    fewest, most = PEAK_REPEATS
-    sweep, stopped = [], "largest size reached"
-    with _autocast(AMP_DTYPES[precision], device):
-        for n in sizes:
-            if sweep and n > PEAK_ALWAYS:
-                predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (fewest + 1)
-                if not budget.fits(predicted):
-                    stopped = f"{n}x{n} (predicted {predicted:.2f} s) does not fit the budget"
-                    break
-            a = torch.randn(n, n, device=device)
-            warm_s = _timed(device, torch.matmul, a, a)[1]  # warm-up: kernel selection, caches, threads
-            repeats = int(min(most, max(fewest, budget.seconds / 8 // max(warm_s, 1e-9))))
-            times = [_timed(device, torch.matmul, a, a)[1] for _ in range(repeats)]
-            rates = sorted(2 * n ** 3 / max(t, 1e-9) for t in times)
-            sweep.append({"size": n, "repeats": repeats, "best_s": min(times), "best_flops_per_s": rates[-1],
-                          "median_flops_per_s": spread(rates)[0], "worst_flops_per_s": rates[0]})
-            best_before = max((s["best_flops_per_s"] for s in sweep[:-1]), default=0.0)
-            if len(sweep) > 1 and rates[-1] < PEAK_RISE * best_before:
-                stopped = f"the rate stopped rising at {n}x{n}"
-                break
-    best = max(sweep, key=lambda s: s["best_flops_per_s"])
-    return {"flops_per_s": best["best_flops_per_s"], "precision": precision, "matmul_size": best["size"],
-            "repeats": best["repeats"], "sweep": sweep, "stopped": stopped,
-            "method": f"fastest of {best['repeats']} runs of {best['size']}x{best['size']} matmul, sizes "
-                      f"{sweep[0]['size']}-{sweep[-1]['size']} swept, {precision}"}
-
-
-def checked_utilisation(achieved_flops_per_s, peak, remeasure):
-    """achieved / peak FLOP/s, never above 1.
-
-    An achieved rate above the measured peak is impossible, so it means the peak was measured in a
-    bad moment (a busy machine): `remeasure()` measures it once more and the better peak is kept.
-    If the rate is still above it, the utilisation is None and `invalid` says why.  Returns
-    (utilisation or None, the peak used, invalid reason or None).
-    """
-    if achieved_flops_per_s <= peak["flops_per_s"]:
-        return achieved_flops_per_s / peak["flops_per_s"], peak, None
-    again = remeasure()
-    if again["flops_per_s"] > peak["flops_per_s"]:
-        peak = {**again, "remeasured": True}
-    if achieved_flops_per_s <= peak["flops_per_s"]:
-        return achieved_flops_per_s / peak["flops_per_s"], peak, None
-    return None, peak, (f"achieved {readable(achieved_flops_per_s, 'FLOP/s')} is above the measured peak "
-                        f"{readable(peak['flops_per_s'], 'FLOP/s')} even after measuring the peak again")
-
-
-# -----------------------------------------------------------------------------
-# Mixed-precision timing harness
-# -----------------------------------------------------------------------------
-
-AMP_DTYPES = {p: PRECISIONS[p] for p in ("fp32", "amp_bf16", "amp_fp16")}  # what autocast can time
 AMP_MAX_RUNS = 10  # timed runs per precision at most: the median is stable by then
 AMP_MIN_RUNS = 3   # the fewest timed runs that give a spread worth drawing
-
-
-def cpu_flags():
-    """Whether this CPU has AVX512-BF16 and AMX-BF16 (fast bf16 matmuls); None when unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {"avx512_bf16": None, "amx_bf16": None}
-    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
-    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
-
-
-def hardware_info(device):
-    device = torch.device(device)
-    info = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), **cpu_flags()}
-    if device.type == "cuda":
-        info["bf16_supported"] = torch.cuda.is_bf16_supported()
-        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
-    return info
-
-
-def supported_precisions(device):
-    """Low precisions autocast supports on `device` (as torch documents them)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return ["fp32", "amp_fp16"] + (["amp_bf16"] if torch.cuda.is_bf16_supported() else [])
-    if device.type == "mps":
-        return ["fp32", "amp_fp16"]
-    return ["fp32", "amp_bf16", "amp_fp16"]
 
 
 def _slow_low_precision_reason(device, precision):
@@ -2606,74 +2316,11 @@ def _slow_low_precision_reason(device, precision):
     return None
 
 
-def _matmul_slowdown(device, precision, size=256, reps=3):
-    """Time one size x size matmul under autocast vs fp32: a cheap predictor of a step's slowdown."""
-    a = torch.randn(size, size, device=device)
-
-    def time_it(ctx):
-        with ctx:
-            a @ a  # warm-up
-            return min(_timed(device, torch.matmul, a, a)[1] for _ in range(reps))
-    fp32 = time_it(contextlib.nullcontext())
-    low = time_it(torch.autocast(device.type, dtype=AMP_DTYPES[precision]))
-    return low / max(fp32, 1e-9)
-
-
 def _ratio_words(factor):
     """0.37 -> '2.7x faster than fp32', 3.2 -> '3.2x slower than fp32', 0.96 -> 'as fast as fp32'."""
     if 1 / 1.1 <= factor <= 1.1:
         return "as fast as fp32 (within 10 %)"
     return f"{1 / factor:.1f}x faster than fp32" if factor < 1 else f"{factor:.1f}x slower than fp32"
-
-
-def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
-    """Run `step(tracker)` once under the storage tracker: (what it returns, memory summary).
-
-    The parts come from the tracker on every device; `total` is the allocator's peak during the
-    step (CUDA's caching allocator, or the CPU allocator's profiler events, as in measure_memory)
-    plus the model state that was alive before it.
-    """
-    tracker = _StorageTracker()
-    _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
-    peak = _PeakMemory(device)
-    try:
-        with peak:
-            value = step(tracker)  # enters the tracker (training_step) and marks its phases
-        summary = _memory_summary(tracker)
-    finally:
-        tracker.close()
-    summary["tracked_total"] = summary["total"]
-    if peak.peak_bytes is not None:
-        summary["total"] = peak.peak_bytes + _state_bytes(replica, optimizer, run_args, run_kwargs)
-    return value, summary
-
-
-def _state_bytes(replica, optimizer, run_args, run_kwargs):
-    """Bytes of the distinct storages alive before a step: weights, buffers, optimizer state, inputs."""
-    tensors = [t for _, t in _model_state(replica, optimizer)]
-    tensors += [x for x in tree_flatten((run_args, run_kwargs))[0] if isinstance(x, torch.Tensor)]
-    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def _grad_scaler(precision, device):
-    """torch.amp.GradScaler for fp16 on CUDA, where small gradients underflow; None otherwise."""
-    return torch.amp.GradScaler("cuda") if precision == "amp_fp16" and device.type == "cuda" else None
-
-
-def _loss_scale(scaler):
-    """The GradScaler's current loss scale (fp16 on CUDA), or None where no scaler is used."""
-    return float(scaler.get_scale()) if scaler is not None else None
-
-
-def _optimizer_step(optimizer, scaler):
-    """optimizer.step() (through the scaler, which skips steps with inf/NaN grads), then zero_grad."""
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 class _AmpTrainer:
@@ -2833,14 +2480,6 @@ def _peak_memory(trainer, device):
     return summary["total"], summary["activation_bytes"]
 
 
-# name -> (builder, inputs(batch)) for the mixed-precision figure: sizes from tiny to a few M params.
-AMP_MODELS = {
-    "MLP-1024": (functools.partial(mlp, 1024), lambda b: (b, 1024)),
-    "MLP-4096": (functools.partial(mlp, 4096), lambda b: (b, 1024)),
-    "TinyGPT (T=64)": (TinyGPT, lambda b: torch.zeros(b, 64, dtype=torch.long)),
-}
-
-
 def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None, seed=0, progress=None,
                      profile="default"):
     """Run benchmark_mixed_precision on the profile's AMP_MODELS within `time_budget_s` in all (default:
@@ -2880,42 +2519,15 @@ def dtype_ranges(value=1e-8, loss_scale=65536):
     return {"value": value, "loss_scale": loss_scale, "fp16_scaled": scaled, "dtypes": ranges}
 
 
-# -----------------------------------------------------------------------------
-# Training comparison: one small model, four strategies, real runs
-# -----------------------------------------------------------------------------
+# %% =============================================================================================
+# 8. Training: one small model, four strategies, real runs
+# ================================================================================================
 # Every strategy starts from the same initial weights and sees the same batches in the same
 # order, so their curves differ only by what the strategy does.  The model has no dropout and no
 # BatchNorm: gradient accumulation and checkpointing must then reproduce the baseline's losses.
 
+
 TRAIN_STRATEGIES = ("baseline", "mixed_precision", "gradient_accumulation", "gradient_checkpointing")
-
-
-class ResidualMLPBlock(nn.Module):
-    """Pre-norm residual MLP block: x + W2 gelu(W1 LayerNorm(x)), as the MLP half of a transformer."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.ln = nn.LayerNorm(width)
-        self.fc1 = nn.Linear(width, 4 * width)
-        self.fc2 = nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
-
-
-class ResMLPClassifier(nn.Module):
-    """28x28 images (or any 784 features) -> 10 classes through `depth` residual blocks.
-    The blocks sit in one nn.Sequential: the unit that gradient checkpointing recomputes."""
-
-    def __init__(self, in_features=784, width=256, depth=4, classes=10):
-        super().__init__()
-        self.embed = nn.Linear(in_features, width)
-        self.blocks = nn.Sequential(*(ResidualMLPBlock(width) for _ in range(depth)))
-        self.ln = nn.LayerNorm(width)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, x):                                    # (B, 784) or (B, 1, 28, 28)
-        return self.head(self.ln(self.blocks(self.embed(x.flatten(1)))))
 
 
 # --- data: a learnable synthetic task by default, MNIST from disk when asked ---------------
@@ -3350,13 +2962,6 @@ def _add_mfu(result, device, profile):
         run.update(mfu=mfu, mfu_invalid=invalid)
 
 
-
-# -----------------------------------------------------------------------------
-# Model selection: measured latency, estimated training memory, a stated rule
-# -----------------------------------------------------------------------------
-# The dashboard reuses the FLOP stage's counts and adds what only a real run can tell: how long a
-# forward takes on this device at batch 1 (one request) and at a small serving batch.
-
 def _has_tensorboard():
     import importlib.util
     return importlib.util.find_spec("tensorboard") is not None
@@ -3390,24 +2995,19 @@ def write_tensorboard(data, log_dir):
     return log_dir
 
 
+# %% =============================================================================================
+# 9. Model selection: measured latency, estimated training memory, a stated rule
+# ================================================================================================
+# The dashboard reuses the FLOP stage's counts and adds what only a real run can tell: how long a
+# forward takes on this device at batch 1 (one request) and at a small serving batch.
+
+
 LATENCY_BATCHES = (1, 8)     # one request; a small serving batch
 TRAIN_MEMORY_BATCH = 32      # the batch of the "train on one 8 GB GPU" scenario
 EDGE_MAX_PARAMETERS = 10e6   # edge inference: at most 10 M parameters (40 MB of fp32 weights)
 EDGE_MAX_LATENCY_S = 0.020   # ... answering one request within 20 ms on this device
 SERVING_MIN_SAMPLES_PER_S = 100  # batch serving: at least 100 samples/s on this device
 TRAINING_GPU_BYTES = 8 * 2 ** 30
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    """model.eval() inside the block; every submodule's own mode is put back afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @fitted_threads
@@ -3675,12 +3275,13 @@ def _add_utilisation(data, device, profile):
         m["util_batch"] = best["batch"]
 
 
-# -----------------------------------------------------------------------------
-# The lecture, claim by claim
-# -----------------------------------------------------------------------------
+# %% =============================================================================================
+# 10. The lecture, claim by claim
+# ================================================================================================
 # The lecture guide's formulas and optimisation table (its "核心概念速览"), each beside what this
 # lab counts or measures here.  Earlier stages' numbers are reused (results.json `stages`); only
 # what no stage measures is measured here: a few TinyGPT sizes, fusion, and torch.compile on request.
+
 
 def lecture_memory_terms(parameters, *, batch, seq, hidden, layers, bytes_per_element=BYTES_PER_ELEMENT[torch.float32]):
     """The lecture's training memory: weights, gradients = weights, Adam = 2 x weights, and
@@ -4025,13 +3626,14 @@ def run_lecture_comparison(*, results=None, device=None, compile=False, progress
     return data
 
 
-# -----------------------------------------------------------------------------
-# Your own model: the zoo's treatment for a model you bring
-# -----------------------------------------------------------------------------
+# %% =============================================================================================
+# 11. Your own model: the zoo's treatment for a model you bring
+# ================================================================================================
 # `python pytorch_practice_demo.py --model SPEC --input-shape 8,3,224,224` and `analyze(model,
 # inputs)` run the counting, memory, mixed-precision and latency stages on one model of yours, on a
 # copy (yours is never changed), and report per top-level module as fvcore/ptflops/torchinfo do,
 # plus what only this machine can tell.
+
 
 def load_model(spec):
     """An nn.Module from SPEC: `torchvision:resnet50` (weights=None), `path/to/file.py:build_fn` or
@@ -4168,9 +3770,387 @@ def format_model_table(data):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# Plotting: each function turns data into a Figure; save_figure writes it
-# -----------------------------------------------------------------------------
+# %% =============================================================================================
+# 12. Figures: labels, fonts, palette, then one block per figure
+# ================================================================================================
+# Each plot_* function turns a stage's data into a Figure and computes nothing a figure shows
+# (the numbers are in results.json); visualize_* (and the two older names) draw and save.
+
+
+# Beside the script in a checkout; in the current folder when installed (pip install .)
+_HERE = Path(__file__).resolve().parent
+DEFAULT_OUTPUT_DIR = _HERE / "生成的图片" if (_HERE / "生成的图片").is_dir() else Path("生成的图片")
+FIGURE_FILES = {
+    "flop": "FLOP分析可视化.png",
+    "memory": "内存分析可视化.png",
+    "training": "训练性能可视化.png",
+    "amp": "混合精度效益对比.png",
+    "dashboard": "综合性能仪表板.png",
+    "lecture": "讲义对照.png",
+    "model": "你的模型分析.png",  # --model SPEC: your own model
+}
+
+
+# Families that ship CJK glyphs, in order of preference, looked up among installed fonts.
+CJK_FONT_FAMILIES = ["Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
+                     "WenQuanYi Micro Hei", "SimHei", "Microsoft YaHei", "PingFang SC",
+                     "Heiti SC", "Arial Unicode MS"]
+
+# Every label of every figure, Chinese and English side by side: one table, one lookup (_t).
+LABELS = {
+    # FLOP figure
+    "flop_title": ("FLOP 分析：模型规模与计算量", "FLOP analysis: model size and compute"),
+    "flop_sub": ("每个数字均由 FLOPCalculator 在 fake 张量上计数（无真实计算）；batch={batch}；FLOPs = 2 × 乘加",
+                 "Every number counted by FLOPCalculator on fake tensors (no real compute); "
+                 "batch={batch}; FLOPs = 2 × multiply-adds"),
+    "flop_bars": ("前向 FLOPs（对数轴）", "Forward FLOPs (log scale)"),
+    "matmul_flops": ("矩阵乘类（线性/卷积/注意力/RNN）", "matmul-class (linear/conv/attention/RNN)"),
+    "other_flops": ("其他（逐元素/归一化/softmax/池化）", "other (elementwise/norm/softmax/pool)"),
+    "params_bars": ("参数数量（对数轴）", "Parameter count (log scale)"),
+    "parameters": ("参数量", "parameters"),
+    "flops_vs_params": ("FLOPs 与参数量不成正比", "FLOPs are not proportional to parameters"),
+    "flops_per_param": ("每个参数的前向 FLOPs = 2 × 复用次数", "Forward FLOPs per parameter = 2 × reuse"),
+    "train_ratio": ("训练/前向 FLOP 比（反向实际运行的算子）", "Training/forward FLOP ratio (backward ops that ran)"),
+    "reuse_note": ("卷积核在每个空间位置、权重在每个 token 上被复用",
+                   "conv kernels reused at every position, weights at every token"),
+    "ratio_2x": ("FLOPs = 2 × 参数：每个权重每个样本只用一次",
+                 "FLOPs = 2 × parameters: each weight used once per sample"),
+    "ratio_3x": ("常用的 3× 估计", "the common 3× rule"),
+    "fwd_flops_axis": ("前向 FLOPs", "forward FLOPs"),
+    "kind_mlp": ("MLP", "MLP"), "kind_cnn": ("CNN", "CNN"), "kind_transformer": ("Transformer", "Transformer"),
+    "kind_rnn": ("RNN", "RNN"),
+    "flop_composition": ("前向矩阵乘类 FLOPs 的去向（%）", "Where forward matmul-class FLOPs go (%)"),
+    "cls_linear": ("线性层/矩阵乘", "linear/matmul"),
+    "cls_conv": ("卷积", "convolution"),
+    "cls_attention": ("注意力（QKᵀ 与 加权 V）", "attention (QKᵀ and weighted V)"),
+    "cls_RNN": ("RNN 单元", "RNN cells"),
+    # memory figure
+    "mem_title": ("内存分析：训练一步中内存去了哪里", "Memory analysis: where one training step's memory goes"),
+    "mem_sub": ("设备 {device}；fp32；batch={batch}；Adam；"
+                "估计 = fake 张量（无真实计算），实测 = 真实一步中分配器记录的峰值",
+                "device {device}; fp32; batch={batch}; Adam; estimate = fake tensors (no real compute), "
+                "measured = the allocator's peak in one real step"),
+    "mem_composition": ("训练峰值时刻的内存组成（左：公式，右：估计）",
+                        "Memory at the training peak (left: napkin, right: estimate)"),
+    "parameter_bytes_part": ("参数", "parameters"), "gradient_bytes_part": ("梯度", "gradients"),
+    "optimizer_bytes_part": ("优化器状态", "optimizer state"), "activation_bytes_part": ("激活", "activations"),
+    "temporary_bytes_part": ("临时张量", "temporaries"), "buffer_bytes_part": ("缓冲区+输入", "buffers + inputs"),
+    "weight_copy_bytes_part": ("autocast 低精度权重副本", "autocast low-precision weight copies"),
+    "measured_peak": ("实测峰值", "measured peak"),
+    "train_vs_infer": ("训练 vs 推理（峰值）", "Training vs inference (peak)"),
+    "training": ("训练（fwd+bwd+Adam）", "training (fwd+bwd+Adam)"),
+    "inference": ("推理（inference_mode）", "inference (inference_mode)"),
+    "mem_growth": ("{model}：内存随 batch 增长", "{model}: memory growth with batch size"),
+    "estimated_total": ("估计峰值", "estimated peak"),
+    "fixed_part": ("固定部分：参数+梯度+优化器状态", "fixed part: params + grads + optimizer state"),
+    "measured_points": ("实测峰值", "measured peak"),
+    "batch_size": ("batch 大小", "batch size"),
+    "mem_variants_precision": ("{model}：精度（估计，batch={batch}）", "{model}: precision (estimated, batch={batch})"),
+    "mem_variants": ("{model}：精度与梯度检查点（估计，batch={batch}）",
+                     "{model}: precision and checkpointing (estimated, batch={batch})"),
+    "bytes_per_param": ("每参数字节数（峰值 / 参数量）", "bytes per parameter (peak / parameters)"),
+    "zero_title": ("纸面计算：7B 模型在 {n} 卡上的每卡模型状态",
+                   "On paper: per-device model states, 7B model on {n} GPUs"),
+    "zero_note": ("混合精度 Adam 每参数 16 字节（ZeRO 论文 §3）；不含激活",
+                  "mixed-precision Adam, 16 bytes/param (ZeRO paper, §3); activations excluded"),
+    "gpu_80gb": ("80 GiB 显卡", "80 GiB GPU"),
+    "mem_error": ("与实测峰值的相对误差", "Relative error vs measured peak"),
+    "mem_source": ("实测峰值来自：{method}，与估计不共用任何代码", "measured peak from: {method}, which shares no code "
+                   "with the estimate"),
+    "napkin": ("公式（参数×4 + 梯度 + Adam 2× + 各层输出之和）",
+               "napkin (params×4 + grads + 2× Adam + sum of layer outputs)"),
+    "estimate": ("估计（fake 张量）", "estimate (fake tensors)"),
+    "mib": ("MiB", "MiB"), "gib": ("GiB", "GiB"),
+    # training figure
+    "train_title": ("训练策略对比：同一模型、同一初始权重、同一批次顺序，真实训练",
+                    "Training strategies: same model, same initial weights, same batches, real runs"),
+    "train_sub": ("设备 {device}；{model}（{params} 参数）；batch={batch}；{steps} 步；数据集 {dataset}；Adam lr={lr}",
+                  "device {device}; {model} ({params} parameters); batch={batch}; {steps} steps; "
+                  "dataset {dataset}; Adam lr={lr}"),
+    "strat_baseline": ("基线（fp32）", "baseline (fp32)"),
+    "strat_mixed_precision": ("混合精度（{precision}）", "mixed precision ({precision})"),
+    "strat_gradient_accumulation": ("梯度累积（{k} × {micro}）", "gradient accumulation ({k} × {micro})"),
+    "strat_gradient_checkpointing": ("梯度检查点（{blocks} 个块）", "gradient checkpointing ({blocks} blocks)"),
+    "vs_baseline": ("与基线最大差 {diff:.1e}", "max |Δ| vs baseline {diff:.1e}"),
+    "plan": ("计划：{steps} 步 × batch {batch}，宽 {width}（校准后预测 {pred:.1f} s，测量预算 {budget:.0f} s）",
+             "plan: {steps} steps × batch {batch}, width {width} (predicted {pred:.1f} s after calibration, "
+             "measuring budget {budget:.0f} s)"),
+    "shrunk": ("；本机较慢，已缩小：{what}", "; this machine is slow, shrunk: {what}"),
+    "size_steps": ("步数", "steps"), "size_batch": ("batch", "batch"), "size_width": ("宽度", "width"),
+    "not_fit": ("；指定的规模超出预算", "; the requested size does not fit the budget"),
+    "strategy_skipped": ("跳过 {name}：缩到最小规模仍放不下预算（每步 {ms:.0f} ms，原因全文见 results.json）",
+                         "skipped {name}: does not fit the budget even at the smallest size ({ms:.0f} ms per step; "
+                         "results.json has the reason)"),
+    "busy": ("⚠ 机器繁忙：其他进程占用约 {others} 核（共 {cores} 核），1 分钟负载 {load}；计时偏慢、波动更大",
+             "⚠ busy machine: other processes used ~{others} of {cores} cores, 1-min load {load}; "
+             "times are slower and noisier"),
+    "invalid": ("无效", "invalid"),
+    "mfu_invalid": ("无效：实测速率高于重测后的峰值", "invalid: achieved rate above the re-measured peak"),
+    "train_loss": ("训练损失（每个优化步）", "Training loss (every optimizer step)"),
+    "val_loss": ("验证损失（{n} 个留出样本）", "Validation loss ({n} held-out samples)"),
+    "opt_step": ("优化步", "optimizer step"), "cross_entropy": ("交叉熵", "cross-entropy"),
+    "throughput": ("训练吞吐（计时步的中位数，误差棒 = IQR）",
+                   "Training throughput (median of timed steps, bar = IQR)"),
+    "samples_per_s": ("样本/秒", "samples/s"),
+    "train_memory": ("一步训练的峰值内存（实测）及峰值时刻的组成", "Peak memory of one step (measured), by part"),
+    "mfu": ("MFU：模型 FLOPs / 步时间 / 实测矩阵乘峰值", "MFU: model FLOPs / step time / measured matmul peak"),
+    "mfu_peaks": ("峰值：{peaks}", "peaks: {peaks}"),
+    "mfu_note": ("检查点重算的前向不计入模型 FLOPs；峰值：{peaks}",
+                 "checkpointing's recomputed forward is not model FLOPs; peaks: {peaks}"),
+    "radar": ("综合（归一化，越外越好）", "Overall (normalised, outer is better)"),
+    "r_throughput": ("吞吐", "throughput"), "r_memory": ("内存更省", "less memory"),
+    "r_loss": ("最终验证损失更低", "lower final val loss"), "r_mfu": ("MFU", "MFU"),
+    "r_wall": ("总耗时更短", "shorter wall time"),
+    "radar_row": ("{name}：{sps:,.0f} 样本/s，{mem:.1f} MiB，验证损失 {loss:.3f}，MFU {mfu:.1%}，{wall:.1f} s",
+                  "{name}: {sps:,.0f} samples/s, {mem:.1f} MiB, val loss {loss:.3f}, MFU {mfu:.1%}, {wall:.1f} s"),
+    # mixed-precision figure
+    "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
+    "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
+                "device {device}; one training step (fwd+bwd+Adam); batch={batch}; hardware: {support}"),
+    "amp_time": ("每步时间（中位数；误差棒 = IQR，少于 4 次为最小-最大）",
+                 "Step time (median; bar = IQR, min-max under 4 runs)"),
+    "seconds": ("秒", "seconds"),
+    "amp_memory": ("一步中的峰值内存", "Peak memory in one step"),
+    "amp_speedup": ("相对 fp32 的加速比（<1 即变慢）", "Speed-up vs fp32 (<1 is a slowdown)"),
+    "amp_saving": ("激活内存相对 fp32 的节省（峰值见中上图）", "Activation memory saved vs fp32 (peaks: top middle)"),
+    "amp_error": ("输出与 fp32 的最大相对误差", "Max relative error of outputs vs fp32"),
+    "amp_ranges": ("为什么 fp16 需要损失缩放：可表示范围", "Why fp16 needs loss scaling: representable ranges"),
+    "range_bar": ("最小次正规数 … 最大值", "smallest subnormal … max"),
+    "skipped": ("跳过", "skipped"),
+    "skip_budget": ("跳过：预算不够", "skipped: budget"), "skip_unsupported": ("跳过：不支持", "skipped: unsupported"),
+    "skip_failed": ("跳过：出错", "skipped: failed"),
+    "skip_notes": ("跳过的原因：", "Why skipped:"),
+    "lit_mark": ("文献参考值 2-3×（非实测）", "literature 2-3× (reference, not measured)"),
+    "underflow": ("1e-8 → {fp16}（fp16 下溢）；bf16 → {bf16:.3g}；× 损失缩放 {scale} 后 fp16 → {scaled:.3g}",
+                  "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
+    # dashboard
+    "dash_title": ("综合性能仪表板：选模型看的是资源", "Dashboard: choosing a model by its resources"),
+    "dash_sub": ("设备 {device}；fp32；FLOPs 取自 FLOP 分析（batch=1）；"
+                 "延迟实测于 batch={batches}（inference_mode）；训练内存为 batch={tb} + Adam 的估计（fake 张量）",
+                 "device {device}; fp32; FLOPs from the FLOP analysis (batch=1); latency measured at batch={batches} "
+                 "(inference_mode); training memory estimated at batch={tb} with Adam (fake tensors)"),
+    "bubble": ("复杂度：FLOPs 与参数量（气泡 = 训练内存，颜色 = batch-1 延迟）",
+               "Complexity: FLOPs vs parameters (bubble = training memory, colour = batch-1 latency)"),
+    "latency_ms": ("batch-1 延迟（ms，实测；灰色 = 未测）", "batch-1 latency (ms, measured; grey = not measured)"),
+    "relation": ("FLOPs 与实测延迟：离虚线越远，算力用得越少",
+                 "FLOPs vs measured latency: far from the line = poorly used"),
+    "per_sample_ms": ("每样本时间（ms；误差棒 = 波动范围）", "time per sample (ms; bar = spread)"),
+    "peak_line": ("以实测峰值 {peak} 运行时的时间", "time at the measured peak {peak}"),
+    "batch_n": ("batch={n}（每样本）", "batch={n} (per sample)"),
+    "ranking": ("效率排行：推理达到的 FLOP/s 占实测矩阵乘峰值",
+                "Efficiency ranking: inference FLOP/s as % of the matmul peak"),
+    "at_batch": ("batch={n}", "batch={n}"),
+    "dash_radar": ("归一化指标（对数刻度，越外越好）", "Normalised metrics (log scale, outer is better)"),
+    "d_latency": ("低延迟", "low latency"), "d_throughput": ("高吞吐", "high throughput"),
+    "d_params": ("参数少", "few parameters"), "d_memory": ("训练内存小", "small training memory"),
+    "d_util": ("算力利用率", "utilisation"),
+    "train_mem_bars": ("训练峰值内存（batch={tb}，Adam，估计）与 8 GiB 显卡",
+                       "Training peak (batch={tb}, Adam, estimated) vs an 8 GiB GPU"),
+    "gpu_8gb": ("8 GiB 显卡", "8 GiB GPU"),
+    "recommend": ("推荐矩阵（0-1 分，★ 最佳，✗ 不满足限制，未测 = 没有测量）",
+                  "Model selection (0-1, ★ best, ✗ fails its limit, n/m not measured)"),
+    "not_measured": ("未测", "n/m"),
+    "not_measured_long": ("（未测）", "(not measured)"),
+    "sc_edge": ("边缘推理", "edge inference"), "sc_serving": ("批量服务", "batch serving"),
+    "sc_training": ("单卡 8 GB 训练", "training on one 8 GB GPU"),
+    "rule": ("规则：先看硬限制。边缘：参数 ≤ {edge_params} 且 batch-1 延迟 ≤ {edge_ms:g} ms；\n"
+             "服务：batch={big} 吞吐 ≥ {serve} 样本/s；训练：估计峰值 ≤ 8 GiB。\n"
+             "满足者按前向 FLOPs（容量的代理）对数归一化打分。\n只比较资源，不比较精度（各模型任务不同）。",
+             "Rule: first the limits. Edge: ≤ {edge_params} parameters and batch-1 latency ≤ {edge_ms:g} ms;\n"
+             "serving: ≥ {serve} samples/s at batch {big}; training: estimated peak ≤ 8 GiB.\n"
+             "Models that pass are scored by forward FLOPs (a capacity proxy), log-scaled.\n"
+             "Resources only: the models solve different tasks."),
+    # lecture figure
+    "lec_title": ("讲义对照：讲义里的公式与表格 vs 这台机器", "The lecture's formulas and table vs this machine"),
+    "lec_sub": ("设备 {device}；fp32；内存与 KV 缓存为实测（{source}），FLOPs 为 FLOPCalculator 计数\n"
+                "优化表取自训练对比（{training}）与融合实测",
+                "device {device}; fp32; memory and KV cache measured ({source}); FLOPs counted by FLOPCalculator\n"
+                "table from the training comparison ({training}) and the fusion measurement"),
+    "lec_training": ("batch={batch}", "batch={batch}"), "lec_no_training": ("未运行", "not run"),
+    "lec_memory": ("训练内存：讲义公式 vs 实测峰值时刻的各部分（TinyGPT，batch={batch}，T={seq}，Adam）",
+                   "Training memory: lecture formula vs parts alive at the measured peak\n"
+                   "(TinyGPT, batch={batch}, T={seq}, Adam)"),
+    "lec_formula": ("讲义", "lecture"), "lec_measured": ("实测", "measured"),
+    "lec_total_error": ("讲义总和误差 {err:+.0%}", "formula total {err:+.0%}"),
+    "lec_act_note": ("讲义激活 = B·T·H·L·4 字节，只算每层一个隐藏向量；\n"
+                     "实际每层保存约 20 个以上（注意力、MLP 4H、LayerNorm…）",
+                     "lecture activations = B·T·H·L·4 bytes: one hidden vector per layer;\n"
+                     "a layer really saves 20+ (attention, the 4H MLP, LayerNorms…)"),
+    "lec_kv": ("KV 缓存：逐 token 生成（TinyGPT {layers}×{hidden}，batch={batch}）",
+               "KV cache while generating (TinyGPT {layers}×{hidden}, batch={batch})"),
+    "kv_formula": ("讲义：B·T·L·H·2·字节", "lecture: B·T·L·H·2·bytes"),
+    "kv_held": ("实测：每个 token 后仍占用", "measured: held after each token"),
+    "kv_peak": ("实测：该 token 内的峰值（torch.cat 复制）", "measured: peak within the token (torch.cat copies)"),
+    "tokens": ("序列长度（token）", "sequence length (tokens)"),
+    "lec_flops": ("FLOP 公式 vs 计数（TinyGPT 4×256，T=256）", "FLOP formulas vs counting (TinyGPT 4×256, T=256)"),
+    "lec_flop_error": ("讲义公式相对计数的误差", "lecture formula vs counted"),
+    "lec_flop_fixed": ("修正后的表达式", "corrected expression"),
+    "lec_flop_notes": ("修正：每 token 前向 ≈ 24·L·H² + 4·L·T·H + 2·H·V（Kaplan et al. 2020 表 1）；"
+                       "训练 ≈ 3 × 前向（6N 忽略注意力与 LM 头的使用方式）",
+                       "corrected: forward per token ≈ 24·L·H² + 4·L·T·H + 2·H·V (Kaplan et al. 2020, Table 1); "
+                       "training ≈ 3 × forward (6N leaves out attention and how the LM head is used)"),
+    "flop_matmul": ("矩阵乘 2·m·k·n", "matmul 2·m·k·n"),
+    "flop_attention": ("注意力 4·B·T²·H（每层）", "attention 4·B·T²·H (per layer)"),
+    "flop_per_token": ("每 token 2·L·H·(H+4H)", "per token 2·L·H·(H+4H)"),
+    "flop_training_6n": ("训练 6·N·tokens", "training 6·N·tokens"),
+    "lec_fusion": ("算子融合实测：逐元素写法 vs 融合内核（{shape}，fp32）",
+                   "Fusion measured: op by op vs fused kernel ({shape}, fp32)"),
+    "composed": ("逐算子组合", "op by op"), "fused": ("融合内核", "fused kernel"),
+    "fusion_note": ("{speed}；峰值 {a} → {b}", "{speed}; peak {a} → {b}"),
+    "faster": ("快 {x:.1f}×", "{x:.1f}× faster"), "slower": ("慢 {x:.1f}×", "{x:.1f}× slower"),
+    "as_fast": ("持平（相差 10% 以内）", "as fast (within 10%)"),
+    "ms": ("毫秒", "ms"),
+    "compile_row": ("torch.compile 训练步", "torch.compile train step"),
+    "compile_note": ("torch.compile（训练对比的 ResMLP {depth}×{width}，batch={batch}，Adam 一步）：\n"
+                     "编译 {c:.1f} s（另计）；之后每步 {e:.1f} → {k:.1f} ms，{speed}",
+                     "torch.compile (the training comparison's ResMLP {depth}×{width}, batch={batch}, one Adam step):\n"
+                     "compile {c:.1f} s (apart); then each step {e:.1f} → {k:.1f} ms, {speed}"),
+    "compile_skipped": ("torch.compile：{why}", "torch.compile: {why}"),
+    "lec_table": ("讲义的优化技巧表，逐格对照本机实测",
+                  "The lecture's optimisation table, cell by cell, against this machine"),
+    "col_technique": ("技术", "technique"), "col_aspect": ("方面", "aspect"), "col_claim": ("讲义", "lecture"),
+    "col_measured": ("本机实测", "measured here"), "col_verdict": ("判定", "verdict"), "col_source": ("来源", "source"),
+    "tech_mixed_precision": ("混合精度", "mixed precision"),
+    "tech_gradient_accumulation": ("梯度累积", "gradient accumulation"),
+    "tech_gradient_checkpointing": ("梯度检查点", "gradient checkpointing"),
+    "tech_fusion": ("算子融合", "operator fusion"),
+    "aspect_memory": ("内存节省", "memory saved"), "aspect_speed": ("速度", "speed"),
+    "claim_~50%": ("~50%", "~50%"), "claim_~2-3x": ("~2-3×", "~2-3×"),
+    "claim_virtual": ("虚拟大批次", "virtual large batch"),
+    "claim_slight": ("轻微", "slight"), "claim_~50%act": ("~50% 激活内存", "~50% of activations"),
+    "claim_~20%": ("~20% 重计算", "~20% recompute"), "claim_~10-30%": ("~10-30%", "~10-30%"),
+    "verdict_agree": ("相符", "agrees"), "verdict_disagree": ("不符", "disagrees"),
+    "verdict_partly": ("部分相符", "partly"),
+    "verdict_info": ("—", "—"), "verdict_not_measured": ("未测", "not measured"),
+    "saved": ("省 {p:.0%}", "{p:.0%} saved"), "more_memory": ("多用 {p:.0%}", "{p:.0%} more"),
+    "src_training": ("训练对比", "training comparison"), "src_fusion": ("融合实测", "fusion"),
+    "act_suffix": ("（激活）", " (activations)"), "peak_suffix": ("（峰值）", " (peak)"),
+    # your own model
+    "own_title": ("你的模型：{model}", "Your model: {model}"),
+    "own_sub": ("设备 {device}；输入 {shape}；FLOPs 在 fake 张量上计数（2 × 乘加），内存、混合精度与延迟在本机实测",
+                "device {device}; input {shape}; FLOPs counted on fake tensors (2 x multiply-adds), memory, mixed "
+                "precision and latency measured here"),
+    "own_flops": ("每个顶层模块的前向 FLOPs", "Forward FLOPs per top-level module"),
+    "own_sizes": ("每个顶层模块的参数与输出字节", "Parameter and output bytes per top-level module"),
+    "own_param_mib": ("参数（MiB）", "parameters (MiB)"),
+    "own_act_mib": ("输出激活（MiB）", "output activations (MiB)"),
+    "own_classes": ("工作量按算子类别", "Where the work goes, by op class"),
+    "own_memory": ("训练一步的峰值内存（Adam，fp32）", "Peak memory of one training step (Adam, fp32)"),
+    "own_memory_estimate": ("估计（fake 张量）", "estimated (fake tensors)"),
+    "own_memory_measured": ("实测", "measured"),
+    "own_data_dependent": ("⚠ 这个模型要真实数值才能跑（数据相关的控制流或输出形状）：FLOPs 按这一次输入的"
+                           "真实运行计数，换输入可能不同",
+                           "⚠ this model needs real values (data-dependent control flow or shapes): FLOPs were "
+                           "counted on one real run, another input can give another count"),
+    "own_amp": ("混合精度：每步时间", "Mixed precision: step time"),
+    "own_latency": ("推理延迟（中位数，误差棒 = 波动范围）", "Inference latency (median, bar = spread)"),
+    "own_latency_text": ("{ms:.2f} ms，{sps:,.0f} 样本/s（{runs} 次）",
+                         "{ms:.2f} ms, {sps:,.0f} samples/s ({runs} runs)"),
+}
+
+
+_LANG = None  # "zh" or "en"; resolved on first use by _lang()
+_CJK_FONT = None  # family name registered with matplotlib, or "" when none is usable
+
+
+def _find_cjk_font():
+    """Return a CJK font family usable by matplotlib, registering mplfonts' file if needed."""
+    from matplotlib import font_manager
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    for family in CJK_FONT_FAMILIES:
+        if family in installed:
+            return family
+    try:
+        import mplfonts
+    except ImportError:
+        return ""
+    path = Path(mplfonts.__file__).parent / "fonts" / "NotoSansCJKsc-Regular.otf"
+    if not path.exists():
+        return ""
+    font_manager.fontManager.addfont(str(path))  # registers for this process only
+    return font_manager.FontProperties(fname=str(path)).get_name()
+
+
+def set_language(lang="auto"):
+    """Choose figure labels: "zh", "en" or "auto" (Chinese when a CJK font can be used)."""
+    global _LANG, _CJK_FONT
+    if lang not in ("auto", "zh", "en"):
+        raise ValueError(f"lang must be 'auto', 'zh' or 'en', got {lang!r}")
+    if _CJK_FONT is None:
+        _CJK_FONT = _find_cjk_font()
+    if lang == "en":
+        _LANG = "en"
+    elif _CJK_FONT:
+        _LANG = "zh"
+    else:
+        _LANG = "en"
+        warnings.warn("No CJK font found, figure labels are in English. For Chinese labels: "
+                      "pip install mplfonts (or install a font such as Noto Sans CJK SC).",
+                      stacklevel=2)
+    return _LANG
+
+
+def _lang():
+    return _LANG or set_language("auto")
+
+
+def _t(key, **fmt):
+    """The label for `key` in the current language, formatted with `fmt`."""
+    zh, en = LABELS[key]
+    text = zh if _lang() == "zh" else en
+    return text.format(**fmt) if fmt else text
+
+
+@contextlib.contextmanager
+def _figure_style(style="whitegrid"):
+    """Seaborn's theme as matplotlib ships it (no seaborn/pandas import: ~0.4 s, ~1.5 s on a busy
+    machine) and a concrete CJK-capable font family, applied only inside the block."""
+    import matplotlib.pyplot as plt
+    families = ([_CJK_FONT] if _lang() == "zh" else []) + ["DejaVu Sans"]
+    with plt.style.context(f"seaborn-v0_8-{style}"), plt.rc_context({"font.family": families,
+                                                                     "axes.unicode_minus": False}):
+        yield
+
+
+def _atomic_write(path, write):
+    """Call write(file) on a temp file beside `path`, then os.replace it: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_figure(fig, path, dpi=120):
+    """Write `fig` to `path` atomically and close it; return the path."""
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    try:
+        return _atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi))
+    finally:
+        plt.close(fig)
+
+
+def write_json_atomic(data, path):
+    """Write `data` as JSON to `path` atomically."""
+    text = json.dumps(data, ensure_ascii=False, indent=1, default=str)
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _save_into(fig, output_dir, key, dpi):
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_figure(fig, Path(output_dir) / FIGURE_FILES[key], dpi=dpi)
+
 
 # One palette for every figure: seaborn's "deep" colours (matplotlib ships them as the
 # seaborn-v0_8 styles), then the greys of notes and tables, then the verdict backgrounds.
@@ -4231,6 +4211,27 @@ def _kind_legend(ax, kinds, loc="lower right"):
     from matplotlib.patches import Patch
     handles = [Patch(color=_kind_color(k), label=_t(f"kind_{k}")) for k in dict.fromkeys(kinds)]
     ax.legend(handles=handles, loc=loc, fontsize=8)
+
+
+def _not_measured(ax, why):
+    """An empty panel that says it was not measured, and why (wrapped inside the panel)."""
+    import textwrap
+    why = textwrap.fill(textwrap.shorten(why, 220, placeholder=" …"), 48) if why else ""
+    ax.text(0.5, 0.5, _t("not_measured_long") + ("\n" + why if why else ""), ha="center", va="center",
+            fontsize=9, color=PALETTE.muted, transform=ax.transAxes, clip_on=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _wrap(text, width):
+    import textwrap
+    return textwrap.fill(text, width)
+
+
+def _speed_words(speedup):
+    if 1 / 1.1 <= speedup <= 1.1:
+        return _t("as_fast")
+    return _t("faster", x=speedup) if speedup >= 1 else _t("slower", x=1 / speedup)
 
 
 def _plot_flop_bars(ax, records):
@@ -4338,7 +4339,6 @@ def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, records=None, quic
 MEMORY_COLORS = {"parameter_bytes": PALETTE.blue, "gradient_bytes": PALETTE.orange, "optimizer_bytes": PALETTE.green,
                  "activation_bytes": PALETTE.red, "weight_copy_bytes": PALETTE.cyan, "temporary_bytes": PALETTE.purple,
                  "buffer_bytes": PALETTE.brown}
-MIB, GIB = 2 ** 20, 2 ** 30
 
 
 def _stacked_parts(ax, x, parts_per_bar, width, *, label=True, hatch=None):
@@ -4407,7 +4407,8 @@ def _plot_memory_variants(ax, variants, parameters, model_name, batch):
     """Bytes per parameter at the peak for each precision / checkpointing variant (estimates)."""
     labels = list(variants)
     per_param = [variants[label] / parameters for label in labels]
-    _barh(ax, labels, per_param, [PALETTE.blue, PALETTE.green, PALETTE.cyan, PALETTE.purple, PALETTE.red, PALETTE.orange],
+    _barh(ax, labels, per_param,
+          [PALETTE.blue, PALETTE.green, PALETTE.cyan, PALETTE.purple, PALETTE.red, PALETTE.orange],
           fmt=lambda v: f"{v:.1f} B")
     ax.set_xlabel(_t("bytes_per_param"))
     key = "mem_variants" if any("checkpoint" in label for label in labels) else "mem_variants_precision"
@@ -4634,183 +4635,6 @@ def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, 
     return fig
 
 
-def _dash_rows(data):
-    """(name, model data) in the zoo's order, with the derived numbers every panel uses."""
-    rows = []
-    for name, m in data["models"].items():
-        spread = {r["batch"]: (r["spread_lo_s"], r["spread_hi_s"]) for r in m["latency"] if not r.get("skipped")}
-        rows.append({"name": name, "kind": m["kind"], "flops": m["flops"], "parameters": m["parameters"],
-                     "memory": m["training_memory_bytes"], "latency_1": _latency_of(m, 1),
-                     "latency_big": _latency_of(m, LATENCY_BATCHES[-1]), "util_batch": m["util_batch"],
-                     "utilisation": m["utilisation"], "spread": spread})
-    return rows
-
-
-def _plot_bubbles(ax, rows):
-    """Parameters against FLOPs; bubble area = training memory, colour = batch-1 latency."""
-    import matplotlib
-    from matplotlib.colors import LogNorm
-    latency_ms = np.array([r["latency_1"] * 1e3 if r["latency_1"] else np.nan for r in rows])  # nan: not measured
-    sizes = 2000 * np.sqrt(np.array([r["memory"] for r in rows]) / max(r["memory"] for r in rows))  # area ∝ bytes
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=PALETTE.header)  # grey: latency not measured
-    points = ax.scatter([r["parameters"] for r in rows], [r["flops"] for r in rows], s=sizes, c=latency_ms,
-                        cmap=cmap, norm=LogNorm(), alpha=0.75, edgecolors="black", linewidths=0.5,
-                        plotnonfinite=True)
-    for r in rows:
-        ax.annotate(r["name"], (r["parameters"], r["flops"]), fontsize=7, ha="center", va="center")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.margins(0.15)
-    ax.set_xlabel(_t("parameters"))
-    ax.set_ylabel(_t("fwd_flops_axis"))
-    ax.figure.colorbar(points, ax=ax, label=_t("latency_ms"))
-    ax.set_title(_t("bubble"), fontsize=11)
-
-
-def _plot_latency_vs_flops(ax, rows, peak):
-    """Measured latency against FLOPs, with the time the measured peak would take."""
-    flops = np.array([r["flops"] for r in rows], dtype=float)
-    for batch, key, marker in ((1, "latency_1", "o"), (LATENCY_BATCHES[-1], "latency_big", "s")):
-        pts = [(r["flops"], r[key] / batch * 1e3, r) for r in rows if r[key]]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=45,
-                   facecolors=[_kind_color(p[2]["kind"]) for p in pts] if batch == 1 else "none",
-                   edgecolors=[_kind_color(p[2]["kind"]) for p in pts], zorder=3, label=_t("batch_n", n=batch))
-        lo = [y - r["spread"][batch][0] / batch * 1e3 for _, y, r in pts]
-        hi = [r["spread"][batch][1] / batch * 1e3 - y for _, y, r in pts]
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], fmt="none", ecolor=PALETTE.dark,
-                    capsize=2, lw=0.8, zorder=2)
-        if batch == 1:
-            for x, y, r in pts:
-                ax.annotate(r["name"], (x, y), xytext=(4, -9), textcoords="offset points", fontsize=7)
-    line = np.array([flops.min() / 2, flops.max() * 2])
-    ax.plot(line, line / peak["flops_per_s"] * 1e3, "k--", lw=1,
-            label=_t("peak_line", peak=readable(peak["flops_per_s"], "FLOP/s")))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(_t("fwd_flops_axis"))
-    ax.set_ylabel(_t("per_sample_ms"))
-    ax.set_title(_t("relation"), fontsize=11)
-    ax.legend(fontsize=8, loc="upper left")
-
-
-def _plot_efficiency_ranking(ax, rows):
-    """Utilisation of the measured peak per model, ranked (never above 100 %)."""
-    ranked = sorted(rows, key=lambda r: r["utilisation"] or 0.0, reverse=True)  # None (invalid) last
-    _barh(ax, [f"{r['name']} ({_t('at_batch', n=r['util_batch']) if r['util_batch'] else _t('not_measured')})"
-               for r in ranked],
-          [r["utilisation"] or 0.0 for r in ranked], [_kind_color(r["kind"]) for r in ranked],
-          fmt=lambda v: f"{v:.1%}" if v else "")
-    for i, r in enumerate(ranked):
-        if r["utilisation"] is None:
-            ax.text(0.01, i, _t("mfu_invalid") if r["util_batch"] else _t("not_measured_long"), va="center",
-                    fontsize=8, color=PALETTE.warning if r["util_batch"] else PALETTE.muted, transform=ax.get_yaxis_transform())
-    from matplotlib.ticker import PercentFormatter
-    ax.set_xlim(0, min(1.0, 1.3 * max([r["utilisation"] or 0.0 for r in rows] + [0.01])))  # never beyond 100 %
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.set_title(_t("ranking"), fontsize=11)
-    _kind_legend(ax, [r["kind"] for r in rows])
-
-
-def _plot_dashboard_radar(ax, rows, scores):
-    """Six models on five log-scaled axes (run_dashboard_analysis's `radar`), outer is better."""
-    chosen = [r for r in rows if r["name"] in DASH_RADAR_MODELS]
-    angles = np.linspace(0, 2 * np.pi, len(DASH_RADAR_AXES), endpoint=False)
-    colors = [PALETTE.blue, PALETTE.green, PALETTE.red, PALETTE.purple, PALETTE.olive, PALETTE.cyan]
-    for r, color in zip(chosen, colors):
-        values = [0.05 + 0.95 * scores[k].get(r["name"], 0.0) for k in DASH_RADAR_AXES]  # 0 stays visible
-        ax.plot(np.append(angles, angles[0]), values + values[:1], color=color, lw=1.8, label=r["name"])
-        ax.fill(angles, values, color=color, alpha=0.06)
-    ax.set_xticks(angles, [_t(k) + ("" if scores[k] else "\n" + _t("not_measured_long")) for k in DASH_RADAR_AXES],
-                  fontsize=9)
-    ax.set_ylim(0, 1.05)
-    ax.set_yticks([0.5, 1.0], ["", ""])
-    ax.set_title(_t("dash_radar"), pad=18, fontsize=11)
-    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.35, 1.1))
-
-
-def _plot_training_memory_bars(ax, rows, train_batch):
-    """Estimated training peak per model at the scenario's batch, against an 8 GiB card."""
-    fits = [r["memory"] <= TRAINING_GPU_BYTES for r in rows]
-    _barh(ax, [r["name"] for r in rows], [r["memory"] / GIB for r in rows],
-          [_kind_color(r["kind"]) if ok else PALETTE.rule for r, ok in zip(rows, fits)], log=True,
-          fmt=lambda v: f"{v:.2f} GiB" if v >= 0.1 else f"{v * 1024:.0f} MiB")
-    ax.axvline(TRAINING_GPU_BYTES / GIB, color="k", ls="--", lw=1, label=_t("gpu_8gb"))
-    ax.set_xlabel(_t("gib"))
-    ax.set_title(_t("train_mem_bars", tb=train_batch), fontsize=11)
-    ax.legend(fontsize=8, loc="lower right")
-
-
-def _plot_recommendations(ax, data):
-    """Scores where a model passes; ✗ where it fails a limit; "not measured" greyed and hatched."""
-    import matplotlib.patches as mpatches
-    names = list(data["models"])
-    scores, verdicts = data["scores"], data["verdicts"]
-    matrix = np.array([[scores[s][n] if scores[s][n] is not None else np.nan for s in SCENARIOS] for n in names])
-    ax.imshow(matrix, cmap="YlGn", vmin=-0.2, vmax=1.1, aspect="auto")  # a passing 0 is not a failure colour
-    for j, scenario in enumerate(SCENARIOS):
-        valid = [v for v in matrix[:, j] if not np.isnan(v)]
-        best = max(valid) if valid else None
-        for i, value in enumerate(matrix[:, j]):
-            verdict = verdicts[scenario][names[i]]["verdict"]
-            if verdict == "not_measured":
-                ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=PALETTE.pale, hatch="///",
-                                                edgecolor=PALETTE.rule, lw=0))
-                text, color = _t("not_measured"), PALETTE.muted
-            else:
-                text = "✗" if np.isnan(value) else f"{value:.2f}" + (" ★" if value == best else "")
-                color = PALETTE.warning if np.isnan(value) else "black"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-    ax.set_xticks(range(len(SCENARIOS)), [_t(f"sc_{s}") for s in SCENARIOS], fontsize=9)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.grid(False)
-    ax.set_title(_t("recommend"), fontsize=11)
-    ax.set_xlabel(_t("rule", edge_params=readable(EDGE_MAX_PARAMETERS), edge_ms=EDGE_MAX_LATENCY_S * 1e3,
-                     serve=SERVING_MIN_SAMPLES_PER_S, big=LATENCY_BATCHES[-1]), fontsize=8, loc="left")
-
-
-def plot_dashboard(data):
-    """Six panels from `run_dashboard_analysis` data; returns the Figure."""
-    import matplotlib.pyplot as plt
-    rows = _dash_rows(data)
-    with _figure_style():
-        fig = plt.figure(figsize=(20, 12), layout="constrained")
-        axs = fig.subplot_mosaic([["bubble", "relation", "ranking"], ["radar", "memory", "recommend"]],
-                                 per_subplot_kw={"radar": {"projection": "polar"}})
-        _plot_bubbles(axs["bubble"], rows)
-        _plot_latency_vs_flops(axs["relation"], rows, data["peak_flops"])
-        _plot_efficiency_ranking(axs["ranking"], rows)
-        _plot_dashboard_radar(axs["radar"], rows, data["radar"])
-        _plot_training_memory_bars(axs["memory"], rows, data["train_memory_batch"])
-        _plot_recommendations(axs["recommend"], data)
-        _suptitle(fig, _t("dash_title"), _t("dash_sub", device=data["device"],
-                                            batches="/".join(map(str, data["latency_batches"])),
-                                            tb=data["train_memory_batch"]), data.get("conditions"))
-    return fig
-
-
-def _reusable(results):
-    """What the dashboard can take from earlier stages' data instead of redoing it: the FLOP
-    records and the training comparison's fp32 matmul peak (a stage that failed left an error)."""
-    results = results or {}
-    flop, training = results.get("flop"), results.get("training")
-    peak = training.get("peak_flops", {}).get("fp32") if isinstance(training, dict) else None
-    return {"flop_records": flop if isinstance(flop, list) else None, "peak_flops": peak}
-
-
-def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, *, data=None, quick=False,
-                                   device=None, dpi=120):
-    """Draw 综合性能仪表板.png into `output_dir` (None: don't save).
-
-    `results` may hold earlier stages' data ({"flop": records, "training": {...}}, as main()
-    collects them): their FLOP counts and measured matmul peak are reused, not redone.
-    """
-    if data is None:
-        data = run_dashboard_analysis(**_reusable(results), quick=quick, device=device)
-    fig = plot_dashboard(data)
-    _save_into(fig, output_dir, "dashboard", dpi)
-    return fig
-
-
 PRECISION_COLORS = {"fp32": PALETTE.blue, "amp_bf16": PALETTE.green, "amp_fp16": PALETTE.red}
 DTYPE_COLORS = {"fp32": PALETTE.blue, "bf16": PALETTE.green, "fp16": PALETTE.red}  # the dtypes themselves
 
@@ -4965,120 +4789,181 @@ def demonstrate_mixed_precision_benefits(output_dir=DEFAULT_OUTPUT_DIR, *, data=
     return fig
 
 
-def _plot_module_flops(ax, data):
-    """Forward FLOPs per top-level module."""
-    rows = data["modules"]
-    _barh(ax, [f"{r['module']} ({r['type']})" for r in rows], [r["flops"] for r in rows], [PALETTE.blue] * len(rows),
-          fmt=lambda v: readable(v))
+def _dash_rows(data):
+    """(name, model data) in the zoo's order, with the derived numbers every panel uses."""
+    rows = []
+    for name, m in data["models"].items():
+        spread = {r["batch"]: (r["spread_lo_s"], r["spread_hi_s"]) for r in m["latency"] if not r.get("skipped")}
+        rows.append({"name": name, "kind": m["kind"], "flops": m["flops"], "parameters": m["parameters"],
+                     "memory": m["training_memory_bytes"], "latency_1": _latency_of(m, 1),
+                     "latency_big": _latency_of(m, LATENCY_BATCHES[-1]), "util_batch": m["util_batch"],
+                     "utilisation": m["utilisation"], "spread": spread})
+    return rows
+
+
+def _plot_bubbles(ax, rows):
+    """Parameters against FLOPs; bubble area = training memory, colour = batch-1 latency."""
+    import matplotlib
+    from matplotlib.colors import LogNorm
+    latency_ms = np.array([r["latency_1"] * 1e3 if r["latency_1"] else np.nan for r in rows])  # nan: not measured
+    sizes = 2000 * np.sqrt(np.array([r["memory"] for r in rows]) / max(r["memory"] for r in rows))  # area ∝ bytes
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=PALETTE.header)  # grey: latency not measured
+    points = ax.scatter([r["parameters"] for r in rows], [r["flops"] for r in rows], s=sizes, c=latency_ms,
+                        cmap=cmap, norm=LogNorm(), alpha=0.75, edgecolors="black", linewidths=0.5,
+                        plotnonfinite=True)
+    for r in rows:
+        ax.annotate(r["name"], (r["parameters"], r["flops"]), fontsize=7, ha="center", va="center")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.margins(0.15)
+    ax.set_xlabel(_t("parameters"))
+    ax.set_ylabel(_t("fwd_flops_axis"))
+    ax.figure.colorbar(points, ax=ax, label=_t("latency_ms"))
+    ax.set_title(_t("bubble"), fontsize=11)
+
+
+def _plot_latency_vs_flops(ax, rows, peak):
+    """Measured latency against FLOPs, with the time the measured peak would take."""
+    flops = np.array([r["flops"] for r in rows], dtype=float)
+    for batch, key, marker in ((1, "latency_1", "o"), (LATENCY_BATCHES[-1], "latency_big", "s")):
+        pts = [(r["flops"], r[key] / batch * 1e3, r) for r in rows if r[key]]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=45,
+                   facecolors=[_kind_color(p[2]["kind"]) for p in pts] if batch == 1 else "none",
+                   edgecolors=[_kind_color(p[2]["kind"]) for p in pts], zorder=3, label=_t("batch_n", n=batch))
+        lo = [y - r["spread"][batch][0] / batch * 1e3 for _, y, r in pts]
+        hi = [r["spread"][batch][1] / batch * 1e3 - y for _, y, r in pts]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], fmt="none", ecolor=PALETTE.dark,
+                    capsize=2, lw=0.8, zorder=2)
+        if batch == 1:
+            for x, y, r in pts:
+                ax.annotate(r["name"], (x, y), xytext=(4, -9), textcoords="offset points", fontsize=7)
+    line = np.array([flops.min() / 2, flops.max() * 2])
+    ax.plot(line, line / peak["flops_per_s"] * 1e3, "k--", lw=1,
+            label=_t("peak_line", peak=readable(peak["flops_per_s"], "FLOP/s")))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel(_t("fwd_flops_axis"))
-    ax.set_title(_t("own_flops"))
+    ax.set_ylabel(_t("per_sample_ms"))
+    ax.set_title(_t("relation"), fontsize=11)
+    ax.legend(fontsize=8, loc="upper left")
 
 
-def _plot_module_sizes(ax, data):
-    """Parameters and output bytes per top-level module, side by side."""
-    rows = data["modules"]
-    y = np.arange(len(rows))
-    ax.barh(y - 0.2, [r["parameter_bytes"] / MIB for r in rows], 0.4, color=PALETTE.green, label=_t("own_param_mib"))
-    ax.barh(y + 0.2, [(r["activation_bytes"] or 0) / MIB for r in rows], 0.4, color=PALETTE.red,
-            label=_t("own_act_mib") + ("" if rows and rows[0]["activation_bytes"] is not None
-                                       else _t("not_measured_long")))
-    ax.set_yticks(y, [f"{r['module']} ({r['type']})" for r in rows])
-    ax.invert_yaxis()
-    ax.set_xlabel(_t("mib"))
-    ax.legend(fontsize=8)
-    ax.set_title(_t("own_sizes"))
+def _plot_efficiency_ranking(ax, rows):
+    """Utilisation of the measured peak per model, ranked (never above 100 %)."""
+    ranked = sorted(rows, key=lambda r: r["utilisation"] or 0.0, reverse=True)  # None (invalid) last
+    _barh(ax, [f"{r['name']} ({_t('at_batch', n=r['util_batch']) if r['util_batch'] else _t('not_measured')})"
+               for r in ranked],
+          [r["utilisation"] or 0.0 for r in ranked], [_kind_color(r["kind"]) for r in ranked],
+          fmt=lambda v: f"{v:.1%}" if v else "")
+    for i, r in enumerate(ranked):
+        if r["utilisation"] is None:
+            ax.text(0.01, i, _t("mfu_invalid") if r["util_batch"] else _t("not_measured_long"), va="center",
+                    fontsize=8, color=PALETTE.warning if r["util_batch"] else PALETTE.muted,
+                    transform=ax.get_yaxis_transform())
+    from matplotlib.ticker import PercentFormatter
+    ax.set_xlim(0, min(1.0, 1.3 * max([r["utilisation"] or 0.0 for r in rows] + [0.01])))  # never beyond 100 %
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(_t("ranking"), fontsize=11)
+    _kind_legend(ax, [r["kind"] for r in rows])
 
 
-def _plot_own_memory(ax, data):
-    """The training step's peak by part: estimated (fake tensors) and measured."""
-    pairs = [(k, data[k]) for k in ("memory_estimate", "memory_measured") if data.get(k)]
-    if not pairs:
-        _not_measured(ax, data["skipped"].get("memory_estimate", ""))
-    else:
-        x = np.arange(len(pairs))
-        tops = _stacked_parts(ax, x, [p["at_peak"] for _, p in pairs], 0.5)
-        for xi, top, (_, p) in zip(x, tops, pairs):
-            ax.annotate(f"{p['total'] / MIB:.1f} MiB", (xi, top), xytext=(0, 2), textcoords="offset points",
-                        ha="center", fontsize=8)
-        ax.set_xticks(x, [_t(f"own_{k}") for k, _ in pairs])
-        ax.set_xlim(-0.6, len(pairs) - 0.4)
-        ax.set_ylim(0, max(tops) * 1.45)  # room for the legend above the bars
-        ax.set_ylabel(_t("mib"))
-        ax.legend(fontsize=7, ncol=3, loc="upper center")
-    ax.set_title(_t("own_memory"))
+def _plot_dashboard_radar(ax, rows, scores):
+    """Six models on five log-scaled axes (run_dashboard_analysis's `radar`), outer is better."""
+    chosen = [r for r in rows if r["name"] in DASH_RADAR_MODELS]
+    angles = np.linspace(0, 2 * np.pi, len(DASH_RADAR_AXES), endpoint=False)
+    colors = [PALETTE.blue, PALETTE.green, PALETTE.red, PALETTE.purple, PALETTE.olive, PALETTE.cyan]
+    for r, color in zip(chosen, colors):
+        values = [0.05 + 0.95 * scores[k].get(r["name"], 0.0) for k in DASH_RADAR_AXES]  # 0 stays visible
+        ax.plot(np.append(angles, angles[0]), values + values[:1], color=color, lw=1.8, label=r["name"])
+        ax.fill(angles, values, color=color, alpha=0.06)
+    ax.set_xticks(angles, [_t(k) + ("" if scores[k] else "\n" + _t("not_measured_long")) for k in DASH_RADAR_AXES],
+                  fontsize=9)
+    ax.set_ylim(0, 1.05)
+    ax.set_yticks([0.5, 1.0], ["", ""])
+    ax.set_title(_t("dash_radar"), pad=18, fontsize=11)
+    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.35, 1.1))
 
 
-def _plot_own_amp(ax, data):
-    """Mixed-precision step time per precision (skips drawn with their reason word)."""
-    if not data.get("amp"):
-        _not_measured(ax, data["skipped"].get("amp", ""))
-    else:
-        _plot_amp_time(ax, {data["model"]: data["amp"]})
-    ax.set_title(_t("own_amp"))
+def _plot_training_memory_bars(ax, rows, train_batch):
+    """Estimated training peak per model at the scenario's batch, against an 8 GiB card."""
+    fits = [r["memory"] <= TRAINING_GPU_BYTES for r in rows]
+    _barh(ax, [r["name"] for r in rows], [r["memory"] / GIB for r in rows],
+          [_kind_color(r["kind"]) if ok else PALETTE.rule for r, ok in zip(rows, fits)], log=True,
+          fmt=lambda v: f"{v:.2f} GiB" if v >= 0.1 else f"{v * 1024:.0f} MiB")
+    ax.axvline(TRAINING_GPU_BYTES / GIB, color="k", ls="--", lw=1, label=_t("gpu_8gb"))
+    ax.set_xlabel(_t("gib"))
+    ax.set_title(_t("train_mem_bars", tb=train_batch), fontsize=11)
+    ax.legend(fontsize=8, loc="lower right")
 
 
-def _plot_own_latency(ax, data):
-    """Latency at the batch given, with its spread, and the throughput it means."""
-    lat = data.get("latency")
-    if not lat:
-        _not_measured(ax, data["skipped"].get("latency", ""))
-    else:
-        ms = lat["median_s"] * 1e3
-        ax.bar([0], [ms], color=PALETTE.purple, yerr=[[ms - lat["spread_lo_s"] * 1e3], [lat["spread_hi_s"] * 1e3 - ms]],
-               capsize=4)
-        ax.text(0.5, 0.95, _t("own_latency_text", ms=ms, sps=lat["samples_per_s"], runs=lat["runs"]),
-                ha="center", va="top", fontsize=10, transform=ax.transAxes)
-        ax.set_xticks([0], [_t("batch_n", n=lat["batch"])])
-        ax.set_ylabel("ms")
-        ax.set_ylim(0, lat["spread_hi_s"] * 1e3 * 1.4)
-    ax.set_title(_t("own_latency"))
+def _plot_recommendations(ax, data):
+    """Scores where a model passes; ✗ where it fails a limit; "not measured" greyed and hatched."""
+    import matplotlib.patches as mpatches
+    names = list(data["models"])
+    scores, verdicts = data["scores"], data["verdicts"]
+    matrix = np.array([[scores[s][n] if scores[s][n] is not None else np.nan for s in SCENARIOS] for n in names])
+    ax.imshow(matrix, cmap="YlGn", vmin=-0.2, vmax=1.1, aspect="auto")  # a passing 0 is not a failure colour
+    for j, scenario in enumerate(SCENARIOS):
+        valid = [v for v in matrix[:, j] if not np.isnan(v)]
+        best = max(valid) if valid else None
+        for i, value in enumerate(matrix[:, j]):
+            verdict = verdicts[scenario][names[i]]["verdict"]
+            if verdict == "not_measured":
+                ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=PALETTE.pale, hatch="///",
+                                                edgecolor=PALETTE.rule, lw=0))
+                text, color = _t("not_measured"), PALETTE.muted
+            else:
+                text = "✗" if np.isnan(value) else f"{value:.2f}" + (" ★" if value == best else "")
+                color = PALETTE.warning if np.isnan(value) else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
+    ax.set_xticks(range(len(SCENARIOS)), [_t(f"sc_{s}") for s in SCENARIOS], fontsize=9)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.grid(False)
+    ax.set_title(_t("recommend"), fontsize=11)
+    ax.set_xlabel(_t("rule", edge_params=readable(EDGE_MAX_PARAMETERS), edge_ms=EDGE_MAX_LATENCY_S * 1e3,
+                     serve=SERVING_MIN_SAMPLES_PER_S, big=LATENCY_BATCHES[-1]), fontsize=8, loc="left")
 
 
-def _plot_own_classes(ax, data):
-    """Where the forward's matmul-class work goes, by op class."""
-    by_class = {k: v for k, v in data["flops"]["by_class"].items() if v}
-    if not by_class:
-        _not_measured(ax, "")
-    else:
-        _barh(ax, list(by_class), list(by_class.values()), [PALETTE.blue, PALETTE.green, PALETTE.red, PALETTE.purple][:len(by_class)],
-              fmt=lambda v: readable(v))
-        ax.set_xlabel(_t("fwd_flops_axis"))
-    ax.set_title(_t("own_classes"))
-
-
-def _not_measured(ax, why):
-    """An empty panel that says it was not measured, and why (wrapped inside the panel)."""
-    import textwrap
-    why = textwrap.fill(textwrap.shorten(why, 220, placeholder=" …"), 48) if why else ""
-    ax.text(0.5, 0.5, _t("not_measured_long") + ("\n" + why if why else ""), ha="center", va="center",
-            fontsize=9, color=PALETTE.muted, transform=ax.transAxes, clip_on=True)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def plot_own_model(data):
-    """Six panels from `analyze` data; returns the Figure."""
+def plot_dashboard(data):
+    """Six panels from `run_dashboard_analysis` data; returns the Figure."""
     import matplotlib.pyplot as plt
+    rows = _dash_rows(data)
     with _figure_style():
-        fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
-        _plot_module_flops(axs[0, 0], data)
-        _plot_module_sizes(axs[0, 1], data)
-        _plot_own_classes(axs[0, 2], data)
-        _plot_own_memory(axs[1, 0], data)
-        _plot_own_amp(axs[1, 1], data)
-        _plot_own_latency(axs[1, 2], data)
-        sub = _t("own_sub", device=data["device"], shape=data["input_shape"])
-        if data["flops"].get("data_dependent"):
-            sub += "\n" + _t("own_data_dependent")
-        _suptitle(fig, _t("own_title", model=data["model"]), sub, data.get("conditions"))
+        fig = plt.figure(figsize=(20, 12), layout="constrained")
+        axs = fig.subplot_mosaic([["bubble", "relation", "ranking"], ["radar", "memory", "recommend"]],
+                                 per_subplot_kw={"radar": {"projection": "polar"}})
+        _plot_bubbles(axs["bubble"], rows)
+        _plot_latency_vs_flops(axs["relation"], rows, data["peak_flops"])
+        _plot_efficiency_ranking(axs["ranking"], rows)
+        _plot_dashboard_radar(axs["radar"], rows, data["radar"])
+        _plot_training_memory_bars(axs["memory"], rows, data["train_memory_batch"])
+        _plot_recommendations(axs["recommend"], data)
+        _suptitle(fig, _t("dash_title"), _t("dash_sub", device=data["device"],
+                                            batches="/".join(map(str, data["latency_batches"])),
+                                            tb=data["train_memory_batch"]), data.get("conditions"))
     return fig
 
 
-def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=None, device=None, dpi=120):
-    """analyze() your model and draw 你的模型分析.png into `output_dir` (None: don't save)."""
-    data = data or analyze(model, inputs, device=device)
-    fig = plot_own_model(data)
-    _save_into(fig, output_dir, "model", dpi)
+def _reusable(results):
+    """What the dashboard can take from earlier stages' data instead of redoing it: the FLOP
+    records and the training comparison's fp32 matmul peak (a stage that failed left an error)."""
+    results = results or {}
+    flop, training = results.get("flop"), results.get("training")
+    peak = training.get("peak_flops", {}).get("fp32") if isinstance(training, dict) else None
+    return {"flop_records": flop if isinstance(flop, list) else None, "peak_flops": peak}
+
+
+def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, *, data=None, quick=False,
+                                   device=None, dpi=120):
+    """Draw 综合性能仪表板.png into `output_dir` (None: don't save).
+
+    `results` may hold earlier stages' data ({"flop": records, "training": {...}}, as main()
+    collects them): their FLOP counts and measured matmul peak are reused, not redone.
+    """
+    if data is None:
+        data = run_dashboard_analysis(**_reusable(results), quick=quick, device=device)
+    fig = plot_dashboard(data)
+    _save_into(fig, output_dir, "dashboard", dpi)
     return fig
 
 
@@ -5154,12 +5039,6 @@ def _plot_flop_formulas(ax, rows):
     ax.legend(fontsize=7, loc="lower left")
 
 
-def _speed_words(speedup):
-    if 1 / 1.1 <= speedup <= 1.1:
-        return _t("as_fast")
-    return _t("faster", x=speedup) if speedup >= 1 else _t("slower", x=1 / speedup)
-
-
 def _plot_fusion(ax, fusion, compiled=None):
     """Median time (bars: IQR or min-max) of each op written out and as one fused kernel; the
     speed-up and the allocator peaks written under each pair; torch.compile's step when run."""
@@ -5176,7 +5055,8 @@ def _plot_fusion(ax, fusion, compiled=None):
         c = cases[g]
         peaks = c["composed"]["peak_bytes"], c["fused"]["peak_bytes"]
         speed = _speed_words(c["speedup"])
-        labels.append(f"{g}\n" + (_t("fusion_note", speed=speed, a=f"{peaks[0] / MIB:.0f} MiB", b=f"{peaks[1] / MIB:.0f} MiB")
+        labels.append(f"{g}\n" + (_t("fusion_note", speed=speed, a=f"{peaks[0] / MIB:.0f} MiB",
+                                     b=f"{peaks[1] / MIB:.0f} MiB")
                                   if None not in peaks else speed))
     ax.set_xticks(x, labels, fontsize=8)
     ax.set_ylabel(_t("ms"))
@@ -5191,11 +5071,6 @@ def _plot_fusion(ax, fusion, compiled=None):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.margins(y=0.2)
-
-
-def _wrap(text, width):
-    import textwrap
-    return textwrap.fill(text, width)
 
 
 def _claim_text(row):
@@ -5220,7 +5095,8 @@ def _claim_source(row):
     if row["technique"] == "fusion":
         return _t("src_fusion")
     return _t("src_training") + (_t("peak_suffix") if "(peak)" in row["source"] else
-                                 _t("act_suffix") if "activations" in row["source"] and row["aspect"] == "memory" else "")
+                                 _t("act_suffix") if "activations" in row["source"] and row["aspect"] == "memory"
+                                 else "")
 
 
 def _plot_claims_table(ax, rows):
@@ -5274,15 +5150,198 @@ def visualize_lecture_claims(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, result
     return fig
 
 
-def _save_into(fig, output_dir, key, dpi):
-    if output_dir is not None:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        save_figure(fig, Path(output_dir) / FIGURE_FILES[key], dpi=dpi)
+def _plot_module_flops(ax, data):
+    """Forward FLOPs per top-level module."""
+    rows = data["modules"]
+    _barh(ax, [f"{r['module']} ({r['type']})" for r in rows], [r["flops"] for r in rows], [PALETTE.blue] * len(rows),
+          fmt=lambda v: readable(v))
+    ax.set_xlabel(_t("fwd_flops_axis"))
+    ax.set_title(_t("own_flops"))
 
 
-# -----------------------------------------------------------------------------
-# CLI / main()
-# -----------------------------------------------------------------------------
+def _plot_module_sizes(ax, data):
+    """Parameters and output bytes per top-level module, side by side."""
+    rows = data["modules"]
+    y = np.arange(len(rows))
+    ax.barh(y - 0.2, [r["parameter_bytes"] / MIB for r in rows], 0.4, color=PALETTE.green, label=_t("own_param_mib"))
+    ax.barh(y + 0.2, [(r["activation_bytes"] or 0) / MIB for r in rows], 0.4, color=PALETTE.red,
+            label=_t("own_act_mib") + ("" if rows and rows[0]["activation_bytes"] is not None
+                                       else _t("not_measured_long")))
+    ax.set_yticks(y, [f"{r['module']} ({r['type']})" for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(_t("mib"))
+    ax.legend(fontsize=8)
+    ax.set_title(_t("own_sizes"))
+
+
+def _plot_own_memory(ax, data):
+    """The training step's peak by part: estimated (fake tensors) and measured."""
+    pairs = [(k, data[k]) for k in ("memory_estimate", "memory_measured") if data.get(k)]
+    if not pairs:
+        _not_measured(ax, data["skipped"].get("memory_estimate", ""))
+    else:
+        x = np.arange(len(pairs))
+        tops = _stacked_parts(ax, x, [p["at_peak"] for _, p in pairs], 0.5)
+        for xi, top, (_, p) in zip(x, tops, pairs):
+            ax.annotate(f"{p['total'] / MIB:.1f} MiB", (xi, top), xytext=(0, 2), textcoords="offset points",
+                        ha="center", fontsize=8)
+        ax.set_xticks(x, [_t(f"own_{k}") for k, _ in pairs])
+        ax.set_xlim(-0.6, len(pairs) - 0.4)
+        ax.set_ylim(0, max(tops) * 1.45)  # room for the legend above the bars
+        ax.set_ylabel(_t("mib"))
+        ax.legend(fontsize=7, ncol=3, loc="upper center")
+    ax.set_title(_t("own_memory"))
+
+
+def _plot_own_amp(ax, data):
+    """Mixed-precision step time per precision (skips drawn with their reason word)."""
+    if not data.get("amp"):
+        _not_measured(ax, data["skipped"].get("amp", ""))
+    else:
+        _plot_amp_time(ax, {data["model"]: data["amp"]})
+    ax.set_title(_t("own_amp"))
+
+
+def _plot_own_latency(ax, data):
+    """Latency at the batch given, with its spread, and the throughput it means."""
+    lat = data.get("latency")
+    if not lat:
+        _not_measured(ax, data["skipped"].get("latency", ""))
+    else:
+        ms = lat["median_s"] * 1e3
+        ax.bar([0], [ms], color=PALETTE.purple, yerr=[[ms - lat["spread_lo_s"] * 1e3], [lat["spread_hi_s"] * 1e3 - ms]],
+               capsize=4)
+        ax.text(0.5, 0.95, _t("own_latency_text", ms=ms, sps=lat["samples_per_s"], runs=lat["runs"]),
+                ha="center", va="top", fontsize=10, transform=ax.transAxes)
+        ax.set_xticks([0], [_t("batch_n", n=lat["batch"])])
+        ax.set_ylabel("ms")
+        ax.set_ylim(0, lat["spread_hi_s"] * 1e3 * 1.4)
+    ax.set_title(_t("own_latency"))
+
+
+def _plot_own_classes(ax, data):
+    """Where the forward's matmul-class work goes, by op class."""
+    by_class = {k: v for k, v in data["flops"]["by_class"].items() if v}
+    if not by_class:
+        _not_measured(ax, "")
+    else:
+        _barh(ax, list(by_class), list(by_class.values()),
+              [PALETTE.blue, PALETTE.green, PALETTE.red, PALETTE.purple][:len(by_class)],
+              fmt=lambda v: readable(v))
+        ax.set_xlabel(_t("fwd_flops_axis"))
+    ax.set_title(_t("own_classes"))
+
+
+def plot_own_model(data):
+    """Six panels from `analyze` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    with _figure_style():
+        fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
+        _plot_module_flops(axs[0, 0], data)
+        _plot_module_sizes(axs[0, 1], data)
+        _plot_own_classes(axs[0, 2], data)
+        _plot_own_memory(axs[1, 0], data)
+        _plot_own_amp(axs[1, 1], data)
+        _plot_own_latency(axs[1, 2], data)
+        sub = _t("own_sub", device=data["device"], shape=data["input_shape"])
+        if data["flops"].get("data_dependent"):
+            sub += "\n" + _t("own_data_dependent")
+        _suptitle(fig, _t("own_title", model=data["model"]), sub, data.get("conditions"))
+    return fig
+
+
+def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=None, device=None, dpi=120):
+    """analyze() your model and draw 你的模型分析.png into `output_dir` (None: don't save)."""
+    data = data or analyze(model, inputs, device=device)
+    fig = plot_own_model(data)
+    _save_into(fig, output_dir, "model", dpi)
+    return fig
+
+
+# %% =============================================================================================
+# 13. The CLI: one PROFILES table, one STAGES table, main()
+# ================================================================================================
+# The CLI (`--quick` picks "quick") and every run_* / visualize_* function read their sizes and
+# budgets here; nothing else holds a default.  Budgets are wall seconds on a 2-core laptop CPU,
+# quiet or busy.  A stage's `budget_s` covers the whole stage (counting, measuring, drawing,
+# saving) and is what main() checks it against; `measure_s` is the part a measuring stage plans
+# its timed work into (calibrate, choose sizes, run the plan whole).  The rest of a stage is
+# fixed work (counting on meta, fake-tensor estimates, drawing) that a busy machine slows
+# ~2.5x, so a budget is what that work takes busy plus `measure_s`.  Goals (benchmarks/bench.py):
+# default <= 40 s quiet and <= 80 s busy, quick <= 15 s and <= 30 s.
+
+
+PROFILES = {
+    "default": {
+        "peak_s": 0.8,  # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
+        "flop": {"budget_s": 14.0, "models": None},  # 11 zoo models on fake tensors + a figure: ~6 s quiet, ~18 s busy
+        "memory": {
+            "budget_s": 13.0,        # ~22 tracked steps, half on fake tensors: ~4.5 s quiet, ~14 s busy
+            "batch": 16,
+            "models": None,          # all of MEMORY_MODELS
+            "growth_estimated": (1, 16, 64),     # memory is linear in batch: with the measured 4, four points
+            "growth_measured": (1, 4, 16),       # real steps, up to the figure's batch (reused)
+            # AMP fp16 holds the same bytes as AMP bf16 (fp32 weights, 2-byte copies): not estimated twice
+            "variants": ("fp32", "AMP bf16", "pure bf16", "fp32 + checkpoint", "AMP bf16 + checkpoint"),
+            "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # ~0.3 s with the profiler reading each token
+        },
+        "training": {
+            "budget_s": 10.0, "measure_s": 7.0,  # 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
+            "steps": 40, "min_steps": 30,        # equal steps for all; a plan never goes below 30
+            "batch": 256, "width": 128,          # shrunk (batch, then width) on a slow machine
+            "depth": 8,                          # narrow and deep: activations matter next to Adam state
+        },
+        "amp": {
+            "budget_s": 10.0, "measure_s": 7.0,  # 3 models x 3 precisions; TinyGPT's fp32 step ~0.3 s quiet
+            "batch": 32, "models": None,         # all of AMP_MODELS
+        },
+        "dashboard": {
+            "budget_s": 20.0,  # the FLOP stage's models: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
+            "latency_s": 6.5,  # batch 1 of every model; batch 8 of those that fit (ViT-B/16's takes ~7 s)
+        },
+        "model": {"budget_s": 45.0, "amp_s": 8.0, "latency_s": 3.0},  # --model: unknown size, generous
+        "lecture": {
+            "budget_s": 4.0,  # <= 4 s added to the default run: two small TinyGPT steps, fusion, figure; ~2 s quiet
+            # (layers, hidden): (4, 256) is the memory stage's, reused; (6, 384) took 0.6 s quiet, 5 s busy
+            "batch": 16, "gpt_sizes": ((2, 128), (4, 256), (2, 384)),
+            "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # only when the memory stage did not run
+            "fusion_shape": (2048, 1024), "fusion_s": 0.4,  # 8 MiB of fp32: a composed GELU ~5 ms quiet
+            "compile_s": 120.0,  # --compile: a child process killed after this
+        },
+    },
+    "quick": {
+        "peak_s": 0.3,  # 512-1024: a lower peak, still a real one
+        "flop": {"budget_s": 7.0, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
+        "memory": {
+            "budget_s": 6.0, "batch": 8,
+            "models": ("MLP-2048", "TinyGPT (T=64)"),  # an MLP and a transformer: each real+fake step ~1 s busy
+            "growth_estimated": (1, 8), "growth_measured": (8,),  # batch 8 is reused: one new estimate
+            "variants": ("fp32", "AMP bf16"),  # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
+            "kv": {"batch": 4, "prompt": 8, "new_tokens": 24},
+        },
+        "training": {
+            "budget_s": 4.5, "measure_s": 2.2,
+            "steps": 30, "min_steps": 30, "batch": 64, "width": 128,
+            "depth": 4,  # half the per-step overhead: 4 strategies x 30 steps fit on a busy laptop
+        },
+        "amp": {"budget_s": 2.5, "measure_s": 0.8, "batch": 16,
+                "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1 s
+        "dashboard": {"budget_s": 5.0, "latency_s": 0.6},  # the FLOP stage's quick zoo
+        "model": {"budget_s": 20.0, "amp_s": 3.0, "latency_s": 1.0},
+        "lecture": {"budget_s": 2.5, "batch": 8, "gpt_sizes": ((2, 128), (4, 256)),
+                    "kv": {"batch": 4, "prompt": 8, "new_tokens": 24},
+                    "fusion_shape": (1024, 1024), "fusion_s": 0.3, "compile_s": 60.0},
+    },
+}
+
+
+def _profile(profile, stage, quick=False):
+    """PROFILES[profile][stage]; `quick=True` (the older keyword of the run_* functions) is "quick"."""
+    profile = "quick" if quick else profile
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
+    return PROFILES[profile][stage]
+
 
 STAGES = ("flop", "memory", "training", "amp", "dashboard", "lecture")  # in the order they run
 STAGE_OVERRUN = 1.3  # a stage that ends within 1.3x its budget kept it (results.json "timing")
