@@ -3490,7 +3490,6 @@ LECTURE_CLAIMS = (
     ("fusion", "memory", "slight", (0.0, 0.25)),
     ("fusion", "speed", "~10-30%", (1.05, 1.45)),
 )
-TECHNIQUES = ("mixed_precision", "gradient_accumulation", "gradient_checkpointing", "fusion")
 
 
 def _training_measure(training, strategy, aspect):
@@ -5317,7 +5316,7 @@ PROFILES = {
             "models": ("MLP-2048", "TinyGPT (T=64)"),  # an MLP and a transformer: each real+fake step ~1 s busy
             "growth_estimated": (1, 8), "growth_measured": (8,),  # batch 8 is reused: one new estimate
             "variants": ("fp32", "AMP bf16"),  # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
-            "kv": {"batch": 4, "prompt": 8, "new_tokens": 24},
+            "kv": {"batch": 4, "prompt": 8, "new_tokens": 16},  # ~0.1 s quiet: a busy laptop's quick run is tight
         },
         "training": {
             "budget_s": 4.5, "measure_s": 2.2,
@@ -5329,8 +5328,8 @@ PROFILES = {
         "dashboard": {"budget_s": 5.0, "latency_s": 0.6},  # the FLOP stage's quick zoo
         "model": {"budget_s": 20.0, "amp_s": 3.0, "latency_s": 1.0},
         "lecture": {"budget_s": 2.5, "batch": 8, "gpt_sizes": ((2, 128), (4, 256)),
-                    "kv": {"batch": 4, "prompt": 8, "new_tokens": 24},
-                    "fusion_shape": (1024, 1024), "fusion_s": 0.3, "compile_s": 60.0},
+                    "kv": {"batch": 4, "prompt": 8, "new_tokens": 16},
+                    "fusion_shape": (512, 1024), "fusion_s": 0.2, "compile_s": 60.0},
     },
 }
 
