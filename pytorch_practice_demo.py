@@ -2333,6 +2333,8 @@ class _AmpTrainer:
         self.precision, self.device, self.training = precision, device, training
         self.dtype = AMP_DTYPES[precision]
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=1e-4) if training else None
+        if training:  # steady state from the first step: a GradScaler may skip the first steps (inf grads
+            _create_optimizer_state(self.replica, self.optimizer)  # at scale 65536), which leaves no Adam state
         self.scaler = _grad_scaler(precision, device)
 
     def forward(self):
@@ -2644,6 +2646,7 @@ class _StrategyRun:
         self.blocks = _checkpoint_blocks(self.replica) if strategy == "gradient_checkpointing" else 0
         self.micro_batches = accumulation if strategy == "gradient_accumulation" else 1
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=lr)
+        _create_optimizer_state(self.replica, self.optimizer)  # the state exists even if a scaler skips step 1
         self.scaler = _grad_scaler(self.precision, device)
 
     def step(self, x, y, tracker=None):
