@@ -794,6 +794,26 @@ CUDA_SOURCE = "CUDA caching allocator (max_memory_allocated)"
 ALLOCATOR_MARK = "lab::mark"
 
 
+@contextlib.contextmanager
+def _quiet_kineto():
+    """Kineto (torch.profiler's C++ side) writes "USDT ... profiler_start/stop" on every start and
+    stop, and "ERROR ... gpuGetDeviceCount failed" on a CUDA build without a GPU, straight to the
+    process's stderr: silenced (file descriptor 2) while the profiler starts and stops, only."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2 (some embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class _AllocatorPeak:
     """Reads the CPU allocator's own alloc/free events through torch.profiler (profile_memory=True)
     while the body runs: `peak_bytes` is the most allocated at once, counted from the start, and
@@ -823,13 +843,15 @@ class _AllocatorPeak:
         else:
             from torch.profiler import ProfilerActivity, profile
             self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self._prof.__enter__()
+            with _quiet_kineto():
+                self._prof.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self._prof is None:
             return False
-        self._prof.__exit__(*exc)
+        with _quiet_kineto():
+            self._prof.__exit__(*exc)
         if exc[0] is None:
             self.peak_bytes, self.end_bytes, self.marks = _running_peak(_cpu_allocations(self._prof))
         return False
@@ -3495,41 +3517,70 @@ LECTURE_CLAIMS = (
 )
 
 
+def _measured(value=None, spread=None, source=None, reason=None):
+    return {"value": value, "range": spread, "source": source, "reason": reason}
+
+
 def _training_measure(training, strategy, aspect):
-    """(value, source, reason) of one strategy against the baseline in the training comparison."""
+    """One strategy against the baseline in the training comparison: a speed-up (with the range its
+    throughput spreads give) or a saving."""
     runs = (training or {}).get("runs") or {}
     if not training or "runs" not in training:
-        return None, None, "the training comparison did not run"
+        return _measured(reason="the training comparison did not run")
     if strategy not in runs or "baseline" not in runs:
         missing = strategy if strategy not in runs else "baseline"
-        return None, None, (training.get("skipped") or {}).get(missing, f"{missing} was not run")
+        return _measured(reason=(training.get("skipped") or {}).get(missing, f"{missing} was not run"))
     base, run = runs["baseline"], runs[strategy]
     source = f"training comparison: {training['model']}, batch {training['batch']}, {run['precision']}"
     if aspect == "speed":
-        return run["samples_per_s"] / base["samples_per_s"], source, None
+        spread = None
+        if run.get("samples_per_s_range") and base.get("samples_per_s_range"):
+            (r_lo, r_hi), (b_lo, b_hi) = run["samples_per_s_range"], base["samples_per_s_range"]
+            spread = (r_lo / b_hi, r_hi / b_lo)
+        return _measured(run["samples_per_s"] / base["samples_per_s"], spread, source)
     key = "peak_memory_bytes" if strategy == "mixed_precision" else "activation_bytes"
-    return 1 - run[key] / base[key], source + (" (peak)" if key == "peak_memory_bytes" else " (activations)"), None
+    return _measured(1 - run[key] / base[key], None,
+                     source + (" (peak)" if key == "peak_memory_bytes" else " (activations)"))
 
 
 def _fusion_measure(fusion, aspect):
+    """Each fusion case's speed-up (with the range the two spreads give) or memory saving."""
     cases = (fusion or {}).get("cases") or {}
     if not cases:
-        return None, None, "fusion was not measured"
+        return _measured(reason="fusion was not measured")
     key = "speedup" if aspect == "speed" else "memory_saving"
     values = {name: case[key] for name, case in cases.items() if case[key] is not None}
     if not values:
-        return None, None, "no allocator reading on this device"
-    return values, f"fusion: {', '.join(values)} on {fusion['shape'][0]}x{fusion['shape'][1]} {fusion['dtype']}", None
+        return _measured(reason="no allocator reading on this device")
+    spread = None
+    if aspect == "speed":
+        timed = {name: (c["composed"], c["fused"]) for name, c in cases.items()
+                 if "spread_lo_s" in c.get("composed", {}) and "spread_lo_s" in c.get("fused", {})}
+        spread = {name: (a["spread_lo_s"] / b["spread_hi_s"], a["spread_hi_s"] / b["spread_lo_s"])
+                  for name, (a, b) in timed.items()}
+        spread = spread or None
+    return _measured(values, spread,
+                     f"fusion: {', '.join(values)} on {fusion['shape'][0]}x{fusion['shape'][1]} {fusion['dtype']}")
 
 
-def _verdict(value, agree):
+def _verdict(value, agree, spread=None):
+    """agree / disagree with the lecture's range; "uncertain" where the measured spread reaches
+    across the range's edge (a busy machine's timings); "partly" where cases differ."""
     if value is None:
         return "not_measured"
     if agree is None:
         return "info"
-    values = list(value.values()) if isinstance(value, dict) else [value]
-    inside = [agree[0] <= v <= agree[1] for v in values]
-    return "agree" if all(inside) else "disagree" if not any(inside) else "partly"
+    values = value if isinstance(value, dict) else {"": value}
+    spreads = spread if isinstance(spread, dict) else {"": spread} if spread else {}
+    kinds = set()
+    for name, v in values.items():
+        lo, hi = spreads.get(name) or (v, v)
+        lo, hi = min(lo, v), max(hi, v)
+        kinds.add("agree" if agree[0] <= lo and hi <= agree[1] else
+                  "disagree" if hi < agree[0] or lo > agree[1] else "uncertain")
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "uncertain" if kinds == {"uncertain", "agree"} or kinds == {"uncertain", "disagree"} else "partly"
 
 
 def lecture_claims(training=None, fusion=None):
@@ -3537,13 +3588,16 @@ def lecture_claims(training=None, fusion=None):
     training comparison (`training`, run_training_comparison's data) and the fusion measurement."""
     rows = []
     for technique, aspect, claim, agree in LECTURE_CLAIMS:
-        if technique == "fusion":
-            value, source, reason = _fusion_measure(fusion, aspect)
-        else:
-            value, source, reason = _training_measure(training, technique, aspect)
+        m = _fusion_measure(fusion, aspect) if technique == "fusion" else _training_measure(training, technique, aspect)
         rows.append({"technique": technique, "aspect": aspect, "claim": claim, "agree_range": agree,
-                     "measured": value, "source": source, "reason": reason, "verdict": _verdict(value, agree)})
+                     "measured": m["value"], "measured_range": m["range"], "source": m["source"],
+                     "reason": m["reason"], "verdict": _verdict(m["value"], agree, m["range"])})
     return rows
+
+
+def _speed_text(speedup):
+    """1.4 -> '1.40x faster', 0.45 -> '2.22x slower' (a slowdown is written as one)."""
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def format_lecture_table(data):
@@ -3555,7 +3609,7 @@ def format_lecture_table(data):
             text = f"not measured: {r['reason']}"
         else:
             values = value if isinstance(value, dict) else {"": value}
-            text = "; ".join((f"{k} {v:.2f}x" if r["aspect"] == "speed" else
+            text = "; ".join((f"{k} {_speed_text(v)}" if r["aspect"] == "speed" else
                               f"{k} {v:.0%} saved" if v >= 0 else f"{k} {-v:.0%} more").strip()
                              for k, v in values.items())
         lines.append(f"| {r['technique']} | {r['aspect']} | {r['claim']} | {text} | {r['source'] or '-'} | "
@@ -3571,8 +3625,9 @@ def format_lecture_table(data):
                      f"{r['lecture_total'] / 2 ** 20:.1f} MiB | {r['measured_total'] / 2 ** 20:.1f} MiB | "
                      f"{r['error']:+.1%} |")
     kv = data["kv_cache"]
-    lines.append(f"\nKV cache at {kv['tokens'][-1]} tokens: lecture {kv['formula_bytes'][-1] / 2 ** 20:.2f} MiB, "
-                 f"measured held {kv['held_bytes'][-1] / 2 ** 20:.2f} MiB ({kv['method']})")
+    if kv:
+        lines.append(f"\nKV cache at {kv['tokens'][-1]} tokens: lecture {kv['formula_bytes'][-1] / 2 ** 20:.2f} MiB, "
+                     f"measured held {kv['held_bytes'][-1] / 2 ** 20:.2f} MiB ({kv['method']})")
     return "\n".join(lines)
 
 
@@ -3984,9 +4039,12 @@ LABELS = {
     "kv_held": ("实测：每个 token 后仍占用", "measured: held after each token"),
     "kv_peak": ("实测：该 token 内的峰值（torch.cat 复制）", "measured: peak within the token (torch.cat copies)"),
     "tokens": ("序列长度（token）", "sequence length (tokens)"),
+    "kv_prefill": ("第一个 token：整段提示（{prompt} 个 token）一次算完，\n它的 logits 还在内存里",
+                   "first token: the whole prompt ({prompt} tokens) in one pass,\nits logits still held"),
     "lec_flops": ("FLOP 公式 vs 计数（TinyGPT 4×256，T=256）", "FLOP formulas vs counting (TinyGPT 4×256, T=256)"),
     "lec_flop_error": ("讲义公式相对计数的误差", "lecture formula vs counted"),
     "lec_flop_fixed": ("修正后的表达式", "corrected expression"),
+    "lec_flop_exact": ("讲义公式与计数一致", "lecture formula matches the count"),
     "lec_flop_notes": ("修正：每 token 前向 ≈ 24·L·H² + 4·L·T·H + 2·H·V（Kaplan et al. 2020 表 1）；"
                        "训练 ≈ 3 × 前向（6N 忽略注意力与 LM 头的使用方式）",
                        "corrected: forward per token ≈ 24·L·H² + 4·L·T·H + 2·H·V (Kaplan et al. 2020, Table 1); "
@@ -4026,6 +4084,12 @@ LABELS = {
     "verdict_info": ("—", "—"), "verdict_not_measured": ("未测", "not measured"),
     "saved": ("省 {p:.0%}", "{p:.0%} saved"), "more_memory": ("多用 {p:.0%}", "{p:.0%} more"),
     "src_training": ("训练对比", "training comparison"), "src_fusion": ("融合实测", "fusion"),
+    "src_no_training": ("训练对比未运行（--only 加上 training）", "training comparison not run (add it to --only)"),
+    "src_skipped": ("训练对比跳过了它（原因见 results.json）", "skipped by the training plan (see results.json)"),
+    "src_no_fusion": ("此设备读不到分配器", "no allocator reading on this device"),
+    "verdict_uncertain": ("不确定 *", "uncertain *"),
+    "uncertain_note": ("* 不确定：测量的波动范围（IQR）跨过了讲义区间的边界，这台机器上分不出相符与否",
+                       "* uncertain: the measured spread (IQR) crosses the edge of the lecture's range"),
     "act_suffix": ("（激活）", " (activations)"), "peak_suffix": ("（峰值）", " (peak)"),
     # your own model
     "own_title": ("你的模型：{model}", "Your model: {model}"),
@@ -4445,7 +4509,7 @@ def _plot_memory_error(ax, models):
             errors.append(100 * (predicted - measured) / measured)
         ax.bar(x + offset, errors, 0.4, color=color, label=_t(key))
         for xi, e in zip(x, errors):
-            ax.annotate(f"{e:+.1f}%", (xi + offset, e), xytext=(0, 2 if e >= 0 else -10),
+            ax.annotate(f"{round(e, 1) + 0.0:+.1f}%", (xi + offset, e), xytext=(0, 2 if e >= 0 else -10),
                         textcoords="offset points", ha="center", fontsize=8)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, names, fontsize=8)
@@ -4969,8 +5033,8 @@ def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, 
     return fig
 
 
-VERDICT_COLORS = {"agree": PALETTE.agree, "disagree": PALETTE.disagree, "partly": PALETTE.partly, "info": PALETTE.pale,
-                  "not_measured": PALETTE.unmeasured}
+VERDICT_COLORS = {"agree": PALETTE.agree, "disagree": PALETTE.disagree, "partly": PALETTE.partly,
+                  "uncertain": PALETTE.partly, "info": PALETTE.pale, "not_measured": PALETTE.unmeasured}
 
 
 def _plot_lecture_memory(ax, rows):
@@ -5009,6 +5073,10 @@ def _plot_kv_cache(ax, kv):
     ax.plot(tokens, np.array(kv["held_bytes"]) / MIB, color=PALETTE.blue, lw=2, label=_t("kv_held"))
     if kv.get("step_peak_bytes"):
         ax.plot(tokens, np.array(kv["step_peak_bytes"]) / MIB, ":", color=PALETTE.red, lw=1.5, label=_t("kv_peak"))
+    top = max(kv["held_bytes"] + kv["formula_bytes"]) / MIB
+    ax.annotate(_t("kv_prefill", prompt=kv["prompt"]), (tokens[0], kv["held_bytes"][0] / MIB),
+                xytext=(tokens[0] + 0.25 * (tokens[-1] - tokens[0]), 0.12 * top), fontsize=8, color=PALETTE.note,
+                arrowprops={"arrowstyle": "->", "color": PALETTE.note})
     ax.set_xlabel(_t("tokens"))
     ax.set_ylabel("MiB")
     ax.set_title(_t("lec_kv", layers=kv["layers"], hidden=kv["hidden"], batch=kv["batch"]), fontsize=10)
@@ -5022,8 +5090,10 @@ def _plot_flop_formulas(ax, rows):
     names = [_t("flop_" + r["name"]) for r in rows]
     y = np.arange(len(rows))
     errors = np.array([100 * r["error"] for r in rows])
-    ax.barh(y, errors, 0.5, color=[PALETTE.green if abs(e) < 1 else PALETTE.red for e in errors],
-            label=_t("lec_flop_error"))
+    ax.barh(y, errors, 0.5, color=[PALETTE.green if abs(e) < 1 else PALETTE.red for e in errors])
+    exact = [yi for yi, e in zip(y, errors) if abs(e) < 1]  # a 0 % bar has no width: a mark shows it
+    ax.scatter([0] * len(exact), exact, marker="o", s=60, color=PALETTE.green, zorder=3, label=_t("lec_flop_exact"))
+    ax.barh([], [], color=PALETTE.red, label=_t("lec_flop_error"))  # the legend's key for the off bars
     fixed = [(yi, 100 * r["correct_error"]) for yi, r in zip(y, rows) if r.get("correct_error") is not None]
     if fixed:
         ax.scatter([e for _, e in fixed], [yi for yi, _ in fixed], marker="D", color=PALETTE.blue, zorder=3,
@@ -5092,8 +5162,11 @@ def _claim_text(row):
 
 
 def _claim_source(row):
+    """The table's source cell, short: the stage the value came from, or why there is none."""
     if row["source"] is None:
-        return _wrap(row["reason"] or "", 40)
+        if row["technique"] == "fusion":
+            return _t("src_no_fusion")
+        return _t("src_no_training") if "did not run" in (row["reason"] or "") else _t("src_skipped")
     if row["technique"] == "fusion":
         return _t("src_fusion")
     return _t("src_training") + (_t("peak_suffix") if "(peak)" in row["source"] else
@@ -5118,6 +5191,8 @@ def _plot_claims_table(ax, rows):
             cell.set_facecolor(PALETTE.header)
         elif j in (3, 5):
             cell.set_facecolor(VERDICT_COLORS[rows[i - 1]["verdict"]])
+    if any(r["verdict"] == "uncertain" for r in rows):
+        ax.text(0.0, 0.02, _t("uncertain_note"), transform=ax.transAxes, fontsize=8, color=PALETTE.note)
     ax.set_title(_t("lec_table"), fontsize=11)
 
 
@@ -5309,6 +5384,7 @@ PROFILES = {
             "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # only when the memory stage did not run
             "fusion_shape": (2048, 1024), "fusion_s": 0.4,  # 8 MiB of fp32: a composed GELU ~5 ms quiet
             "compile_s": 120.0,  # --compile: a child process killed after this
+            "alone_s": 8.0,  # without the FLOP and memory stages' data: count TinyGPT, run the KV cache (busy ~10 s)
         },
     },
     "quick": {
@@ -5332,7 +5408,7 @@ PROFILES = {
         "model": {"budget_s": 20.0, "amp_s": 3.0, "latency_s": 1.0},
         "lecture": {"budget_s": 2.5, "batch": 8, "gpt_sizes": ((2, 128), (4, 256)),
                     "kv": {"batch": 4, "prompt": 8, "new_tokens": 16},
-                    "fusion_shape": (512, 1024), "fusion_s": 0.2, "compile_s": 60.0},
+                    "fusion_shape": (512, 1024), "fusion_s": 0.2, "compile_s": 60.0, "alone_s": 5.0},
     },
 }
 
@@ -5527,10 +5603,16 @@ def _stage_stamp(args):
     return {"finished_at": datetime.datetime.now().isoformat(timespec="seconds"), "options": options}
 
 
-def _stage_budget_s(args, stage):
-    """The stage's budget from PROFILES; --compile adds its child process's limit to the lecture's."""
+def _stage_budget_s(args, stage, done=None):
+    """The stage's budget from PROFILES.  The lecture's grows by `alone_s` when the FLOP or memory
+    stage's data is not there to reuse (it counts and measures them itself), and by `compile_s`
+    with --compile."""
     sizes = _profile(args.profile, stage)
-    return sizes["budget_s"] + (sizes["compile_s"] if stage == "lecture" and args.compile else 0)
+    if stage != "lecture":
+        return sizes["budget_s"]
+    done = done or {}
+    alone = any(not isinstance(done.get(s), (dict, list)) or "error" in done.get(s) for s in ("flop", "memory"))
+    return sizes["budget_s"] + (sizes["alone_s"] if alone else 0) + (sizes["compile_s"] if args.compile else 0)
 
 
 def _warn_ineffective(args):
@@ -5577,7 +5659,7 @@ def main(argv=None):
     results.pop("interrupted", None)
     failed, started, done = [], _now(), 0
     for stage in args.only:
-        budget = Budget(_stage_budget_s(args, stage))
+        budget = Budget(_stage_budget_s(args, stage, results["stages"]))
         threads, sample = (threads_for_load() if args.threads == "auto" else (int(args.threads), {}))
         torch.set_num_threads(threads)
         load_start = machine_load()

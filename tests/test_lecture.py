@@ -159,6 +159,15 @@ def test_claims_table_verdicts_and_slowdowns():
     assert rows["fusion", "speed"]["verdict"] == "agree"
     # a slowdown is written as one
     assert "25" in demo._claim_text(rows["mixed_precision", "speed"])
+    assert "25.00x slower" in demo.format_lecture_table({"claims": list(rows.values()), "flops": [], "memory": [],
+                                                         "kv_cache": None})
+
+
+def test_a_spread_across_the_claims_edge_is_uncertain():
+    assert demo._verdict(1.2, (1.05, 1.45), (0.9, 1.3)) == "uncertain"   # the slow end leaves the range
+    assert demo._verdict(1.2, (1.05, 1.45), (1.1, 1.3)) == "agree"
+    assert demo._verdict(3.0, (1.05, 1.45), (2.5, 3.5)) == "disagree"
+    assert demo._verdict({"a": 1.2, "b": 3.0}, (1.05, 1.45), {"a": (1.1, 1.3), "b": (2.9, 3.1)}) == "partly"
 
 
 def test_claims_without_the_training_stage_are_not_measured_with_a_reason():
