@@ -308,3 +308,26 @@ def test_amp_figure_says_why_each_bar_is_missing(monkeypatch):
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert demo._t("skip_budget") in texts  # a word at the bar's place ...
     assert "1000000.0x slower" in fig._supxlabel.get_text()  # ... and the full reason below the panels
+
+
+def test_a_first_use_warm_up_is_repeated_before_it_can_skip_a_precision(monkeypatch, clock):
+    # CUDA pays kernel selection on a precision's first step (~1 s on an H200 for TinyGPT's AMP):
+    # a warm-up far slower than the probe predicts is repeated, and the second one is judged
+    steps = iter([0.010, 0.010, 0.010, 0.010, 0.010, 0.010, 0.010])  # fp32: warm-up, calibration, runs
+
+    def fake_timed(device, fn, *args):
+        seconds = next(steps, 0.010)
+        clock.now += seconds
+        return None, seconds
+    monkeypatch.setattr(demo, "_timed", fake_timed)
+    monkeypatch.setattr(demo, "_matmul_slowdown", lambda device, precision: 1.0)
+    model, cpu = demo.mlp(64), torch.device("cpu")
+    args, kwargs = (torch.randn(4, 1024),), {}
+    fp32 = demo._benchmark_one(model, args, kwargs, "fp32", cpu, True, 5.0, None, 4)
+    assert fp32["skipped"] is None
+    steps = iter([1.0, 0.010])  # the first warm-up pays one-time costs, the second does not
+    amp = demo._benchmark_one(model, args, kwargs, "amp_bf16", cpu, True, 2.0, fp32, 4)
+    assert amp["skipped"] is None and amp["runs"] >= demo.AMP_MIN_RUNS
+    steps = iter([1.0, 1.0])  # slow both times: really too slow for its share, said so
+    slow = demo._benchmark_one(model, args, kwargs, "amp_bf16", cpu, True, 2.5, fp32, 4)
+    assert slow["skipped"] and "warm-up step took 1000 ms" in slow["skipped"]
