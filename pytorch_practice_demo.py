@@ -1976,12 +1976,11 @@ def _model_state(replica, optimizer):
 
 
 def _register_step_state(tracker, replica, optimizer, run_args, run_kwargs):
-    """Tensors alive before the step starts, each in its category."""
-    for category, tensor in _model_state(replica, optimizer):
-        tracker.add(tensor, category)
-    for x in tree_flatten((run_args, run_kwargs))[0]:
-        if isinstance(x, torch.Tensor):
-            tracker.add(x, "inputs")
+    """Tensors alive before the step starts, each in its category; returns the bytes of their
+    distinct storages (what was allocated before an allocator's reading of the step began)."""
+    keys = {tracker.add(tensor, category) for category, tensor in _model_state(replica, optimizer)}
+    keys |= {tracker.add(x, "inputs") for x in tree_flatten((run_args, run_kwargs))[0] if isinstance(x, torch.Tensor)}
+    return sum(tracker.info[key][0] for key in keys)
 
 
 def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None):
@@ -2160,7 +2159,7 @@ def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
     plus the model state that was alive before it.
     """
     tracker = _StorageTracker()
-    _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
+    state_bytes = _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
     peak = _PeakMemory(device)
     try:
         with peak:
@@ -2170,16 +2169,8 @@ def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
         tracker.close()
     summary["tracked_total"] = summary["total"]
     if peak.peak_bytes is not None:
-        summary["total"] = peak.peak_bytes + _state_bytes(replica, optimizer, run_args, run_kwargs)
+        summary["total"] = peak.peak_bytes + state_bytes
     return value, summary
-
-
-def _state_bytes(replica, optimizer, run_args, run_kwargs):
-    """Bytes of the distinct storages alive before a step: weights, buffers, optimizer state, inputs."""
-    tensors = [t for _, t in _model_state(replica, optimizer)]
-    tensors += [x for x in tree_flatten((run_args, run_kwargs))[0] if isinstance(x, torch.Tensor)]
-    storages = {id(t.untyped_storage()): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
 
 
 # ZeRO (Rajbhandari et al. 2020, Sec. 3 / Fig. 1): mixed-precision Adam holds per parameter
@@ -3533,8 +3524,10 @@ LECTURE_CLAIMS = (
 )
 
 
-def _measured(value=None, spread=None, source=None, reason=None):
-    return {"value": value, "range": spread, "source": source, "reason": reason}
+def _measured(value=None, spread=None, source=None, reason=None, basis=None, missing=None):
+    """One table cell's measurement.  basis: what a saving is of ("peak", "activations");
+    missing: why there is no value ("stage": the stage did not run, "skipped": its plan skipped it)."""
+    return {"value": value, "range": spread, "source": source, "reason": reason, "basis": basis, "missing": missing}
 
 
 def _training_measure(training, strategy, aspect):
@@ -3542,10 +3535,11 @@ def _training_measure(training, strategy, aspect):
     throughput spreads give) or a saving."""
     runs = (training or {}).get("runs") or {}
     if not training or "runs" not in training:
-        return _measured(reason="the training comparison did not run")
+        return _measured(reason="the training comparison did not run", missing="stage")
     if strategy not in runs or "baseline" not in runs:
         missing = strategy if strategy not in runs else "baseline"
-        return _measured(reason=(training.get("skipped") or {}).get(missing, f"{missing} was not run"))
+        return _measured(reason=(training.get("skipped") or {}).get(missing, f"{missing} was not run"),
+                         missing="skipped")
     base, run = runs["baseline"], runs[strategy]
     source = f"training comparison: {training['model']}, batch {training['batch']}, {run['precision']}"
     if aspect == "speed":
@@ -3554,20 +3548,20 @@ def _training_measure(training, strategy, aspect):
             (r_lo, r_hi), (b_lo, b_hi) = run["samples_per_s_range"], base["samples_per_s_range"]
             spread = (r_lo / b_hi, r_hi / b_lo)
         return _measured(run["samples_per_s"] / base["samples_per_s"], spread, source)
-    key = "peak_memory_bytes" if strategy == "mixed_precision" else "activation_bytes"
-    return _measured(1 - run[key] / base[key], None,
-                     source + (" (peak)" if key == "peak_memory_bytes" else " (activations)"))
+    basis = "peak" if strategy == "mixed_precision" else "activations"  # the lecture's claim is of each
+    key = "peak_memory_bytes" if basis == "peak" else "activation_bytes"
+    return _measured(1 - run[key] / base[key], None, f"{source} ({basis})", basis=basis)
 
 
 def _fusion_measure(fusion, aspect):
     """Each fusion case's speed-up (with the range the two spreads give) or memory saving."""
     cases = (fusion or {}).get("cases") or {}
     if not cases:
-        return _measured(reason="fusion was not measured")
+        return _measured(reason="fusion was not measured", missing="stage")
     key = "speedup" if aspect == "speed" else "memory_saving"
     values = {name: case[key] for name, case in cases.items() if case[key] is not None}
     if not values:
-        return _measured(reason="no allocator reading on this device")
+        return _measured(reason="no allocator reading on this device", missing="skipped")
     spread = None
     if aspect == "speed":
         timed = {name: (c["composed"], c["fused"]) for name, c in cases.items()
@@ -3596,7 +3590,7 @@ def _verdict(value, agree, spread=None):
                   "disagree" if hi < agree[0] or lo > agree[1] else "uncertain")
     if len(kinds) == 1:
         return kinds.pop()
-    return "uncertain" if kinds == {"uncertain", "agree"} or kinds == {"uncertain", "disagree"} else "partly"
+    return "partly" if {"agree", "disagree"} <= kinds else "uncertain"
 
 
 def lecture_claims(training=None, fusion=None):
@@ -3607,7 +3601,8 @@ def lecture_claims(training=None, fusion=None):
         m = _fusion_measure(fusion, aspect) if technique == "fusion" else _training_measure(training, technique, aspect)
         rows.append({"technique": technique, "aspect": aspect, "claim": claim, "agree_range": agree,
                      "measured": m["value"], "measured_range": m["range"], "source": m["source"],
-                     "reason": m["reason"], "verdict": _verdict(m["value"], agree, m["range"])})
+                     "reason": m["reason"], "basis": m["basis"], "missing": m["missing"],
+                     "verdict": _verdict(m["value"], agree, m["range"])})
     return rows
 
 
@@ -5179,15 +5174,12 @@ def _claim_text(row):
 
 def _claim_source(row):
     """The table's source cell, short: the stage the value came from, or why there is none."""
-    if row["source"] is None:
-        if row["technique"] == "fusion":
-            return _t("src_no_fusion")
-        return _t("src_no_training") if "did not run" in (row["reason"] or "") else _t("src_skipped")
+    missing = row.get("missing")
     if row["technique"] == "fusion":
-        return _t("src_fusion")
-    return _t("src_training") + (_t("peak_suffix") if "(peak)" in row["source"] else
-                                 _t("act_suffix") if "activations" in row["source"] and row["aspect"] == "memory"
-                                 else "")
+        return {None: _t("src_fusion"), "skipped": _t("src_no_fusion")}.get(missing, _t("verdict_not_measured"))
+    if missing is not None:
+        return _t("src_no_training") if missing == "stage" else _t("src_skipped")
+    return _t("src_training") + {"peak": _t("peak_suffix"), "activations": _t("act_suffix")}.get(row.get("basis"), "")
 
 
 def _plot_claims_table(ax, rows):
