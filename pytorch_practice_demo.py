@@ -76,6 +76,7 @@ import warnings
 import weakref
 from collections import Counter
 from pathlib import Path
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -103,6 +104,9 @@ BYTES_PER_ELEMENT = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 MIB, GIB = 2 ** 20, 2 ** 30
 
 
+FLOPS_PER_MAC = 2  # one multiply-add (MAC) is two floating-point operations: the lab's FLOP convention
+
+
 # One vocabulary for the whole API: amp_* = fp32 weights, matmuls under torch.autocast in that dtype;
 # bf16 / fp16 = the weights themselves in that dtype ("pure").  estimate_memory and measure_memory
 # take all five; benchmark_mixed_precision and the training comparison take fp32 and the amp_* ones.
@@ -115,6 +119,90 @@ AMP_DTYPES = {p: PRECISIONS[p] for p in ("fp32", "amp_bf16", "amp_fp16")}  # wha
 
 
 OPTIMIZER_STATES = {"sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}  # state tensors per parameter
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes and time budgets of one run, each with its reason (nanoGPT's config style).
+
+    Budgets are wall seconds on a 2-core laptop CPU, quiet or busy.  A stage's `*_budget_s` covers
+    the whole stage (counting, measuring, drawing, saving) and is what the stage runner checks it
+    against; `*_measure_s` is the part a measuring stage plans its timed work into.  The rest of a
+    stage is fixed work (counting on fake tensors, drawing) that a busy machine slows ~2.5x, so a
+    budget is what that work takes busy plus its `measure_s`.  Goals (benchmarks/bench.py):
+    default <= 40 s quiet and <= 80 s busy, quick <= 15 s and <= 30 s.  Nothing else holds a default.
+    """
+    name: str = "default"
+    peak_s: float = 0.8               # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
+    # FLOPs: 11 zoo models on fake tensors + a figure: ~6 s quiet, ~18 s busy
+    flop_budget_s: float = 14.0
+    flop_models: tuple | None = None  # None: all of MODEL_ZOO
+    # memory: ~22 tracked steps, half on fake tensors: ~4.5 s quiet, ~14 s busy
+    memory_budget_s: float = 13.0
+    memory_batch: int = 16
+    memory_models: tuple | None = None          # None: all of MEMORY_MODELS
+    growth_estimated: tuple = (1, 16, 64)       # memory is linear in batch: with the measured 4, four points
+    growth_measured: tuple = (1, 4, 16)         # real steps, up to the figure's batch (reused)
+    # AMP fp16 holds the same bytes as AMP bf16 (fp32 weights, 2-byte copies): not estimated twice
+    memory_variants: tuple = ("fp32", "AMP bf16", "pure bf16", "fp32 + checkpoint", "AMP bf16 + checkpoint")
+    kv: tuple = (8, 16, 48)                     # KV cache: batch, prompt, new tokens: ~0.3 s with the profiler
+    # training: 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
+    training_budget_s: float = 10.0
+    training_measure_s: float = 7.0
+    steps: int = 40                   # equal steps for all strategies ...
+    min_steps: int = 30               # ... and a plan never goes below this
+    training_batch: int = 256         # shrunk (batch, then width) on a slow machine
+    width: int = 128
+    depth: int = 8                    # narrow and deep: activations matter next to Adam state
+    # mixed precision: 3 models x 3 precisions; TinyGPT's fp32 step ~0.3 s quiet
+    amp_budget_s: float = 10.0
+    amp_measure_s: float = 7.0
+    amp_batch: int = 32
+    amp_models: tuple | None = None   # None: all of AMP_MODELS
+    # dashboard: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy) and the latencies
+    dashboard_budget_s: float = 20.0
+    latency_s: float = 6.5            # batch 1 of every model; batch 8 of those that fit (ViT-B/16's ~7 s)
+    # --model: a model of unknown size, generous
+    model_budget_s: float = 45.0
+    model_amp_s: float = 8.0
+    model_latency_s: float = 3.0
+    # the lecture: <= 4 s added to the default run (two small TinyGPT steps, fusion, figure; ~2 s quiet)
+    lecture_budget_s: float = 4.0
+    lecture_batch: int = 16
+    # (layers, hidden): (4, 256) is the memory stage's, reused; (6, 384) took 0.6 s quiet, 5 s busy
+    gpt_sizes: tuple = ((2, 128), (4, 256), (2, 384))
+    fusion_shape: tuple = (2048, 1024)  # 8 MiB of fp32: a composed GELU ~5 ms quiet
+    fusion_s: float = 0.4
+    compile_s: float = 120.0          # --compile: a child process killed after this
+    alone_s: float = 8.0              # lecture without the FLOP/memory stages' data: count, KV cache (busy ~10 s)
+
+    def budget_s(self, stage):
+        return getattr(self, f"{stage}_budget_s")
+
+    def kv_sizes(self):
+        return dict(zip(("batch", "prompt", "new_tokens"), self.kv))
+
+
+DEFAULT = Profile()
+QUICK = Profile(  # what differs from DEFAULT, and why
+    name="quick",
+    peak_s=0.3,                                   # 512-1024: a lower peak, still a real one
+    flop_budget_s=7.0, flop_models=("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT"),  # no torchvision import
+    memory_budget_s=6.0, memory_batch=8,
+    memory_models=("MLP-2048", "TinyGPT (T=64)"),  # an MLP and a transformer: each real+fake step ~1 s busy
+    growth_estimated=(1, 8), growth_measured=(8,),  # batch 8 is reused: one new estimate
+    memory_variants=("fp32", "AMP bf16"),          # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
+    kv=(4, 8, 16),                                 # ~0.1 s quiet: a busy laptop's quick run is tight
+    training_budget_s=4.5, training_measure_s=2.2, steps=30, training_batch=64,
+    depth=4,                                       # half the per-step overhead: fits a busy laptop
+    amp_budget_s=2.5, amp_measure_s=0.8, amp_batch=16,
+    amp_models=("MLP-1024",),                      # MLP-4096 (21 M parameters) does not fit 1 s
+    dashboard_budget_s=5.0, latency_s=0.6,         # the FLOP stage's quick zoo
+    model_budget_s=20.0, model_amp_s=3.0, model_latency_s=1.0,
+    lecture_budget_s=2.5, lecture_batch=8, gpt_sizes=((2, 128), (4, 256)),
+    fusion_shape=(512, 1024), fusion_s=0.2, compile_s=60.0, alone_s=5.0,
+)
+PROFILES = {"default": DEFAULT, "quick": QUICK}
 
 
 def readable(n, unit=""):
@@ -179,12 +267,16 @@ def available_devices():
 
 
 def resolve_device(device=None, model=None):
-    """The one device policy: a device you pass is checked and used; otherwise the model's own
-    (meta stays meta: estimates then run on CPU fake tensors, measurements refuse it); otherwise,
-    with no model (the run_* stages), the CPU.  Public functions take it as the keyword `device`."""
-    if device is not None:
-        return check_device(device)
-    return _model_device(model) if model is not None else torch.device("cpu")
+    """The one device policy, for the CLI and the library alike: a device you pass is checked and
+    used ("auto" and None: see below); otherwise the model's own (meta stays meta: estimates then
+    run on CPU fake tensors, measurements refuse it); with no model, the best one here: cuda, then
+    mps, then cpu.  Public functions take it as the keyword `device`."""
+    if device is None and model is not None:
+        return _model_device(model)
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
+                            else "cpu")
+    return check_device(device)
 
 
 def check_device(device):
@@ -679,19 +771,25 @@ def _warm_up_torch(device=None):
         torch.cuda.synchronize(device)
 
 
-def fitted_threads(fn):
-    """Run `fn` with torch's threads fitted to the machine's load (threads_for_load), and put the
-    caller's thread count back afterwards: a measuring call on a busy machine must not stall on
-    threads the machine cannot give it (a 0.16 ms forward measured 40 ms with two threads)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads_for_load()[0])
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-    return wrapper
+_FITTED = []  # depth of nested fitted_threads blocks: only the outermost samples the load
+
+
+@contextlib.contextmanager
+def fitted_threads(count=None):
+    """Torch's threads fitted to the machine's load (threads_for_load) inside the block, the
+    caller's count put back after it: a measurement on a busy machine must not stall on threads
+    the machine cannot give it (a 0.16 ms forward measured 40 ms with two threads).  Nested
+    blocks keep what the outermost chose (a stage fits once for everything it measures); `count`
+    sets the number instead (--threads N)."""
+    before = torch.get_num_threads()
+    if not _FITTED:
+        torch.set_num_threads(count or threads_for_load()[0])
+    _FITTED.append(before)
+    try:
+        yield
+    finally:
+        _FITTED.pop()
+        torch.set_num_threads(before)
 
 
 def _conditions(load_start, budget=None):
@@ -711,44 +809,146 @@ def _conditions(load_start, budget=None):
     return out
 
 
+# --- the one measuring harness ---------------------------------------------------------------
+# Every timed number of the lab comes from measure(): the matmul peak, the mixed-precision steps,
+# latency, fusion (and _timed, its one-run primitive, for the training steps, whose count the
+# training plan fixes).  NB: torch.utils.benchmark.Timer's blocked_autorange is the textbook way
+# to time a kernel, and measure() follows it (warm up, synchronise, median and IQR of many runs);
+# it is not used as such because its block-size search and its own warm-ups spend time no budget
+# can plan (a 0.3 s step would be run ~5 times before the first measured block), it cannot skip a
+# run that will not fit, and it loops forever on the injected test clock.  torch.utils.benchmark's
+# synchronised clock is what _timed does: synchronise the device, read the clock, run,
+# synchronise, read again.
+
+MIN_RUNS, MAX_RUNS = 3, 10  # the fewest timed runs with a spread worth drawing; the median is stable by 10
+FIRST_USE_FACTOR = 3  # a warm-up this much slower than predicted is paying one-time costs: warm up again
+
+
+def measure(fn, *args, device, budget_s, runs=(MIN_RUNS, MAX_RUNS), predicted_s=None, reserve_runs=0,
+            what="run", always=False):
+    """Time `fn(*args)` within `budget_s` seconds: the lab's one measuring harness.
+
+    1. predicted_s (a cheap probe's guess per run), when given, must leave room for a warm-up,
+       runs[0] timed runs and `reserve_runs` more (work the caller adds, e.g. a memory step);
+       otherwise nothing runs and `skipped` says why.
+    2. One warm-up run (allocator, kernel choice, caches); one far slower than predicted is
+       paying one-time costs (FIRST_USE_FACTOR): a second warm-up is judged instead.
+    3. The warm-up must leave room for runs[0] timed runs (and the reserve), else skipped.
+    4. The first timed run calibrates: as many runs as fit what is left (x PLAN_MARGIN), from
+       runs[0] to runs[1], all of them run.
+    `always`: never skip (runs[0] timed runs whatever the budget says).  Returns time_stats
+    (median_s, spread, runs, times_s) with warmup_s and skipped=None, or a skip:
+    {"skipped": reason, "median_s": None, "runs": 0, ...}.
+    """
+    budget, fewest, most = Budget(budget_s), runs[0], runs[1]
+    if predicted_s is not None and not always and not budget.fits(predicted_s * (1 + fewest + reserve_runs),
+                                                                   PLAN_MARGIN):
+        return _not_timed(f"predicted {predicted_s * 1e3:.0f} ms per {what}: a warm-up and {fewest} timed runs "
+                          f"need ~{predicted_s * (1 + fewest + reserve_runs):.1f} s, more than its {budget_s:.1f} s")
+    warm_s = _timed(device, fn, *args)[1]
+    if predicted_s is not None and warm_s > FIRST_USE_FACTOR * predicted_s and budget.fits(predicted_s * fewest):
+        warm_s = _timed(device, fn, *args)[1]
+    need = warm_s * (fewest + reserve_runs)  # an upper bound: a warm-up run is the slowest
+    if not (always or budget.fits(need)):
+        return _not_timed(f"the warm-up {what} took {warm_s * 1e3:.0f} ms: {fewest} timed runs need ~{need:.1f} s, "
+                          f"more than what is left of its {budget_s:.1f} s", warm_s)
+    times = [_timed(device, fn, *args)[1]]
+    planned = int(min(most, max(fewest, budget.left() // (times[0] * PLAN_MARGIN) + 1)))
+    times += [_timed(device, fn, *args)[1] for _ in range(planned - 1)]
+    return {**time_stats(times), "warmup_s": warm_s, "skipped": None}
+
+
+def _not_timed(reason, warm_s=None):
+    return {"median_s": None, "iqr_s": None, "spread_lo_s": None, "spread_hi_s": None, "spread": None, "runs": 0,
+            "times_s": [], "warmup_s": warm_s, "skipped": reason}
+
+
+# --- the one stage runner --------------------------------------------------------------------
+
+@dataclass
+class StageRun:
+    """What the stage runner hands a stage's lesson: where and how big to run, and a clock."""
+    device: torch.device
+    profile: Profile
+    budget: Budget              # the whole stage's, started when the stage starts
+    seed: int = 0
+    progress: object = None     # progress(done, total, name), or None
+
+    def report(self, done, total, name):
+        if self.progress:
+            self.progress(done, total, name)
+
+
+def run_stage(lesson, *args, device=None, profile=DEFAULT, seed=0, progress=None, budget_s=None, threads=None,
+              **reused):
+    """Run one stage's `lesson(run, **reused)` the one way every stage runs: the device resolved,
+    torch's one-time costs paid before the budget starts, the profile's budget started, threads
+    fitted to the machine's load, the data seeded; the lesson's data gets `conditions` (load,
+    threads, busy, budget and wall time).  `reused` is earlier stages' data, passed on by name;
+    `budget_s` replaces the profile's budget for the stage, `threads` the fitted thread count."""
+    profile = PROFILES.get(profile, profile) if isinstance(profile, str) else profile  # "quick" names QUICK
+    if not isinstance(profile, Profile):
+        raise (ValueError if isinstance(profile, str) else TypeError)(
+            f"profile must be a Profile or one of {list(PROFILES)} (DEFAULT, QUICK), got {profile!r}")
+    device = resolve_device(device, next((a for a in args if isinstance(a, nn.Module)), None))  # yours decides
+    if lesson.measures:
+        _warm_up_torch(device)
+    seed_everything(seed)
+    load_start, budget = machine_load(), Budget(budget_s or profile.budget_s(lesson.stage))
+    with fitted_threads(threads):
+        data = lesson.body(StageRun(device, profile, budget, seed, progress), *args, **reused)
+        data["conditions"] = _conditions(load_start, budget)
+    return data
+
+
+def stage(name, measures=True):
+    """Make `body(run, **reused)` the stage `name`: called as fn(device=..., profile=..., seed=...,
+    progress=..., **reused) it runs through run_stage (`measures`: it times something, so torch's
+    one-time costs are paid first)."""
+    def wrap(body):
+        @functools.wraps(body)
+        def staged(*args, **options):
+            return run_stage(staged, *args, **options)
+        staged.stage, staged.body, staged.measures = name, body, measures
+        return staged
+    return wrap
+
+
 # --- the device's peak: square matmuls swept from small to large -----------------------------
 
 PEAK_SIZES = (512, 1024, 2048, 4096, 8192)  # the sweep stops early: when the rate stops rising, or the budget
 PEAK_ALWAYS = 1024  # sizes up to this are always measured: below it thread start-up and a busy machine's
                     # stalls hide the peak (a 512 matmul: 11 GFLOP/s busy with 2 threads, 58 at 1024)
-PEAK_REPEATS = (3, 10)  # timed runs per size: at least 3, more while they are cheap; the fastest counts
 PEAK_RISE = 1.05        # a larger size must beat the best so far by 5 % to go on
 
 
-def measure_peak_flops(device, precision="fp32", *, time_budget_s=None, sizes=PEAK_SIZES):
+def measure_peak_flops(device, precision="fp32", *, time_budget_s=DEFAULT.peak_s, sizes=PEAK_SIZES):
     """The device's peak FLOP/s: the best rate over a sweep of square matmuls (2 n^3 FLOPs each).
 
     The denominator of MFU (PaLM, Appendix B), measured here rather than read from a data sheet.
-    Each size gets a warm-up and 3 to 10 timed runs (as many as an eighth of the budget buys);
-    its rate is its fastest run (a peak is a best case).  The sweep goes up while the rate still
-    rises by PEAK_RISE; past PEAK_ALWAYS it stops before a size whose predicted time ((n / previous
-    n)^3 x the previous run, x 4) would not fit the budget.  One slow small run never ends it.
-    Low precisions run under autocast, as the training steps do.  Returns the rate, the size that
+    Each size is measured (measure) within an eighth of the budget, 3 to 10 runs; its rate is its
+    fastest run (a peak is a best case).  The sweep goes up while the rate still rises by
+    PEAK_RISE; past PEAK_ALWAYS it stops before a size whose predicted time ((n / previous n)^3 x
+    the previous run, x 4) would not fit the budget.  One slow small run never ends it.  Low
+    precisions run under autocast, as the training steps do.  Returns the rate, the size that
     reached it, every size's best/median/worst rate and repeats, and why the sweep stopped.
     """
     device = torch.device(device)
-    budget = Budget(time_budget_s or PROFILES["default"]["peak_s"])
-    fewest, most = PEAK_REPEATS
+    budget = Budget(time_budget_s)
     sweep, stopped = [], "largest size reached"
     with _autocast(AMP_DTYPES[precision], device):
         for n in sizes:
             if sweep and n > PEAK_ALWAYS:
-                predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (fewest + 1)
+                predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (MIN_RUNS + 1)
                 if not budget.fits(predicted):
                     stopped = f"{n}x{n} (predicted {predicted:.2f} s) does not fit the budget"
                     break
             a = torch.randn(n, n, device=device)
-            warm_s = _timed(device, torch.matmul, a, a)[1]  # warm-up: kernel selection, caches, threads
-            repeats = int(min(most, max(fewest, budget.seconds / 8 // max(warm_s, 1e-9))))
-            times = [_timed(device, torch.matmul, a, a)[1] for _ in range(repeats)]
-            rates = sorted(2 * n ** 3 / max(t, 1e-9) for t in times)
-            sweep.append({"size": n, "repeats": repeats, "best_s": min(times), "best_flops_per_s": rates[-1],
-                          "median_flops_per_s": spread(rates)[0], "worst_flops_per_s": rates[0]})
+            timed = measure(torch.matmul, a, a, device=device, budget_s=budget.seconds / 8, always=True)
+            rates = sorted(FLOPS_PER_MAC * n ** 3 / max(t, 1e-9) for t in timed["times_s"])  # n^3 multiply-adds
+            sweep.append({"size": n, "repeats": timed["runs"], "best_s": min(timed["times_s"]),
+                          "best_flops_per_s": rates[-1], "median_flops_per_s": spread(rates)[0],
+                          "worst_flops_per_s": rates[0]})
             best_before = max((s["best_flops_per_s"] for s in sweep[:-1]), default=0.0)
             if len(sweep) > 1 and rates[-1] < PEAK_RISE * best_before:
                 stopped = f"the rate stopped rising at {n}x{n}"
@@ -779,17 +979,15 @@ def checked_utilisation(achieved_flops_per_s, peak, remeasure):
                         f"{readable(peak['flops_per_s'], 'FLOP/s')} even after measuring the peak again")
 
 
-def _matmul_slowdown(device, precision, size=256, reps=3):
-    """Time one size x size matmul under autocast vs fp32: a cheap predictor of a step's slowdown."""
+def _matmul_slowdown(device, precision, size=256):
+    """A size x size matmul under autocast vs fp32 (fastest of 3 runs each): a cheap predictor of
+    a step's slowdown."""
     a = torch.randn(size, size, device=device)
 
-    def time_it(ctx):
+    def fastest(ctx):
         with ctx:
-            a @ a  # warm-up
-            return min(_timed(device, torch.matmul, a, a)[1] for _ in range(reps))
-    fp32 = time_it(contextlib.nullcontext())
-    low = time_it(torch.autocast(device.type, dtype=AMP_DTYPES[precision]))
-    return low / max(fp32, 1e-9)
+            return min(measure(torch.matmul, a, a, device=device, budget_s=1e9, runs=(3, 3))["times_s"])
+    return fastest(torch.autocast(device.type, dtype=AMP_DTYPES[precision])) / fastest(contextlib.nullcontext())
 
 
 ALLOCATOR_SOURCE = "CPU allocator events (torch.profiler, profile_memory=True)"
@@ -1566,7 +1764,8 @@ class _CountingMode(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.phase = "forward"
-        self.macs = Counter()          # phase -> multiply-adds
+        self.macs = Counter()          # phase -> matmul-class multiply-adds
+        self.flops = Counter()         # phase -> the same work in FLOPs (FLOPS_PER_MAC x macs)
         self.other = Counter()         # phase -> other FLOPs
         self.by_operator = Counter()   # forward op name -> FLOPs (matmul-class and other)
         self.by_module = Counter()     # module name -> forward matmul-class FLOPs
@@ -1587,17 +1786,20 @@ class _CountingMode(TorchDispatchMode):
                 self.by_operator[name] += extra
         if kind == "unsupported":
             self.unsupported[name] += 1
-        elif kind == "macs":
-            self.macs[self.phase] += amount
         elif kind == "other":
             self.other[self.phase] += amount
-        if self.phase == "forward" and kind in ("macs", "other"):
-            self.by_operator[name] += 2 * amount if kind == "macs" else amount
-            if kind == "macs":
+            if self.phase == "forward":
+                self.by_operator[name] += amount
+        elif kind == "macs":
+            flops = FLOPS_PER_MAC * amount  # the lab's one conversion of multiply-adds into FLOPs
+            self.macs[self.phase] += amount
+            self.flops[self.phase] += flops
+            if self.phase == "forward":
+                self.by_operator[name] += flops
                 for module_name in dict.fromkeys(name for name, _ in self.module_stack):
-                    self.by_module[module_name] += 2 * amount
+                    self.by_module[module_name] += flops
                 innermost = self.module_stack[-1][1] if self.module_stack else None
-                self.by_class[_work_class(name, innermost)] += 2 * amount
+                self.by_class[_work_class(name, innermost)] += flops
         return out
 
 
@@ -1718,20 +1920,19 @@ class FLOPCalculator:
 
     @staticmethod
     def _result(model, args, kwargs, inference, training, mode_note):
-        macs = inference.macs["forward"]
-        backward_macs = training.macs["backward"]
+        macs, flops = inference.macs["forward"], inference.flops["forward"]
         parameters = sum(p.numel() for p in model.parameters())
         unsupported = inference.unsupported | training.unsupported  # calls per pass, either pass
         return {
             "model": type(model).__name__,
             "input_shape": _shapes(args, kwargs),
-            "flops": 2 * macs,
+            "flops": flops,
             "macs": macs,
             "other_flops": inference.other["forward"],
-            "training_flops": 2 * (training.macs["forward"] + backward_macs),
-            "backward_flops": 2 * backward_macs,
+            "training_flops": training.flops["forward"] + training.flops["backward"],
+            "backward_flops": training.flops["backward"],
             "training_other_flops": training.other["forward"] + training.other["backward"],
-            "flops_readable": readable(2 * macs, "FLOPs"),
+            "flops_readable": readable(flops, "FLOPs"),
             "macs_readable": readable(macs, "MACs"),
             "parameters": parameters,
             "parameters_readable": readable(parameters),
@@ -1749,23 +1950,18 @@ FLOP_RECORD_KEYS = ("flops", "macs", "other_flops", "training_flops", "backward_
                     "trainable_parameters", "by_operator", "by_class", "unsupported_ops", "mode", "input_shape")
 
 
-def run_flop_analysis(models=None, *, batch=1, quick=False, progress=None, profile="default"):
-    """Count every zoo model at `batch`; return one record (dict) per model.
-
-    Models are built on the meta device, so this takes seconds even for ViT-B/16.  `models`
-    defaults to the profile's list (all of MODEL_ZOO by default; `quick=True` is profile "quick").
-    `progress(done, total, name)` is called after each model when given.
-    """
-    names = list(models or _profile(profile, "flop", quick)["models"] or MODEL_ZOO)
+@stage("flop", measures=False)
+def run_flop_analysis(run, *, models=None, batch=1):
+    """Count every zoo model at `batch` (the profile's list by default); one record (dict) per model.
+    Models are built on the meta device, so this takes seconds even for ViT-B/16."""
+    names = list(models or run.profile.flop_models or MODEL_ZOO)
     records = []
     for i, name in enumerate(names):
         kind, _, make_inputs = MODEL_ZOO[name]
         result = FLOPCalculator().analyze_model(build_model(name), make_inputs(batch))
-        records.append({"name": name, "kind": kind, "batch": batch,
-                        **{k: result[k] for k in FLOP_RECORD_KEYS}})
-        if progress:
-            progress(i + 1, len(names), name)
-    return records
+        records.append({"name": name, "kind": kind, "batch": batch, **{k: result[k] for k in FLOP_RECORD_KEYS}})
+        run.report(i + 1, len(names), name)
+    return {"records": records}
 
 
 # %% =============================================================================================
@@ -2194,35 +2390,30 @@ def _memory_pair(model, inputs, **options):
             "measured": measure_memory(model, inputs, **options)}
 
 
-def run_memory_analysis(*, quick=False, device=None, batch=None, progress=None, profile="default"):
-    """Estimate and measure training/inference memory of the profile's MEMORY_MODELS; return plain data."""
-    sizes = _profile(profile, "memory", quick)
-    device = resolve_device(device)
-    batch = batch or sizes["batch"]
-    data = {"device": _device_name(device), "batch": batch, "optimizer": "adam", "dtype": "fp32", "models": {}}
-    names = list(sizes["models"] or MEMORY_MODELS)
+@stage("memory")
+def run_memory_analysis(run, *, batch=None):
+    """Estimate and measure training and inference memory of the profile's MEMORY_MODELS; then, on
+    TinyGPT, how memory grows with the batch, what precision and checkpointing save, and the KV cache."""
+    batch = batch or run.profile.memory_batch
+    data = {"device": _device_name(run.device), "batch": batch, "optimizer": "adam", "dtype": "fp32", "models": {}}
+    names, built = list(run.profile.memory_models or MEMORY_MODELS), {}
     for i, name in enumerate(names):
         builder, inputs = MEMORY_MODELS[name]
-        with torch.device(device):
-            model = builder()
+        with torch.device(run.device):
+            built[name] = model = builder()
         data["models"][name] = {"training": _memory_pair(model, inputs(batch)),
                                 "inference": _memory_pair(model, inputs(batch), training=False)}
-        if name == "TinyGPT (T=64)":
-            gpt, gpt_inputs = model, inputs
-        if progress:
-            progress(i + 1, len(names) + 2, name)
+        run.report(i + 1, len(names) + 2, name)
+    gpt, gpt_inputs = built["TinyGPT (T=64)"], MEMORY_MODELS["TinyGPT (T=64)"][1]  # the rest is about TinyGPT
     known = {batch: data["models"]["TinyGPT (T=64)"]["training"]}  # reused, not run again
-    data["growth"] = _memory_growth(gpt, gpt_inputs, sizes["growth_measured"], sizes["growth_estimated"], known)
-    if progress:
-        progress(len(names) + 1, len(names) + 2, "batch growth")
-    data["variants"] = _memory_variants(gpt, gpt_inputs(batch), sizes["variants"] or MEMORY_VARIANTS,
-                                        known[batch]["estimate"])
+    data["growth"] = _memory_growth(gpt, gpt_inputs, run.profile.growth_measured, run.profile.growth_estimated, known)
+    run.report(len(names) + 1, len(names) + 2, "batch growth")
+    data["variants"] = _memory_variants(gpt, gpt_inputs(batch), run.profile.memory_variants, known[batch]["estimate"])
     data["gpt_parameters"] = sum(p.numel() for p in gpt.parameters())
-    data["kv_cache"] = measure_kv_cache(gpt, **sizes["kv"])
+    data["kv_cache"] = measure_kv_cache(gpt, **run.profile.kv_sizes())
     seven_b = 7_000_000_000
     data["zero"] = {"parameters": seven_b, "devices": 8, "per_device": zero_memory_per_device(seven_b, 8)}
-    if progress:
-        progress(len(names) + 2, len(names) + 2, "precision and sharding")
+    run.report(len(names) + 2, len(names) + 2, "precision and sharding")
     return data
 
 
@@ -2321,11 +2512,6 @@ def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
 # without AMX is predicted, said and skipped rather than waited for.
 
 
-AMP_MAX_RUNS = 10  # timed runs per precision at most: the median is stable by then
-AMP_MIN_RUNS = 3   # the fewest timed runs that give a spread worth drawing
-FIRST_USE_FACTOR = 3  # a warm-up step this much slower than predicted is paying one-time costs: warm up again
-
-
 def _slow_low_precision_reason(device, precision):
     """Why a low precision can be slower than fp32 here, from what the hardware reports."""
     device = torch.device(device)
@@ -2385,30 +2571,46 @@ def _max_rel_error(outputs, reference):
     return max(float((o - r).abs().max()) for o, r in zip(outputs, reference)) / scale
 
 
-@fitted_threads
-def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, training=True, time_budget_s=None,
-                              max_runs=AMP_MAX_RUNS):
+def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, training=True,
+                              time_budget_s=DEFAULT.model_amp_s, max_runs=MAX_RUNS):
     """Time a training step (or a forward) of `model` in fp32 and each low precision.
 
     Returns one record per precision: median_s with its spread (time_stats), runs,
     peak_memory_bytes, speedup_vs_fp32 (below 1 is a slowdown), max_rel_error_vs_fp32 (outputs),
     skipped (reason or None) with skip_kind ("unsupported", "budget", "failed"), note, and the
-    hardware.  The work is planned within `time_budget_s` (default: the default profile's AMP
-    share of one model): each precision gets an equal share of what is left; a cheap matmul
-    probe predicts how slow a low precision will be, and one that cannot fit AMP_MIN_RUNS timed
-    runs in its share is skipped with that reason; the others time one calibration step, measure
-    memory in one step, then as many runs as fit (AMP_MIN_RUNS to `max_runs`), all of them.
+    hardware.  fp32 is the reference and may take half of `time_budget_s`; every other precision
+    gets an equal share of what is left, and is timed by measure() with a cheap matmul probe's
+    prediction, so that one too slow for its share is skipped with that reason.
     """
     _check_model(model)
-    _warm_up_torch(resolve_device(device, model))
-    profile = _profile("default", "amp")
-    budget = Budget(time_budget_s if time_budget_s is not None
-                    else profile["measure_s"] / len(AMP_MODELS))
-    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
-        raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
     device = resolve_device(device, model)
+    precisions = _check_amp_options(precisions, max_runs, device)
+    args, kwargs = _normalize_inputs(inputs, model)
+    run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
+    budget, hardware, dtype = Budget(time_budget_s), hardware_info(device), _model_dtype(model)
+    records, reference = [], None
+    with fitted_threads():
+        for i, precision in enumerate(precisions):
+            share = budget.left() / 2 if i == 0 and len(precisions) > 1 else budget.share(len(precisions) - i)
+            try:
+                record = _benchmark_one(model, run_args, run_kwargs, precision, device, training, share, reference,
+                                        max_runs)
+            except Exception as err:
+                if i == 0:
+                    raise _run_error(model, args, kwargs, err) from None
+                record = _skipped(precision, "failed", f"failed: {_first_line(err)}")
+            reference = record if precision == "fp32" else reference
+            records.append({**record, "device": str(device), "training": training, "hardware": hardware,
+                            "model_dtype": str(dtype)[6:]})
+    return records
+
+
+def _check_amp_options(precisions, max_runs, device):
+    """The precisions to time, fp32 (the reference) first; a ValueError for a bad list or max_runs."""
     if device.type == "meta":
         raise ValueError("benchmark_mixed_precision needs real weights; the model is on the meta device")
+    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+        raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
     if isinstance(precisions, str):
         raise ValueError(f"precisions must be a list such as [{precisions!r}], not a string; valid names: "
                          f"{list(AMP_DTYPES)}")
@@ -2419,37 +2621,7 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
         raise ValueError(f"precisions must be among {list(AMP_DTYPES)}, got {unknown}"
                          + (f" ({', '.join(pure)}: pure low-precision weights, an estimate_memory precision; "
                             f"autocast is amp_{pure[0]})" if pure else ""))
-    precisions = ["fp32"] + [p for p in precisions if p != "fp32"]  # fp32 is the reference
-    args, kwargs = _normalize_inputs(inputs, model)
-    run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
-    hardware = hardware_info(device)
-    records, reference, dtype = [], None, _model_dtype(model)
-    for i, precision in enumerate(precisions):
-        # fp32 is the reference every other precision needs: it may take half, the rest share alike
-        share = budget.left() / 2 if i == 0 and len(precisions) > 1 else budget.share(len(precisions) - i)
-        if precision != "fp32" and dtype != torch.float32:  # NB: "fp32" is then the model as given
-            records.append({**_skipped(precision, "unsupported", f"autocast casts float32 ops only; this model "
-                                                                 f"computes in {str(dtype)[6:]}: nothing would change"),
-                            "device": str(device), "training": training, "hardware": hardware,
-                            "model_dtype": str(dtype)[6:]})
-            continue
-        if reference is not None and reference["skipped"]:
-            records.append({**_skipped(precision, "budget", "no fp32 reference: it did not fit the budget"),
-                            "device": str(device), "training": training, "hardware": hardware,
-                            "model_dtype": str(dtype)[6:]})
-            continue
-        try:
-            record = _benchmark_one(model, run_args, run_kwargs, precision, device, training, share, reference,
-                                    max_runs)
-        except Exception as err:
-            if i == 0:
-                raise _run_error(model, args, kwargs, err) from None
-            record = _skipped(precision, "failed", f"failed: {_first_line(err)}")
-        if precision == "fp32":
-            reference = record
-        records.append({**record, "device": str(device), "training": training, "hardware": hardware,
-                        "model_dtype": str(dtype)[6:]})
-    return records
+    return ["fp32"] + [p for p in precisions if p != "fp32"]
 
 
 def _skipped(precision, kind, reason):
@@ -2459,48 +2631,45 @@ def _skipped(precision, kind, reason):
 
 
 def _benchmark_one(model, run_args, run_kwargs, precision, device, training, share_s, reference, max_runs):
-    """One precision: gate on a probe, warm up, calibrate, measure memory, then the planned runs."""
-    if precision not in supported_precisions(device):
-        return _skipped(precision, "unsupported", f"autocast {precision} is not supported on {device.type}")
-    slow_reason = _slow_low_precision_reason(device, precision)
-    predicted = None
-    if reference is not None:  # gate a low precision on a cheap probe before building anything
-        factor = _matmul_slowdown(device, precision)
-        predicted = reference["median_s"] * factor
-        need = predicted * (AMP_MIN_RUNS + 5)  # warm-up, the memory step (~3 steps), the timed runs
-        if need > share_s:
-            return _skipped(precision, "budget",
-                            f"a matmul probe predicts {_ratio_words(factor)} ({predicted * 1e3:.0f} ms per step): "
-                            f"{AMP_MIN_RUNS} timed runs need ~{need:.1f} s, more than its {share_s:.1f} s share"
-                            + (f"; {slow_reason}" if slow_reason else ""))
+    """One precision: why it cannot run here, or its steps timed (measure, gated by a matmul
+    probe's prediction), one more step for its memory, its outputs' error against fp32."""
+    why_not = _why_not_amp(precision, device, _model_dtype(model), reference)
+    if why_not:
+        return _skipped(precision, *why_not)
     started = _now()
+    factor = _matmul_slowdown(device, precision) if reference else None
     trainer = _AmpTrainer(model, run_args, run_kwargs, precision, device, training)
     outputs = trainer.outputs()
-    warm_s = _timed(device, trainer.step)[1]  # warm-up: allocator, autocast caches, optimizer state
-    left = share_s - (_now() - started)
-    if predicted is not None and warm_s > FIRST_USE_FACTOR * predicted and predicted * (AMP_MIN_RUNS + 4) < left:
-        # far slower than the probe predicts: one-time costs (CUDA kernel selection, first-use
-        # compilation) that a second warm-up no longer pays; the gate judges that one
-        warm_s = _timed(device, trainer.step)[1]
-    need = warm_s * (AMP_MIN_RUNS + 3)  # an upper bound: a warm-up step is the slowest
-    if need > share_s - (_now() - started):
-        return _skipped(precision, "budget", f"the warm-up step took {warm_s * 1e3:.0f} ms: the memory step and "
-                                             f"{AMP_MIN_RUNS} timed runs need ~{need:.1f} s, more than what is "
-                                             f"left of its {share_s:.1f} s share")
-    times = [_timed(device, trainer.step)[1]]  # calibration: the first timed run
+    timed = measure(trainer.step, device=device, budget_s=max(share_s - (_now() - started), 1e-9),
+                    runs=(MIN_RUNS, max_runs), predicted_s=reference["median_s"] * factor if reference else None,
+                    reserve_runs=3, what="step")  # the memory step below costs ~3 steps
+    slow_reason = _slow_low_precision_reason(device, precision)
+    if timed["skipped"]:
+        probe = f"a matmul probe predicts {_ratio_words(factor)}; " if reference else ""
+        return _skipped(precision, "budget", probe + timed["skipped"] + (f"; {slow_reason}" if slow_reason else ""))
     peak, activations = _peak_memory(trainer, device)
-    left = share_s - (_now() - started)
-    planned = int(min(max_runs, max(AMP_MIN_RUNS, left // (times[0] * PLAN_MARGIN))))
-    times += [_timed(device, trainer.step)[1] for _ in range(planned - 1)]
-    stats = time_stats(times)
-    error = _max_rel_error(outputs, reference["outputs"]) if reference else 0.0
-    speedup = reference["median_s"] / stats["median_s"] if reference else 1.0
+    speedup = reference["median_s"] / timed["median_s"] if reference else 1.0
     note = None
     if reference is not None:
         note = _ratio_words(1 / speedup) + (f": {slow_reason}" if speedup < 1 / 1.1 and slow_reason else "")
-    return {"precision": precision, **stats, "peak_memory_bytes": peak, "activation_bytes": activations,
-            "speedup_vs_fp32": speedup, "max_rel_error_vs_fp32": error, "skipped": None, "skip_kind": None,
-            "note": note, "outputs": outputs, "loss_scale": _loss_scale(trainer.scaler)}
+    return {"precision": precision, **timed, "peak_memory_bytes": peak, "activation_bytes": activations,
+            "speedup_vs_fp32": speedup, "skipped": None, "skip_kind": None, "note": note, "outputs": outputs,
+            "max_rel_error_vs_fp32": _max_rel_error(outputs, reference["outputs"]) if reference else 0.0,
+            "loss_scale": _loss_scale(trainer.scaler)}
+
+
+def _why_not_amp(precision, device, dtype, reference):
+    """(skip kind, reason) when `precision` cannot be timed here at all, else None."""
+    if precision == "fp32":
+        return None
+    if precision not in supported_precisions(device):
+        return "unsupported", f"autocast {precision} is not supported on {device.type}"
+    if dtype != torch.float32:  # NB: "fp32" is then the model as given
+        return "unsupported", (f"autocast casts float32 ops only; this model computes in {str(dtype)[6:]}: "
+                               "nothing would change")
+    if reference is None or reference["skipped"]:
+        return "budget", "no fp32 reference: it did not fit the budget"
+    return None
 
 
 def _peak_memory(trainer, device):
@@ -2510,31 +2679,24 @@ def _peak_memory(trainer, device):
     return summary["total"], summary["activation_bytes"]
 
 
-def run_amp_analysis(*, quick=False, device=None, batch=None, time_budget_s=None, seed=0, progress=None,
-                     profile="default"):
-    """Run benchmark_mixed_precision on the profile's AMP_MODELS within `time_budget_s` in all (default:
-    the profile's `measure_s`), each model an equal share of what is left; return plain data."""
-    sizes = _profile(profile, "amp", quick)
-    device = resolve_device(device)
-    batch = batch or sizes["batch"]
-    _warm_up_torch(device)  # before the budget starts: one-time costs are the process's
-    budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
-    load_start = machine_load()
-    names = list(sizes["models"] or AMP_MODELS)
-    data = {"device": _device_name(device), "batch": batch, "hardware": hardware_info(device), "models": {},
-            "profile": profile}
+@stage("amp")
+def run_amp_analysis(run, *, batch=None):
+    """Mixed precision on the profile's AMP_MODELS: benchmark_mixed_precision on each, within the
+    profile's `amp_measure_s` in all (each model an equal share of what is left)."""
+    batch = batch or run.profile.amp_batch
+    names = list(run.profile.amp_models or AMP_MODELS)
+    data = {"device": _device_name(run.device), "batch": batch, "hardware": hardware_info(run.device),
+            "models": {}, "profile": run.profile.name, "ranges": dtype_ranges()}
+    budget = Budget(run.profile.amp_measure_s)
     for i, name in enumerate(names):
         builder, inputs = AMP_MODELS[name]
-        seed_everything(seed)
-        with torch.device(device):
+        seed_everything(run.seed)
+        with torch.device(run.device):
             model = builder()
-        share = max(budget.share(len(names) - i), 1e-3)
-        records = benchmark_mixed_precision(model, inputs(batch), device=device, time_budget_s=share)
+        records = benchmark_mixed_precision(model, inputs(batch), device=run.device,
+                                            time_budget_s=max(budget.share(len(names) - i), 1e-3))
         data["models"][name] = [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in records]
-        if progress:
-            progress(i + 1, len(names), name)
-    data["ranges"] = dtype_ranges()
-    data["conditions"] = _conditions(load_start, budget)
+        run.report(i + 1, len(names), name)
     return data
 
 
@@ -2888,75 +3050,70 @@ def _training_data(dataset, data_dir, download, n_train, seed):
     return synthetic_dataset(n_train, TRAIN_VAL_SAMPLES, seed)
 
 
-@fitted_threads
-def run_training_comparison(*, device=None, strategies=None, steps=None, seed=0, dataset="synthetic",
-                            data_dir=None, time_budget_s=None, batch=None, width=None, accumulation=4,
-                            eval_every=None, download=False, progress=None, profile="default"):
+@stage("training")
+def run_training_comparison(run, *, strategies=None, steps=None, batch=None, width=None, accumulation=4,
+                            eval_every=None, dataset="synthetic", data_dir=None, download=False, time_budget_s=None):
     """Train ResMLPClassifier under each strategy from the same weights on the same batches.
 
-    Sizes and the budget default to PROFILES[profile]["training"].  The work is planned before it
-    runs: a calibration times one step of each strategy, then plan_training shrinks what was not
-    given (steps to the profile's minimum, then batch, then width) until every strategy's run of
-    the same number of steps fits `time_budget_s`; the runs then go to the end.  Sizes you pass
-    are kept; if they do not fit, `plan["fits"]` is False and the runs take longer.
+    Sizes and the budget of the timed work default to the profile's (training_*).  The work is
+    planned before it runs: a calibration times one step of each strategy, then plan_training
+    shrinks what was not given (steps to the profile's minimum, then batch, then width) until
+    every strategy's run of the same number of steps fits; the runs then go to the end.  Sizes you
+    pass are kept; if they do not fit, `plan["fits"]` is False and the runs take longer.
 
-    Returns {"runs": {strategy: record}, "plan": ..., "skipped": {strategy: reason}, conditions}.
-    A record holds train_loss (one per optimizer step), val_loss at val_steps (step 0 = before
+    Returns {"runs": {strategy: record}, "plan": ..., "skipped": {strategy: reason}, ...}.  A
+    record holds train_loss (one per optimizer step), val_loss at val_steps (step 0 = before
     training), samples_per_s (median over the timed steps: step 1 is warm-up, step 2 is measured
     for memory) with its spread, peak_memory_bytes and its parts (as measure_memory measures
     them), wall_s, achieved_flops_per_s (model FLOPs of a step / median step time) and mfu
     (against the measured matmul peak, `peak_flops`; None with `mfu_invalid` if impossible).
     """
-    sizes = _profile(profile, "training")
-    _warm_up_torch(resolve_device(device))
+    p, device = run.profile, run.device
     strategies = list(TRAIN_STRATEGIES if strategies is None else strategies)
     _check_training_options(strategies, steps, batch, accumulation, eval_every, dataset)
     fixed = {k for k, v in (("steps", steps), ("batch", batch), ("width", width)) if v is not None}
-    budget = Budget(time_budget_s if time_budget_s is not None else sizes["measure_s"])
-    load_start = machine_load()
-    device = resolve_device(device)
-    steps, batch, width = steps or sizes["steps"], batch or sizes["batch"], width or sizes["width"]
-    data = _training_data(dataset, data_dir, download, min(steps * batch, TRAIN_MAX_SAMPLES), seed)
+    budget = Budget(time_budget_s if time_budget_s is not None else p.training_measure_s)
+    steps, batch, width = steps or p.steps, batch or p.training_batch, width or p.width
+    data = _training_data(dataset, data_dir, download, min(steps * batch, TRAIN_MAX_SAMPLES), run.seed)
     options = {"device": device, "accumulation": accumulation, "lr": 1e-3}
     precisions = sorted({_strategy_precision(s, device) for s in strategies})
-    peak_flops = {p: measure_peak_flops(device, p, time_budget_s=PROFILES[profile]["peak_s"]) for p in precisions}
+    peak_flops = {precision: measure_peak_flops(device, precision, time_budget_s=p.peak_s) for precision in precisions}
 
     def every(n):
         return eval_every or max(1, n // 10)
-    plan = plan_training(_calibrator(strategies, data, device, options, sizes["depth"], seed), budget.left(),
-                         steps=steps, batch=batch, width=width, min_steps=min(sizes["min_steps"], steps),
+    plan = plan_training(_calibrator(strategies, data, device, options, p.depth, run.seed), budget.left(),
+                         steps=steps, batch=batch, width=width, min_steps=min(p.min_steps, steps),
                          eval_every=every, accumulation=accumulation, fixed=fixed)
-    if progress:
-        progress(0, len(strategies), f"planned {plan['steps']} steps x batch {plan['batch']}, width {plan['width']} "
-                                     f"(predicted {plan['predicted_s']:.1f} s)")
-    seed_everything(seed)
-    model = ResMLPClassifier(width=plan["width"], depth=sizes["depth"])
-    order = _batch_order(len(data["train_x"]), plan["batch"], plan["steps"], seed)
+    run.report(0, len(strategies), f"planned {plan['steps']} steps x batch {plan['batch']}, width {plan['width']} "
+                                   f"(predicted {plan['predicted_s']:.1f} s)")
+    seed_everything(run.seed)
+    model = ResMLPClassifier(width=plan["width"], depth=p.depth)
+    order = _batch_order(len(data["train_x"]), plan["batch"], plan["steps"], run.seed)
     options.update(eval_every=every(plan["steps"]),
                    training_flops=FLOPCalculator().analyze_model(model, (plan["batch"], 784))["training_flops"])
-    result = {"model": f"ResMLP ({sizes['depth']}x{plan['width']})", "depth": sizes["depth"], "width": plan["width"],
-              "parameters": sum(p.numel() for p in model.parameters()), "dataset": data["name"],
+    result = {"model": f"ResMLP ({p.depth}x{plan['width']})", "depth": p.depth, "width": plan["width"],
+              "parameters": sum(q.numel() for q in model.parameters()), "dataset": data["name"],
               "train_samples": len(data["train_x"]), "val_samples": len(data["val_x"]),
               "device": _device_name(device), "batch": plan["batch"], "steps": plan["steps"],
               "accumulation": accumulation, "eval_every": options["eval_every"], "lr": options["lr"],
-              "optimizer": "adam", "seed": seed, "time_budget_s": budget.seconds, "profile": profile,
-              "training_flops_per_step": options["training_flops"],
-              "flops_note": "model FLOPs of one step (forward + backward, FLOPCalculator); the forward "
-                            "that checkpointing recomputes is not counted (MFU as in PaLM, App. B)",
+              "optimizer": "adam", "seed": run.seed, "time_budget_s": budget.seconds, "profile": p.name,
+              "training_flops_per_step": options["training_flops"], "flops_note": TRAINING_FLOPS_NOTE,
               "peak_flops": peak_flops, "hardware": hardware_info(device), "plan": plan,
               "skipped": plan["skipped"], "runs": {}}
     to_run = [s for s in strategies if s not in plan["skipped"]]
     for i, strategy in enumerate(to_run):
         result["runs"][strategy] = _train_one(model, strategy, data, order, options)
-        if progress:
-            progress(i + 1, len(to_run), strategy)
-    _add_mfu(result, device, profile)
+        run.report(i + 1, len(to_run), strategy)
+    _add_mfu(result, device, p.peak_s)
     result["radar"] = _radar_scores(result["runs"])
     result["loss_diff_vs_baseline"] = {s: {key: _max_loss_diff(result, s, key) for key in ("train_loss", "val_loss")}
                                        for s in result["runs"]}
     result["wall_s"] = budget.elapsed()
-    result["conditions"] = _conditions(load_start, budget)
     return result
+
+
+TRAINING_FLOPS_NOTE = ("model FLOPs of one step (forward + backward, FLOPCalculator); the forward that checkpointing "
+                       "recomputes is not counted (MFU as in PaLM, App. B)")
 
 
 RADAR_AXES = ("r_throughput", "r_memory", "r_loss", "r_mfu", "r_wall")
@@ -2984,11 +3141,11 @@ def _max_loss_diff(data, strategy, key):
     return float(np.max(np.abs(np.array(ours[:n]) - np.array(base[key][:n]))))
 
 
-def _add_mfu(result, device, profile):
+def _add_mfu(result, device, peak_s):
     """Each run's MFU against its precision's measured peak, re-measured once if it looks impossible."""
     for run in result["runs"].values():
         p = run["precision"]
-        remeasure = functools.partial(measure_peak_flops, device, p, time_budget_s=_profile(profile, "peak_s"))
+        remeasure = functools.partial(measure_peak_flops, device, p, time_budget_s=peak_s)
         mfu, result["peak_flops"][p], invalid = checked_utilisation(run["achieved_flops_per_s"],
                                                                     result["peak_flops"][p], remeasure)
         run.update(mfu=mfu, mfu_invalid=invalid)
@@ -3042,59 +3199,54 @@ SERVING_MIN_SAMPLES_PER_S = 100  # batch serving: at least 100 samples/s on this
 TRAINING_GPU_BYTES = 8 * 2 ** 30
 
 
-@fitted_threads
-def measure_latency(model, inputs, *, device=None, time_budget_s=2.0, max_runs=10):
+def measure_latency(model, inputs, *, device=None, time_budget_s=DEFAULT.model_latency_s, max_runs=MAX_RUNS):
     """Median wall time of one inference forward (eval mode, torch.inference_mode) of `model`.
 
-    One warm-up run, one calibration run, then as many more runs as the calibration says fit in
-    `time_budget_s`, up to `max_runs` in all (at least the calibration run); every planned run is
-    done.  Runs on a copy of the model, so that nothing a forward changes (a counter buffer, a
-    lazily cached mask) reaches yours.  Torch's threads fit the machine's load during the call
-    (fitted_threads).  Returns median_s with its spread (time_stats), runs, samples_per_s (the
-    first input dimension / median), the device and the conditions (load, busy, threads).
+    Timed by measure() within `time_budget_s`: a warm-up, then as many runs as fit, up to
+    `max_runs` (at least one).  Runs on a copy of the model, so that nothing a forward changes (a
+    counter buffer, a lazily cached mask) reaches yours; torch's threads fit the machine's load
+    during the call.  Returns median_s with its spread (time_stats), runs, samples_per_s (the first
+    input dimension / median), the device and the conditions (load, busy, threads).
     """
     _check_model(model)
-    budget, load_start = Budget(time_budget_s), machine_load()
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
-    device = resolve_device(device, model)
+    Budget(time_budget_s)  # checks it
+    device, load_start = resolve_device(device, model), machine_load()
     if device.type == "meta" or _model_device(model).type == "meta":
         raise ValueError("measure_latency needs real weights; the model or the device is meta")
     args, kwargs = _normalize_inputs(inputs, model)
     try:
         runner = _replica(model, _real_like(device))  # counters, cached masks: changed on the copy only
         run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
-        result = _time_forward(runner, run_args, run_kwargs, device, budget, max_runs)
+        with fitted_threads():
+            result = _time_forward(runner, run_args, run_kwargs, device, time_budget_s, (1, max_runs))
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
     return {**result, "conditions": _conditions(load_start)}
 
 
-def _time_forward(runner, run_args, run_kwargs, device, budget, max_runs):
-    """The planned latency runs of `runner` (a model the lab owns: it is run as it is)."""
+def _time_forward(runner, run_args, run_kwargs, device, budget_s, runs):
+    """Latency runs of `runner` (a model the lab owns: it is run as it is), timed by measure()."""
     forward = functools.partial(runner, *run_args, **run_kwargs)
     with _eval_mode(runner), torch.inference_mode():
-        forward()  # warm-up: kernel selection, allocator, lazy init
-        times = [_timed(device, forward)[1]]
-        planned = int(min(max_runs, max(1, budget.left() // (times[0] * PLAN_MARGIN) + 1)))
-        times += [_timed(device, forward)[1] for _ in range(planned - 1)]
-    stats = time_stats(times)
+        timed = measure(forward, device=device, budget_s=budget_s, runs=runs, always=True, what="forward")
     batch = tree_flatten((run_args, run_kwargs))[0][0].shape[0]
-    return {**stats, "samples_per_s": batch / stats["median_s"], "batch": batch, "device": str(device)}
+    return {**timed, "samples_per_s": batch / timed["median_s"], "batch": batch, "device": str(device)}
 
 
 def _zoo_latency(model, name, batch, device, runs):
     """Latency of a zoo model the lab built itself: no copy needed (it is nobody else's)."""
     inputs = MODEL_ZOO[name][2](batch)
     run_args = _map_tensors(_normalize_inputs(inputs, model)[0], _real_like(device))
-    return {**_time_forward(model, run_args, {}, device, Budget(1e9), runs), "skipped": None}
+    return _time_forward(model, run_args, {}, device, 1e9, (runs, runs))
 
 
 def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0, seed=0):
     """Batch-1 and larger-batch latency of every model, planned to fit `budget_s` in all.
 
     Pass 1, batch 1, cheapest model first (by forward FLOPs, with a floor: tiny models still
-    cost): a warm-up and AMP_MIN_RUNS runs each.  Before each model its cost is predicted from
+    cost): a warm-up and MIN_RUNS runs each.  Before each model its cost is predicted from
     the model before it (seconds per FLOP, build included); a model that would not fit what is
     left is not measured, with the reason.  Pass 2, the larger batch: plan_latency chooses which
     models fit and how many runs each gets; the others are skipped with the reason.
@@ -3115,7 +3267,7 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
         seed_everything(seed)
         model = build_model(name, device)
         build_s = _now() - started
-        one = _zoo_latency(model, name, 1, device, AMP_MIN_RUNS)
+        one = _zoo_latency(model, name, 1, device, MIN_RUNS)
         seconds_per_flop = (_now() - started) / flops[name]
         latency[name] = [one]
         calibration[name] = {"build_s": build_s, "batch1_s": one["median_s"]}
@@ -3142,9 +3294,9 @@ def plan_latency(calibration, budget_s):
 
     `calibration[name]` holds build_s and batch1_s.  The larger batch is predicted as batch x
     the batch-1 time (an upper bound: batching never costs more per sample on these models);
-    each needs a build, a warm-up and AMP_MIN_RUNS runs.  Models go in cheapest first while
+    each needs a build, a warm-up and MIN_RUNS runs.  Models go in cheapest first while
     they fit; the rest are skipped with the reason.  Time left over buys every measured model
-    more runs alike, up to AMP_MAX_RUNS.
+    more runs alike, up to MAX_RUNS.
     """
     big = LATENCY_BATCHES[-1]
     run_s = {n: c["batch1_s"] * big for n, c in calibration.items()}
@@ -3153,14 +3305,14 @@ def plan_latency(calibration, budget_s):
         return sum(calibration[n]["build_s"] + (1 + runs) * run_s[n] for n in names) * PLAN_MARGIN
     chosen = []
     for name in sorted(run_s, key=run_s.get):
-        if need(chosen + [name], AMP_MIN_RUNS) <= budget_s:
+        if need(chosen + [name], MIN_RUNS) <= budget_s:
             chosen.append(name)
-    runs = AMP_MIN_RUNS
-    while runs < AMP_MAX_RUNS and need(chosen, runs + 1) <= budget_s:
+    runs = MIN_RUNS
+    while runs < MAX_RUNS and need(chosen, runs + 1) <= budget_s:
         runs += 1
     return {n: runs if n in chosen else
             (f"planned skip: batch {big} predicted {run_s[n] * 1e3:.0f} ms per run; with a warm-up and "
-             f"{AMP_MIN_RUNS} runs it did not fit the {budget_s:.1f} s left of the latency budget")
+             f"{MIN_RUNS} runs it did not fit the {budget_s:.1f} s left of the latency budget")
             for n in calibration}
 
 
@@ -3234,25 +3386,20 @@ def recommend_models(models):
     return scores
 
 
-@fitted_threads
-def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, device=None, time_budget_s=None,
-                           progress=None, profile="default", seed=0):
+@stage("dashboard")
+def run_dashboard_analysis(run, *, flop_records=None, peak_flops=None, time_budget_s=None):
     """Everything the dashboard draws, per model of the FLOP figure's zoo.
 
-    Reuses `flop_records` (run_flop_analysis at batch 1) and `peak_flops` (measure_peak_flops in
-    fp32) when given; adds the estimated training peak at TRAIN_MEMORY_BATCH (fake tensors, fp32
-    Adam), the measured inference latency at LATENCY_BATCHES planned within `time_budget_s`
-    (default: the profile's `latency_s`), each model's utilisation of the peak at its largest
-    measured batch (checked_utilisation: never above 1), and the recommendation verdicts.
+    Reuses `flop_records` (the FLOP stage's records, batch 1) and `peak_flops` (the training
+    stage's fp32 matmul peak) when given; adds the estimated training peak at TRAIN_MEMORY_BATCH
+    (fake tensors, fp32 Adam), the measured inference latency at LATENCY_BATCHES planned within
+    `time_budget_s` (default: the profile's `latency_s`), each model's utilisation of the peak at
+    its largest measured batch (checked_utilisation: never above 1), and the recommendation verdicts.
     """
-    profile = "quick" if quick else profile
-    sizes = _profile(profile, "dashboard")
-    device = resolve_device(device)
-    load_start = machine_load()
-    records = flop_records or run_flop_analysis(profile=profile)
-    budget = time_budget_s if time_budget_s is not None else sizes["latency_s"]
-    peak = peak_flops or measure_peak_flops(device, time_budget_s=_profile(profile, "peak_s"))
-    data = {"device": _device_name(device), "latency_batches": list(LATENCY_BATCHES), "profile": profile,
+    records = flop_records or run_flop_analysis(profile=run.profile)["records"]
+    budget = time_budget_s if time_budget_s is not None else run.profile.latency_s
+    peak = peak_flops or measure_peak_flops(run.device, time_budget_s=run.profile.peak_s)
+    data = {"device": _device_name(run.device), "latency_batches": list(LATENCY_BATCHES), "profile": run.profile.name,
             "train_memory_batch": TRAIN_MEMORY_BATCH, "peak_flops": peak, "latency_budget_s": budget, "models": {}}
     steps = (1 + len(LATENCY_BATCHES)) * len(records)  # a memory estimate, then each latency batch
     for i, record in enumerate(records):  # training memory: fake tensors, no real compute
@@ -3260,15 +3407,14 @@ def run_dashboard_analysis(*, flop_records=None, peak_flops=None, quick=False, d
         memory = estimate_memory(build_model(name), MODEL_ZOO[name][2](TRAIN_MEMORY_BATCH))
         data["models"][name] = {**{k: record[k] for k in ("kind", "flops", "macs", "training_flops", "parameters")},
                                 "training_memory_bytes": memory["total"]}
-        if progress:
-            progress(i + 1, steps, f"{name} memory")
-    latency = _measure_latencies(records, device, budget, progress, done=len(records), total=steps, seed=seed)
+        run.report(i + 1, steps, f"{name} memory")
+    latency = _measure_latencies(records, run.device, budget, run.progress, done=len(records), total=steps,
+                                 seed=run.seed)
     for name, runs in latency.items():
         data["models"][name]["latency"] = runs
-    _add_utilisation(data, device, profile)
+    _add_utilisation(data, run.device, run.profile.peak_s)
     data["scores"], data["verdicts"] = recommend_models(data["models"]), recommendation_verdicts(data["models"])
     data["radar"] = dashboard_radar(data["models"])
-    data["conditions"] = _conditions(load_start)
     return data
 
 
@@ -3291,7 +3437,7 @@ def dashboard_radar(models):
     return {k: _log_scores(values, better) for k, (values, better) in raw.items()}
 
 
-def _add_utilisation(data, device, profile):
+def _add_utilisation(data, device, peak_s):
     """Forward FLOP/s at the largest measured batch / the fp32 peak, per model (None if impossible)."""
     for m in data["models"].values():
         measured = [r for r in m["latency"] if not r.get("skipped")]
@@ -3303,7 +3449,7 @@ def _add_utilisation(data, device, profile):
         achieved = m["flops"] * best["batch"] / best["median_s"]
         m["utilisation"], data["peak_flops"], m["utilisation_invalid"] = checked_utilisation(
             achieved, data["peak_flops"],
-            lambda: measure_peak_flops(device, time_budget_s=_profile(profile, "peak_s")))
+            lambda: measure_peak_flops(device, time_budget_s=peak_s))
         m["util_batch"] = best["batch"]
 
 
@@ -3416,14 +3562,9 @@ def _layer_norm_fused(x, eps=1e-5):
 
 
 FUSION_CASES = {"GELU (tanh)": (_gelu_composed, _gelu_fused), "LayerNorm": (_layer_norm_composed, _layer_norm_fused)}
-FUSION_MIN_RUNS, FUSION_MAX_RUNS = 3, 15
-
-
 def _time_call(fn, x, device, budget_s):
-    """Median seconds of fn(x) over as many runs as fit `budget_s` (3 to 15), after one warm-up."""
-    _, first = _timed(device, fn, x)
-    runs = int(min(max(budget_s / max(first, 1e-9), FUSION_MIN_RUNS), FUSION_MAX_RUNS))
-    return time_stats([_timed(device, fn, x)[1] for _ in range(runs)])
+    """fn(x) timed by measure() within `budget_s` (never skipped: 3 runs at the least)."""
+    return measure(fn, x, device=device, budget_s=budget_s, always=True, what="call")
 
 
 def _allocated_peak(fn, x, device):
@@ -3433,8 +3574,7 @@ def _allocated_peak(fn, x, device):
     return peak.peak_bytes
 
 
-@fitted_threads
-def measure_fusion(*, device=None, shape=(2048, 1024), time_budget_s=1.0):
+def measure_fusion(*, device=None, shape=DEFAULT.fusion_shape, time_budget_s=DEFAULT.fusion_s):
     """Time and peak memory of each FUSION_CASES pair on one fp32 tensor of `shape`: the op
     written out elementwise (each op a kernel and a temporary) against PyTorch's fused kernel.
     Returns {case: {"composed": time_stats + peak_bytes, "fused": ..., "speedup", "memory_saving",
@@ -3444,7 +3584,7 @@ def measure_fusion(*, device=None, shape=(2048, 1024), time_budget_s=1.0):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
     out = {"shape": list(shape), "dtype": "fp32", "device": _device_name(device), "cases": {}}
-    with torch.inference_mode():
+    with torch.inference_mode(), fitted_threads():
         for i, (name, (composed, fused)) in enumerate(FUSION_CASES.items()):
             share = budget.share(2 * (len(FUSION_CASES) - i))
             case = {"composed": _time_call(composed, x, device, share)}
@@ -3651,46 +3791,35 @@ def _lecture_known_memory(memory):
     return {(4, 256): measured}, memory["batch"]
 
 
-def run_lecture_comparison(*, results=None, device=None, compile=False, progress=None, profile="default",
-                           quick=False):
+@stage("lecture")
+def run_lecture_comparison(run, *, flop_records=None, memory=None, training=None, compile=False):
     """The lecture's claims beside this machine's numbers; returns plain data for 讲义对照.png.
 
-    `results` holds earlier stages' data (flop, memory, training), reused so that nothing is
-    measured twice; a missing stage's part is counted or measured here instead (the optimisation
-    table's training cells then say "not measured").  `compile=True` adds torch.compile."""
-    sizes = _profile(profile, "lecture", quick)
-    device = resolve_device(device)
-    results = results or {}
-    load_start, budget = machine_load(), Budget(sizes["budget_s"])
-    data = {"device": _device_name(device), "profile": profile}
+    Earlier stages' data is reused so that nothing is measured twice: `flop_records` (the FLOP
+    stage's), `memory` (the memory stage's data) and `training` (the training comparison's); a
+    missing one is counted or measured here instead (the optimisation table's training cells then
+    say "not measured").  `compile=True` adds torch.compile."""
+    p, device = run.profile, run.device
+    data = {"device": _device_name(device), "profile": p.name}
     steps = 5 if compile else 4
-    known, batch = _lecture_known_memory(results.get("memory"))
-    data["memory"] = lecture_memory_check(sizes["gpt_sizes"], batch=batch or sizes["batch"], known=known,
-                                          device=device)
-    if progress:
-        progress(1, steps, "memory formulas")
-    memory = results.get("memory")
-    data["kv_cache"] = (memory["kv_cache"] if isinstance(memory, dict) and memory.get("kv_cache") else
-                        measure_kv_cache(build_model("TinyGPT", device), **sizes["kv"]))
-    if progress:
-        progress(2, steps, "KV cache")
-    flop = results.get("flop")
-    record = next((r for r in flop if r["name"] == "TinyGPT"), None) if isinstance(flop, list) else None
-    record = record or run_flop_analysis(["TinyGPT"])[0]
+    known, batch = _lecture_known_memory(memory)
+    data["memory"] = lecture_memory_check(p.gpt_sizes, batch=batch or p.lecture_batch, known=known, device=device)
+    run.report(1, steps, "memory formulas")
+    data["kv_cache"] = (memory or {}).get("kv_cache") or measure_kv_cache(build_model("TinyGPT", device),
+                                                                         **p.kv_sizes())
+    run.report(2, steps, "KV cache")
+    record = next((r for r in flop_records or () if r["name"] == "TinyGPT"), None)
+    record = record or run_flop_analysis(models=["TinyGPT"])["records"][0]
     data["flops"] = lecture_flop_check(record, layers=4, hidden=256, vocab=1024)  # the zoo's TinyGPT
-    if progress:
-        progress(3, steps, "FLOP formulas")
-    data["fusion"] = measure_fusion(device=device, shape=sizes["fusion_shape"], time_budget_s=sizes["fusion_s"])
-    if progress:
-        progress(4, steps, "fusion")
-    data["compile"] = measure_compile(time_budget_s=sizes["compile_s"]) if compile else None
-    if compile and progress:
-        progress(5, steps, "torch.compile")
-    training = results.get("training") if isinstance(results.get("training"), dict) else None
+    run.report(3, steps, "FLOP formulas")
+    data["fusion"] = measure_fusion(device=device, shape=p.fusion_shape, time_budget_s=p.fusion_s)
+    run.report(4, steps, "fusion")
+    data["compile"] = measure_compile(time_budget_s=p.compile_s) if compile else None
+    if compile:
+        run.report(5, steps, "torch.compile")
     data["claims"] = lecture_claims(training, data["fusion"])
     data["training_conditions"] = training.get("conditions") if training else None
     data["training_batch"] = training.get("batch") if training else None
-    data["conditions"] = _conditions(load_start, budget)
     return data
 
 
@@ -3770,21 +3899,20 @@ def _per_module_rows(model, flops, activations):
         rows.append({"module": name, "type": type(child).__name__,
                      "parameters": sum(p.numel() for p in child.parameters()),
                      "parameter_bytes": sum(p.numel() * p.element_size() for p in child.parameters()),
-                     "flops": flops["by_module"].get(name, 0), "macs": flops["by_module"].get(name, 0) // 2,
+                     "flops": flops["by_module"].get(name, 0), "macs": flops["by_module"].get(name, 0) // FLOPS_PER_MAC,
                      "activation_bytes": None if activations is None else activations.get(name, 0)})
     return rows
 
 
-def analyze(model, inputs, *, device=None, profile="default", progress=None):
+@stage("model")
+def analyze(run, model, inputs):
     """The whole lab on one model of yours: counted FLOPs per top-level module and by op class,
     estimated and measured training memory, mixed-precision step time and memory, and latency at
-    your batch.  Measured parts run within the profile's "model" budgets; anything that cannot run
-    on this model is None with the reason (`skipped`).  Your model is never changed."""
+    your batch.  Measured parts run within the profile's model_* budgets; anything that cannot run
+    on this model is None with the reason (`skipped`).  Your model is never changed.
+    Call it as analyze(model, inputs, device=None, profile=DEFAULT, progress=None)."""
     _check_model(model)
-    sizes = _profile(profile, "model")
-    device = resolve_device(device, model)
-    load_start, budget = machine_load(), Budget(sizes["budget_s"])
-    skipped = {}
+    device, p, skipped = run.device, run.profile, {}
     try:
         flops = FLOPCalculator().analyze_model(model, inputs)
     except ModelRunError as err:  # e.g. a detection model wants targets in training mode
@@ -3796,16 +3924,14 @@ def analyze(model, inputs, *, device=None, profile="default", progress=None):
     steps = (("memory_estimate", lambda: estimate_memory(model, inputs, device=device)),
              ("memory_measured", lambda: measure_memory(model, inputs, device=device)),
              ("amp", lambda: [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in
-                              benchmark_mixed_precision(model, inputs, device=device, time_budget_s=sizes["amp_s"])]),
-             ("latency", lambda: measure_latency(model, inputs, device=device, time_budget_s=sizes["latency_s"])))
-    for i, (key, run) in enumerate(steps):
+                              benchmark_mixed_precision(model, inputs, device=device, time_budget_s=p.model_amp_s)]),
+             ("latency", lambda: measure_latency(model, inputs, device=device, time_budget_s=p.model_latency_s)))
+    for i, (key, measure_it) in enumerate(steps):
         try:
-            data[key] = run()
+            data[key] = measure_it()
         except ValueError as err:  # e.g. nothing to train: say so, go on with the rest
             data[key], data["skipped"][key] = None, _first_line(err)
-        if progress:
-            progress(i + 1, len(steps), key)
-    data["conditions"] = _conditions(load_start, budget)
+        run.report(i + 1, len(steps), key)
     return data
 
 
@@ -4224,9 +4350,11 @@ def write_json_atomic(data, path):
 
 
 def _save_into(fig, output_dir, key, dpi):
+    """Save `fig` as FIGURE_FILES[key] into `output_dir` (None: don't save); return the Figure."""
     if output_dir is not None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         save_figure(fig, Path(output_dir) / FIGURE_FILES[key], dpi=dpi)
+    return fig
 
 
 # One palette for every figure: seaborn's "deep" colours (matplotlib ships them as the
@@ -4345,7 +4473,7 @@ def _plot_flops_vs_params(ax, records):
     for r, x, y in zip(records, params, flops):
         ax.annotate(r["name"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
     line = np.array([params.min() / 2, params.max() * 2])
-    ax.plot(line, 2 * line * records[0]["batch"], "k--", lw=1, label=_t("ratio_2x"))
+    ax.plot(line, FLOPS_PER_MAC * line * records[0]["batch"], "k--", lw=1, label=_t("ratio_2x"))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(_t("parameters"))
@@ -4390,8 +4518,9 @@ def _plot_flop_composition(ax, records):
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=4)
 
 
-def plot_flop_analysis(records):
-    """Six panels from `run_flop_analysis` records; returns the Figure."""
+def plot_flop_analysis(data):
+    """Six panels from run_flop_analysis's data; returns the Figure."""
+    records = data["records"]
     import matplotlib.pyplot as plt
     with _figure_style():
         fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
@@ -4405,12 +4534,10 @@ def plot_flop_analysis(records):
     return fig
 
 
-def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, records=None, quick=False, batch=1, dpi=120):
-    """Count the model zoo and draw FLOP分析可视化.png into `output_dir` (None: don't save)."""
-    records = records or run_flop_analysis(quick=quick, batch=batch)
-    fig = plot_flop_analysis(records)
-    _save_into(fig, output_dir, "flop", dpi)
-    return fig
+def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+    """Count the model zoo and draw FLOP分析可视化.png into `output_dir` (None: don't save);
+    `options` (profile, models, batch, ...) go to run_flop_analysis."""
+    return _save_into(plot_flop_analysis(data or run_flop_analysis(**options)), output_dir, "flop", dpi)
 
 
 MEMORY_COLORS = {"parameter_bytes": PALETTE.blue, "gradient_bytes": PALETTE.orange, "optimizer_bytes": PALETTE.green,
@@ -4548,12 +4675,10 @@ def plot_memory_analysis(data):
     return fig
 
 
-def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick=False, device=None, dpi=120):
-    """Estimate and measure memory, and draw 内存分析可视化.png into `output_dir` (None: don't save)."""
-    data = data or run_memory_analysis(quick=quick, device=device)
-    fig = plot_memory_analysis(data)
-    _save_into(fig, output_dir, "memory", dpi)
-    return fig
+def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+    """Estimate and measure memory, and draw 内存分析可视化.png into `output_dir` (None: don't save);
+    `options` (profile, device, ...) go to run_memory_analysis."""
+    return _save_into(plot_memory_analysis(data or run_memory_analysis(**options)), output_dir, "memory", dpi)
 
 
 STRATEGY_STYLES = {  # colour, line style, width: curves that coincide stay visible
@@ -4700,16 +4825,11 @@ def _plan_note(data):
     return note
 
 
-def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick=False, device=None,
-                                   dataset="synthetic", data_dir=None, seed=0, dpi=120, **options):
-    """Train under each strategy here and draw 训练性能可视化.png into `output_dir` (None: don't save).
-    Extra keyword arguments go to run_training_comparison."""
-    if data is None:
-        data = run_training_comparison(device=device, dataset=dataset, data_dir=data_dir, seed=seed,
-                                       profile="quick" if quick else "default", **options)
-    fig = plot_training_performance(data)
-    _save_into(fig, output_dir, "training", dpi)
-    return fig
+def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+    """Train under each strategy here and draw 训练性能可视化.png into `output_dir` (None: don't save);
+    `options` (profile, device, dataset, ...) go to run_training_comparison."""
+    return _save_into(plot_training_performance(data or run_training_comparison(**options)), output_dir, "training",
+                      dpi)
 
 
 PRECISION_COLORS = {"fp32": PALETTE.blue, "amp_bf16": PALETTE.green, "amp_fp16": PALETTE.red}
@@ -4857,13 +4977,10 @@ def plot_amp_analysis(data):
     return fig
 
 
-def demonstrate_mixed_precision_benefits(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, quick=False, device=None,
-                                         dpi=120):
-    """Measure fp32 vs bf16/fp16 on this machine and draw 混合精度效益对比.png (None: don't save)."""
-    data = data or run_amp_analysis(quick=quick, device=device)
-    fig = plot_amp_analysis(data)
-    _save_into(fig, output_dir, "amp", dpi)
-    return fig
+def demonstrate_mixed_precision_benefits(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+    """Measure fp32 vs bf16/fp16 on this machine and draw 混合精度效益对比.png (None: don't save);
+    `options` (profile, device, ...) go to run_amp_analysis."""
+    return _save_into(plot_amp_analysis(data or run_amp_analysis(**options)), output_dir, "amp", dpi)
 
 
 def _dash_rows(data):
@@ -5021,27 +5138,10 @@ def plot_dashboard(data):
     return fig
 
 
-def _reusable(results):
-    """What the dashboard can take from earlier stages' data instead of redoing it: the FLOP
-    records and the training comparison's fp32 matmul peak (a stage that failed left an error)."""
-    results = results or {}
-    flop, training = results.get("flop"), results.get("training")
-    peak = training.get("peak_flops", {}).get("fp32") if isinstance(training, dict) else None
-    return {"flop_records": flop if isinstance(flop, list) else None, "peak_flops": peak}
-
-
-def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, results=None, *, data=None, quick=False,
-                                   device=None, dpi=120):
-    """Draw 综合性能仪表板.png into `output_dir` (None: don't save).
-
-    `results` may hold earlier stages' data ({"flop": records, "training": {...}}, as main()
-    collects them): their FLOP counts and measured matmul peak are reused, not redone.
-    """
-    if data is None:
-        data = run_dashboard_analysis(**_reusable(results), quick=quick, device=device)
-    fig = plot_dashboard(data)
-    _save_into(fig, output_dir, "dashboard", dpi)
-    return fig
+def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+    """Draw 综合性能仪表板.png into `output_dir` (None: don't save); `options` (profile, device,
+    flop_records, peak_flops: earlier stages' data, reused) go to run_dashboard_analysis."""
+    return _save_into(plot_dashboard(data or run_dashboard_analysis(**options)), output_dir, "dashboard", dpi)
 
 
 VERDICT_COLORS = {"agree": PALETTE.agree, "disagree": PALETTE.disagree, "partly": PALETTE.partly,
@@ -5225,14 +5325,11 @@ def plot_lecture_claims(data):
     return fig
 
 
-def visualize_lecture_claims(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, results=None, quick=False, device=None,
-                             dpi=120):
+def visualize_lecture_claims(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
     """The lecture's claims against this machine: draw 讲义对照.png into `output_dir` (None: don't
-    save).  `results`: earlier stages' data to reuse (run_lecture_comparison)."""
-    data = data or run_lecture_comparison(results=results, quick=quick, device=device)
-    fig = plot_lecture_claims(data)
-    _save_into(fig, output_dir, "lecture", dpi)
-    return fig
+    save); `options` (profile, device, flop_records, memory, training: earlier stages' data to
+    reuse) go to run_lecture_comparison."""
+    return _save_into(plot_lecture_claims(data or run_lecture_comparison(**options)), output_dir, "lecture", dpi)
 
 
 def _plot_module_flops(ax, data):
@@ -5335,102 +5432,37 @@ def plot_own_model(data):
     return fig
 
 
-def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=None, device=None, dpi=120):
+def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
     """analyze() your model and draw 你的模型分析.png into `output_dir` (None: don't save)."""
-    data = data or analyze(model, inputs, device=device)
-    fig = plot_own_model(data)
-    _save_into(fig, output_dir, "model", dpi)
-    return fig
+    return _save_into(plot_own_model(data or analyze(model, inputs, **options)), output_dir, "model", dpi)
 
 
 # %% =============================================================================================
-# 13. The CLI: one PROFILES table, one STAGES table, main()
+# 13. The CLI: one STAGES table, main()
 # ================================================================================================
-# The CLI (`--quick` picks "quick") and every run_* / visualize_* function read their sizes and
-# budgets here; nothing else holds a default.  Budgets are wall seconds on a 2-core laptop CPU,
-# quiet or busy.  A stage's `budget_s` covers the whole stage (counting, measuring, drawing,
-# saving) and is what main() checks it against; `measure_s` is the part a measuring stage plans
-# its timed work into (calibrate, choose sizes, run the plan whole).  The rest of a stage is
-# fixed work (counting on meta, fake-tensor estimates, drawing) that a busy machine slows
-# ~2.5x, so a budget is what that work takes busy plus `measure_s`.  Goals (benchmarks/bench.py):
-# default <= 40 s quiet and <= 80 s busy, quick <= 15 s and <= 30 s.
+# `--quick` picks the QUICK profile (section 1); each stage runs through run_stage (section 3) and
+# is drawn by its visualize_* function; the data a stage reuses comes from the stages before it.
 
 
-PROFILES = {
-    "default": {
-        "peak_s": 0.8,  # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
-        "flop": {"budget_s": 14.0, "models": None},  # 11 zoo models on fake tensors + a figure: ~6 s quiet, ~18 s busy
-        "memory": {
-            "budget_s": 13.0,        # ~22 tracked steps, half on fake tensors: ~4.5 s quiet, ~14 s busy
-            "batch": 16,
-            "models": None,          # all of MEMORY_MODELS
-            "growth_estimated": (1, 16, 64),     # memory is linear in batch: with the measured 4, four points
-            "growth_measured": (1, 4, 16),       # real steps, up to the figure's batch (reused)
-            # AMP fp16 holds the same bytes as AMP bf16 (fp32 weights, 2-byte copies): not estimated twice
-            "variants": ("fp32", "AMP bf16", "pure bf16", "fp32 + checkpoint", "AMP bf16 + checkpoint"),
-            "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # ~0.3 s with the profiler reading each token
-        },
-        "training": {
-            "budget_s": 10.0, "measure_s": 7.0,  # 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
-            "steps": 40, "min_steps": 30,        # equal steps for all; a plan never goes below 30
-            "batch": 256, "width": 128,          # shrunk (batch, then width) on a slow machine
-            "depth": 8,                          # narrow and deep: activations matter next to Adam state
-        },
-        "amp": {
-            "budget_s": 10.0, "measure_s": 7.0,  # 3 models x 3 precisions; TinyGPT's fp32 step ~0.3 s quiet
-            "batch": 32, "models": None,         # all of AMP_MODELS
-        },
-        "dashboard": {
-            "budget_s": 20.0,  # the FLOP stage's models: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy)
-            "latency_s": 6.5,  # batch 1 of every model; batch 8 of those that fit (ViT-B/16's takes ~7 s)
-        },
-        "model": {"budget_s": 45.0, "amp_s": 8.0, "latency_s": 3.0},  # --model: unknown size, generous
-        "lecture": {
-            "budget_s": 4.0,  # <= 4 s added to the default run: two small TinyGPT steps, fusion, figure; ~2 s quiet
-            # (layers, hidden): (4, 256) is the memory stage's, reused; (6, 384) took 0.6 s quiet, 5 s busy
-            "batch": 16, "gpt_sizes": ((2, 128), (4, 256), (2, 384)),
-            "kv": {"batch": 8, "prompt": 16, "new_tokens": 48},  # only when the memory stage did not run
-            "fusion_shape": (2048, 1024), "fusion_s": 0.4,  # 8 MiB of fp32: a composed GELU ~5 ms quiet
-            "compile_s": 120.0,  # --compile: a child process killed after this
-            "alone_s": 8.0,  # without the FLOP and memory stages' data: count TinyGPT, run the KV cache (busy ~10 s)
-        },
-    },
-    "quick": {
-        "peak_s": 0.3,  # 512-1024: a lower peak, still a real one
-        "flop": {"budget_s": 7.0, "models": ("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT")},  # no torchvision import
-        "memory": {
-            "budget_s": 6.0, "batch": 8,
-            "models": ("MLP-2048", "TinyGPT (T=64)"),  # an MLP and a transformer: each real+fake step ~1 s busy
-            "growth_estimated": (1, 8), "growth_measured": (8,),  # batch 8 is reused: one new estimate
-            "variants": ("fp32", "AMP bf16"),  # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
-            "kv": {"batch": 4, "prompt": 8, "new_tokens": 16},  # ~0.1 s quiet: a busy laptop's quick run is tight
-        },
-        "training": {
-            "budget_s": 4.5, "measure_s": 2.2,
-            "steps": 30, "min_steps": 30, "batch": 64, "width": 128,
-            "depth": 4,  # half the per-step overhead: 4 strategies x 30 steps fit on a busy laptop
-        },
-        "amp": {"budget_s": 2.5, "measure_s": 0.8, "batch": 16,
-                "models": ("MLP-1024",)},  # MLP-4096 (21 M parameters) does not fit 1 s
-        "dashboard": {"budget_s": 5.0, "latency_s": 0.6},  # the FLOP stage's quick zoo
-        "model": {"budget_s": 20.0, "amp_s": 3.0, "latency_s": 1.0},
-        "lecture": {"budget_s": 2.5, "batch": 8, "gpt_sizes": ((2, 128), (4, 256)),
-                    "kv": {"batch": 4, "prompt": 8, "new_tokens": 16},
-                    "fusion_shape": (512, 1024), "fusion_s": 0.2, "compile_s": 60.0, "alone_s": 5.0},
-    },
-}
-
-
-def _profile(profile, stage, quick=False):
-    """PROFILES[profile][stage]; `quick=True` (the older keyword of the run_* functions) is "quick"."""
-    profile = "quick" if quick else profile
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
-    return PROFILES[profile][stage]
-
-
-STAGES = ("flop", "memory", "training", "amp", "dashboard", "lecture")  # in the order they run
+# stage -> (its run_* function, its visualize_* function): names, looked up when the stage runs
+STAGES = {"flop": ("run_flop_analysis", "visualize_flop_analysis"),
+          "memory": ("run_memory_analysis", "visualize_memory_analysis"),
+          "training": ("run_training_comparison", "visualize_training_performance"),
+          "amp": ("run_amp_analysis", "demonstrate_mixed_precision_benefits"),
+          "dashboard": ("run_dashboard_analysis", "create_comprehensive_dashboard"),
+          "lecture": ("run_lecture_comparison", "visualize_lecture_claims")}  # in the order they run
 STAGE_OVERRUN = 1.3  # a stage that ends within 1.3x its budget kept it (results.json "timing")
+
+
+def _reused(stage, done):
+    """Earlier stages' data a stage takes instead of redoing it (a stage that failed left an error)."""
+    ok = {name: data for name, data in done.items() if isinstance(data, dict) and "error" not in data}
+    flop_records = ok.get("flop", {}).get("records")
+    if stage == "dashboard":
+        return {"flop_records": flop_records, "peak_flops": ok.get("training", {}).get("peak_flops", {}).get("fp32")}
+    if stage == "lecture":
+        return {"flop_records": flop_records, "memory": ok.get("memory"), "training": ok.get("training")}
+    return {}
 
 
 def parse_args(argv=None):
@@ -5463,7 +5495,7 @@ def parse_args(argv=None):
                         help="allow fetching MNIST into --data-dir if missing (the only network use)")
     parser.add_argument("--compile", action="store_true",
                         help="lecture stage: also time torch.compile on the training model (a child process, "
-                             f"stopped after {PROFILES['default']['lecture']['compile_s']:.0f} s)")
+                             f"stopped after {DEFAULT.compile_s:.0f} s)")
     parser.add_argument("--tensorboard", default=None, metavar="DIR",
                         help="write the training comparison's curves, throughput and hyper-parameters as "
                              "TensorBoard logs into DIR (needs the optional tensorboard package)")
@@ -5499,14 +5531,6 @@ def parse_args(argv=None):
     return args
 
 
-def _resolve_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
-    return check_device(name)
-
-
 def _check_writable(output_dir):
     path = Path(output_dir)
     try:
@@ -5523,40 +5547,25 @@ def _progress(stage, started):
     return report
 
 
-def _run_stage(stage, args, device, out, results):
-    """Measure or count one stage with the run's profile, draw and save its figure; its data."""
-    report = _progress(stage, _now())
-    profile = args.profile
-    if stage == "flop":
-        data = run_flop_analysis(profile=profile, progress=report)
-        visualize_flop_analysis(out, records=data, dpi=args.dpi)
-    elif stage == "memory":
-        data = run_memory_analysis(profile=profile, device=device, progress=report)
-        visualize_memory_analysis(out, data=data, dpi=args.dpi)
-    elif stage == "training":
-        data = run_training_comparison(device=device, dataset=args.dataset, data_dir=args.data_dir,
-                                       download=args.download_mnist, seed=args.seed, progress=report, profile=profile)
-        visualize_training_performance(out, data=data, dpi=args.dpi)
-        if args.tensorboard:
-            print(f"  TensorBoard logs: {write_tensorboard(data, args.tensorboard)} "
-                  f"(tensorboard --logdir {args.tensorboard})", flush=True)
-    elif stage == "amp":
-        data = run_amp_analysis(profile=profile, device=device, seed=args.seed, progress=report)
-        demonstrate_mixed_precision_benefits(out, data=data, dpi=args.dpi)
-    elif stage == "dashboard":  # reuses the FLOP counts and the matmul peak of earlier stages
-        data = run_dashboard_analysis(**_reusable(results), profile=profile, device=device, progress=report,
-                                      seed=args.seed)
-        create_comprehensive_dashboard(out, data=data, dpi=args.dpi)
-    elif stage == "lecture":  # reuses the FLOP, memory and training stages' numbers
-        data = run_lecture_comparison(results=results, device=device, compile=args.compile, profile=profile,
-                                      progress=report)
-        print(format_lecture_table(data), flush=True)
-        visualize_lecture_claims(out, data=data, dpi=args.dpi)
-    else:  # --model
-        inputs = _cli_inputs(args)
-        data = analyze(args.loaded_model, inputs, device=device, profile=profile, progress=report)
+def _run_stage(stage, args, device, out, done, budget_s):
+    """Run one stage with the run's profile (run_stage), draw and save its figure; its data."""
+    options = {"device": device, "profile": PROFILES[args.profile], "seed": args.seed, "budget_s": budget_s,
+               "progress": _progress(stage, _now()), "threads": None if args.threads == "auto" else int(args.threads)}
+    if stage == "model":
+        data = analyze(args.loaded_model, _cli_inputs(args), **options)
         print(format_model_table(data), flush=True)
         visualize_own_model(None, None, out, data=data, dpi=args.dpi)
+        return data
+    extra = {"training": {"dataset": args.dataset, "data_dir": args.data_dir, "download": args.download_mnist},
+             "lecture": {"compile": args.compile}}.get(stage, {})
+    run, draw = (globals()[name] for name in STAGES[stage])
+    data = run(**options, **extra, **_reused(stage, done))
+    if stage == "lecture":
+        print(format_lecture_table(data), flush=True)
+    draw(out, data=data, dpi=args.dpi)
+    if stage == "training" and args.tensorboard:
+        print(f"  TensorBoard logs: {write_tensorboard(data, args.tensorboard)} "
+              f"(tensorboard --logdir {args.tensorboard})", flush=True)
     return data
 
 
@@ -5611,16 +5620,23 @@ def _stage_stamp(args):
     return {"finished_at": datetime.datetime.now().isoformat(timespec="seconds"), "options": options}
 
 
-def _stage_budget_s(args, stage, done=None):
-    """The stage's budget from PROFILES.  The lecture's grows by `alone_s` when the FLOP or memory
-    stage's data is not there to reuse (it counts and measures them itself), and by `compile_s`
-    with --compile."""
-    sizes = _profile(args.profile, stage)
+def _stage_budget_s(args, stage, done):
+    """The stage's budget from the profile.  The lecture's grows by `alone_s` when the FLOP or
+    memory stage's data is not there to reuse (it counts and measures them itself), and by
+    `compile_s` with --compile."""
+    profile = PROFILES[args.profile]
     if stage != "lecture":
-        return sizes["budget_s"]
-    done = done or {}
-    alone = any(not isinstance(done.get(s), (dict, list)) or "error" in done.get(s) for s in ("flop", "memory"))
-    return sizes["budget_s"] + (sizes["alone_s"] if alone else 0) + (sizes["compile_s"] if args.compile else 0)
+        return profile.budget_s(stage)
+    alone = any(not isinstance(done.get(s), dict) or "error" in done[s] for s in ("flop", "memory"))
+    return profile.lecture_budget_s + (profile.alone_s if alone else 0) + (profile.compile_s if args.compile else 0)
+
+
+def _stage_timing(data, wall_s, budget_s):
+    """results.json "timing": the conditions the stage ran under (run_stage's), and its whole wall
+    time (drawing included) against its budget."""
+    conditions = data.get("conditions") if isinstance(data, dict) else None
+    return {**(conditions or {}), "budget_s": budget_s, "wall_s": wall_s,
+            "within_budget": wall_s <= STAGE_OVERRUN * budget_s}
 
 
 def _warn_ineffective(args):
@@ -5648,7 +5664,7 @@ def main(argv=None):
     the stages of earlier runs stay, each stamped under "runs" with its time and options."""
     args = parse_args(argv)
     try:
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
         _check_writable(args.output_dir)
         if args.dataset == "mnist" and "training" in args.only and not args.download_mnist:
             _mnist_paths(args.data_dir)
@@ -5667,14 +5683,11 @@ def main(argv=None):
     results.pop("interrupted", None)
     failed, started, done = [], _now(), 0
     for stage in args.only:
-        budget = Budget(_stage_budget_s(args, stage, results["stages"]))
-        threads, sample = (threads_for_load() if args.threads == "auto" else (int(args.threads), {}))
-        torch.set_num_threads(threads)
-        load_start = machine_load()
-        print(f"[{stage}] {FIGURE_FILES[stage]} (budget {budget.seconds:g}s) ...", flush=True)
+        started_stage, budget_s = _now(), _stage_budget_s(args, stage, results["stages"])
+        print(f"[{stage}] {FIGURE_FILES[stage]} (budget {budget_s:g}s) ...", flush=True)
         try:
-            results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"])
-            print(f"[{stage}] done in {budget.elapsed():.1f}s", flush=True)
+            results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"], budget_s)
+            print(f"[{stage}] done in {_now() - started_stage:.1f}s", flush=True)
         except KeyboardInterrupt:  # figures already written stay whole; a PNG being written is dropped
             if done:
                 results.update(interrupted=stage, wall_s=_now() - started)
@@ -5686,8 +5699,7 @@ def main(argv=None):
             failed.append(stage)
             results["stages"][stage] = {"error": f"{type(err).__name__}: {_first_line(err)}"}
             print(f"[{stage}] FAILED: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
-        results["timing"][stage] = {**_conditions(load_start, budget), "threads_chosen_from": sample,
-                                    "within_budget": budget.elapsed() <= STAGE_OVERRUN * budget.seconds}
+        results["timing"][stage] = _stage_timing(results["stages"][stage], _now() - started_stage, budget_s)
         results["runs"][stage] = _stage_stamp(args)
         done += 1
         _release_memory()

@@ -95,7 +95,7 @@ def test_save_is_atomic_when_drawing_fails(tmp_path):
 
 
 def test_flop_figure_alone_returns_a_figure():
-    fig = demo.visualize_flop_analysis(None, quick=True)
+    fig = demo.visualize_flop_analysis(None, profile=demo.QUICK)
     assert_panels(fig, 6)
 
 
@@ -131,7 +131,7 @@ def test_ctrl_c_leaves_no_partial_png(tmp_path, monkeypatch):
 
 
 def test_dashboard_reuses_flop_counts_and_the_training_peak(monkeypatch):
-    records = demo.run_flop_analysis(["MLP-512", "MNIST-CNN"])
+    records = demo.run_flop_analysis(models=["MLP-512", "MNIST-CNN"])["records"]
     # a peak no CPU reaches: an achieved rate above the given peak would (rightly) re-measure it
     peak = {"flops_per_s": 1e15, "precision": "fp32", "matmul_size": 512, "method": "given"}
     monkeypatch.setattr(demo, "run_flop_analysis", lambda **kw: pytest.fail("FLOPs counted again"))

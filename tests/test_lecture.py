@@ -100,7 +100,7 @@ def test_lecture_memory_terms():
 
 
 def test_flop_formulas_against_counting():
-    record = demo.run_flop_analysis(["TinyGPT"])[0]
+    record = demo.run_flop_analysis(models=["TinyGPT"])["records"][0]
     rows = {r["name"]: r for r in demo.lecture_flop_check(record, layers=4, hidden=256, vocab=1024)}
     assert rows["matmul"]["error"] == 0 and rows["attention"]["error"] == 0
     # 2·L·H·(H+4H) leaves out qkv, proj and half the MLP, the attention scores and the LM head
@@ -116,7 +116,7 @@ def test_fusion_same_math_and_fewer_bytes():
     for case in data["cases"].values():
         assert case["max_abs_diff"] < 1e-5
         assert case["speedup"] == case["composed"]["median_s"] / case["fused"]["median_s"]
-        assert case["composed"]["runs"] >= demo.FUSION_MIN_RUNS
+        assert case["composed"]["runs"] >= demo.MIN_RUNS
         # the fused kernel allocates its output (and LayerNorm a mean and rstd per row); the chain a
         # temporary per op on top
         assert 64 * 256 * 4 <= case["fused"]["peak_bytes"] <= 64 * 256 * 4 + 64 * 8 < case["composed"]["peak_bytes"]
@@ -180,7 +180,7 @@ def test_claims_without_the_training_stage_are_not_measured_with_a_reason():
 
 
 def test_lecture_figure_panels(tmp_path):
-    data = demo.run_lecture_comparison(profile="quick")
+    data = demo.run_lecture_comparison(profile=demo.QUICK)
     assert [r["verdict"] for r in data["claims"]][:6] == ["not_measured"] * 6  # no training stage given
     fig = demo.visualize_lecture_claims(tmp_path, data=data, dpi=50)
     assert_panels(fig, 5)
@@ -204,7 +204,7 @@ def test_tensorboard_missing_gives_a_clear_error(monkeypatch, capsys):
 
 def test_tensorboard_logs_one_run_per_strategy(tmp_path):
     pytest.importorskip("tensorboard")
-    data = demo.run_training_comparison(profile="quick", strategies=["baseline", "gradient_checkpointing"],
+    data = demo.run_training_comparison(profile=demo.QUICK, strategies=["baseline", "gradient_checkpointing"],
                                         steps=30, time_budget_s=60)
     demo.write_tensorboard(data, tmp_path)
     for strategy in ("baseline", "gradient_checkpointing"):

@@ -219,7 +219,7 @@ def test_every_python_block_of_the_readme_runs(tmp_path, monkeypatch):
 def test_analyze_gives_the_zoo_treatment_and_leaves_the_model_alone(tmp_path):
     model = Stateful()
     before = state(model)
-    data = demo.analyze(model, (4, 16), profile="quick")
+    data = demo.analyze(model, (4, 16), profile=demo.QUICK)
     assert_same(before, state(model))
     assert [r["module"] for r in data["modules"]] == ["fc"] and data["modules"][0]["macs"] == 4 * 16 * 16
     assert data["memory_estimate"]["total"] > 0 and data["memory_measured"]["total"] > 0

@@ -143,9 +143,9 @@ def test_latency_plan_measures_the_cheapest_large_batches_and_says_why_not_the_r
                    "huge": {"build_s": 0.1, "batch1_s": 0.2}}
     plan = demo.plan_latency(calibration, budget_s=1.0)
     assert isinstance(plan["huge"], str) and "planned skip" in plan["huge"] and "1600 ms" in plan["huge"]
-    assert plan["tiny"] == plan["mid"] >= demo.AMP_MIN_RUNS
+    assert plan["tiny"] == plan["mid"] >= demo.MIN_RUNS
     roomy = demo.plan_latency(calibration, budget_s=100.0)
-    assert roomy == {"tiny": demo.AMP_MAX_RUNS, "mid": demo.AMP_MAX_RUNS, "huge": demo.AMP_MAX_RUNS}
+    assert roomy == {"tiny": demo.MAX_RUNS, "mid": demo.MAX_RUNS, "huge": demo.MAX_RUNS}
     assert all(isinstance(v, str) for v in demo.plan_latency(calibration, budget_s=0.0).values())
 
 
@@ -153,18 +153,18 @@ def test_latency_stage_skips_a_model_predicted_not_to_fit(monkeypatch, clock):
     """With a clock that makes every forward look slow, the later, costlier models are not measured
     (said in each record), and nothing is drawn as a failure."""
     clock.tick = 0.05
-    records = demo.run_flop_analysis(["MLP-512", "MLP-2048", "MNIST-CNN"])
+    records = demo.run_flop_analysis(models=["MLP-512", "MLP-2048", "MNIST-CNN"])["records"]
     latency = demo._measure_latencies(records, torch.device("cpu"), budget_s=2.0)
     assert list(latency) == ["MLP-512", "MLP-2048", "MNIST-CNN"]
     first = latency["MLP-512"][0]
-    assert first["skipped"] is None and first["runs"] == demo.AMP_MIN_RUNS
+    assert first["skipped"] is None and first["runs"] == demo.MIN_RUNS
     skipped = [r for runs in latency.values() for r in runs if r["skipped"]]
     assert skipped and all("planned skip" in r["skipped"] for r in skipped)
 
 
 def test_dashboard_draws_unmeasured_models_as_not_measured(monkeypatch, clock):
     clock.tick = 0.2  # every forward looks slow: only the first models fit the latency budget
-    records = demo.run_flop_analysis(["MLP-512", "MNIST-CNN", "TinyGPT"])
+    records = demo.run_flop_analysis(models=["MLP-512", "MNIST-CNN", "TinyGPT"])["records"]
     peak = {"flops_per_s": 1e15, "precision": "fp32", "matmul_size": 512, "method": "given"}
     data = demo.run_dashboard_analysis(flop_records=records, peak_flops=peak, time_budget_s=3)
     unmeasured = [n for n, m in data["models"].items() if m["utilisation"] is None]
@@ -205,11 +205,13 @@ def test_peak_sweep_stops_before_a_size_that_would_not_fit(monkeypatch, clock):
     rates = {512: 1e9, 1024: 2e9, 2048: 4e9, 4096: 8e9, 8192: 16e9}
     monkeypatch.setattr(demo, "_timed", fake_matmul(rates, clock))
     monkeypatch.setattr(demo.torch, "randn", lambda n, m, device=None: torch.empty(n, m, device="meta"))
-    # 512 and 1024 are always measured (0.27 s and 1.07 s a run, 4 runs each: 5.4 s of the 10);
-    # 2048 predicted 8 x 1.07 x 4 = 34 s does not fit the 4.6 s left
-    peak = demo.measure_peak_flops("cpu", time_budget_s=10)
+    # 512 and 1024 are always measured (0.27 s and 1.07 s a run): each size gets a 20 / 8 = 2.5 s share,
+    # of which a warm-up and the first timed run leave 2.5 - 2 x 0.27 = 1.96 s for 512: 1.96 // (0.27 x 1.25
+    # margin) = 5 more runs, 6 in all; 1024 has 0.36 s left: the 3 runs it gets at the least.  That is
+    # 0.27 x 7 + 1.07 x 4 = 6.2 s of the 20; 2048 predicted 8 x 1.07 x 4 = 34 s does not fit the 13.8 s left
+    peak = demo.measure_peak_flops("cpu", time_budget_s=20)
     assert [s["size"] for s in peak["sweep"]] == [512, 1024] and "does not fit" in peak["stopped"]
-    assert [s["repeats"] for s in peak["sweep"]] == [4, 3]  # as many as 10 / 8 s buys, at least 3
+    assert [s["repeats"] for s in peak["sweep"]] == [6, 3]  # as many as the share buys, at least 3
 
 
 def test_one_slow_small_matmul_does_not_end_the_sweep(monkeypatch, clock):
@@ -327,7 +329,7 @@ def test_a_first_use_warm_up_is_repeated_before_it_can_skip_a_precision(monkeypa
     assert fp32["skipped"] is None
     steps = iter([1.0, 0.010])  # the first warm-up pays one-time costs, the second does not
     amp = demo._benchmark_one(model, args, kwargs, "amp_bf16", cpu, True, 2.0, fp32, 4)
-    assert amp["skipped"] is None and amp["runs"] >= demo.AMP_MIN_RUNS
+    assert amp["skipped"] is None and amp["runs"] >= demo.MIN_RUNS
     steps = iter([1.0, 1.0])  # slow both times: really too slow for its share, said so
     slow = demo._benchmark_one(model, args, kwargs, "amp_bf16", cpu, True, 2.5, fp32, 4)
     assert slow["skipped"] and "warm-up step took 1000 ms" in slow["skipped"]

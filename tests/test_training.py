@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_panels
-from pytorch_practice_demo import (FIGURE_FILES, ResMLPClassifier, load_mnist, measure_peak_flops,
+from pytorch_practice_demo import (FIGURE_FILES, QUICK, ResMLPClassifier, load_mnist, measure_peak_flops,
                                    plot_training_performance, run_training_comparison,
                                    visualize_training_performance)
 
@@ -64,7 +64,7 @@ def test_loss_falls_well_below_its_start():
 
 
 def test_default_run_plans_equal_steps_and_records_its_conditions():
-    data = run_training_comparison(strategies=["baseline", "gradient_checkpointing"], profile="quick")
+    data = run_training_comparison(strategies=["baseline", "gradient_checkpointing"], profile=QUICK)
     steps = {run["steps_done"] for run in data["runs"].values()}
     assert len(steps) == 1 and steps.pop() >= 30  # the same steps for every strategy, at least 30
     plan = data["plan"]
