@@ -1633,23 +1633,18 @@ def pool_flops(x, kernel_size, *args, out=None, **kwargs) -> int:
 INTERPOLATION_NEIGHBOURS = {"nearest": 1, "linear": 2, "bilinear": 4, "trilinear": 8, "bicubic": 16}
 
 
-def _interpolation_kind(name):
-    return next(k for k in ("trilinear", "bilinear", "bicubic", "linear", "nearest") if k in name)
-
-
-@other_formula("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
-               "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d",
-               "upsample_bilinear2d", "_upsample_bilinear2d_aa", "upsample_bicubic2d", "_upsample_bicubic2d_aa",
-               "upsample_trilinear3d", "upsample_nearest1d_backward", "upsample_nearest2d_backward",
-               "upsample_nearest3d_backward", "_upsample_nearest_exact1d_backward",
-               "_upsample_nearest_exact2d_backward", "_upsample_nearest_exact3d_backward",
-               "upsample_linear1d_backward", "upsample_bilinear2d_backward", "_upsample_bilinear2d_aa_backward",
-               "upsample_bicubic2d_backward", "_upsample_bicubic2d_aa_backward", "upsample_trilinear3d_backward")
-def interpolate_flops(x, *args, out=None, **kwargs) -> int:
+def interpolate_flops(x, *args, out=None, neighbours=1, **kwargs) -> int:
     """Neighbours weighted per output element (F.interpolate / nn.Upsample); a backward op per
     element of the gradient it returns."""
-    name = kwargs.pop("_name", "nearest")
-    return _first_output_numel(out) * INTERPOLATION_NEIGHBOURS[_interpolation_kind(name)]
+    return _first_output_numel(out) * neighbours
+
+
+for _op in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+            "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d",
+            "_upsample_bilinear2d_aa", "upsample_bicubic2d", "_upsample_bicubic2d_aa", "upsample_trilinear3d"):
+    for _name in (_op, _op + "_backward"):
+        other_formula(_name)(functools.partial(interpolate_flops, neighbours=INTERPOLATION_NEIGHBOURS[
+            next(k for k in ("trilinear", "bilinear", "bicubic", "linear", "nearest") if k in _op)]))
 
 
 @other_formula("grid_sampler_2d", "cudnn_grid_sampler")
@@ -1713,53 +1708,9 @@ ZERO_COST_OPS = {
 }
 
 
-def _op_cost(func, args, kwargs, out):
-    """Return (kind, amount) for one op: kind in {"macs", "other", "zero", "unsupported"}.
-
-    An in-place op (`relu_`, `hardswish_`) costs what its out-of-place twin does; an op called with
-    `out=` is priced on the same arguments (the output is `out` either way)."""
-    name = func.overloadpacket.__name__
-    kwargs = {**kwargs, "out": out}
-    twin = _out_of_place_twin(name)
-    entry = _FORMULAS.get(twin)
-    if entry is not None and entry.kind == "by_call":
-        kind, amount = entry.fn(*args, **kwargs)
-        return kind, int(amount)
-    if entry is not None:
-        if entry.fn is interpolate_flops:
-            kwargs["_name"] = twin
-        return entry.kind, int(entry.fn(*args, **kwargs))
-    if func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
-        return "zero", 0
-    if torch.Tag.pointwise in func.tags or _pointwise_op(twin):  # one FLOP per output element
-        return "other", _first_output_numel(out)
-    return "unsupported", 0
-
-
-def _out_of_place_twin(name):
-    """`hardswish_` -> `hardswish`; other names (and `_private` ones without a twin) unchanged."""
-    if name.endswith("_") and not name.endswith("__") and (name[:-1] in _FORMULAS or _pointwise_op(name[:-1])):
-        return name[:-1]
-    return name
-
-
-@functools.lru_cache(maxsize=None)
-def _pointwise_op(name):
-    packet = getattr(torch.ops.aten, name, None)
-    overload = getattr(packet, "default", None) if packet is not None else None
-    return overload is not None and torch.Tag.pointwise in overload.tags
-
-
-def _work_class(op_name, module):
-    """The registry's work class of an op; inside an RNN module (an RNN decomposed into matmuls) RNN."""
-    if isinstance(module, nn.RNNBase):
-        return "RNN"
-    entry = _FORMULAS.get(op_name)
-    return entry.work if entry is not None else "linear/matmul"
-
-
 class _CountingMode(TorchDispatchMode):
-    """Dispatch mode that prices every op with the registry and attributes it to modules."""
+    """Dispatch mode that prices every op with the registry (_FORMULAS) and attributes it to the
+    modules being called (tracking)."""
 
     def __init__(self):
         super().__init__()
@@ -1776,7 +1727,7 @@ class _CountingMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        kind, amount = _op_cost(func, args, kwargs, out)
+        kind, amount = self.cost(func, args, kwargs, out)
         name = func.overloadpacket.__name__
         entry = _FORMULAS.get(name)
         if entry is not None and entry.extra is not None:
@@ -1799,31 +1750,62 @@ class _CountingMode(TorchDispatchMode):
                 for module_name in dict.fromkeys(name for name, _ in self.module_stack):
                     self.by_module[module_name] += flops
                 innermost = self.module_stack[-1][1] if self.module_stack else None
-                self.by_class[_work_class(name, innermost)] += flops
+                # inside an RNN module (an RNN decomposed into matmuls) the work is RNN work
+                self.by_class["RNN" if isinstance(innermost, nn.RNNBase) else
+                              entry.work if entry is not None else "linear/matmul"] += flops
         return out
 
+    @classmethod
+    def cost(cls, func, args, kwargs, out):
+        """(kind, amount) for one op: kind in {"macs", "other", "zero", "unsupported"}.
 
-@contextlib.contextmanager
-def _track_modules(model, mode):
-    """Keep mode.module_stack in step with module calls, via global hooks removed on exit."""
-    names = {}
-    for name, module in model.named_modules():
-        names.setdefault(id(module), name)
+        An in-place op (`relu_`, `hardswish_`) costs what its out-of-place twin does; an op called
+        with `out=` is priced on the same arguments (the output is `out` either way)."""
+        name = func.overloadpacket.__name__
+        kwargs = {**kwargs, "out": out}
+        twin = name[:-1] if name.endswith("_") and not name.endswith("__") and (
+            name[:-1] in _FORMULAS or cls.pointwise(name[:-1])) else name  # `_private` names stay
+        entry = _FORMULAS.get(twin)
+        if entry is not None and entry.kind == "by_call":
+            kind, amount = entry.fn(*args, **kwargs)
+            return kind, int(amount)
+        if entry is not None:
+            return entry.kind, int(entry.fn(*args, **kwargs))
+        if func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
+            return "zero", 0
+        if torch.Tag.pointwise in func.tags or cls.pointwise(twin):  # one FLOP per output element
+            return "other", _first_output_numel(out)
+        return "unsupported", 0
 
-    def pre(module, args):
-        mode.module_stack.append((names.get(id(module), type(module).__name__), module))
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def pointwise(name):
+        """Whether aten.`name` carries the pointwise tag (one FLOP per output element)."""
+        packet = getattr(torch.ops.aten, name, None)
+        overload = getattr(packet, "default", None) if packet is not None else None
+        return overload is not None and torch.Tag.pointwise in overload.tags
 
-    def post(module, args, output):
-        if mode.module_stack:
-            mode.module_stack.pop()
+    @contextlib.contextmanager
+    def tracking(self, model):
+        """Keep module_stack in step with `model`'s module calls, via global hooks removed on exit."""
+        names = {}
+        for name, module in model.named_modules():
+            names.setdefault(id(module), name)
 
-    handles = [nn.modules.module.register_module_forward_pre_hook(pre),
-               nn.modules.module.register_module_forward_hook(post, always_call=True)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+        def pre(module, args):
+            self.module_stack.append((names.get(id(module), type(module).__name__), module))
+
+        def post(module, args, output):
+            if self.module_stack:
+                self.module_stack.pop()
+
+        handles = [nn.modules.module.register_module_forward_pre_hook(pre),
+                   nn.modules.module.register_module_forward_hook(post, always_call=True)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 class FLOPCalculator:
@@ -1899,7 +1881,7 @@ class FLOPCalculator:
         counted_training = training
         training = _CountingMode()
         quiet = _quiet_fake_tensor_logs() if not real else contextlib.nullcontext()  # no tracebacks on stderr
-        with quiet, compute, _track_modules(replica, training), training, torch.set_grad_enabled(counted_training):
+        with quiet, compute, training.tracking(replica), training, torch.set_grad_enabled(counted_training):
             output = replica(*run_args, **run_kwargs)
             training.phase = "backward"
             loss = _scalar_loss(output) if counted_training else None
@@ -1911,7 +1893,7 @@ class FLOPCalculator:
         inference = training
         if real and counted_training:
             inference = _CountingMode()
-            with _track_modules(replica, inference), inference, torch.no_grad():
+            with inference.tracking(replica), inference, torch.no_grad():
                 replica(*run_args, **run_kwargs)
         result = self._result(model, args, kwargs, inference, training, mode_note)
         if not counted_training:
