@@ -63,6 +63,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import inspect
 import json
 import math
 import os
@@ -472,6 +473,78 @@ def _scalar_loss(output):
     return sum(x.float().sum() for x in leaves)
 
 
+# --- the loss of a step: the user's, the model's own, or the sum of the outputs ---------------
+
+def _output_loss(output):
+    """The loss the model computed itself: `output.loss` (a Hugging Face ModelOutput, given
+    `labels=`) or `output["loss"]` (a dict), when it is a tensor; else None."""
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def _default_loss(output):
+    """The loss of a step given no loss function: the model's own (`_output_loss`) alone, else
+    `_scalar_loss` (summing a model's loss with its logits would train on both)."""
+    own = _output_loss(output)
+    return own if own is not None else _scalar_loss(output)
+
+
+def _loss_takes_batch(loss_fn):
+    """Whether `loss_fn` is called as loss_fn(output, batch) (True) or loss_fn(output) (False),
+    read once from its signature (an nn.Module's from its forward); None takes nothing."""
+    if loss_fn is None:
+        return False
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(output, batch) or loss_fn(output), "
+                        f"got {type(loss_fn).__name__}")
+    try:
+        signature = inspect.signature(loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn)
+    except (TypeError, ValueError):  # some builtins publish no signature: call them as (output, batch)
+        return True
+    for arguments, takes_batch in (((None, None), True), ((None,), False)):
+        with contextlib.suppress(TypeError):
+            signature.bind(*arguments)
+            return takes_batch
+    raise TypeError(f"loss_fn must take (output, batch) or (output); its signature is {signature}")
+
+
+class _StepLoss:
+    """The loss function memory steps run: the user's `loss_fn` (its result checked), or else the
+    model's own `output.loss`; None otherwise, and training_step then sums the outputs.
+
+    `used` says which rule gave the loss: "loss_fn", "output.loss" or "sum of outputs".
+    """
+
+    def __init__(self, loss_fn=None):
+        self.takes_batch = _loss_takes_batch(loss_fn)  # TypeError up front, before any work
+        self.loss_fn, self.used = loss_fn, "loss_fn" if loss_fn is not None else None
+
+    def __call__(self, output, batch):
+        if self.loss_fn is None:
+            loss = _output_loss(output)
+            self.used = "output.loss" if loss is not None else "sum of outputs"
+            return loss
+        loss = self.loss_fn(output, batch) if self.takes_batch else self.loss_fn(output)
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            got = "a tensor that does not require grad" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise LabError(f"loss_fn must return a scalar tensor that requires grad (computed from the output, "
+                           f"e.g. F.cross_entropy(output, batch)); got {got}")
+        if loss.numel() != 1:
+            raise LabError(f"loss_fn must return a scalar tensor, got shape {tuple(loss.shape)}; reduce it, "
+                           "e.g. with .mean() or .sum()")
+        return loss
+
+
+def _loss_batch(run_args, run_kwargs, targets):
+    """The `batch` a loss_fn(output, batch) gets: the targets when given, else the inputs as they
+    were passed (a tensor, a tuple of them, or a dict of keyword arguments)."""
+    if targets is not None:
+        return targets
+    if run_kwargs:
+        return run_kwargs if not run_args else (run_args, run_kwargs)
+    return run_args[0] if len(run_args) == 1 else run_args
+
+
 def _run_error(model, args, kwargs, err):
     if isinstance(err, LabError):
         return err
@@ -552,11 +625,15 @@ def _optimizer_step(optimizer, scaler):
 
 
 def training_step(replica, optimizer, micro_batches, *, precision="fp32", device, loss_fn=None, scaler=None,
-                  tracker=None, compute=None, item=False):
+                  tracker=None, compute=None, item=False, on_gradients=None):
     """The one training step every stage runs: for each micro-batch (args, kwargs, target, weight),
-    forward under autocast in `precision`, loss (`loss_fn(output, target)`, or the output's sum
-    when it is a scalar-reducible tensor) times `weight` when given, backward (through the
+    forward under autocast in `precision`, loss times `weight` when given, backward (through the
     GradScaler when given); then optimizer.step() and zero_grad(set_to_none=True).
+
+    The loss is `loss_fn(output, target)` (under autocast, as users write it); where there is no
+    loss_fn, or it returns None, `_default_loss`: the model's own `output.loss`, else the sum of
+    every floating output.  `on_gradients(replica)` is called once the gradients are complete
+    (unscaled first when a GradScaler is used), before the optimizer step.
 
     `tracker` (a _StorageTracker) is entered around the step and told its phases; `compute` is the
     context forward and backward run in (FakeTensorMode when estimating): the optimizer runs outside
@@ -573,8 +650,8 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
                 output = replica(*run_args, **run_kwargs)
                 loss = loss_fn(output, target) if loss_fn is not None else None
             phase("backward")
-            if loss_fn is None:
-                loss = _scalar_loss(output)
+            if loss is None:
+                loss = _default_loss(output)
             del output
             if loss is None:
                 raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
@@ -585,6 +662,10 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
             del loss
         if tracker is not None:
             tracker.mark_gradients(replica.parameters())
+    if on_gradients is not None:
+        if scaler is not None:  # true gradients, as clipping sees them; scaler.step() will not unscale again
+            scaler.unscale_(optimizer)
+        on_gradients(replica)
     with track:
         phase("optimizer")
         _optimizer_step(optimizer, scaler)
@@ -2161,21 +2242,28 @@ def _register_step_state(tracker, replica, optimizer, run_args, run_kwargs):
     return sum(tracker.info[key][0] for key in keys)
 
 
-def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None):
-    """Run one tracked step (or inference forward) on a replica; return the summary dict."""
+def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None, loss=None,
+                targets=None):
+    """Run one tracked step (or inference forward) on a replica; return the summary dict.
+
+    `loss` is the step's _StepLoss, called with `targets` (else the inputs); the summary's `loss`
+    names the rule it used (None for inference, which has no loss)."""
+    loss = loss if loss is not None else _StepLoss()
+    targets = targets if options["training"] else None  # inference has no loss to feed
     replica = _replica(model, make)
     blocks = _checkpoint_blocks(replica) if options["checkpointing"] else 0
     with compute or contextlib.nullcontext():
-        run_args, run_kwargs = _map_tensors((args, kwargs), make)
+        run_args, run_kwargs, run_targets = _map_tensors((args, kwargs, targets), make)
     # an estimate (fake tensors) on CPU adds the kernels' working memory the allocator will see
     tracker, layers = _StorageTracker(scratch=compute is not None and device.type == "cpu"), _LayerOutputs()
     try:
         if options["training"]:
             optimizer = _make_optimizer(options["optimizer_name"], replica.parameters(), foreach=foreach)
             _create_optimizer_state(replica, optimizer, compute)
-            _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
+            _register_step_state(tracker, replica, optimizer, (run_args, run_targets), run_kwargs)  # targets: inputs
+            batch = _loss_batch(run_args, run_kwargs, run_targets)
             with _global_forward_hook(layers):
-                training_step(replica, optimizer, [(run_args, run_kwargs, None, None)],
+                training_step(replica, optimizer, [(run_args, run_kwargs, batch, None)], loss_fn=loss,
                               precision=options["precision"], device=device, tracker=tracker, compute=compute)
         else:
             _register_step_state(tracker, replica, None, run_args, run_kwargs)
@@ -2193,6 +2281,7 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
     summary["tracked_total"] = summary["total"]  # measure_memory replaces `total` with the allocator's peak
     summary["formula"] = _napkin_memory(model, options, layers.nbytes)
     summary["checkpointed_blocks"] = blocks
+    summary["loss"] = loss.used if options["training"] else None
     return summary
 
 
@@ -2255,17 +2344,28 @@ def _memory_options(model, inputs, training, optimizer, precision, checkpointing
 
 
 def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision="fp32",
-                    checkpointing=False, device=None):
+                    checkpointing=False, device=None, loss_fn=None, targets=None):
     """Predict the memory of one training step (or inference forward) without real arithmetic.
 
     Runs the step on fake tensors of the target device (default: the model's; CPU for a model
     on meta): the same kernels are chosen as in a real run (e.g. CPU flash attention, autocast
     casts) but no memory is allocated.  Returns bytes per part, `total` (the peak), `at_peak`,
-    `peak_phase` and the napkin `formula` terms.
+    `peak_phase`, the napkin `formula` terms and `loss`, the loss the step trained on:
+
+    - "loss_fn": yours, called as `loss_fn(output, batch)` or `loss_fn(output)` (read from its
+      signature), where `batch` is `targets` when given, else the inputs; it must return a
+      scalar tensor that requires grad (ValueError otherwise);
+    - "output.loss": the model's own loss (a Hugging Face model given `labels=`, or a dict
+      output with "loss"), used alone;
+    - "sum of outputs": the sum of every floating output that requires grad.
+
+    The loss is part of the step's memory (a language model's cross-entropy holds a copy of its
+    logits), so the rule that matches your training is the one to estimate.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     args, kwargs, device, options = _memory_options(model, inputs, training, optimizer, precision,
                                                     checkpointing, device)
+    loss = _StepLoss(loss_fn)
     if device.type == "meta":
         device = torch.device("cpu")
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -2279,29 +2379,29 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
     try:
         with _quiet_fake_tensor_logs():
             result = _memory_run(model, args, kwargs, options, make=make, device=device, compute=fake_mode,
-                                 foreach=(device.type == "cuda"))  # CUDA's default is foreach
+                                 foreach=(device.type == "cuda"), loss=loss, targets=targets)  # CUDA: foreach
     except (DataDependentOutputException, DynamicOutputShapeException) as err:
-        return _measured_instead(model, inputs, options, device, str(getattr(err, "func", err)))
+        return _measured_instead(model, inputs, options, device, str(getattr(err, "func", err)), loss_fn, targets)
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
     return {**result, **options, "device": str(device), "method": f"fake tensors on {device.type}",
             "data_dependent": None}
 
 
-def _measured_instead(model, inputs, options, device, op):
+def _measured_instead(model, inputs, options, device, op, loss_fn=None, targets=None):
     """An estimate the model's data-dependent control flow made impossible, measured instead."""
     if _model_device(model).type == "meta":
         raise LabError(f"data-dependent control flow: {op} needs real values, which fake tensors do not have, "
                        "and the model's weights are on the meta device, so it cannot be measured either")
     measured = measure_memory(model, inputs, training=options["training"], optimizer=options["optimizer_name"],
                               precision=options["precision"], checkpointing=options["checkpointing"],
-                              device=device)
+                              device=device, loss_fn=loss_fn, targets=targets)
     return {**measured, "data_dependent": op,
             "method": f"measured instead: data-dependent control flow ({op}) needs real values; {measured['method']}"}
 
 
 def measure_memory(model, inputs, *, training=True, optimizer="adam", precision="fp32",
-                   checkpointing=False, device=None):
+                   checkpointing=False, device=None, loss_fn=None, targets=None):
     """Run one real step (or inference forward) on a copy of the model and measure its memory.
 
     `total` comes from the allocator, not from the storage tracker the estimate shares:
@@ -2309,10 +2409,12 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
     read through torch.profiler, over the whole copy-and-step, so the copy's weights, inputs and
     optimizer state are counted as allocated.  MPS, or a CPU whose profiler is busy, falls back to
     the tracker (`method` says which).  The parts come from the tracker on every device, and
-    `tracked_total` is the tracker's own peak.
+    `tracked_total` is the tracker's own peak.  `loss_fn` and `targets` choose the loss as in
+    estimate_memory, and `loss` says which was used: the two stay comparable.
     """
     args, kwargs, device, options = _memory_options(model, inputs, training, optimizer, precision,
                                                     checkpointing, device)
+    loss = _StepLoss(loss_fn)
     if device.type == "meta":
         raise ValueError("measure_memory needs real weights; the model is on the meta device "
                          "(use estimate_memory, or pass device='cpu' after materialising it)")
@@ -2320,7 +2422,7 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
     peak = _PeakMemory(device)
     try:
         with peak:
-            result = _memory_run(model, args, kwargs, options, make=make, device=device)
+            result = _memory_run(model, args, kwargs, options, make=make, device=device, loss=loss, targets=targets)
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
     method = TRACKER_SOURCE + (f": {peak.reason}" if device.type == "cpu" and peak.reason else "")
@@ -2821,14 +2923,39 @@ class _StrategyRun:
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=lr)
         _create_optimizer_state(self.replica, self.optimizer)  # the state exists even if a scaler skips step 1
         self.scaler = _grad_scaler(self.precision, device)
+        self.gradients = None  # the last step's ((group, grad) pairs, per-tensor norms), for gradient_health
 
     def step(self, x, y, tracker=None):
         """One optimizer step on the batch (x, y); returns its mean training loss."""
+        self.gradients = None  # the last step's gradients, if unread, go before this step makes its own
         # micro-batch mean x its share of the batch: the k gradients add up to the batch mean's
         micro = [((xs,), {}, ys, len(xs) / len(x) if self.micro_batches > 1 else None)
                  for xs, ys in zip(x.chunk(self.micro_batches), y.chunk(self.micro_batches))]
         return training_step(self.replica, self.optimizer, micro, precision=self.precision, device=self.device,
-                             loss_fn=F.cross_entropy, scaler=self.scaler, tracker=tracker, item=True)
+                             loss_fn=F.cross_entropy, scaler=self.scaler, tracker=tracker, item=True,
+                             on_gradients=self._watch_gradients)
+
+    def _watch_gradients(self, replica):
+        """Keep the step's gradients and their per-tensor norms (one torch._foreach_norm, left on
+        the device: no host sync inside the timed step; gradient_health reads them after it).  The
+        norm's cost stays in the step's time: logging it is part of a real step, as users write it.
+        zero_grad(set_to_none=True) only drops the parameters' references, so the values survive."""
+        named = [(name.split(".")[0], p.grad) for name, p in replica.named_parameters() if p.grad is not None]
+        self.gradients = (named, torch.stack(torch._foreach_norm([g for _, g in named])))
+
+    def gradient_health(self):
+        """The last step's global gradient norm, its norm per top-level child (named as in
+        named_children; the root's own parameters by their name) and its count of non-finite
+        elements.  Read once: the gradients are let go."""
+        (named, norms), self.gradients = self.gradients, None
+        norms, by_group = norms.tolist(), {}  # the host sync, after the timed step
+        for (group, _), norm in zip(named, norms):
+            by_group.setdefault(group, []).append(norm)
+        grad_norm = math.hypot(*norms)
+        # an inf or NaN element makes the norm non-finite: only then are the elements counted
+        nonfinite = 0 if math.isfinite(grad_norm) else sum(int(g.isfinite().logical_not().sum()) for _, g in named)
+        return {"grad_norm": grad_norm, "nonfinite": nonfinite,
+                "by_group": {group: math.hypot(*values) for group, values in by_group.items()}}
 
     @torch.no_grad()
     def evaluate(self, x, y, batch=1024):
@@ -2847,7 +2974,11 @@ def _train_one(model, strategy, data, order, options):
     val_x, val_y = data["val_x"].to(device), data["val_y"].to(device)
     record = {"strategy": strategy, "precision": run.precision, "micro_batches": run.micro_batches,
               "checkpointed_blocks": run.blocks, "train_loss": [], "val_steps": [0],
-              "val_loss": [run.evaluate(val_x, val_y)], "step_times_s": []}
+              "val_loss": [run.evaluate(val_x, val_y)], "step_times_s": [], "grad_norm": [],
+              "grad_norm_by_group": {}, "nonfinite_grads": [],
+              "loss_scale_per_step": None if run.scaler is None else [],
+              "skipped_steps": None if run.scaler is None else 0}
+    scale = _loss_scale(run.scaler)
     for i, index in enumerate(order):
         x, y = data["train_x"][index].to(device), data["train_y"][index].to(device)
         if i == 1:  # the first steady step (Adam state exists): measured for memory, not timed
@@ -2858,6 +2989,7 @@ def _train_one(model, strategy, data, order, options):
             if i > 0:  # step 1 is warm-up
                 record["step_times_s"].append(seconds)
         record["train_loss"].append(loss)
+        scale = _log_gradient_health(record, run, scale)
         step = i + 1
         if step % options["eval_every"] == 0 or step == len(order):
             record["val_steps"].append(step)
@@ -2872,6 +3004,23 @@ def _train_one(model, strategy, data, order, options):
                   achieved_flops_per_s=options["training_flops"] / stats["median_s"],
                   loss_scale=_loss_scale(run.scaler))
     return record
+
+
+def _log_gradient_health(record, run, scale):
+    """Append the step's gradient health to `record`: global norm, non-finite count, the norms per
+    group at the first and the last step and, with a GradScaler, the loss scale the step used
+    (`scale`) and whether it skipped the step.  Returns the scale the next step uses."""
+    health = run.gradient_health()
+    record["grad_norm"].append(health["grad_norm"])
+    record["nonfinite_grads"].append(health["nonfinite"])
+    record["grad_norm_by_group"].setdefault("first", health["by_group"])
+    record["grad_norm_by_group"]["last"] = health["by_group"]
+    if run.scaler is None:
+        return None
+    after = _loss_scale(run.scaler)
+    record["loss_scale_per_step"].append(scale)
+    record["skipped_steps"] += after < scale  # GradScaler backs its scale off only when it skips a step
+    return after
 
 
 # --- planning: calibrate a step of each strategy, then choose the size that fits -------------
@@ -3049,6 +3198,10 @@ def run_training_comparison(run, *, strategies=None, steps=None, batch=None, wid
     for memory) with its spread, peak_memory_bytes and its parts (as measure_memory measures
     them), wall_s, achieved_flops_per_s (model FLOPs of a step / median step time) and mfu
     (against the measured matmul peak, `peak_flops`; None with `mfu_invalid` if impossible).
+    Its gradient health, per step: grad_norm (the global L2 norm before optimizer.step(), unscaled),
+    nonfinite_grads (inf/NaN gradient elements) and, with a GradScaler (fp16 on CUDA),
+    loss_scale_per_step and skipped_steps (None without); grad_norm_by_group holds the norm of
+    each top-level child at the "first" and the "last" step.
     """
     p, device = run.profile, run.device
     strategies = list(TRAIN_STRATEGIES if strategies is None else strategies)
@@ -3887,13 +4040,17 @@ def _per_module_rows(model, flops, activations):
 
 
 @stage("model")
-def analyze(run, model, inputs):
+def analyze(run, model, inputs, *, loss_fn=None, targets=None):
     """The whole lab on one model of yours: counted FLOPs per top-level module and by op class,
     estimated and measured training memory, mixed-precision step time and memory, and latency at
     your batch.  Measured parts run within the profile's model_* budgets; anything that cannot run
     on this model is None with the reason (`skipped`).  Your model is never changed.
-    Call it as analyze(model, inputs, device=None, profile=DEFAULT, progress=None)."""
+    Call it as analyze(model, inputs, device=None, profile=DEFAULT, progress=None, loss_fn=None,
+    targets=None): `loss_fn` and `targets` are the loss your training step uses, as in
+    estimate_memory (the memory results say which loss was used); the mixed-precision step uses
+    the default rule."""
     _check_model(model)
+    _loss_takes_batch(loss_fn)  # a loss_fn that cannot be called is refused before any work
     device, p, skipped = run.device, run.profile, {}
     try:
         flops = FLOPCalculator().analyze_model(model, inputs)
@@ -3903,8 +4060,9 @@ def analyze(run, model, inputs):
     data = {"model": type(model).__name__, "device": _device_name(device), "input_shape": flops["input_shape"],
             "flops": {k: v for k, v in flops.items() if k not in ("by_module",)}, "skipped": skipped,
             "modules": _per_module_rows(model, flops, _safe(lambda: _top_level_activations(model, inputs), None))}
-    steps = (("memory_estimate", lambda: estimate_memory(model, inputs, device=device)),
-             ("memory_measured", lambda: measure_memory(model, inputs, device=device)),
+    loss = {"loss_fn": loss_fn, "targets": targets}
+    steps = (("memory_estimate", lambda: estimate_memory(model, inputs, device=device, **loss)),
+             ("memory_measured", lambda: measure_memory(model, inputs, device=device, **loss)),
              ("amp", lambda: [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in
                               benchmark_mixed_precision(model, inputs, device=device, time_budget_s=p.model_amp_s)]),
              ("latency", lambda: measure_latency(model, inputs, device=device, time_budget_s=p.model_latency_s)))

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+import pytorch_practice_demo as demo
 from conftest import assert_panels
 from pytorch_practice_demo import (FIGURE_FILES, QUICK, ResMLPClassifier, load_mnist, measure_peak_flops,
                                    plot_training_performance, run_training_comparison,
                                    visualize_training_performance)
 
 RUN_KEYS = {"train_loss", "val_loss", "val_steps", "samples_per_s", "peak_memory_bytes", "wall_s",
-            "achieved_flops_per_s", "mfu", "activation_bytes", "at_peak", "cut", "steps_done", "precision"}
+            "achieved_flops_per_s", "mfu", "activation_bytes", "at_peak", "cut", "steps_done", "precision",
+            "grad_norm", "grad_norm_by_group", "nonfinite_grads", "loss_scale_per_step", "skipped_steps"}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,8 @@ def test_every_run_reports_what_the_issue_asks(four_strategies):
         assert run["samples_per_s"] > 0 and run["peak_memory_bytes"] > 0 and 0 < run["mfu"] <= 1
         assert run["achieved_flops_per_s"] == pytest.approx(data["training_flops_per_step"] / run["median_step_s"])
     assert data["runs"]["mixed_precision"]["precision"] == "amp_bf16"  # CPU autocast
+    assert data["runs"]["mixed_precision"]["loss_scale_per_step"] is None  # no GradScaler on CPU
+    assert data["runs"]["mixed_precision"]["skipped_steps"] is None
     assert {"fp32", "amp_bf16"} == set(data["peak_flops"])
     assert "matmul" in data["peak_flops"]["fp32"]["method"]
     # model FLOPs of a step: 3x the forward of a matmul-only model = 6 x parameters x batch, minus
@@ -55,6 +59,36 @@ def test_checkpointing_reproduces_the_baseline_with_fewer_activations(four_strat
     assert ckpt["activation_bytes"] < 0.5 * base["activation_bytes"]
     # at this small batch the peak is Adam's step for both, so the peaks can tie
     assert ckpt["peak_memory_bytes"] <= base["peak_memory_bytes"]
+
+
+def test_accumulation_and_checkpointing_see_the_baselines_gradients():
+    data = run_training_comparison(steps=3, batch=32, width=32,
+                                   strategies=["baseline", "gradient_accumulation", "gradient_checkpointing"])
+    base = data["runs"]["baseline"]
+    assert len(base["grad_norm"]) == 3 and base["nonfinite_grads"] == [0, 0, 0]
+    first = base["grad_norm_by_group"]["first"]
+    assert list(first) == ["embed", "blocks", "ln", "head"]  # ResMLPClassifier's top-level children
+    # the global norm is the root of the groups' squared norms
+    assert base["grad_norm"][0] == pytest.approx(sum(v ** 2 for v in first.values()) ** 0.5, rel=1e-9)
+    for strategy in ("gradient_accumulation", "gradient_checkpointing"):
+        run = data["runs"][strategy]
+        np.testing.assert_allclose(run["grad_norm"], base["grad_norm"], rtol=1e-5)
+        for when in ("first", "last"):
+            np.testing.assert_allclose(list(run["grad_norm_by_group"][when].values()),
+                                       list(base["grad_norm_by_group"][when].values()), rtol=1e-5, atol=1e-7)
+        assert run["loss_scale_per_step"] is None and run["skipped_steps"] is None
+
+
+def test_nonfinite_gradients_are_counted():
+    run = demo._StrategyRun(ResMLPClassifier(width=32, depth=1), "baseline", torch.device("cpu"), 1, 1e-3)
+    x, y = torch.randn(4, 784), torch.tensor([0, 1, 2, 3])
+    run.step(x, y)
+    assert run.gradient_health()["nonfinite"] == 0
+    x[0, 0] = float("nan")  # one sample's NaN reaches every weight's gradient through the batch sum
+    run.step(x, y)
+    health = run.gradient_health()
+    assert health["nonfinite"] == sum(p.numel() for p in run.replica.parameters())
+    assert run.gradients is None  # read once: the gradients are let go
 
 
 def test_loss_falls_well_below_its_start():
@@ -161,3 +195,7 @@ def test_cuda_mixed_precision_uses_fp16_with_grad_scaler():
     assert data["runs"]["mixed_precision"]["peak_memory_bytes"] > 0
     assert data["runs"]["mixed_precision"]["loss_scale"] > 1  # trained through a GradScaler
     assert data["runs"]["baseline"]["loss_scale"] is None
+    mixed = data["runs"]["mixed_precision"]
+    assert len(mixed["loss_scale_per_step"]) == 5 and 0 <= mixed["skipped_steps"] <= 5
+    # GradScaler skips a step (and backs its scale off) exactly when an unscaled gradient is inf/NaN
+    assert mixed["skipped_steps"] == sum(n > 0 for n in mixed["nonfinite_grads"])
