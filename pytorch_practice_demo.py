@@ -155,6 +155,7 @@ class Profile:
     training_batch: int = 256         # shrunk (batch, then width) on a slow machine
     width: int = 128
     depth: int = 8                    # narrow and deep: activations matter next to Adam state
+    pipeline_s: float = 1.0           # DataLoader with 0, 1, 2 workers: each worker start ~0.1 s quiet
     # mixed precision: 3 models x 3 precisions; TinyGPT's fp32 step ~0.3 s quiet
     amp_budget_s: float = 10.0
     amp_measure_s: float = 7.0
@@ -196,6 +197,7 @@ QUICK = Profile(  # what differs from DEFAULT, and why
     kv=(4, 8, 16),                                 # ~0.1 s quiet: a busy laptop's quick run is tight
     training_budget_s=4.5, training_measure_s=2.2, steps=30, training_batch=64,
     depth=4,                                       # half the per-step overhead: fits a busy laptop
+    pipeline_s=0.5,
     amp_budget_s=2.5, amp_measure_s=0.8, amp_batch=16,
     amp_models=("MLP-1024",),                      # MLP-4096 (21 M parameters) does not fit 1 s
     dashboard_budget_s=5.0, latency_s=0.6,         # the FLOP stage's quick zoo
@@ -2901,6 +2903,78 @@ def _batch_order(n_samples, batch, steps, seed):
     return order[:steps * batch].view(steps, batch)
 
 
+# --- the input pipeline: can the data keep up with the step? -------------------------------
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """Images made per sample as a decoder would: `channels` x `size` x `size` bytes drawn from a
+    seeded generator (the "decoding"), then converted to floats and standardised, as
+    torchvision's ToTensor + Normalize do.  Real CPU work in __getitem__, no files needed."""
+
+    def __init__(self, n=1024, size=28, channels=1, classes=10, seed=0):
+        self.n, self.size, self.channels, self.classes, self.seed = n, size, channels, classes, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        pixels = torch.randint(0, 256, (self.channels, self.size, self.size), generator=g, dtype=torch.uint8)
+        return (pixels.float() / 255 - MNIST_MEAN) / MNIST_STD, i % self.classes
+
+
+def measure_input_pipeline(dataset=None, *, batch_size, num_workers=(0, 1, 2), pin_memory=None, device=None,
+                           time_budget_s=DEFAULT.pipeline_s):
+    """Samples per second a torch.utils.data.DataLoader delivers for each `num_workers`, with spread.
+
+    `dataset` defaults to SyntheticImages (real per-sample CPU work).  Each setting gets an equal
+    share of `time_budget_s`: the loader's start (worker processes) is timed apart, then the
+    batches are timed by measure().  `pin_memory` is measured only where an accelerator exists;
+    on a CPU-only machine it does nothing (the DataLoader itself warns so) and is left off, said
+    in `pin_memory_note`.  Every worker process is shut down before returning.
+    """
+    device = resolve_device(device)
+    accelerator = device.type in ("cuda", "mps")
+    pin = accelerator if pin_memory is None else bool(pin_memory) and accelerator
+    budget, rows = Budget(time_budget_s), []
+    for i, workers in enumerate(num_workers):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"num_workers must be integers >= 0, got {workers!r}")
+        data = dataset if dataset is not None else SyntheticImages(n=batch_size * (MAX_RUNS + 4))
+        rows.append(_time_loader(data, batch_size, workers, pin, device, budget.share(len(num_workers) - i)))
+    return {"batch_size": batch_size, "device": str(device), "pin_memory": pin, "rows": rows,
+            "dataset": type(dataset).__name__ if dataset is not None else "SyntheticImages (28x28, decoded + "
+                                                                           "normalised per sample)",
+            "pin_memory_note": None if accelerator else "no accelerator here: pin_memory does nothing, left off"}
+
+
+def _time_loader(dataset, batch_size, workers, pin, device, budget_s):
+    """One DataLoader setting: its start-up time, then batches (moved to `device`) timed by measure()."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         pin_memory=pin, drop_last=True)
+    started = _now()
+    batches = iter(loader)
+    try:
+        start_s = _now() - started
+
+        def next_batch():
+            x, _ = next(batches)
+            return x.to(device, non_blocking=pin)
+        timed = measure(next_batch, device=device, budget_s=max(budget_s - start_s, 1e-3),
+                        runs=(MIN_RUNS, min(MAX_RUNS, len(loader) - 1)), always=True, what="batch")
+    finally:
+        getattr(batches, "_shutdown_workers", lambda: None)()  # no worker process outlives the call
+    return {"num_workers": workers, "start_s": start_s, **timed,
+            "samples_per_s": batch_size / timed["median_s"],
+            "samples_per_s_range": [batch_size / timed["spread_hi_s"], batch_size / timed["spread_lo_s"]]}
+
+
+def _input_bound(pipeline, step_samples_per_s):
+    """Whether one training step waits for its data: the best loader setting against the step."""
+    best = max(pipeline["rows"], key=lambda r: r["samples_per_s"])
+    return {"step_samples_per_s": step_samples_per_s, "best_num_workers": best["num_workers"],
+            "best_samples_per_s": best["samples_per_s"], "input_bound": best["samples_per_s"] < step_samples_per_s}
+
+
 # --- one strategy's run --------------------------------------------------------------------
 
 def _strategy_precision(strategy, device):
@@ -3226,25 +3300,35 @@ def run_training_comparison(run, *, strategies=None, steps=None, batch=None, wid
     order = _batch_order(len(data["train_x"]), plan["batch"], plan["steps"], run.seed)
     options.update(eval_every=every(plan["steps"]),
                    training_flops=FLOPCalculator().analyze_model(model, (plan["batch"], 784))["training_flops"])
-    result = {"model": f"ResMLP ({p.depth}x{plan['width']})", "depth": p.depth, "width": plan["width"],
-              "parameters": sum(q.numel() for q in model.parameters()), "dataset": data["name"],
-              "train_samples": len(data["train_x"]), "val_samples": len(data["val_x"]),
-              "device": _device_name(device), "batch": plan["batch"], "steps": plan["steps"],
-              "accumulation": accumulation, "eval_every": options["eval_every"], "lr": options["lr"],
-              "optimizer": "adam", "seed": run.seed, "time_budget_s": budget.seconds, "profile": p.name,
-              "training_flops_per_step": options["training_flops"], "flops_note": TRAINING_FLOPS_NOTE,
-              "peak_flops": peak_flops, "hardware": hardware_info(device), "plan": plan,
-              "skipped": plan["skipped"], "runs": {}}
+    result = {**_training_header(run, plan, model, data, options), "time_budget_s": budget.seconds,
+              "peak_flops": peak_flops, "runs": {}}
     to_run = [s for s in strategies if s not in plan["skipped"]]
     for i, strategy in enumerate(to_run):
         result["runs"][strategy] = _train_one(model, strategy, data, order, options)
         run.report(i + 1, len(to_run), strategy)
     _add_mfu(result, device, p.peak_s)
+    result["input_pipeline"] = measure_input_pipeline(batch_size=plan["batch"], device=device,
+                                                      time_budget_s=p.pipeline_s)
+    if "baseline" in result["runs"]:
+        result["input_pipeline"].update(_input_bound(result["input_pipeline"],
+                                                     result["runs"]["baseline"]["samples_per_s"]))
     result["radar"] = _radar_scores(result["runs"])
     result["loss_diff_vs_baseline"] = {s: {key: _max_loss_diff(result, s, key) for key in ("train_loss", "val_loss")}
                                        for s in result["runs"]}
     result["wall_s"] = budget.elapsed()
     return result
+
+
+def _training_header(run, plan, model, data, options):
+    """What the training comparison ran: model, sizes, data, optimizer, the plan."""
+    return {"model": f"ResMLP ({run.profile.depth}x{plan['width']})", "depth": run.profile.depth,
+            "width": plan["width"], "parameters": sum(q.numel() for q in model.parameters()),
+            "dataset": data["name"], "train_samples": len(data["train_x"]), "val_samples": len(data["val_x"]),
+            "device": _device_name(run.device), "batch": plan["batch"], "steps": plan["steps"],
+            "accumulation": options["accumulation"], "eval_every": options["eval_every"], "lr": options["lr"],
+            "optimizer": "adam", "seed": run.seed, "profile": run.profile.name,
+            "training_flops_per_step": options["training_flops"], "flops_note": TRAINING_FLOPS_NOTE,
+            "hardware": hardware_info(run.device), "plan": plan, "skipped": plan["skipped"]}
 
 
 TRAINING_FLOPS_NOTE = ("model FLOPs of one step (forward + backward, FLOPCalculator); the forward that checkpointing "
@@ -5652,6 +5736,16 @@ def parse_args(argv=None):
         parser.error("--dpi must be a positive integer")
     args.dpi = args.dpi or (80 if args.quick else 120)
     args.profile = "quick" if args.quick else "default"
+    _check_model_args(parser, args)
+    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
+        parser.error(f"--threads takes auto or a positive integer, got {args.threads!r}")
+    if args.dataset == "mnist" and "training" in args.only and not args.data_dir:
+        parser.error("--dataset mnist needs --data-dir (a folder with the MNIST IDX files)")
+    return args
+
+
+def _check_model_args(parser, args):
+    """--model needs --input-shape (comma-separated positive integers); both go together."""
     if args.model:
         if not args.input_shape:
             parser.error("--model needs --input-shape, e.g. --input-shape 8,3,224,224")
@@ -5664,11 +5758,6 @@ def parse_args(argv=None):
         args.only = ["model"]
     elif args.input_shape or args.input_dtype:
         parser.error("--input-shape and --input-dtype go with --model")
-    if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
-        parser.error(f"--threads takes auto or a positive integer, got {args.threads!r}")
-    if args.dataset == "mnist" and "training" in args.only and not args.data_dir:
-        parser.error("--dataset mnist needs --data-dir (a folder with the MNIST IDX files)")
-    return args
 
 
 def _check_writable(output_dir):

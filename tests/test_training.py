@@ -199,3 +199,32 @@ def test_cuda_mixed_precision_uses_fp16_with_grad_scaler():
     assert len(mixed["loss_scale_per_step"]) == 5 and 0 <= mixed["skipped_steps"] <= 5
     # GradScaler skips a step (and backs its scale off) exactly when an unscaled gradient is inf/NaN
     assert mixed["skipped_steps"] == sum(n > 0 for n in mixed["nonfinite_grads"])
+
+
+# --- the input pipeline ----------------------------------------------------------------------------
+
+def test_input_pipeline_times_each_worker_setting_and_leaves_no_worker_behind():
+    import multiprocessing
+    data = demo.measure_input_pipeline(batch_size=16, num_workers=(0, 1), time_budget_s=0.5)
+    assert [r["num_workers"] for r in data["rows"]] == [0, 1]
+    for r in data["rows"]:
+        assert r["runs"] >= demo.MIN_RUNS and r["samples_per_s"] > 0 and r["start_s"] >= 0
+        lo, hi = r["samples_per_s_range"]
+        assert lo <= r["samples_per_s"] <= hi
+    assert data["pin_memory"] is False and "pin_memory does nothing" in data["pin_memory_note"]  # CPU only
+    assert not multiprocessing.active_children()  # the worker was shut down
+    verdict = demo._input_bound(data, step_samples_per_s=1e12)  # no loader keeps up with an infinitely fast step
+    assert verdict["input_bound"] and verdict["best_samples_per_s"] == max(r["samples_per_s"] for r in data["rows"])
+
+
+def test_input_pipeline_refuses_bad_worker_counts():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_workers"):
+            demo.measure_input_pipeline(batch_size=4, num_workers=(bad,), time_budget_s=0.2)
+
+
+def test_synthetic_images_are_decoded_per_sample_and_seeded():
+    data = demo.SyntheticImages(n=4, size=8)
+    x, y = data[1]
+    assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y == 1
+    assert torch.equal(x, data[1][0]) and not torch.equal(x, data[2][0])
