@@ -26,7 +26,7 @@ section at a time; the sections follow the data: units -> a model's replica -> m
 the models -> counting and measuring them -> the figures -> the command line):
   1. Units, precision names and the hardware .... readable, PRECISIONS, hardware_info, resolve_device
   2. Running a model on a replica ............... LabError, training_step (the lab's one training step)
-  3. Timing and measuring primitives ............ Budget, time_stats, machine_load, threads_for_load,
+  3. Timing and measuring primitives ............ Budget, time_stats, measure, Load (the machine's load),
                                                   measure_peak_flops, checked_utilisation
   4. The model zoo .............................. mlp, MnistNet, TinyGPT (with KVCache), LSTMClassifier,
                                                   ResMLPClassifier, MODEL_ZOO, build_model
@@ -733,29 +733,23 @@ class Budget:
 
     def fits(self, predicted_s, margin=1.0):
         """Whether predicted work fits what is left (planning passes margin=PLAN_MARGIN)."""
-        return fits_budget(predicted_s, self.left(), margin)
+        return self.fits_in(predicted_s, self.left(), margin)
 
-
-def fits_budget(predicted_s, left_s, margin=PLAN_MARGIN):
-    """The one budget check: predicted work, times the margin a busy machine's variation needs,
-    within the seconds left."""
-    return predicted_s * margin <= left_s
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    @staticmethod
+    def fits_in(predicted_s, left_s, margin=PLAN_MARGIN):
+        """The one budget check: predicted work, times the margin a busy machine's variation
+        needs, within the seconds left."""
+        return predicted_s * margin <= left_s
 
 
 def _timed(device, fn, *args):
     """(fn(*args), seconds), with the device synchronised before and after: GPU work is
     asynchronous, so an unsynchronised clock measures only the launch."""
-    _synchronize(device)
+    sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device.type, lambda: None)
+    sync()
     start = _now()
     value = fn(*args)
-    _synchronize(device)
+    sync()
     return value, _now() - start
 
 
@@ -779,58 +773,96 @@ def spread(values):
     return float(np.median(t)), float(lo), float(hi), kind, float(q75 - q25)
 
 
-def _cpu_ticks():
-    """(busy ticks of the whole machine, all ticks, this process's ticks) from /proc; None off Linux."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError, IndexError):
-        return None
-    idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])  # utime + stime
-
-
-def _others_busy_cores(start, end):
-    """Cores that processes other than this one kept busy between two _cpu_ticks() snapshots
-    (None when either is missing)."""
-    if not (start and end):
-        return None
-    busy, total, own = (e - s for e, s in zip(end, start))
-    return max(busy - own, 0) / max(total, 1) * (os.cpu_count() or 1)
-
-
-def machine_load():
-    """How busy the machine is now: the 1-minute load average, the cores, and a CPU-tick snapshot
-    that _conditions turns into what other processes used while a stage ran."""
-    try:
-        load = round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):  # Windows has no load average
-        load = None
-    cores = os.cpu_count() or 1
-    return {"load_avg_1m": load, "cores": cores, "busy": load is not None and load > cores, "ticks": _cpu_ticks()}
-
-
-OTHERS_BUSY_CORES = 0.5  # other processes using half a core or more during a stage: a busy machine
-DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice at import: one per physical core
-
-
-def threads_for_load(sample_s=0.05):
-    """How many threads torch should use now: the cores other processes leave free, sampled over
-    `sample_s` (/proc/stat), at least 1 and at most torch's default.
+class Load:
+    """How busy the machine is, and torch's threads fitted to it.
 
     On a busy machine every op waits at a barrier for a sibling thread that the scheduler has put
-    aside: here a 2-thread training step went from 24 ms quiet to 3.8 s with four busy programs
-    on two cores, and 70 ms with one thread.  Fewer threads then measure faster and truer.
-    Returns (threads, {"others_busy_cores", "free_cores"}); off Linux, torch's default.
+    aside: here a 2-thread training step went from 24 ms quiet to 3.8 s with four busy programs on
+    two cores, and 70 ms with one thread.  So every stage samples what other processes use
+    (/proc/stat), runs with the cores they leave free (fitted_threads), and records the
+    conditions it ran under.
     """
-    start = _cpu_ticks()
-    time.sleep(sample_s)
-    others = _others_busy_cores(start, _cpu_ticks())
-    if others is None:
-        return DEFAULT_THREADS, {"others_busy_cores": None, "free_cores": None}
-    free = (os.cpu_count() or 1) - others
-    return max(1, min(DEFAULT_THREADS, int(free + 0.5))), {"others_busy_cores": round(others, 2),
-                                                           "free_cores": round(free, 2)}
+    OTHERS_BUSY = 0.5  # other processes using half a core or more during a stage: a busy machine
+    DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice at import: one per physical core
+    fitted = []  # thread counts to put back, one per open fitted_threads block (outermost first)
+
+    @staticmethod
+    def ticks():
+        """(busy ticks of the whole machine, all ticks, this process's ticks) from /proc; None off Linux."""
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError, IndexError):
+            return None
+        idle = fields[3] + fields[4]  # idle + iowait
+        return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])  # utime + stime
+
+    @staticmethod
+    def others_busy_cores(start, end):
+        """Cores that processes other than this one kept busy between two ticks() (None if unknown)."""
+        if not (start and end):
+            return None
+        busy, total, own = (e - s for e, s in zip(end, start))
+        return max(busy - own, 0) / max(total, 1) * (os.cpu_count() or 1)
+
+    @classmethod
+    def now(cls):
+        """The 1-minute load average, the cores, and a tick snapshot for conditions()."""
+        try:
+            load = round(os.getloadavg()[0], 2)
+        except (OSError, AttributeError):  # Windows has no load average
+            load = None
+        cores = os.cpu_count() or 1
+        return {"load_avg_1m": load, "cores": cores, "busy": load is not None and load > cores, "ticks": cls.ticks()}
+
+    @classmethod
+    def threads(cls, sample_s=0.05):
+        """How many threads torch should use now: the cores other processes leave free, sampled over
+        `sample_s`, at least 1 and at most torch's default.  Returns (threads, {"others_busy_cores",
+        "free_cores"}); off Linux, torch's default."""
+        start = cls.ticks()
+        time.sleep(sample_s)
+        others = cls.others_busy_cores(start, cls.ticks())
+        if others is None:
+            return cls.DEFAULT_THREADS, {"others_busy_cores": None, "free_cores": None}
+        free = (os.cpu_count() or 1) - others
+        return max(1, min(cls.DEFAULT_THREADS, int(free + 0.5))), {"others_busy_cores": round(others, 2),
+                                                                   "free_cores": round(free, 2)}
+
+    @classmethod
+    @contextlib.contextmanager
+    def fitted_threads(cls, count=None):
+        """Torch's threads fitted to the load (threads()) inside the block, the caller's count put
+        back after it.  Nested blocks keep what the outermost chose (a stage fits once for all it
+        measures); `count` sets the number instead (--threads N)."""
+        before = torch.get_num_threads()
+        if not cls.fitted:
+            torch.set_num_threads(count or cls.threads()[0])
+        cls.fitted.append(before)
+        try:
+            yield
+        finally:
+            cls.fitted.pop()
+            torch.set_num_threads(before)
+
+    @classmethod
+    def conditions(cls, start, budget=None):
+        """What a stage ran under: the load average at its start and end, and the cores other
+        processes kept busy meanwhile.  Busy: others used OTHERS_BUSY or more; where /proc is
+        missing, a load average above the cores (it lags by a minute)."""
+        end = cls.now()
+        others = cls.others_busy_cores(start["ticks"], end["ticks"])
+        others = None if others is None else round(others, 2)
+        busy = others >= cls.OTHERS_BUSY if others is not None else bool(start["busy"] or end["busy"])
+        out = {"load_start": {k: v for k, v in start.items() if k != "ticks"},
+               "load_end": {k: v for k, v in end.items() if k != "ticks"},
+               "others_busy_cores": others, "cores": end["cores"], "threads": torch.get_num_threads(), "busy": busy}
+        if budget is not None:
+            out.update(budget_s=budget.seconds, wall_s=budget.elapsed())
+        return out
+
+
+threads_for_load = Load.threads  # public: torch.set_num_threads(threads_for_load()[0]) in your own code
 
 
 @functools.lru_cache(maxsize=None)
@@ -854,44 +886,6 @@ def _warm_up_torch(device=None):
         torch.cuda.synchronize(device)
 
 
-_FITTED = []  # depth of nested fitted_threads blocks: only the outermost samples the load
-
-
-@contextlib.contextmanager
-def fitted_threads(count=None):
-    """Torch's threads fitted to the machine's load (threads_for_load) inside the block, the
-    caller's count put back after it: a measurement on a busy machine must not stall on threads
-    the machine cannot give it (a 0.16 ms forward measured 40 ms with two threads).  Nested
-    blocks keep what the outermost chose (a stage fits once for everything it measures); `count`
-    sets the number instead (--threads N)."""
-    before = torch.get_num_threads()
-    if not _FITTED:
-        torch.set_num_threads(count or threads_for_load()[0])
-    _FITTED.append(before)
-    try:
-        yield
-    finally:
-        _FITTED.pop()
-        torch.set_num_threads(before)
-
-
-def _conditions(load_start, budget=None):
-    """What a stage ran under: the load average at its start and end, and the cores that other
-    processes kept busy meanwhile (from /proc/stat).  Busy: others used OTHERS_BUSY_CORES or more;
-    where /proc is missing, a load average above the cores (it lags by a minute)."""
-    end = machine_load()
-    others = _others_busy_cores(load_start["ticks"], end["ticks"])
-    others = None if others is None else round(others, 2)
-    strip = ("ticks",)
-    busy = others >= OTHERS_BUSY_CORES if others is not None else bool(load_start["busy"] or end["busy"])
-    out = {"load_start": {k: v for k, v in load_start.items() if k not in strip},
-           "load_end": {k: v for k, v in end.items() if k not in strip},
-           "others_busy_cores": others, "cores": end["cores"], "threads": torch.get_num_threads(), "busy": busy}
-    if budget is not None:
-        out.update(budget_s=budget.seconds, wall_s=budget.elapsed())
-    return out
-
-
 # --- the one measuring harness ---------------------------------------------------------------
 # Every timed number of the lab comes from measure(): the matmul peak, the mixed-precision steps,
 # latency, fusion (and _timed, its one-run primitive, for the training steps, whose count the
@@ -904,7 +898,6 @@ def _conditions(load_start, budget=None):
 # synchronise, read again.
 
 MIN_RUNS, MAX_RUNS = 3, 10  # the fewest timed runs with a spread worth drawing; the median is stable by 10
-FIRST_USE_FACTOR = 3  # a warm-up this much slower than predicted is paying one-time costs: warm up again
 
 
 def measure(fn, *args, device, budget_s, runs=(MIN_RUNS, MAX_RUNS), predicted_s=None, reserve_runs=0,
@@ -915,7 +908,7 @@ def measure(fn, *args, device, budget_s, runs=(MIN_RUNS, MAX_RUNS), predicted_s=
        runs[0] timed runs and `reserve_runs` more (work the caller adds, e.g. a memory step);
        otherwise nothing runs and `skipped` says why.
     2. One warm-up run (allocator, kernel choice, caches); one far slower than predicted is
-       paying one-time costs (FIRST_USE_FACTOR): a second warm-up is judged instead.
+       paying one-time costs (3x or more): a second warm-up is judged instead.
     3. The warm-up must leave room for runs[0] timed runs (and the reserve), else skipped.
     4. The first timed run calibrates: as many runs as fit what is left (x PLAN_MARGIN), from
        runs[0] to runs[1], all of them run.
@@ -924,26 +917,25 @@ def measure(fn, *args, device, budget_s, runs=(MIN_RUNS, MAX_RUNS), predicted_s=
     {"skipped": reason, "median_s": None, "runs": 0, ...}.
     """
     budget, fewest, most = Budget(budget_s), runs[0], runs[1]
+
+    def not_timed(reason, warm_s=None):
+        return {"median_s": None, "iqr_s": None, "spread_lo_s": None, "spread_hi_s": None, "spread": None,
+                "runs": 0, "times_s": [], "warmup_s": warm_s, "skipped": reason}
     if predicted_s is not None and not always and not budget.fits(predicted_s * (1 + fewest + reserve_runs),
                                                                    PLAN_MARGIN):
-        return _not_timed(f"predicted {predicted_s * 1e3:.0f} ms per {what}: a warm-up and {fewest} timed runs "
+        return not_timed(f"predicted {predicted_s * 1e3:.0f} ms per {what}: a warm-up and {fewest} timed runs "
                           f"need ~{predicted_s * (1 + fewest + reserve_runs):.1f} s, more than its {budget_s:.1f} s")
     warm_s = _timed(device, fn, *args)[1]
-    if predicted_s is not None and warm_s > FIRST_USE_FACTOR * predicted_s and budget.fits(predicted_s * fewest):
+    if predicted_s is not None and warm_s > 3 * predicted_s and budget.fits(predicted_s * fewest):
         warm_s = _timed(device, fn, *args)[1]
     need = warm_s * (fewest + reserve_runs)  # an upper bound: a warm-up run is the slowest
     if not (always or budget.fits(need)):
-        return _not_timed(f"the warm-up {what} took {warm_s * 1e3:.0f} ms: {fewest} timed runs need ~{need:.1f} s, "
+        return not_timed(f"the warm-up {what} took {warm_s * 1e3:.0f} ms: {fewest} timed runs need ~{need:.1f} s, "
                           f"more than what is left of its {budget_s:.1f} s", warm_s)
     times = [_timed(device, fn, *args)[1]]
     planned = int(min(most, max(fewest, budget.left() // (times[0] * PLAN_MARGIN) + 1)))
     times += [_timed(device, fn, *args)[1] for _ in range(planned - 1)]
     return {**time_stats(times), "warmup_s": warm_s, "skipped": None}
-
-
-def _not_timed(reason, warm_s=None):
-    return {"median_s": None, "iqr_s": None, "spread_lo_s": None, "spread_hi_s": None, "spread": None, "runs": 0,
-            "times_s": [], "warmup_s": warm_s, "skipped": reason}
 
 
 # --- the one stage runner --------------------------------------------------------------------
@@ -977,10 +969,10 @@ def run_stage(lesson, *args, device=None, profile=DEFAULT, seed=0, progress=None
     if lesson.measures:
         _warm_up_torch(device)
     seed_everything(seed)
-    load_start, budget = machine_load(), Budget(budget_s or profile.budget_s(lesson.stage))
-    with fitted_threads(threads):
+    load_start, budget = Load.now(), Budget(budget_s or profile.budget_s(lesson.stage))
+    with Load.fitted_threads(threads):
         data = lesson.body(StageRun(device, profile, budget, seed, progress), *args, **reused)
-        data["conditions"] = _conditions(load_start, budget)
+        data["conditions"] = Load.conditions(load_start, budget)
     return data
 
 
@@ -1073,14 +1065,7 @@ def _matmul_slowdown(device, precision, size=256):
     return fastest(torch.autocast(device.type, dtype=AMP_DTYPES[precision])) / fastest(contextlib.nullcontext())
 
 
-ALLOCATOR_SOURCE = "CPU allocator events (torch.profiler, profile_memory=True)"
 TRACKER_SOURCE = "live tensor storages (dispatch-mode tracker)"
-
-
-CUDA_SOURCE = "CUDA caching allocator (max_memory_allocated)"
-
-
-ALLOCATOR_MARK = "lab::mark"
 
 
 @contextlib.contextmanager
@@ -1112,6 +1097,8 @@ class _AllocatorPeak:
     Unavailable (`reason` says why, peaks stay None) when another profiler is running (torch
     cannot nest them) or kineto is missing from this torch build.
     """
+    SOURCE = "CPU allocator events (torch.profiler, profile_memory=True)"  # a measurement's `method`
+    MARK = "lab::mark"  # the name of mark()'s zero-length range
 
     def __init__(self):
         self.peak_bytes = self.end_bytes = self.reason = None
@@ -1121,7 +1108,7 @@ class _AllocatorPeak:
     @staticmethod
     def mark():
         """A point in time the totals are read at (a zero-length torch.profiler range)."""
-        with torch.profiler.record_function(ALLOCATOR_MARK):
+        with torch.profiler.record_function(_AllocatorPeak.MARK):
             pass
 
     def __enter__(self):
@@ -1142,45 +1129,46 @@ class _AllocatorPeak:
         with _quiet_kineto():
             self._prof.__exit__(*exc)
         if exc[0] is None:
-            self.peak_bytes, self.end_bytes, self.marks = _running_peak(_cpu_allocations(self._prof))
+            self.peak_bytes, self.end_bytes, self.marks = self.running_peak(self.events(self._prof))
         return False
 
+    @staticmethod
+    def events(prof):
+        """(time, address, +bytes allocated / -bytes freed, or None at a mark) of the CPU allocator."""
+        from torch._C._profiler import _EventType
+        found, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                found.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+            elif node.tag == _EventType.TorchOp and node.name == _AllocatorPeak.MARK:
+                found.append((node.start_time_ns, 0, None))
+        return sorted(found, key=lambda e: e[0])
 
-def _cpu_allocations(prof):
-    """(time, address, +bytes allocated / -bytes freed, or None at a mark) of the CPU allocator."""
-    from torch._C._profiler import _EventType
-    found, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        stack.extend(node.children)
-        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            found.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
-        elif node.tag == _EventType.TorchOp and node.name == ALLOCATOR_MARK:
-            found.append((node.start_time_ns, 0, None))
-    return sorted(found, key=lambda e: e[0])
 
-
-def _running_peak(events):
-    """(highest running total, final total, [(total, peak since the last) at each mark]) of
-    (time, address, +/- bytes) events.  A free counts only when its block was allocated in the
-    window: one freed there that was allocated before (earlier garbage, collected now) is not
-    this window's memory."""
-    live = peak = since = 0
-    held, marks = set(), []
-    for _, address, nbytes in events:
-        if nbytes is None:
-            marks.append((live, since))
-            since = live
-            continue
-        if nbytes > 0:
-            held.add(address)
-        elif address in held:
-            held.discard(address)
-        else:
-            continue
-        live += nbytes
-        peak, since = max(peak, live), max(since, live)
-    return peak, live, marks
+    @staticmethod
+    def running_peak(events):
+        """(highest running total, final total, [(total, peak since the last) at each mark]) of
+        (time, address, +/- bytes) events.  A free counts only when its block was allocated in the
+        window: one freed there that was allocated before (earlier garbage, collected now) is not
+        this window's memory."""
+        live = peak = since = 0
+        held, marks = set(), []
+        for _, address, nbytes in events:
+            if nbytes is None:
+                marks.append((live, since))
+                since = live
+                continue
+            if nbytes > 0:
+                held.add(address)
+            elif address in held:
+                held.discard(address)
+            else:
+                continue
+            live += nbytes
+            peak, since = max(peak, live), max(since, live)
+        return peak, live, marks
 
 
 class _PeakMemory:
@@ -1188,6 +1176,7 @@ class _PeakMemory:
     (max_memory_allocated minus what was allocated before), or the CPU allocator's own events
     (_AllocatorPeak).  The one bracket every memory measurement uses.  `peak_bytes` stays None
     where neither can be read (MPS; a CPU whose profiler is busy), and `reason` says why."""
+    CUDA_SOURCE = "CUDA caching allocator (max_memory_allocated)"
 
     def __init__(self, device):
         self.device, self.peak_bytes, self.reason, self.method = device, None, None, None
@@ -1206,11 +1195,11 @@ class _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._before
-            self.method = CUDA_SOURCE
+            self.method = self.CUDA_SOURCE
         elif self._cpu is not None:
             self._cpu.__exit__(*exc)
             self.peak_bytes, self.reason = self._cpu.peak_bytes, self._cpu.reason
-            self.method = ALLOCATOR_SOURCE if self.peak_bytes is not None else None
+            self.method = _AllocatorPeak.SOURCE if self.peak_bytes is not None else None
         else:
             self.reason = f"no allocator reading on {self.device.type}"
         return False
@@ -2580,10 +2569,10 @@ def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
     if device.type == "cpu" and allocator.marks:
         result["held_bytes"] = [held for held, _ in allocator.marks]
         result["step_peak_bytes"] = [peak for _, peak in allocator.marks]
-        result["method"] = ALLOCATOR_SOURCE
+        result["method"] = _AllocatorPeak.SOURCE
     elif cuda:
         result["held_bytes"] = cuda_held
-        result["method"] = CUDA_SOURCE.replace("max_memory_allocated", "memory_allocated")
+        result["method"] = _PeakMemory.CUDA_SOURCE.replace("max_memory_allocated", "memory_allocated")
     else:
         reason = getattr(allocator, "reason", None) or f"no allocator reading on {device.type}"
         result["held_bytes"], result["method"] = cache_bytes, f"the cache's tensor sizes ({reason})"
@@ -2675,7 +2664,7 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
     run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
     budget, hardware, dtype = Budget(time_budget_s), hardware_info(device), _model_dtype(model)
     records, reference = [], None
-    with fitted_threads():
+    with Load.fitted_threads():
         for i, precision in enumerate(precisions):
             share = budget.left() / 2 if i == 0 and len(precisions) > 1 else budget.share(len(precisions) - i)
             try:
@@ -3120,7 +3109,7 @@ def predict_training_s(calibration, steps, eval_every):
 
 
 def _fits(calibration, steps, eval_every, left_s):
-    return fits_budget(predict_training_s(calibration, steps, eval_every(steps)), left_s)
+    return Budget.fits_in(predict_training_s(calibration, steps, eval_every(steps)), left_s)
 
 
 def _halve(size, key, over, smallest, fixed, shrunk):
@@ -3198,7 +3187,7 @@ def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_e
         spent += cal.get("wall_s", 0.0)
     predicted = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
     return {**size, "predicted_s": predicted, "budget_s": budget_s, "calibration_s": spent,
-            "fits": fits_budget(predicted, budget_s - spent), "shrunk": shrunk, "skipped": skipped,
+            "fits": Budget.fits_in(predicted, budget_s - spent), "shrunk": shrunk, "skipped": skipped,
             "calibration_skipped_ms": skipped_ms, "calibration": cal}
 
 
@@ -3431,18 +3420,18 @@ def measure_latency(model, inputs, *, device=None, time_budget_s=DEFAULT.model_l
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
     Budget(time_budget_s)  # checks it
-    device, load_start = resolve_device(device, model), machine_load()
+    device, load_start = resolve_device(device, model), Load.now()
     if device.type == "meta" or _model_device(model).type == "meta":
         raise ValueError("measure_latency needs real weights; the model or the device is meta")
     args, kwargs = _normalize_inputs(inputs, model)
     try:
         runner = _replica(model, _real_like(device))  # counters, cached masks: changed on the copy only
         run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
-        with fitted_threads():
+        with Load.fitted_threads():
             result = _time_forward(runner, run_args, run_kwargs, device, time_budget_s, (1, max_runs))
     except Exception as err:
         raise _run_error(model, args, kwargs, err) from None
-    return {**result, "conditions": _conditions(load_start)}
+    return {**result, "conditions": Load.conditions(load_start)}
 
 
 def _time_forward(runner, run_args, run_kwargs, device, budget_s, runs):
@@ -3803,7 +3792,7 @@ def measure_fusion(*, device=None, shape=DEFAULT.fusion_shape, time_budget_s=DEF
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device)
     out = {"shape": list(shape), "dtype": "fp32", "device": _device_name(device), "cases": {}}
-    with torch.inference_mode(), fitted_threads():
+    with torch.inference_mode(), Load.fitted_threads():
         for i, (name, (composed, fused)) in enumerate(FUSION_CASES.items()):
             share = budget.share(2 * (len(FUSION_CASES) - i))
             case = {"composed": _time_call(composed, x, device, share)}
@@ -5540,7 +5529,7 @@ def plot_lecture_claims(data):
         _plot_fusion(fig.add_subplot(grid[1, 0]), data["fusion"], data.get("compile"))
         _plot_claims_table(fig.add_subplot(grid[1, 1:]), data["claims"])
         method = data["memory"][0]["method"]
-        source = "torch.profiler" if method == ALLOCATOR_SOURCE else method.split(" (")[0]
+        source = "torch.profiler" if method == _AllocatorPeak.SOURCE else method.split(" (")[0]
         batch = data.get("training_batch")
         training = _t("lec_training", batch=batch) if batch else _t("lec_no_training")
         _suptitle(fig, _t("lec_title"), _t("lec_sub", device=data["device"], source=source, training=training),

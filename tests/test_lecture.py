@@ -37,7 +37,7 @@ def test_kv_cache_measured_by_the_allocator_follows_the_formula():
     was = [m.training for m in model.modules()]
     kv = demo.measure_kv_cache(model, batch=4, prompt=8, new_tokens=16)
     assert [m.training for m in model.modules()] == was
-    assert kv["method"] == demo.ALLOCATOR_SOURCE
+    assert kv["method"] == demo._AllocatorPeak.SOURCE
     assert kv["tokens"] == list(range(9, 25)) and len(kv["held_bytes"]) == 16
     assert kv["cache_bytes"] == kv["formula_bytes"]  # the cache's tensors are exactly the formula
     # held after the last token: the cache, plus the ids and the last logits (a few kB)
@@ -57,7 +57,7 @@ def test_kv_cache_refuses_what_it_cannot_measure():
 def test_running_peak_ignores_frees_of_blocks_allocated_before_the_window():
     events = [(1, 0xA, 100), (2, 0xB, 50), (3, 0xF, -999), (4, 0, None), (5, 0xA, -100), (6, 0xC, 30),
               (7, 0, None)]
-    peak, end, marks = demo._running_peak(events)
+    peak, end, marks = demo._AllocatorPeak.running_peak(events)
     assert (peak, end) == (150, 80)
     assert marks == [(150, 150), (80, 150)]
 
@@ -65,7 +65,7 @@ def test_running_peak_ignores_frees_of_blocks_allocated_before_the_window():
 def test_measure_memory_reads_the_cpu_allocator():
     model = demo.MnistNet()
     result = demo.measure_memory(model, (8, 1, 28, 28))
-    assert result["method"] == demo.ALLOCATOR_SOURCE
+    assert result["method"] == demo._AllocatorPeak.SOURCE
     assert result["total"] >= result["tracked_total"] > 0
 
 

@@ -247,8 +247,8 @@ def test_ratio_words_are_not_garbled():
 # --- conditions ----------------------------------------------------------------------------------
 
 def test_conditions_record_the_load_at_start_and_end():
-    start = demo.machine_load()
-    cond = demo._conditions(start)
+    start = demo.Load.now()
+    cond = demo.Load.conditions(start)
     assert {"load_start", "load_end", "busy", "cores", "threads", "others_busy_cores"} <= cond.keys()
     assert cond["cores"] >= 1 and isinstance(cond["busy"], bool)
     assert "ticks" not in cond["load_start"]  # raw counters stay out of results.json
@@ -256,15 +256,15 @@ def test_conditions_record_the_load_at_start_and_end():
 
 def test_busy_comes_from_what_other_processes_used(monkeypatch):
     ticks = iter([(0, 1000, 0), (900, 1000 + 1000, 100)])  # others: 800 busy ticks of 1000
-    monkeypatch.setattr(demo, "_cpu_ticks", lambda: next(ticks))
-    start = demo.machine_load()
-    cond = demo._conditions(start)
+    monkeypatch.setattr(demo.Load, "ticks", lambda: next(ticks))
+    start = demo.Load.now()
+    cond = demo.Load.conditions(start)
     cores = cond["cores"]
     assert cond["others_busy_cores"] == pytest.approx(0.8 * cores) and cond["busy"]
     ticks = iter([(0, 1000, 0), (1000, 2000, 0)])  # others used every core
-    monkeypatch.setattr(demo, "_cpu_ticks", lambda: next(ticks))
+    monkeypatch.setattr(demo.Load, "ticks", lambda: next(ticks))
     monkeypatch.setattr(demo.time, "sleep", lambda s: None)
-    threads, sample = demo.threads_for_load()
+    threads, sample = demo.Load.threads()
     assert threads == 1 and sample["free_cores"] == pytest.approx(0.0)
 
 
