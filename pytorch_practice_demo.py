@@ -275,7 +275,7 @@ def resolve_device(device=None, model=None):
     run on CPU fake tensors, measurements refuse it); with no model, the best one here: cuda, then
     mps, then cpu.  Public functions take it as the keyword `device`."""
     if device is None and model is not None:
-        return _model_device(model)
+        return Replica.device(model)
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available()
                             else "cpu")
@@ -315,8 +315,8 @@ def _amp_dtype(precision):
 # %% =============================================================================================
 # 2. Running a model on a replica: the user's module is never touched
 # ================================================================================================
-# Every analysis runs on a copy of the model (_replica), with inputs that follow the model
-# (_normalize_inputs), and errors that name the real cause (LabError, ModelRunError).  The one
+# Every analysis runs on a copy of the model (Replica.of), with inputs that follow the model
+# (Replica.inputs), and errors that name the real cause (LabError, ModelRunError).  The one
 # training step of the whole lab (training_step) is here: memory, mixed precision and the training
 # comparison all run it.
 
@@ -337,180 +337,158 @@ def _first_line(err):
 
 # --- running a model on a replica: the user's module is never touched -------------------
 
-def _replica(model, make):
-    """A deep copy of `model` whose parameters and buffers are `make(tensor)`.
+class Replica:
+    """Running a model of yours on a copy: your module is never touched.
 
-    `make` gives empty meta tensors (counting), fake tensors (estimating) or real clones
-    (measuring); the user's module is never touched.  Tied weights stay tied (deepcopy's memo).
+    The model is checked (check), its inputs turned into (args, kwargs) that follow it (inputs),
+    copies of both made by a `make` function (of, map: meta, fake or real tensors), and a failure
+    reported by an error that names the real cause (error).
     """
-    memo = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(make(p.detach()), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = make(b.detach())
-    for m in model.modules():  # compiled functions hold no state and cannot be deep-copied: shared
-        for value in vars(m).values():
-            if isinstance(value, (torch.jit.ScriptFunction, torch._C.ScriptFunction)):
-                memo[id(value)] = value
-    try:
-        return copy.deepcopy(model, memo)
-    except Exception as err:  # a lock, a file handle, a compiled function: copy.deepcopy refuses it
-        raise LabError(f"model cannot be copied ({type(err).__name__}: {_first_line(err)}); the lab runs every "
-                       "step on a copy so that your model is never changed. Keep such objects outside the "
-                       "module (or give it a __deepcopy__)") from None
 
+    @staticmethod
+    def of(model, make):
+        """A deep copy of `model` whose parameters and buffers are `make(tensor)`.
 
-def _meta_like(x):
-    return torch.empty_like(x, device="meta")
+        `make` gives empty meta tensors (counting), fake tensors (estimating) or real clones
+        (measuring); the user's module is never touched.  Tied weights stay tied (deepcopy's memo).
+        """
+        memo = {}
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(make(p.detach()), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = make(b.detach())
+        for m in model.modules():  # compiled functions hold no state and cannot be deep-copied: shared
+            for value in vars(m).values():
+                if isinstance(value, (torch.jit.ScriptFunction, torch._C.ScriptFunction)):
+                    memo[id(value)] = value
+        try:
+            return copy.deepcopy(model, memo)
+        except Exception as err:  # a lock, a file handle, a compiled function: copy.deepcopy refuses it
+            raise LabError(f"model cannot be copied ({type(err).__name__}: {_first_line(err)}); the lab runs every "
+                           "step on a copy so that your model is never changed. Keep such objects outside the "
+                           "module (or give it a __deepcopy__)") from None
 
+    @staticmethod
+    def meta_like(x):
+        return torch.empty_like(x, device="meta")
 
-def _real_like(device, dtype=None, seed=0, ids_below=None):
-    """Real copies on `device` (floating tensors cast to `dtype`); a meta input (a shape the user
-    gave) becomes random data: normal floats, or integer ids below `ids_below` (zeros without)."""
-    generator = torch.Generator().manual_seed(seed)
+    @staticmethod
+    def real_like(device, dtype=None, seed=0, ids_below=None):
+        """Real copies on `device` (floating tensors cast to `dtype`); a meta input (a shape the user
+        gave) becomes random data: normal floats, or integer ids below `ids_below` (zeros without)."""
+        generator = torch.Generator().manual_seed(seed)
 
-    def make(x):
-        cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
-        if x.is_meta:  # a shape given by the user
-            if x.is_floating_point():
-                return torch.randn(x.shape, generator=generator).to(device, cast)
-            if ids_below:
-                return torch.randint(0, ids_below, x.shape, generator=generator).to(device, x.dtype)
-            return torch.zeros(x.shape, dtype=x.dtype, device=device)
-        return x.detach().to(device, cast, copy=True)
-    return make
+        def make(x):
+            cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+            if x.is_meta:  # a shape given by the user
+                if x.is_floating_point():
+                    return torch.randn(x.shape, generator=generator).to(device, cast)
+                if ids_below:
+                    return torch.randint(0, ids_below, x.shape, generator=generator).to(device, x.dtype)
+                return torch.zeros(x.shape, dtype=x.dtype, device=device)
+            return x.detach().to(device, cast, copy=True)
+        return make
 
+    @staticmethod
+    def device(model):
+        for t in (*model.parameters(), *model.buffers()):
+            return t.device
+        return torch.device("cpu")
 
-def _model_device(model):
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    @staticmethod
+    def embedding_first(model):
+        """The first module that holds parameters, when it is an embedding (its inputs are ids)."""
+        first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
+        return first if isinstance(first, (nn.Embedding, nn.EmbeddingBag)) else None
 
+    @staticmethod
+    def ids_below(model):
+        first = Replica.embedding_first(model) if model is not None else None
+        return first.num_embeddings if first is not None else None
 
-def _embedding_first(model):
-    """The first module that holds parameters, when it is an embedding (its inputs are ids)."""
-    first = next((m for m in model.modules() if next(m.parameters(recurse=False), None) is not None), None)
-    return first if isinstance(first, (nn.Embedding, nn.EmbeddingBag)) else None
+    @staticmethod
+    def dtype(model):
+        """The floating dtype of the model's first floating parameter or buffer (float32 without)."""
+        return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
+                    torch.float32)
 
+    @staticmethod
+    def is_dim(d):
+        return isinstance(d, (int, float, np.integer, np.floating)) and not isinstance(d, torch.Tensor)
 
-def _ids_below(model):
-    first = _embedding_first(model) if model is not None else None
-    return first.num_embeddings if first is not None else None
+    @staticmethod
+    def inputs(inputs, model=None):
+        """Turn `inputs` into (args, kwargs) of tensors; validate shapes given as tuples.
 
+        A shape becomes a meta tensor that follows the model: integer ids for a model whose first
+        layer is an embedding (random ids below num_embeddings when made real), else data in the
+        dtype of the model's parameters.
+        """
+        if isinstance(inputs, torch.Size) or (isinstance(inputs, (tuple, list)) and inputs
+                                              and all(Replica.is_dim(d) for d in inputs)):
+            bad = next((d for d in inputs if isinstance(d, (bool, np.bool_, float, np.floating)) or int(d) <= 0), None)
+            if bad is not None:
+                raise ValueError(f"dims must be positive integers (got {bad!r}); to pass data "
+                                 "instead of a shape, give a tensor, e.g. torch.randn(32, 1024) or token ids "
+                                 "torch.randint(0, vocab, (8, 128))")
+            shape = tuple(int(d) for d in inputs)
+            if model is not None and Replica.embedding_first(model) is not None:
+                return (torch.empty(shape, device="meta", dtype=torch.long),), {}
+            dtype = Replica.dtype(model) if model is not None else torch.float32
+            return (torch.empty(shape, device="meta", dtype=dtype),), {}
+        if isinstance(inputs, torch.Tensor):
+            return (inputs,), {}
+        if isinstance(inputs, dict):
+            return (), dict(inputs)
+        if isinstance(inputs, (tuple, list)) and inputs:
+            return tuple(inputs), {}
+        raise TypeError("inputs must be a shape tuple such as (32, 1024), a tensor, a tuple/list "
+                        f"of tensors (positional arguments) or a dict (keyword arguments); "
+                        f"got {type(inputs).__name__}")
 
-def _model_dtype(model):
-    """The floating dtype of the model's first floating parameter or buffer (float32 without)."""
-    return next((t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()),
-                torch.float32)
+    @staticmethod
+    def map(tree, make):
+        """Apply `make` to every tensor in `tree`.
 
+        The same tensor passed twice stays one tensor (nn.MultiheadAttention's fast path checks
+        `query is key`).
+        """
+        made = {}
 
-def _is_dim(d):
-    return isinstance(d, (int, float, np.integer, np.floating)) and not isinstance(d, torch.Tensor)
+        def one(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            if id(x) not in made:
+                made[id(x)] = make(x)
+            return made[id(x)]
+        return tree_map(one, tree)
 
+    @staticmethod
+    def shapes(args, kwargs):
+        leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        shapes = [tuple(x.shape) for x in leaves]
+        return shapes[0] if len(shapes) == 1 else shapes
 
-def _normalize_inputs(inputs, model=None):
-    """Turn `inputs` into (args, kwargs) of tensors; validate shapes given as tuples.
+    @staticmethod
+    def check(model):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
-    A shape becomes a meta tensor that follows the model: integer ids for a model whose first
-    layer is an embedding (random ids below num_embeddings when made real), else data in the
-    dtype of the model's parameters.
-    """
-    if isinstance(inputs, torch.Size) or (isinstance(inputs, (tuple, list)) and inputs
-                                          and all(_is_dim(d) for d in inputs)):
-        bad = next((d for d in inputs if isinstance(d, (bool, np.bool_, float, np.floating)) or int(d) <= 0), None)
-        if bad is not None:
-            raise ValueError(f"dims must be positive integers (got {bad!r}); to pass data "
-                             "instead of a shape, give a tensor, e.g. torch.randn(32, 1024) or token ids "
-                             "torch.randint(0, vocab, (8, 128))")
-        shape = tuple(int(d) for d in inputs)
-        if model is not None and _embedding_first(model) is not None:
-            return (torch.empty(shape, device="meta", dtype=torch.long),), {}
-        dtype = _model_dtype(model) if model is not None else torch.float32
-        return (torch.empty(shape, device="meta", dtype=dtype),), {}
-    if isinstance(inputs, torch.Tensor):
-        return (inputs,), {}
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, (tuple, list)) and inputs:
-        return tuple(inputs), {}
-    raise TypeError("inputs must be a shape tuple such as (32, 1024), a tensor, a tuple/list "
-                    f"of tensors (positional arguments) or a dict (keyword arguments); "
-                    f"got {type(inputs).__name__}")
-
-
-def _map_tensors(tree, make):
-    """Apply `make` to every tensor in `tree`.
-
-    The same tensor passed twice stays one tensor (nn.MultiheadAttention's fast path checks
-    `query is key`).
-    """
-    made = {}
-
-    def one(x):
-        if not isinstance(x, torch.Tensor):
-            return x
-        if id(x) not in made:
-            made[id(x)] = make(x)
-        return made[id(x)]
-    return tree_map(one, tree)
-
-
-def _shapes(args, kwargs):
-    leaves = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
-    shapes = [tuple(x.shape) for x in leaves]
-    return shapes[0] if len(shapes) == 1 else shapes
-
-
-def _check_model(model):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _scalar_loss(output):
-    """Sum of every floating-point output tensor that requires grad (None if there is none)."""
-    leaves = [x for x in tree_flatten(output)[0]
-              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
-    if not leaves:
-        return None
-    return sum(x.float().sum() for x in leaves)
+    @staticmethod
+    def error(model, args, kwargs, err):
+        if isinstance(err, LabError):
+            return err
+        hint = ""
+        if any(isinstance(x, torch.Tensor) and x.is_meta for x in tree_flatten((args, kwargs))[0]):
+            hint = (" (a shape gives data in the model's dtype, or ids for a model that starts with an embedding; "
+                    "pass tensors for anything else)")
+        return ModelRunError(f"{type(model).__name__} could not run on inputs of shape "
+                             f"{Replica.shapes(args, kwargs)}: {_first_line(err)}{hint}")
 
 
 # --- the loss of a step: the user's, the model's own, or the sum of the outputs ---------------
 
-def _output_loss(output):
-    """The loss the model computed itself: `output.loss` (a Hugging Face ModelOutput, given
-    `labels=`) or `output["loss"]` (a dict), when it is a tensor; else None."""
-    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-    return loss if isinstance(loss, torch.Tensor) else None
-
-
-def _default_loss(output):
-    """The loss of a step given no loss function: the model's own (`_output_loss`) alone, else
-    `_scalar_loss` (summing a model's loss with its logits would train on both)."""
-    own = _output_loss(output)
-    return own if own is not None else _scalar_loss(output)
-
-
-def _loss_takes_batch(loss_fn):
-    """Whether `loss_fn` is called as loss_fn(output, batch) (True) or loss_fn(output) (False),
-    read once from its signature (an nn.Module's from its forward); None takes nothing."""
-    if loss_fn is None:
-        return False
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(output, batch) or loss_fn(output), "
-                        f"got {type(loss_fn).__name__}")
-    try:
-        signature = inspect.signature(loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn)
-    except (TypeError, ValueError):  # some builtins publish no signature: call them as (output, batch)
-        return True
-    for arguments, takes_batch in (((None, None), True), ((None,), False)):
-        with contextlib.suppress(TypeError):
-            signature.bind(*arguments)
-            return takes_batch
-    raise TypeError(f"loss_fn must take (output, batch) or (output); its signature is {signature}")
-
-
-class _StepLoss:
+class StepLoss:
     """The loss function memory steps run: the user's `loss_fn` (its result checked), or else the
     model's own `output.loss`; None otherwise, and training_step then sums the outputs.
 
@@ -518,12 +496,12 @@ class _StepLoss:
     """
 
     def __init__(self, loss_fn=None):
-        self.takes_batch = _loss_takes_batch(loss_fn)  # TypeError up front, before any work
+        self.takes_batch = StepLoss.takes_batch_of(loss_fn)  # TypeError up front, before any work
         self.loss_fn, self.used = loss_fn, "loss_fn" if loss_fn is not None else None
 
     def __call__(self, output, batch):
         if self.loss_fn is None:
-            loss = _output_loss(output)
+            loss = StepLoss.own(output)
             self.used = "output.loss" if loss is not None else "sum of outputs"
             return loss
         loss = self.loss_fn(output, batch) if self.takes_batch else self.loss_fn(output)
@@ -536,26 +514,57 @@ class _StepLoss:
                            "e.g. with .mean() or .sum()")
         return loss
 
+    @staticmethod
+    def summed(output):
+        """Sum of every floating-point output tensor that requires grad (None if there is none)."""
+        leaves = [x for x in tree_flatten(output)[0]
+                  if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+        if not leaves:
+            return None
+        return sum(x.float().sum() for x in leaves)
 
-def _loss_batch(run_args, run_kwargs, targets):
-    """The `batch` a loss_fn(output, batch) gets: the targets when given, else the inputs as they
-    were passed (a tensor, a tuple of them, or a dict of keyword arguments)."""
-    if targets is not None:
-        return targets
-    if run_kwargs:
-        return run_kwargs if not run_args else (run_args, run_kwargs)
-    return run_args[0] if len(run_args) == 1 else run_args
+    @staticmethod
+    def own(output):
+        """The loss the model computed itself: `output.loss` (a Hugging Face ModelOutput, given
+        `labels=`) or `output["loss"]` (a dict), when it is a tensor; else None."""
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        return loss if isinstance(loss, torch.Tensor) else None
 
+    @staticmethod
+    def default(output):
+        """The loss of a step given no loss function: the model's own (`StepLoss.own`) alone, else
+        `StepLoss.summed` (summing a model's loss with its logits would train on both)."""
+        own = StepLoss.own(output)
+        return own if own is not None else StepLoss.summed(output)
 
-def _run_error(model, args, kwargs, err):
-    if isinstance(err, LabError):
-        return err
-    hint = ""
-    if any(isinstance(x, torch.Tensor) and x.is_meta for x in tree_flatten((args, kwargs))[0]):
-        hint = (" (a shape gives data in the model's dtype, or ids for a model that starts with an embedding; "
-                "pass tensors for anything else)")
-    return ModelRunError(f"{type(model).__name__} could not run on inputs of shape "
-                         f"{_shapes(args, kwargs)}: {_first_line(err)}{hint}")
+    @staticmethod
+    def takes_batch_of(loss_fn):
+        """Whether `loss_fn` is called as loss_fn(output, batch) (True) or loss_fn(output) (False),
+        read once from its signature (an nn.Module's from its forward); None takes nothing."""
+        if loss_fn is None:
+            return False
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(output, batch) or loss_fn(output), "
+                            f"got {type(loss_fn).__name__}")
+        try:
+            signature = inspect.signature(loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn)
+        except (TypeError, ValueError):  # some builtins publish no signature: call them as (output, batch)
+            return True
+        for arguments, takes_batch in (((None, None), True), ((None,), False)):
+            with contextlib.suppress(TypeError):
+                signature.bind(*arguments)
+                return takes_batch
+        raise TypeError(f"loss_fn must take (output, batch) or (output); its signature is {signature}")
+
+    @staticmethod
+    def batch(run_args, run_kwargs, targets):
+        """The `batch` a loss_fn(output, batch) gets: the targets when given, else the inputs as they
+        were passed (a tensor, a tuple of them, or a dict of keyword arguments)."""
+        if targets is not None:
+            return targets
+        if run_kwargs:
+            return run_kwargs if not run_args else (run_args, run_kwargs)
+        return run_args[0] if len(run_args) == 1 else run_args
 
 
 @contextlib.contextmanager
@@ -568,6 +577,7 @@ def _eval_mode(model):
     finally:
         for m, mode in modes:
             m.training = mode
+
 
 
 def _checkpoint_blocks(model):
@@ -633,7 +643,7 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
     GradScaler when given); then optimizer.step() and zero_grad(set_to_none=True).
 
     The loss is `loss_fn(output, target)` (under autocast, as users write it); where there is no
-    loss_fn, or it returns None, `_default_loss`: the model's own `output.loss`, else the sum of
+    loss_fn, or it returns None, `StepLoss.default`: the model's own `output.loss`, else the sum of
     every floating output.  `on_gradients(replica)` is called once the gradients are complete
     (unscaled first when a GradScaler is used), before the optimizer step.
 
@@ -653,7 +663,7 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
                 loss = loss_fn(output, target) if loss_fn is not None else None
             phase("backward")
             if loss is None:
-                loss = _default_loss(output)
+                loss = StepLoss.default(output)
             del output
             if loss is None:
                 raise ValueError(f"{type(replica).__name__} has no output that requires grad: nothing to train")
@@ -1907,23 +1917,23 @@ class FLOPCalculator:
         mode : "auto" (meta, real if meta fails), "meta" or "real".
         training : count the training pass too (default) or only an eval-mode forward.
         """
-        _check_model(model)
+        Replica.check(model)
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
-        args, kwargs = _normalize_inputs(inputs, model)
-        can_run_real = _model_device(model).type != "meta"
+        args, kwargs = Replica.inputs(inputs, model)
+        can_run_real = Replica.device(model).type != "meta"
         if mode in ("auto", "meta"):
             try:
                 return self._count(model, args, kwargs, real=False, mode_note="meta", training=training)
             except Exception as err:
                 meta_error = err
                 if mode == "meta" or not can_run_real:
-                    raise _run_error(model, args, kwargs, err) from None
+                    raise Replica.error(model, args, kwargs, err) from None
         try:
             note = "real" if mode == "real" else f"real (meta failed: {_first_line(meta_error)})"
             result = self._count(model, args, kwargs, real=True, mode_note=note, training=training)
         except Exception as err:
-            raise _run_error(model, args, kwargs, err) from None
+            raise Replica.error(model, args, kwargs, err) from None
         if mode == "auto":  # meta could not run it: the count followed the real data of this one run
             result["data_dependent"] = _first_line(meta_error)
             result["note"] = ("counted on one real run, because the model needs real values (data-dependent "
@@ -1933,30 +1943,30 @@ class FLOPCalculator:
     def _count(self, model, args, kwargs, *, real, mode_note, training=True):
         compute = contextlib.nullcontext()
         if real:
-            make = _real_like(_model_device(model), ids_below=_ids_below(model))
+            make = Replica.real_like(Replica.device(model), ids_below=Replica.ids_below(model))
         else:  # fake tensors of the target device: the kernels it would choose (CPU flash attention), no data
             from torch._subclasses.fake_tensor import FakeTensorMode
             compute = FakeTensorMode(allow_non_fake_inputs=True)
-            target = _model_device(model) if _model_device(model).type != "meta" else torch.device("cpu")
+            target = Replica.device(model) if Replica.device(model).type != "meta" else torch.device("cpu")
 
             def make(x):
                 with compute:
                     return torch.empty_like(x, device=target)
-        replica = _replica(model, make)
+        replica = Replica.of(model, make)
         if not training:
             replica.eval()  # the copy only
 
         def make_input(x):  # an input that requires grad gets its gradient counted too
             made = make(x)
             return made.requires_grad_() if x.requires_grad and made.is_floating_point() else made
-        run_args, run_kwargs = _map_tensors((args, kwargs), make_input)
+        run_args, run_kwargs = Replica.map((args, kwargs), make_input)
         counted_training = training
         training = _CountingMode()
         quiet = _quiet_fake_tensor_logs() if not real else contextlib.nullcontext()  # no tracebacks on stderr
         with quiet, compute, training.tracking(replica), training, torch.set_grad_enabled(counted_training):
             output = replica(*run_args, **run_kwargs)
             training.phase = "backward"
-            loss = _scalar_loss(output) if counted_training else None
+            loss = StepLoss.summed(output) if counted_training else None
             if loss is not None:
                 loss.backward()
         # NB: eval fast paths (nn.MultiheadAttention, TransformerEncoderLayer) run only without
@@ -1979,7 +1989,7 @@ class FLOPCalculator:
         unsupported = inference.unsupported | training.unsupported  # calls per pass, either pass
         return {
             "model": type(model).__name__,
-            "input_shape": _shapes(args, kwargs),
+            "input_shape": Replica.shapes(args, kwargs),
             "flops": flops,
             "macs": macs,
             "other_flops": inference.other["forward"],
@@ -2237,14 +2247,14 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
                 targets=None):
     """Run one tracked step (or inference forward) on a replica; return the summary dict.
 
-    `loss` is the step's _StepLoss, called with `targets` (else the inputs); the summary's `loss`
+    `loss` is the step's StepLoss, called with `targets` (else the inputs); the summary's `loss`
     names the rule it used (None for inference, which has no loss)."""
-    loss = loss if loss is not None else _StepLoss()
+    loss = loss if loss is not None else StepLoss()
     targets = targets if options["training"] else None  # inference has no loss to feed
-    replica = _replica(model, make)
+    replica = Replica.of(model, make)
     blocks = _checkpoint_blocks(replica) if options["checkpointing"] else 0
     with compute or contextlib.nullcontext():
-        run_args, run_kwargs, run_targets = _map_tensors((args, kwargs, targets), make)
+        run_args, run_kwargs, run_targets = Replica.map((args, kwargs, targets), make)
     # an estimate (fake tensors) on CPU adds the kernels' working memory the allocator will see
     tracker, layers = _StorageTracker(scratch=compute is not None and device.type == "cpu"), _LayerOutputs()
     try:
@@ -2252,7 +2262,7 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
             optimizer = _make_optimizer(options["optimizer_name"], replica.parameters(), foreach=foreach)
             _create_optimizer_state(replica, optimizer, compute)
             _register_step_state(tracker, replica, optimizer, (run_args, run_targets), run_kwargs)  # targets: inputs
-            batch = _loss_batch(run_args, run_kwargs, run_targets)
+            batch = StepLoss.batch(run_args, run_kwargs, run_targets)
             with _global_forward_hook(layers):
                 training_step(replica, optimizer, [(run_args, run_kwargs, batch, None)], loss_fn=loss,
                               precision=options["precision"], device=device, tracker=tracker, compute=compute)
@@ -2322,9 +2332,9 @@ def _napkin_memory(model, options, layer_output_bytes):
 
 
 def _memory_options(model, inputs, training, optimizer, precision, checkpointing, device):
-    _check_model(model)
+    Replica.check(model)
     _check_memory_options(optimizer, precision)
-    args, kwargs = _normalize_inputs(inputs, model)
+    args, kwargs = Replica.inputs(inputs, model)
     device = resolve_device(device, model)
     if training and not any(p.requires_grad for p in model.parameters()):
         raise LabError(f"{type(model).__name__} has no trainable parameters, so a training step has nothing to "
@@ -2356,7 +2366,7 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
     from torch._subclasses.fake_tensor import FakeTensorMode
     args, kwargs, device, options = _memory_options(model, inputs, training, optimizer, precision,
                                                     checkpointing, device)
-    loss = _StepLoss(loss_fn)
+    loss = StepLoss(loss_fn)
     if device.type == "meta":
         device = torch.device("cpu")
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -2374,14 +2384,14 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
     except (DataDependentOutputException, DynamicOutputShapeException) as err:
         return _measured_instead(model, inputs, options, device, str(getattr(err, "func", err)), loss_fn, targets)
     except Exception as err:
-        raise _run_error(model, args, kwargs, err) from None
+        raise Replica.error(model, args, kwargs, err) from None
     return {**result, **options, "device": str(device), "method": f"fake tensors on {device.type}",
             "data_dependent": None}
 
 
 def _measured_instead(model, inputs, options, device, op, loss_fn=None, targets=None):
     """An estimate the model's data-dependent control flow made impossible, measured instead."""
-    if _model_device(model).type == "meta":
+    if Replica.device(model).type == "meta":
         raise LabError(f"data-dependent control flow: {op} needs real values, which fake tensors do not have, "
                        "and the model's weights are on the meta device, so it cannot be measured either")
     measured = measure_memory(model, inputs, training=options["training"], optimizer=options["optimizer_name"],
@@ -2405,17 +2415,17 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
     """
     args, kwargs, device, options = _memory_options(model, inputs, training, optimizer, precision,
                                                     checkpointing, device)
-    loss = _StepLoss(loss_fn)
+    loss = StepLoss(loss_fn)
     if device.type == "meta":
         raise ValueError("measure_memory needs real weights; the model is on the meta device "
                          "(use estimate_memory, or pass device='cpu' after materialising it)")
-    make = _real_like(device, PURE_DTYPES.get(precision), ids_below=_ids_below(model))
+    make = Replica.real_like(device, PURE_DTYPES.get(precision), ids_below=Replica.ids_below(model))
     peak = _PeakMemory(device)
     try:
         with peak:
             result = _memory_run(model, args, kwargs, options, make=make, device=device, loss=loss, targets=targets)
     except Exception as err:
-        raise _run_error(model, args, kwargs, err) from None
+        raise Replica.error(model, args, kwargs, err) from None
     method = TRACKER_SOURCE + (f": {peak.reason}" if device.type == "cpu" and peak.reason else "")
     if peak.peak_bytes is not None:
         result["total"], method = peak.peak_bytes, peak.method
@@ -2539,7 +2549,7 @@ def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
     if prompt + new_tokens > model.pos.num_embeddings:
         raise ValueError(f"prompt + new_tokens = {prompt + new_tokens} is longer than the model's "
                          f"{model.pos.num_embeddings} positions")
-    device = _model_device(model)
+    device = Replica.device(model)
     layers, hidden = len(model.blocks), model.tok.embedding_dim
     element = model.tok.weight.element_size()
     idx = torch.zeros(batch, prompt, dtype=torch.long, device=device)
@@ -2611,7 +2621,7 @@ class _AmpTrainer:
     fp16 on CUDA (torch.amp.GradScaler("cuda")), Adam."""
 
     def __init__(self, model, run_args, run_kwargs, precision, device, training):
-        self.replica = _replica(model, _real_like(device))
+        self.replica = Replica.of(model, Replica.real_like(device))
         self.args, self.kwargs = run_args, run_kwargs
         self.precision, self.device, self.training = precision, device, training
         self.dtype = AMP_DTYPES[precision]
@@ -2657,12 +2667,12 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
     gets an equal share of what is left, and is timed by measure() with a cheap matmul probe's
     prediction, so that one too slow for its share is skipped with that reason.
     """
-    _check_model(model)
+    Replica.check(model)
     device = resolve_device(device, model)
     precisions = _check_amp_options(precisions, max_runs, device)
-    args, kwargs = _normalize_inputs(inputs, model)
-    run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
-    budget, hardware, dtype = Budget(time_budget_s), hardware_info(device), _model_dtype(model)
+    args, kwargs = Replica.inputs(inputs, model)
+    run_args, run_kwargs = Replica.map((args, kwargs), Replica.real_like(device, ids_below=Replica.ids_below(model)))
+    budget, hardware, dtype = Budget(time_budget_s), hardware_info(device), Replica.dtype(model)
     records, reference = [], None
     with Load.fitted_threads():
         for i, precision in enumerate(precisions):
@@ -2672,7 +2682,7 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
                                         max_runs)
             except Exception as err:
                 if i == 0:
-                    raise _run_error(model, args, kwargs, err) from None
+                    raise Replica.error(model, args, kwargs, err) from None
                 record = _skipped(precision, "failed", f"failed: {_first_line(err)}")
             reference = record if precision == "fp32" else reference
             records.append({**record, "device": str(device), "training": training, "hardware": hardware,
@@ -2708,7 +2718,7 @@ def _skipped(precision, kind, reason):
 def _benchmark_one(model, run_args, run_kwargs, precision, device, training, share_s, reference, max_runs):
     """One precision: why it cannot run here, or its steps timed (measure, gated by a matmul
     probe's prediction), one more step for its memory, its outputs' error against fp32."""
-    why_not = _why_not_amp(precision, device, _model_dtype(model), reference)
+    why_not = _why_not_amp(precision, device, Replica.dtype(model), reference)
     if why_not:
         return _skipped(precision, *why_not)
     started = _now()
@@ -2978,7 +2988,7 @@ class _StrategyRun:
     """A replica of the model trained with Adam under one strategy."""
 
     def __init__(self, model, strategy, device, accumulation, lr):
-        self.replica = _replica(model, _real_like(device))
+        self.replica = Replica.of(model, Replica.real_like(device))
         self.device, self.strategy = device, strategy
         self.precision = _strategy_precision(strategy, device)
         self.blocks = _checkpoint_blocks(self.replica) if strategy == "gradient_checkpointing" else 0
@@ -3416,21 +3426,22 @@ def measure_latency(model, inputs, *, device=None, time_budget_s=DEFAULT.model_l
     during the call.  Returns median_s with its spread (time_stats), runs, samples_per_s (the first
     input dimension / median), the device and the conditions (load, busy, threads).
     """
-    _check_model(model)
+    Replica.check(model)
     if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
         raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
     Budget(time_budget_s)  # checks it
     device, load_start = resolve_device(device, model), Load.now()
-    if device.type == "meta" or _model_device(model).type == "meta":
+    if device.type == "meta" or Replica.device(model).type == "meta":
         raise ValueError("measure_latency needs real weights; the model or the device is meta")
-    args, kwargs = _normalize_inputs(inputs, model)
+    args, kwargs = Replica.inputs(inputs, model)
     try:
-        runner = _replica(model, _real_like(device))  # counters, cached masks: changed on the copy only
-        run_args, run_kwargs = _map_tensors((args, kwargs), _real_like(device, ids_below=_ids_below(model)))
+        runner = Replica.of(model, Replica.real_like(device))  # counters, cached masks: changed on the copy only
+        make = Replica.real_like(device, ids_below=Replica.ids_below(model))
+        run_args, run_kwargs = Replica.map((args, kwargs), make)
         with Load.fitted_threads():
             result = _time_forward(runner, run_args, run_kwargs, device, time_budget_s, (1, max_runs))
     except Exception as err:
-        raise _run_error(model, args, kwargs, err) from None
+        raise Replica.error(model, args, kwargs, err) from None
     return {**result, "conditions": Load.conditions(load_start)}
 
 
@@ -3446,7 +3457,7 @@ def _time_forward(runner, run_args, run_kwargs, device, budget_s, runs):
 def _zoo_latency(model, name, batch, device, runs):
     """Latency of a zoo model the lab built itself: no copy needed (it is nobody else's)."""
     inputs = MODEL_ZOO[name][2](batch)
-    run_args = _map_tensors(_normalize_inputs(inputs, model)[0], _real_like(device))
+    run_args = Replica.map(Replica.inputs(inputs, model)[0], Replica.real_like(device))
     return _time_forward(model, run_args, {}, device, 1e9, (runs, runs))
 
 
@@ -4082,14 +4093,14 @@ def _as_module(obj, spec):
 
 def _top_level_activations(model, inputs):
     """Output bytes of each top-level module in one forward on meta (no data, no memory)."""
-    args, kwargs = _normalize_inputs(inputs, model)
-    replica = _replica(model, _meta_like)
+    args, kwargs = Replica.inputs(inputs, model)
+    replica = Replica.of(model, Replica.meta_like)
     out_bytes = {}
     handles = [child.register_forward_hook(
         lambda m, a, o, name=name: out_bytes.__setitem__(name, out_bytes.get(name, 0) + sum(
             t.numel() * t.element_size() for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor))))
         for name, child in replica.named_children()]
-    run_args, run_kwargs = _map_tensors((args, kwargs), _meta_like)
+    run_args, run_kwargs = Replica.map((args, kwargs), Replica.meta_like)
     try:
         with torch.no_grad():
             replica(*run_args, **run_kwargs)
@@ -4122,8 +4133,8 @@ def analyze(run, model, inputs, *, loss_fn=None, targets=None):
     targets=None): `loss_fn` and `targets` are the loss your training step uses, as in
     estimate_memory (the memory results say which loss was used); the mixed-precision step uses
     the default rule."""
-    _check_model(model)
-    _loss_takes_batch(loss_fn)  # a loss_fn that cannot be called is refused before any work
+    Replica.check(model)
+    StepLoss.takes_batch_of(loss_fn)  # a loss_fn that cannot be called is refused before any work
     device, p, skipped = run.device, run.profile, {}
     try:
         flops = FLOPCalculator().analyze_model(model, inputs)
