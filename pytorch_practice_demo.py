@@ -19,7 +19,7 @@ Conventions (stated once, used everywhere):
   kept apart in ``other_flops`` so ``flops`` stays comparable with published numbers.
 - Memory is the peak of bytes allocated during one steady-state step.  Measured: the allocator's
   own count (CPU: torch.profiler's allocation events; CUDA: max_memory_allocated); estimated:
-  the same step on fake tensors, plus the CPU kernels' scratch rules (CPU_SCRATCH).
+  the same step on fake tensors, plus the CPU kernels' scratch rules (CpuScratch).
 
 Contents (each section opens with a `# %%` cell, so VS Code, PyCharm or Jupytext run it one
 section at a time; the sections follow the data: units -> a model's replica -> measuring ->
@@ -579,7 +579,6 @@ def _eval_mode(model):
             m.training = mode
 
 
-
 def _checkpoint_blocks(model):
     """Recompute each block in backward: torch.utils.checkpoint around the elements of the model's
     outermost nn.Sequential / nn.ModuleList containers (the model itself if it is one).
@@ -1073,9 +1072,6 @@ def _matmul_slowdown(device, precision, size=256):
         with ctx:
             return min(measure(torch.matmul, a, a, device=device, budget_s=1e9, runs=(3, 3))["times_s"])
     return fastest(torch.autocast(device.type, dtype=AMP_DTYPES[precision])) / fastest(contextlib.nullcontext())
-
-
-TRACKER_SOURCE = "live tensor storages (dispatch-mode tracker)"
 
 
 @contextlib.contextmanager
@@ -2044,54 +2040,57 @@ def _check_memory_options(optimizer, precision):
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
 
 
-# Working memory CPU kernels allocate inside themselves: no tensor carries it past the dispatcher,
-# so fake tensors never see it, but the allocator does (read with torch.profiler, profile_memory=True,
-# op by op; torch 2.14, x86).  Each rule returns the bytes held during the op, freed at its end.
-def _dense_bytes(t):
-    return t.numel() * t.element_size()
+class CpuScratch:
+    """Working memory CPU kernels allocate inside themselves: no tensor carries it past the
+    dispatcher, so fake tensors never see it, but the allocator does (read with torch.profiler,
+    profile_memory=True, op by op; torch 2.14, x86).  Each rule returns the bytes held during the
+    op, freed at its end; bytes(func, ...) looks the op up in RULES."""
 
+    @staticmethod
+    def dense(t):
+        return t.numel() * t.element_size()
 
-def _blas_compatible(t):
-    """The layouts BLAS takes as they are (aten/src/ATen/native/LinearAlgebra.cpp, addmm_impl_cpu_:
-    one unit stride, the other at least the size); any other operand is copied first."""
-    if t.dim() != 2:
-        return True
-    rows, cols = t.shape
-    s0, s1 = t.stride()
-    return (s1 == 1 and s0 >= max(1, cols)) or (s0 == 1 and s1 >= max(1, rows))
+    @staticmethod
+    def blas_compatible(t):
+        """The layouts BLAS takes as they are (aten/src/ATen/native/LinearAlgebra.cpp, addmm_impl_cpu_:
+        one unit stride, the other at least the size); any other operand is copied first."""
+        if t.dim() != 2:
+            return True
+        rows, cols = t.shape
+        s0, s1 = t.stride()
+        return (s1 == 1 and s0 >= max(1, cols)) or (s0 == 1 and s1 >= max(1, rows))
 
+    @staticmethod
+    def conv(x, w, *args, out_bytes, **kwargs):
+        # oneDNN computes into a blocked-layout output (nChw16c) and reorders it into the plain one;
+        # for most shapes it reorders the weight into a blocked layout too (NB: not for every shape:
+        # a small overcount of the weight's bytes where it does not)
+        return out_bytes + CpuScratch.dense(w)
 
-def _conv_scratch(x, w, *args, out_bytes, **kwargs):
-    # oneDNN computes into a blocked-layout output (nChw16c) and reorders it into the plain one; for
-    # most shapes it reorders the weight into a blocked layout too (NB: not for every shape: a
-    # small overcount of the weight's bytes where it does not)
-    return out_bytes + _dense_bytes(w)
+    @staticmethod
+    def conv_backward(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding, groups,
+                      output_mask, **kwargs):
+        # oneDNN reorders grad_output into its blocked layout, and the input too when its grad is wanted
+        return CpuScratch.dense(grad_out) + (CpuScratch.dense(x) if output_mask[0] else 0)
 
+    @staticmethod
+    def matmul(*operands, **kwargs):
+        # a stride-0 (expanded) or otherwise non-BLAS operand is made contiguous before the GEMM
+        return sum(CpuScratch.dense(t) for t in operands
+                   if isinstance(t, torch.Tensor) and not CpuScratch.blas_compatible(t))
 
-def _conv_backward_scratch(grad_out, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
-                           groups, output_mask, **kwargs):
-    # oneDNN reorders grad_output into its blocked layout, and the input too when its grad is wanted
-    return _dense_bytes(grad_out) + (_dense_bytes(x) if output_mask[0] else 0)
+    # NB: under torch.inference_mode the dispatcher shows the composite ops (conv2d, linear) instead
+    RULES = {"convolution": "conv", "conv1d": "conv", "conv2d": "conv", "conv3d": "conv",
+             "convolution_backward": "conv_backward", "mm": "matmul", "addmm": "matmul", "linear": "matmul"}
 
-
-def _matmul_scratch(*operands, **kwargs):
-    # a stride-0 (expanded) or otherwise non-BLAS operand is made contiguous before the GEMM
-    return sum(_dense_bytes(t) for t in operands if isinstance(t, torch.Tensor) and not _blas_compatible(t))
-
-
-# NB: under torch.inference_mode the dispatcher shows the composite ops (conv2d, linear) instead
-CPU_SCRATCH = {"convolution": _conv_scratch, "conv1d": _conv_scratch, "conv2d": _conv_scratch,
-               "conv3d": _conv_scratch, "convolution_backward": _conv_backward_scratch,
-               "mm": _matmul_scratch, "addmm": _matmul_scratch, "linear": _matmul_scratch}
-
-
-def _scratch_bytes(func, args, kwargs, out):
-    """Kernel working memory of `func` on CPU by CPU_SCRATCH, or 0."""
-    rule = CPU_SCRATCH.get(func._overloadpacket.__name__)
-    if rule is None or not torch.backends.mkldnn.is_available() and rule is not _matmul_scratch:
-        return 0
-    out_bytes = sum(_dense_bytes(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-    return rule(*args, **(kwargs or {}), out_bytes=out_bytes)
+    @classmethod
+    def bytes(cls, func, args, kwargs, out):
+        """Kernel working memory of `func` on CPU by RULES, or 0 (oneDNN's rules need oneDNN)."""
+        rule = cls.RULES.get(func._overloadpacket.__name__)
+        if rule is None or not torch.backends.mkldnn.is_available() and rule != "matmul":
+            return 0
+        out_bytes = sum(cls.dense(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return getattr(cls, rule)(*args, **(kwargs or {}), out_bytes=out_bytes)
 
 
 class _StorageTracker(TorchDispatchMode):
@@ -2103,7 +2102,7 @@ class _StorageTracker(TorchDispatchMode):
 
     def __init__(self, scratch=False):
         super().__init__()
-        self.scratch = scratch  # also log CPU kernels' working memory (CPU_SCRATCH) as temporaries
+        self.scratch = scratch  # also log CPU kernels' working memory (CpuScratch) as temporaries
         self.phase = "setup"
         self.info = []         # key -> [nbytes, phase created in, category or None]
         self.live = {}         # id(storage) -> key, for storages alive now
@@ -2145,7 +2144,7 @@ class _StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        scratch = self.scratch and _scratch_bytes(func, args, kwargs, out)
+        scratch = self.scratch and CpuScratch.bytes(func, args, kwargs, out)
         if scratch:
             key = self._scratch(scratch)
         # autocast's low-precision copy of a weight, cached for the whole forward
@@ -2162,57 +2161,67 @@ class _StorageTracker(TorchDispatchMode):
         for finalizer in self._finalizers:
             finalizer.detach()
 
+    # what the tracker sorts storages into, and the result keys they become: bytes are *_bytes
+    # (`parameters` elsewhere is a count)
+    CATEGORIES = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
+                  "temporary")
+    PART_KEYS = {"parameters": "parameter_bytes", "buffers": "buffer_bytes", "inputs": "input_bytes",
+                 "optimizer": "optimizer_bytes", "gradients": "gradient_bytes", "activations": "activation_bytes",
+                 "weight_copies": "weight_copy_bytes", "temporary": "temporary_bytes"}
+    SOURCE = "live tensor storages (dispatch-mode tracker)"  # a measurement's `method` when it is the tracker
 
-def _categorize(tracker):
-    """Name each storage: given categories, gradients, activations (made in forward and still
-    alive when backward starts) or temporary (everything else)."""
-    forward_end = tracker.phase_start.get("backward", len(tracker.events))
-    freed_at = {key: i for i, (key, sign) in enumerate(tracker.events) if sign < 0}
-    for key, entry in enumerate(tracker.info):
-        if entry[2]:
-            continue
-        if key in tracker.gradient_keys:
-            entry[2] = "gradients"
-        elif entry[1] == "forward" and freed_at.get(key, math.inf) >= forward_end:
-            entry[2] = "activations"
-        else:
-            entry[2] = "temporary"
+    def register_state(self, replica, optimizer, run_args, run_kwargs):
+        """Tensors alive before the step starts, each in its category (every parameter, buffer,
+        optimizer-state tensor and input); returns the bytes of their distinct storages (what was
+        allocated before an allocator's reading of the step began)."""
+        state = [*(("parameters", p) for p in replica.parameters()), *(("buffers", b) for b in replica.buffers())]
+        for per_param in (optimizer.state.values() if optimizer else ()):
+            state += [("optimizer", v) for v in per_param.values() if isinstance(v, torch.Tensor)]
+        keys = {self.add(tensor, category) for category, tensor in state}
+        keys |= {self.add(x, "inputs") for x in tree_flatten((run_args, run_kwargs))[0] if isinstance(x, torch.Tensor)}
+        return sum(self.info[key][0] for key in keys)
 
+    def categorize(self):
+        """Name each storage: given categories, gradients, activations (made in forward and still
+        alive when backward starts) or temporary (everything else)."""
+        forward_end = self.phase_start.get("backward", len(self.events))
+        freed_at = {key: i for i, (key, sign) in enumerate(self.events) if sign < 0}
+        for key, entry in enumerate(self.info):
+            if entry[2]:
+                continue
+            if key in self.gradient_keys:
+                entry[2] = "gradients"
+            elif entry[1] == "forward" and freed_at.get(key, math.inf) >= forward_end:
+                entry[2] = "activations"
+            else:
+                entry[2] = "temporary"
 
-MEMORY_CATEGORIES = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
-                     "temporary")  # what the tracker sorts storages into
-# ... and the result keys they become: bytes are *_bytes (`parameters` elsewhere is a count)
-PART_KEYS = {"parameters": "parameter_bytes", "buffers": "buffer_bytes", "inputs": "input_bytes",
-             "optimizer": "optimizer_bytes", "gradients": "gradient_bytes", "activations": "activation_bytes",
-             "weight_copies": "weight_copy_bytes", "temporary": "temporary_bytes"}
+    def replay(self):
+        """Replay alloc/free events: the peak, what was live at it, and the phase it fell in."""
+        live, by_cat = 0, Counter()
+        peak, at_peak, peak_index = 0, Counter(), 0
+        for i, (key, sign) in enumerate(self.events):
+            nbytes, _, category = self.info[key]
+            live += sign * nbytes
+            by_cat[category] += sign * nbytes
+            if live > peak:
+                peak, at_peak, peak_index = live, Counter(by_cat), i
+        phases = sorted(self.phase_start.items(), key=lambda kv: kv[1])
+        peak_phase = next((p for p, start in reversed(phases) if start <= peak_index), "setup")
+        return peak, {self.PART_KEYS[c]: int(at_peak[c]) for c in self.CATEGORIES}, peak_phase
 
-
-def _replay(tracker):
-    """Replay alloc/free events: the peak, what was live at it, and the phase it fell in."""
-    live, by_cat = 0, Counter()
-    peak, at_peak, peak_index = 0, Counter(), 0
-    for i, (key, sign) in enumerate(tracker.events):
-        nbytes, _, category = tracker.info[key]
-        live += sign * nbytes
-        by_cat[category] += sign * nbytes
-        if live > peak:
-            peak, at_peak, peak_index = live, Counter(by_cat), i
-    phases = sorted(tracker.phase_start.items(), key=lambda kv: kv[1])
-    peak_phase = next((p for p, start in reversed(phases) if start <= peak_index), "setup")
-    return peak, {PART_KEYS[c]: int(at_peak[c]) for c in MEMORY_CATEGORIES}, peak_phase
-
-
-def _memory_summary(tracker):
-    _categorize(tracker)
-    peak, at_peak, peak_phase = _replay(tracker)
-    sizes = Counter()
-    for nbytes, _, category in tracker.info:
-        sizes[category] += nbytes
-    result = {PART_KEYS[c]: int(sizes[c]) for c in MEMORY_CATEGORIES}
-    # parts that live all step are their full size; temporary is what was live at the peak
-    result["temporary_bytes"] = at_peak["temporary_bytes"]
-    result.update(total=int(peak), at_peak=at_peak, peak_phase=peak_phase)
-    return result
+    def summary(self):
+        """The step's memory: each part's bytes, `total` (the peak), `at_peak`, `peak_phase`."""
+        self.categorize()
+        peak, at_peak, peak_phase = self.replay()
+        sizes = Counter()
+        for nbytes, _, category in self.info:
+            sizes[category] += nbytes
+        result = {self.PART_KEYS[c]: int(sizes[c]) for c in self.CATEGORIES}
+        # parts that live all step are their full size; temporary is what was live at the peak
+        result["temporary_bytes"] = at_peak["temporary_bytes"]
+        result.update(total=int(peak), at_peak=at_peak, peak_phase=peak_phase)
+        return result
 
 
 class _LayerOutputs:
@@ -2225,22 +2234,6 @@ class _LayerOutputs:
         if next(module.children(), None) is None:
             self.nbytes += sum(t.numel() * t.element_size() for t in tree_flatten(output)[0]
                                if isinstance(t, torch.Tensor))
-
-
-def _model_state(replica, optimizer):
-    """(category, tensor) for every parameter, buffer and optimizer-state tensor."""
-    yield from (("parameters", p) for p in replica.parameters())
-    yield from (("buffers", b) for b in replica.buffers())
-    for state in (optimizer.state.values() if optimizer else ()):
-        yield from (("optimizer", v) for v in state.values() if isinstance(v, torch.Tensor))
-
-
-def _register_step_state(tracker, replica, optimizer, run_args, run_kwargs):
-    """Tensors alive before the step starts, each in its category; returns the bytes of their
-    distinct storages (what was allocated before an allocator's reading of the step began)."""
-    keys = {tracker.add(tensor, category) for category, tensor in _model_state(replica, optimizer)}
-    keys |= {tracker.add(x, "inputs") for x in tree_flatten((run_args, run_kwargs))[0] if isinstance(x, torch.Tensor)}
-    return sum(tracker.info[key][0] for key in keys)
 
 
 def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None, loss=None,
@@ -2261,18 +2254,18 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
         if options["training"]:
             optimizer = _make_optimizer(options["optimizer_name"], replica.parameters(), foreach=foreach)
             _create_optimizer_state(replica, optimizer, compute)
-            _register_step_state(tracker, replica, optimizer, (run_args, run_targets), run_kwargs)  # targets: inputs
+            tracker.register_state(replica, optimizer, (run_args, run_targets), run_kwargs)  # targets: inputs
             batch = StepLoss.batch(run_args, run_kwargs, run_targets)
             with _global_forward_hook(layers):
                 training_step(replica, optimizer, [(run_args, run_kwargs, batch, None)], loss_fn=loss,
                               precision=options["precision"], device=device, tracker=tracker, compute=compute)
         else:
-            _register_step_state(tracker, replica, None, run_args, run_kwargs)
+            tracker.register_state(replica, None, run_args, run_kwargs)
             with compute or contextlib.nullcontext(), tracker, torch.inference_mode(), \
                     _global_forward_hook(layers), _autocast(_amp_dtype(options["precision"]), device):
                 tracker.set_phase("forward")
                 replica(*run_args, **run_kwargs)
-        summary = _memory_summary(tracker)
+        summary = tracker.summary()
     finally:
         tracker.close()
     if not options["training"]:  # the forward's working set is its activations
@@ -2426,7 +2419,7 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
             result = _memory_run(model, args, kwargs, options, make=make, device=device, loss=loss, targets=targets)
     except Exception as err:
         raise Replica.error(model, args, kwargs, err) from None
-    method = TRACKER_SOURCE + (f": {peak.reason}" if device.type == "cpu" and peak.reason else "")
+    method = _StorageTracker.SOURCE + (f": {peak.reason}" if device.type == "cpu" and peak.reason else "")
     if peak.peak_bytes is not None:
         result["total"], method = peak.peak_bytes, peak.method
     return {**result, **options, "device": str(device), "method": method, "data_dependent": None}
@@ -2440,12 +2433,12 @@ def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
     plus the model state that was alive before it.
     """
     tracker = _StorageTracker()
-    state_bytes = _register_step_state(tracker, replica, optimizer, run_args, run_kwargs)
+    state_bytes = tracker.register_state(replica, optimizer, run_args, run_kwargs)
     peak = _PeakMemory(device)
     try:
         with peak:
             value = step(tracker)  # enters the tracker (training_step) and marks its phases
-        summary = _memory_summary(tracker)
+        summary = tracker.summary()
     finally:
         tracker.close()
     summary["tracked_total"] = summary["total"]

@@ -87,8 +87,8 @@ def test_conv_estimate_counts_onednn_scratch(training):
 
 
 def test_blas_compatible_layouts():
-    assert demo._blas_compatible(torch.empty(4, 3)) and demo._blas_compatible(torch.empty(3, 4).t())
-    assert not demo._blas_compatible(torch.empty(1, 3).expand(4, 3))  # stride 0: copied before the GEMM
+    assert demo.CpuScratch.blas_compatible(torch.empty(4, 3)) and demo.CpuScratch.blas_compatible(torch.empty(3, 4).t())
+    assert not demo.CpuScratch.blas_compatible(torch.empty(1, 3).expand(4, 3))  # stride 0: copied before the GEMM
 
 
 # --- formulas ------------------------------------------------------------------------------------
