@@ -34,7 +34,7 @@ the models -> counting and measuring them -> the figures -> the command line):
   6. Memory ..................................... estimate_memory, measure_memory, measure_kv_cache,
                                                   zero_memory_per_device, run_memory_analysis
   7. Mixed precision ............................ benchmark_mixed_precision, run_amp_analysis, dtype_ranges
-  8. Training ................................... run_training_comparison, plan_training, load_mnist,
+  8. Training ................................... run_training_comparison, TrainingPlan.plan, TrainingData.mnist,
                                                   write_tensorboard
   9. Model selection ............................ measure_latency, recommend_models, run_dashboard_analysis
  10. The lecture, claim by claim ................ measure_fusion, measure_compile, lecture_claims,
@@ -2803,96 +2803,113 @@ TRAIN_STRATEGIES = ("baseline", "mixed_precision", "gradient_accumulation", "gra
 
 # --- data: a learnable synthetic task by default, MNIST from disk when asked ---------------
 
-SYNTHETIC_SIGNAL = 0.1  # prototype amplitude against unit noise: hard per pixel, learnable over 784
+class TrainingData:
+    """The training comparison's data: a learnable synthetic task by default, MNIST from its IDX
+    files when asked (load), and every step's batch drawn in a seeded order (batch_order)."""
 
+    SIGNAL = 0.1  # prototype amplitude against unit noise: hard per pixel, learnable over 784
 
-def synthetic_dataset(n_train, n_val, seed=0, features=784, classes=10):
-    """Ten random prototypes; a sample is SYNTHETIC_SIGNAL x its class prototype + N(0, 1) noise.
+    @staticmethod
+    def synthetic(n_train, n_val, seed=0, features=784, classes=10):
+        """Ten random prototypes; a sample is TrainingData.SIGNAL x its class prototype + N(0, 1) noise.
 
-    No sample is informative pixel by pixel, but over 784 features the class is learnable: a
-    model has to pool evidence, and fresh samples keep validation honest.
-    """
-    g = torch.Generator().manual_seed(seed)
-    prototypes = torch.randn(classes, features, generator=g)
+        No sample is informative pixel by pixel, but over 784 features the class is learnable: a
+        model has to pool evidence, and fresh samples keep validation honest.
+        """
+        g = torch.Generator().manual_seed(seed)
+        prototypes = torch.randn(classes, features, generator=g)
 
-    def draw(n):
-        y = torch.randint(0, classes, (n,), generator=g)
-        return SYNTHETIC_SIGNAL * prototypes[y] + torch.randn(n, features, generator=g), y
-    (x, y), (vx, vy) = draw(n_train), draw(n_val)
-    return {"name": "synthetic", "train_x": x, "train_y": y, "val_x": vx, "val_y": vy}
+        def draw(n):
+            y = torch.randint(0, classes, (n,), generator=g)
+            return TrainingData.SIGNAL * prototypes[y] + torch.randn(n, features, generator=g), y
+        (x, y), (vx, vy) = draw(n_train), draw(n_val)
+        return {"name": "synthetic", "train_x": x, "train_y": y, "val_x": vx, "val_y": vy}
 
+    FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+                   "val_x": "t10k-images-idx3-ubyte", "val_y": "t10k-labels-idx1-ubyte"}
 
-MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-               "val_x": "t10k-images-idx3-ubyte", "val_y": "t10k-labels-idx1-ubyte"}
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of the training pixels in [0, 1] (pytorch/examples mnist)
+    MEAN = 0.1307  # of the training pixels in [0, 1] (pytorch/examples mnist)
 
+    STD = 0.3081
 
-def _read_idx(path):
-    """An IDX file (yann.lecun.com/exdb/mnist format): magic 0x0000 08 ndim, big-endian uint32
-    sizes, then unsigned bytes.  Gzipped files are read too."""
-    import gzip
-    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()})")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    data = raw[4 + 4 * ndim:]
-    if len(data) != _numel(shape):
-        raise ValueError(f"{path}: header says shape {shape} ({_numel(shape)} bytes) but {len(data)} bytes follow")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape)
+    @staticmethod
+    def read_idx(path):
+        """An IDX file (yann.lecun.com/exdb/mnist format): magic 0x0000 08 ndim, big-endian uint32
+        sizes, then unsigned bytes.  Gzipped files are read too."""
+        import gzip
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+        if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
+            raise ValueError(f"{path} is not an IDX file of unsigned bytes (bad magic number {raw[:4].hex()})")
+        ndim = raw[3]
+        shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        data = raw[4 + 4 * ndim:]
+        if len(data) != _numel(shape):
+            raise ValueError(f"{path}: header says shape {shape} ({_numel(shape)} bytes) but {len(data)} bytes follow")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(shape)
 
+    @staticmethod
+    def mnist_paths(data_dir):
+        """{train_x, train_y, val_x, val_y: path}, or a ValueError naming the files that are missing."""
+        folder = Path(data_dir).expanduser()
+        paths = {key: TrainingData.find_mnist_file(folder, stem) for key, stem in TrainingData.FILES.items()}
+        missing = [TrainingData.FILES[key] for key, path in paths.items() if path is None]
+        if missing:
+            raise ValueError(f"MNIST files not found in {str(data_dir)!r}: {', '.join(missing)} (optionally .gz). "
+                             "Put them there, allow the download (download=True / --download-mnist), "
+                             "or use dataset='synthetic'")
+        return paths
 
-def _mnist_paths(data_dir):
-    """{train_x, train_y, val_x, val_y: path}, or a ValueError naming the files that are missing."""
-    paths = {key: _find_mnist_file(Path(data_dir).expanduser(), stem) for key, stem in MNIST_FILES.items()}
-    missing = [MNIST_FILES[key] for key, path in paths.items() if path is None]
-    if missing:
-        raise ValueError(f"MNIST files not found in {str(data_dir)!r}: {', '.join(missing)} (optionally .gz). "
-                         "Put them there, allow the download (download=True / --download-mnist), "
-                         "or use dataset='synthetic'")
-    return paths
+    @staticmethod
+    def find_mnist_file(data_dir, stem):
+        for folder in (data_dir, data_dir / "MNIST" / "raw"):  # the second is torchvision's layout
+            for name in (stem, stem + ".gz"):
+                if (folder / name).is_file():
+                    return folder / name
+        return None
 
+    @staticmethod
+    def mnist(data_dir, *, n_train=None, n_val=None, download=False):
+        """MNIST from the four IDX files in `data_dir` (or torchvision's data_dir/MNIST/raw).
 
-def _find_mnist_file(data_dir, stem):
-    for folder in (data_dir, data_dir / "MNIST" / "raw"):  # the second is torchvision's layout
-        for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    return None
+        Nothing is downloaded unless download=True (then torchvision fetches the files).  Pixels are
+        scaled to [0, 1] and standardised; the first n_train / n_val samples are kept.
+        """
+        if data_dir is None:
+            raise ValueError("dataset='mnist' needs data_dir: a folder with the MNIST IDX files")
+        data_dir = Path(data_dir)
+        if download and any(TrainingData.find_mnist_file(data_dir, s) is None for s in TrainingData.FILES.values()):
+            import torchvision
+            torchvision.datasets.MNIST(str(data_dir), train=True, download=True)  # the network, as asked
+            torchvision.datasets.MNIST(str(data_dir), train=False, download=True)
+        paths = TrainingData.mnist_paths(data_dir)
+        data = {key: TrainingData.read_idx(path) for key, path in paths.items()}
+        for split, n in (("train", n_train), ("val", n_val)):
+            x, y = data[f"{split}_x"][:n], data[f"{split}_y"][:n]
+            if x.ndim != 3 or len(x) != len(y):
+                raise ValueError(f"MNIST {split} files disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
+            data[f"{split}_x"] = (x.float() / 255 - TrainingData.MEAN) / TrainingData.STD
+            data[f"{split}_y"] = y.long()
+        return {"name": "mnist", **data}
 
+    @staticmethod
+    def batch_order(n_samples, batch, steps, seed):
+        """Indices of every step's batch: reshuffled each epoch by a seeded generator, so every
+        strategy sees the same batches in the same order."""
+        g = torch.Generator().manual_seed(seed)
+        epochs = math.ceil(steps * batch / n_samples)
+        order = torch.cat([torch.randperm(n_samples, generator=g) for _ in range(epochs)])
+        return order[:steps * batch].view(steps, batch)
 
-def load_mnist(data_dir, *, n_train=None, n_val=None, download=False):
-    """MNIST from the four IDX files in `data_dir` (or torchvision's data_dir/MNIST/raw).
+    VAL_SAMPLES = 512    # one validation pass costs ~2 training steps at batch 256
 
-    Nothing is downloaded unless download=True (then torchvision fetches the files).  Pixels are
-    scaled to [0, 1] and standardised; the first n_train / n_val samples are kept.
-    """
-    if data_dir is None:
-        raise ValueError("dataset='mnist' needs data_dir: a folder with the MNIST IDX files")
-    data_dir = Path(data_dir)
-    if download and any(_find_mnist_file(data_dir, s) is None for s in MNIST_FILES.values()):
-        import torchvision
-        torchvision.datasets.MNIST(str(data_dir), train=True, download=True)  # the network, as asked
-        torchvision.datasets.MNIST(str(data_dir), train=False, download=True)
-    paths = _mnist_paths(data_dir)
-    data = {key: _read_idx(path) for key, path in paths.items()}
-    for split, n in (("train", n_train), ("val", n_val)):
-        x, y = data[f"{split}_x"][:n], data[f"{split}_y"][:n]
-        if x.ndim != 3 or len(x) != len(y):
-            raise ValueError(f"MNIST {split} files disagree: images {tuple(x.shape)}, labels {tuple(y.shape)}")
-        data[f"{split}_x"] = (x.float() / 255 - MNIST_MEAN) / MNIST_STD
-        data[f"{split}_y"] = y.long()
-    return {"name": "mnist", **data}
+    MAX_SAMPLES = 60_000  # one pass over at most this many training samples
 
-
-def _batch_order(n_samples, batch, steps, seed):
-    """Indices of every step's batch: reshuffled each epoch by a seeded generator, so every
-    strategy sees the same batches in the same order."""
-    g = torch.Generator().manual_seed(seed)
-    epochs = math.ceil(steps * batch / n_samples)
-    order = torch.cat([torch.randperm(n_samples, generator=g) for _ in range(epochs)])
-    return order[:steps * batch].view(steps, batch)
+    @staticmethod
+    def load(dataset, data_dir, download, n_train, seed):
+        if dataset == "mnist":
+            return TrainingData.mnist(data_dir, n_train=n_train, n_val=TrainingData.VAL_SAMPLES, download=download)
+        return TrainingData.synthetic(n_train, TrainingData.VAL_SAMPLES, seed)
 
 
 # --- the input pipeline: can the data keep up with the step? -------------------------------
@@ -2911,7 +2928,7 @@ class SyntheticImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         pixels = torch.randint(0, 256, (self.channels, self.size, self.size), generator=g, dtype=torch.uint8)
-        return (pixels.float() / 255 - MNIST_MEAN) / MNIST_STD, i % self.classes
+        return (pixels.float() / 255 - TrainingData.MEAN) / TrainingData.STD, i % self.classes
 
 
 def measure_input_pipeline(dataset=None, *, batch_size, num_workers=(0, 1, 2), pin_memory=None, device=None,
@@ -3091,139 +3108,144 @@ def _log_gradient_health(record, run, scale):
 
 # --- planning: calibrate a step of each strategy, then choose the size that fits -------------
 
-TRAIN_MIN_BATCH, TRAIN_MIN_WIDTH = 32, 32  # the smallest size still worth a figure
-TRAIN_VAL_SAMPLES = 512    # one validation pass costs ~2 training steps at batch 256
-TRAIN_MAX_SAMPLES = 60_000  # one pass over at most this many training samples
+load_mnist = TrainingData.mnist  # public: MNIST from its IDX files
 
 
-def _evals(steps, eval_every):
-    """How many validation passes a run of `steps` makes (step 0 and the last included)."""
-    return 1 + steps // eval_every + (steps % eval_every != 0)
+class TrainingPlan:
+    """Calibrate a step of each strategy, then choose the size that fits the budget (plan)."""
 
+    MIN_BATCH = MIN_WIDTH = 32  # the smallest size still worth a figure
 
-def predict_training_s(calibration, steps, eval_every):
-    """Seconds the planned runs take, from one calibration: every strategy's steps (the memory-
-    measured step costs ~3 steps under the tracker), its validation passes, its set-up."""
-    total = 0.0
-    for strategy, step_s in calibration["step_s"].items():
-        eval_s = calibration["eval_s"].get(calibration["precision"][strategy], max(calibration["eval_s"].values()))
-        total += (steps + 2) * step_s + _evals(steps, eval_every) * eval_s + calibration["setup_s"]
-    return total
+    @staticmethod
+    def evals(steps, eval_every):
+        """How many validation passes a run of `steps` makes (step 0 and the last included)."""
+        return 1 + steps // eval_every + (steps % eval_every != 0)
 
+    @staticmethod
+    def predict_s(calibration, steps, eval_every):
+        """Seconds the planned runs take, from one calibration: every strategy's steps (the memory-
+        measured step costs ~3 steps under the tracker), its validation passes, its set-up."""
+        total = 0.0
+        for strategy, step_s in calibration["step_s"].items():
+            eval_s = calibration["eval_s"].get(calibration["precision"][strategy], max(calibration["eval_s"].values()))
+            total += (steps + 2) * step_s + TrainingPlan.evals(steps, eval_every) * eval_s + calibration["setup_s"]
+        return total
 
-def _fits(calibration, steps, eval_every, left_s):
-    return Budget.fits_in(predict_training_s(calibration, steps, eval_every(steps)), left_s)
+    @staticmethod
+    def fits(calibration, steps, eval_every, left_s):
+        return Budget.fits_in(TrainingPlan.predict_s(calibration, steps, eval_every(steps)), left_s)
 
+    @staticmethod
+    def halve(size, key, over, smallest, fixed, shrunk):
+        """Halve size[key] as often as `over` (predicted / available time) asks, as if time were
+        linear in it, not below `smallest`; note it in `shrunk`.  False when it cannot shrink."""
+        if key in fixed or size[key] // 2 < smallest:
+            return False
+        new = size[key]
+        while new // 2 >= smallest and over > 1:
+            new, over = new // 2, over / 2
+        shrunk.append({"size": key, "from": size[key], "to": new})
+        size[key] = new
+        return True
 
-def _halve(size, key, over, smallest, fixed, shrunk):
-    """Halve size[key] as often as `over` (predicted / available time) asks, as if time were
-    linear in it, not below `smallest`; note it in `shrunk`.  False when it cannot shrink."""
-    if key in fixed or size[key] // 2 < smallest:
-        return False
-    new = size[key]
-    while new // 2 >= smallest and over > 1:
-        new, over = new // 2, over / 2
-    shrunk.append({"size": key, "from": size[key], "to": new})
-    size[key] = new
-    return True
+    @staticmethod
+    def at_smallest(size, fixed, accumulation):
+        """Nothing left to halve: batch and width at their floors (or fixed by the caller)."""
+        return all(key in fixed or size[key] // 2 < floor for key, floor in
+                   (("batch", max(TrainingPlan.MIN_BATCH, accumulation)), ("width", TrainingPlan.MIN_WIDTH)))
 
+    @staticmethod
+    def plan(calibrate, budget_s, *, steps, batch, width, min_steps, eval_every, accumulation,
+                      fixed=()):
+        """Choose steps, batch and width so that every strategy runs the same steps within `budget_s`.
 
-def _at_smallest(size, fixed, accumulation):
-    """Nothing left to halve: batch and width at their floors (or fixed by the caller)."""
-    return all(key in fixed or size[key] // 2 < floor for key, floor in
-               (("batch", max(TRAIN_MIN_BATCH, accumulation)), ("width", TRAIN_MIN_WIDTH)))
-
-
-def plan_training(calibrate, budget_s, *, steps, batch, width, min_steps, eval_every, accumulation,
-                  fixed=()):
-    """Choose steps, batch and width so that every strategy runs the same steps within `budget_s`.
-
-    `calibrate(batch, width, limit_s)` times one steady step of each strategy at that size (once
-    it has spent `limit_s`, the strategies left are taken as slow as the slowest timed: a limit of
-    0 is a cheap probe of the first one, used to find a feasible size before timing them all) and returns
-    {"step_s": {strategy: s}, "precision": {strategy: name}, "eval_s": {precision: s}, "setup_s": s,
-    "wall_s": its own cost}.  Shrinks, in
-    this order, what is not in `fixed`: steps (to the most that fit, not below `min_steps`),
-    then batch (halved, down to TRAIN_MIN_BATCH), then width (halved, down to TRAIN_MIN_WIDTH),
-    calibrating again at each new size.  Only when nothing is left to shrink (and the caller fixed
-    no size) does it drop the slowest strategy but the baseline, with the reason.  Returns the
-    plan: the sizes, the prediction, what was shrunk, the skips and the calibration it was made from.
-    """
-    size, shrunk, skipped, skipped_ms, spent = {"steps": steps, "batch": batch, "width": width}, [], {}, {}, 0.0
-    cal = calibrate(batch, width, 0.0)  # a probe: the first strategy's step; the rest taken as slow as it
-    spent += cal.get("wall_s", 0.0)
-    while True:
-        left = budget_s - spent
-        complete = cal.get("complete", True)
-        if _fits(cal, size["steps"], eval_every, left) and complete:
-            break
-        if _fits(cal, size["steps"], eval_every, left) or (not complete and _at_smallest(size, fixed, accumulation)):
-            cal = calibrate(size["batch"], size["width"], math.inf)  # the whole calibration where it looks feasible
-            spent += cal.get("wall_s", 0.0)
-            continue
-        if "steps" not in fixed and size["steps"] > min_steps:
-            n = max((n for n in range(min_steps, size["steps"]) if _fits(cal, n, eval_every, left)),
-                    default=min_steps)
-            shrunk.append({"size": "steps", "from": size["steps"], "to": n})
-            size["steps"] = n
-            continue
-        over = predict_training_s(cal, size["steps"], eval_every(size["steps"])) * PLAN_MARGIN / max(left, 1e-9)
-        if _halve(size, "batch", over, max(TRAIN_MIN_BATCH, accumulation), fixed, shrunk) or \
-                _halve(size, "width", over, TRAIN_MIN_WIDTH, fixed, shrunk):
-            pass
-        elif len(cal["step_s"]) > 1 and not fixed:  # sizes the caller chose: run as asked
-            # the baseline is what every other strategy is compared with: it is never the one dropped
-            droppable = [s for s in cal["step_s"] if s != "baseline"] or list(cal["step_s"])
-            slowest = max(droppable, key=cal["step_s"].get)
-            alone = predict_training_s({**cal, "step_s": {slowest: cal["step_s"][slowest]}}, size["steps"],
-                                       eval_every(size["steps"]))
-            total = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
-            skipped_ms[slowest] = cal["step_s"][slowest] * 1e3
-            skipped[slowest] = (f"the slowest strategy but the baseline ({skipped_ms[slowest]:.0f} ms per step, "
-                                f"~{alone:.1f} s for {size['steps']} steps): all of them would need ~{total:.1f} s, "
-                                f"more than the {max(left, 0):.1f} s left at the smallest size")
-            cal = {**cal, "step_s": {s: t for s, t in cal["step_s"].items() if s != slowest}}
-            continue
-        else:
-            break  # nothing left to shrink: run the smallest plan and say it does not fit
-        cal = calibrate(size["batch"], size["width"], 0.0)  # a new size: probe it again
+        `calibrate(batch, width, limit_s)` times one steady step of each strategy at that size (once
+        it has spent `limit_s`, the strategies left are taken as slow as the slowest timed: a limit of
+        0 is a cheap probe of the first one, used to find a feasible size before timing them all) and returns
+        {"step_s": {strategy: s}, "precision": {strategy: name}, "eval_s": {precision: s}, "setup_s": s,
+        "wall_s": its own cost}.  Shrinks, in
+        this order, what is not in `fixed`: steps (to the most that fit, not below `min_steps`),
+        then batch (halved, down to TrainingPlan.MIN_BATCH), then width (halved, down to TrainingPlan.MIN_WIDTH),
+        calibrating again at each new size.  Only when nothing is left to shrink (and the caller fixed
+        no size) does it drop the slowest strategy but the baseline, with the reason.  Returns the
+        plan: the sizes, the prediction, what was shrunk, the skips and the calibration it was made from.
+        """
+        size, shrunk, skipped, skipped_ms, spent = {"steps": steps, "batch": batch, "width": width}, [], {}, {}, 0.0
+        cal = calibrate(batch, width, 0.0)  # a probe: the first strategy's step; the rest taken as slow as it
         spent += cal.get("wall_s", 0.0)
-    predicted = predict_training_s(cal, size["steps"], eval_every(size["steps"]))
-    return {**size, "predicted_s": predicted, "budget_s": budget_s, "calibration_s": spent,
-            "fits": Budget.fits_in(predicted, budget_s - spent), "shrunk": shrunk, "skipped": skipped,
-            "calibration_skipped_ms": skipped_ms, "calibration": cal}
-
-
-def _calibrator(strategies, data, device, options, depth, seed):
-    """calibrate(batch, width) for plan_training: a warm-up and one timed step of each strategy on
-    a throwaway model of that size, and one validation pass per precision."""
-    val = (data["val_x"].to(device), data["val_y"].to(device))
-
-    def calibrate(batch, width, limit_s=math.inf):
-        started = _now()
-        seed_everything(seed)
-        model = ResMLPClassifier(width=width, depth=depth)
-        order = _batch_order(len(data["train_x"]), batch, 2, seed)
-        xs = [(data["train_x"][i].to(device), data["train_y"][i].to(device)) for i in order]
-        step_s, precision, eval_s, setup_s = {}, {}, {}, []
-        for strategy in strategies:
-            if step_s and _now() - started > limit_s:  # far too slow at this size: the rest is extrapolated
-                step_s[strategy] = max(step_s.values())
-                precision[strategy] = _strategy_precision(strategy, device)
+        while True:
+            left = budget_s - spent
+            complete = cal.get("complete", True)
+            if TrainingPlan.fits(cal, size["steps"], eval_every, left) and complete:
+                break
+            if TrainingPlan.fits(cal, size["steps"], eval_every, left) or (
+                    not complete and TrainingPlan.at_smallest(size, fixed, accumulation)):
+                cal = calibrate(size["batch"], size["width"], math.inf)  # the whole calibration where it looks feasible
+                spent += cal.get("wall_s", 0.0)
                 continue
-            run, seconds = _timed(device, _StrategyRun, model, strategy, device, options["accumulation"],
-                                  options["lr"])
-            setup_s.append(seconds)
-            run.step(*xs[0])  # warm-up: allocations, Adam state, autocast caches
-            step_s[strategy] = _timed(device, run.step, *xs[1])[1]
-            precision[strategy] = run.precision
-            if run.precision not in eval_s:
-                eval_s[run.precision] = _timed(device, run.evaluate, *val)[1]
-        return {"step_s": step_s, "precision": precision, "eval_s": eval_s,
-                "complete": len(setup_s) == len(strategies),
-                "setup_s": spread(setup_s)[0],  # the first one pays one-time imports
-                "batch": batch, "width": width, "wall_s": _now() - started}
-    return calibrate
+            if "steps" not in fixed and size["steps"] > min_steps:
+                n = max((n for n in range(min_steps, size["steps"]) if TrainingPlan.fits(cal, n, eval_every, left)),
+                        default=min_steps)
+                shrunk.append({"size": "steps", "from": size["steps"], "to": n})
+                size["steps"] = n
+                continue
+            over = TrainingPlan.predict_s(cal, size["steps"], eval_every(size["steps"])) * PLAN_MARGIN / max(left, 1e-9)
+            if TrainingPlan.halve(size, "batch", over, max(TrainingPlan.MIN_BATCH, accumulation), fixed, shrunk) or \
+                    TrainingPlan.halve(size, "width", over, TrainingPlan.MIN_WIDTH, fixed, shrunk):
+                pass
+            elif len(cal["step_s"]) > 1 and not fixed:  # sizes the caller chose: run as asked
+                # the baseline is what every other strategy is compared with: it is never the one dropped
+                droppable = [s for s in cal["step_s"] if s != "baseline"] or list(cal["step_s"])
+                slowest = max(droppable, key=cal["step_s"].get)
+                alone = TrainingPlan.predict_s({**cal, "step_s": {slowest: cal["step_s"][slowest]}}, size["steps"],
+                                               eval_every(size["steps"]))
+                total = TrainingPlan.predict_s(cal, size["steps"], eval_every(size["steps"]))
+                skipped_ms[slowest] = cal["step_s"][slowest] * 1e3
+                skipped[slowest] = (f"the slowest strategy but the baseline ({skipped_ms[slowest]:.0f} ms per step, "
+                                    f"~{alone:.1f} s for {size['steps']} steps): all of them would need "
+                                    f"~{total:.1f} s, more than the {max(left, 0):.1f} s left at the smallest size")
+                cal = {**cal, "step_s": {s: t for s, t in cal["step_s"].items() if s != slowest}}
+                continue
+            else:
+                break  # nothing left to shrink: run the smallest plan and say it does not fit
+            cal = calibrate(size["batch"], size["width"], 0.0)  # a new size: probe it again
+            spent += cal.get("wall_s", 0.0)
+        predicted = TrainingPlan.predict_s(cal, size["steps"], eval_every(size["steps"]))
+        return {**size, "predicted_s": predicted, "budget_s": budget_s, "calibration_s": spent,
+                "fits": Budget.fits_in(predicted, budget_s - spent), "shrunk": shrunk, "skipped": skipped,
+                "calibration_skipped_ms": skipped_ms, "calibration": cal}
+
+    @staticmethod
+    def calibrator(strategies, data, device, options, depth, seed):
+        """calibrate(batch, width) for TrainingPlan.plan: a warm-up and one timed step of each strategy on
+        a throwaway model of that size, and one validation pass per precision."""
+        val = (data["val_x"].to(device), data["val_y"].to(device))
+
+        def calibrate(batch, width, limit_s=math.inf):
+            started = _now()
+            seed_everything(seed)
+            model = ResMLPClassifier(width=width, depth=depth)
+            order = TrainingData.batch_order(len(data["train_x"]), batch, 2, seed)
+            xs = [(data["train_x"][i].to(device), data["train_y"][i].to(device)) for i in order]
+            step_s, precision, eval_s, setup_s = {}, {}, {}, []
+            for strategy in strategies:
+                if step_s and _now() - started > limit_s:  # far too slow at this size: the rest is extrapolated
+                    step_s[strategy] = max(step_s.values())
+                    precision[strategy] = _strategy_precision(strategy, device)
+                    continue
+                run, seconds = _timed(device, _StrategyRun, model, strategy, device, options["accumulation"],
+                                      options["lr"])
+                setup_s.append(seconds)
+                run.step(*xs[0])  # warm-up: allocations, Adam state, autocast caches
+                step_s[strategy] = _timed(device, run.step, *xs[1])[1]
+                precision[strategy] = run.precision
+                if run.precision not in eval_s:
+                    eval_s[run.precision] = _timed(device, run.evaluate, *val)[1]
+            return {"step_s": step_s, "precision": precision, "eval_s": eval_s,
+                    "complete": len(setup_s) == len(strategies),
+                    "setup_s": spread(setup_s)[0],  # the first one pays one-time imports
+                    "batch": batch, "width": width, "wall_s": _now() - started}
+        return calibrate
 
 
 def _check_training_options(strategies, steps, batch, accumulation, eval_every, dataset):
@@ -3241,19 +3263,13 @@ def _check_training_options(strategies, steps, batch, accumulation, eval_every, 
         raise ValueError(f"dataset must be 'synthetic' or 'mnist', got {dataset!r}")
 
 
-def _training_data(dataset, data_dir, download, n_train, seed):
-    if dataset == "mnist":
-        return load_mnist(data_dir, n_train=n_train, n_val=TRAIN_VAL_SAMPLES, download=download)
-    return synthetic_dataset(n_train, TRAIN_VAL_SAMPLES, seed)
-
-
 @stage("training")
 def run_training_comparison(run, *, strategies=None, steps=None, batch=None, width=None, accumulation=4,
                             eval_every=None, dataset="synthetic", data_dir=None, download=False, time_budget_s=None):
     """Train ResMLPClassifier under each strategy from the same weights on the same batches.
 
     Sizes and the budget of the timed work default to the profile's (training_*).  The work is
-    planned before it runs: a calibration times one step of each strategy, then plan_training
+    planned before it runs: a calibration times one step of each strategy, then TrainingPlan.plan
     shrinks what was not given (steps to the profile's minimum, then batch, then width) until
     every strategy's run of the same number of steps fits; the runs then go to the end.  Sizes you
     pass are kept; if they do not fit, `plan["fits"]` is False and the runs take longer.
@@ -3275,21 +3291,22 @@ def run_training_comparison(run, *, strategies=None, steps=None, batch=None, wid
     fixed = {k for k, v in (("steps", steps), ("batch", batch), ("width", width)) if v is not None}
     budget = Budget(time_budget_s if time_budget_s is not None else p.training_measure_s)
     steps, batch, width = steps or p.steps, batch or p.training_batch, width or p.width
-    data = _training_data(dataset, data_dir, download, min(steps * batch, TRAIN_MAX_SAMPLES), run.seed)
+    data = TrainingData.load(dataset, data_dir, download, min(steps * batch, TrainingData.MAX_SAMPLES), run.seed)
     options = {"device": device, "accumulation": accumulation, "lr": 1e-3}
     precisions = sorted({_strategy_precision(s, device) for s in strategies})
     peak_flops = {precision: measure_peak_flops(device, precision, time_budget_s=p.peak_s) for precision in precisions}
 
     def every(n):
         return eval_every or max(1, n // 10)
-    plan = plan_training(_calibrator(strategies, data, device, options, p.depth, run.seed), budget.left(),
+    calibrate = TrainingPlan.calibrator(strategies, data, device, options, p.depth, run.seed)
+    plan = TrainingPlan.plan(calibrate, budget.left(),
                          steps=steps, batch=batch, width=width, min_steps=min(p.min_steps, steps),
                          eval_every=every, accumulation=accumulation, fixed=fixed)
     run.report(0, len(strategies), f"planned {plan['steps']} steps x batch {plan['batch']}, width {plan['width']} "
                                    f"(predicted {plan['predicted_s']:.1f} s)")
     seed_everything(run.seed)
     model = ResMLPClassifier(width=plan["width"], depth=p.depth)
-    order = _batch_order(len(data["train_x"]), plan["batch"], plan["steps"], run.seed)
+    order = TrainingData.batch_order(len(data["train_x"]), plan["batch"], plan["steps"], run.seed)
     options.update(eval_every=every(plan["steps"]),
                    training_flops=FLOPCalculator().analyze_model(model, (plan["batch"], 784))["training_flops"])
     result = {**_training_header(run, plan, model, data, options), "time_budget_s": budget.seconds,
@@ -5889,7 +5906,7 @@ def main(argv=None):
         device = resolve_device(args.device)
         _check_writable(args.output_dir)
         if args.dataset == "mnist" and "training" in args.only and not args.download_mnist:
-            _mnist_paths(args.data_dir)
+            TrainingData.mnist_paths(args.data_dir)
         args.loaded_model = load_model(args.model) if args.model else None
         set_language(args.lang)
     except ValueError as err:

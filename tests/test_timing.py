@@ -72,7 +72,7 @@ def fake_calibration(step_ms, slow_precision=1.0):
 def plan(calibrate, budget_s, **kw):
     options = {"steps": 40, "batch": 256, "width": 128, "min_steps": 30, "accumulation": 4,
                "eval_every": lambda n: max(1, n // 10), **kw}
-    return demo.plan_training(calibrate, budget_s, **options)
+    return demo.TrainingPlan.plan(calibrate, budget_s, **options)
 
 
 def test_plan_keeps_the_default_size_when_it_fits():
@@ -97,7 +97,7 @@ def test_slow_machine_shrinks_steps_then_batch_then_width_and_says_so():
 
     calibrate, _ = fake_calibration(step_ms=3000)  # far too slow: batch at its floor, then width
     p = plan(calibrate, 10)
-    assert p["batch"] == demo.TRAIN_MIN_BATCH and p["width"] < 128
+    assert p["batch"] == demo.TrainingPlan.MIN_BATCH and p["width"] < 128
     assert any(s["size"] == "width" and s["from"] == 128 for s in p["shrunk"])
 
 
