@@ -263,12 +263,6 @@ def _device_name(device):
     return device.type
 
 
-def available_devices():
-    """The devices torch can use here, by name: cpu, each cuda:N, mps."""
-    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
-    return names + (["mps"] if torch.backends.mps.is_available() else [])
-
-
 def resolve_device(device=None, model=None):
     """The one device policy, for the CLI and the library alike: a device you pass is checked and
     used ("auto" and None: see below); otherwise the model's own (meta stays meta: estimates then
@@ -286,17 +280,19 @@ def check_device(device):
     """torch.device(device), or a ValueError naming what is available, before torch touches a
     device that is not here (a missing MPS device aborts the process; a missing CUDA one fails deep
     inside torch).  "meta" is allowed: it holds shapes, no data."""
+    here = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()) if torch.cuda.is_available()),
+            *(["mps"] if torch.backends.mps.is_available() else [])]
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise LabError(f"device must be cpu, cuda, cuda:N, mps or meta, got {device!r}; available here: "
-                       f"{', '.join(available_devices())}") from None
+                       f"{', '.join(here)}") from None
     absent = (device.type == "cuda" and (not torch.cuda.is_available()
                                          or (device.index or 0) >= torch.cuda.device_count())
               or device.type == "mps" and not torch.backends.mps.is_available()
               or device.type not in ("cpu", "cuda", "mps", "meta"))
     if absent:
-        raise LabError(f"device {str(device)!r} is not available here: {', '.join(available_devices())}")
+        raise LabError(f"device {str(device)!r} is not available here: {', '.join(here)}")
     return device
 
 
@@ -583,6 +579,7 @@ def _checkpoint_blocks(model):
     """Recompute each block in backward: torch.utils.checkpoint around the elements of the model's
     outermost nn.Sequential / nn.ModuleList containers (the model itself if it is one).
     Only for replicas: it sets `forward` on the blocks.  Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
     containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
 
     def visit(module):
@@ -596,13 +593,8 @@ def _checkpoint_blocks(model):
         visit(model)
     blocks = [b for c in containers for b in c if any(True for _ in b.parameters())]
     for block in blocks:
-        block.forward = functools.partial(_checkpointed, block.forward)
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return len(blocks)
-
-
-def _checkpointed(forward, *args, **kwargs):
-    from torch.utils.checkpoint import checkpoint
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def _make_optimizer(name, params, foreach=None):
@@ -618,21 +610,6 @@ def _make_optimizer(name, params, foreach=None):
 def _grad_scaler(precision, device):
     """torch.amp.GradScaler for fp16 on CUDA, where small gradients underflow; None otherwise."""
     return torch.amp.GradScaler("cuda") if precision == "amp_fp16" and device.type == "cuda" else None
-
-
-def _loss_scale(scaler):
-    """The GradScaler's current loss scale (fp16 on CUDA), or None where no scaler is used."""
-    return float(scaler.get_scale()) if scaler is not None else None
-
-
-def _optimizer_step(optimizer, scaler):
-    """optimizer.step() (through the scaler, which skips steps with inf/NaN grads), then zero_grad."""
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def training_step(replica, optimizer, micro_batches, *, precision="fp32", device, loss_fn=None, scaler=None,
@@ -679,7 +656,12 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
         on_gradients(replica)
     with track:
         phase("optimizer")
-        _optimizer_step(optimizer, scaler)
+        if scaler is not None:  # the scaler skips a step whose gradients hold inf/NaN
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return total
 
 
@@ -715,7 +697,6 @@ def _quiet_fake_tensor_logs():
 
 
 CLOCK = time.perf_counter
-PLAN_MARGIN = 1.25  # planned work x this must fit its budget: a busy machine's steps vary by ~20 %
 
 
 def _now():
@@ -724,6 +705,7 @@ def _now():
 
 class Budget:
     """Seconds of wall time for one piece of work: what is left, a fair share of it, what fits."""
+    MARGIN = 1.25  # planned work x this must fit its budget: a busy machine's steps vary by ~20 %
 
     def __init__(self, seconds):
         if isinstance(seconds, bool) or not (isinstance(seconds, (int, float)) and seconds > 0):
@@ -741,14 +723,14 @@ class Budget:
         return self.left() / max(parts, 1)
 
     def fits(self, predicted_s, margin=1.0):
-        """Whether predicted work fits what is left (planning passes margin=PLAN_MARGIN)."""
+        """Whether predicted work fits what is left (planning passes margin=Budget.MARGIN)."""
         return self.fits_in(predicted_s, self.left(), margin)
 
     @staticmethod
-    def fits_in(predicted_s, left_s, margin=PLAN_MARGIN):
+    def fits_in(predicted_s, left_s, margin=None):
         """The one budget check: predicted work, times the margin a busy machine's variation
-        needs, within the seconds left."""
-        return predicted_s * margin <= left_s
+        needs (MARGIN by default), within the seconds left."""
+        return predicted_s * (Budget.MARGIN if margin is None else margin) <= left_s
 
 
 def _timed(device, fn, *args):
@@ -919,7 +901,7 @@ def measure(fn, *args, device, budget_s, runs=(MIN_RUNS, MAX_RUNS), predicted_s=
     2. One warm-up run (allocator, kernel choice, caches); one far slower than predicted is
        paying one-time costs (3x or more): a second warm-up is judged instead.
     3. The warm-up must leave room for runs[0] timed runs (and the reserve), else skipped.
-    4. The first timed run calibrates: as many runs as fit what is left (x PLAN_MARGIN), from
+    4. The first timed run calibrates: as many runs as fit what is left (x Budget.MARGIN), from
        runs[0] to runs[1], all of them run.
     `always`: never skip (runs[0] timed runs whatever the budget says).  Returns time_stats
     (median_s, spread, runs, times_s) with warmup_s and skipped=None, or a skip:
@@ -931,7 +913,7 @@ def measure(fn, *args, device, budget_s, runs=(MIN_RUNS, MAX_RUNS), predicted_s=
         return {"median_s": None, "iqr_s": None, "spread_lo_s": None, "spread_hi_s": None, "spread": None,
                 "runs": 0, "times_s": [], "warmup_s": warm_s, "skipped": reason}
     if predicted_s is not None and not always and not budget.fits(predicted_s * (1 + fewest + reserve_runs),
-                                                                   PLAN_MARGIN):
+                                                                   Budget.MARGIN):
         return not_timed(f"predicted {predicted_s * 1e3:.0f} ms per {what}: a warm-up and {fewest} timed runs "
                           f"need ~{predicted_s * (1 + fewest + reserve_runs):.1f} s, more than its {budget_s:.1f} s")
     warm_s = _timed(device, fn, *args)[1]
@@ -942,7 +924,7 @@ def measure(fn, *args, device, budget_s, runs=(MIN_RUNS, MAX_RUNS), predicted_s=
         return not_timed(f"the warm-up {what} took {warm_s * 1e3:.0f} ms: {fewest} timed runs need ~{need:.1f} s, "
                           f"more than what is left of its {budget_s:.1f} s", warm_s)
     times = [_timed(device, fn, *args)[1]]
-    planned = int(min(most, max(fewest, budget.left() // (times[0] * PLAN_MARGIN) + 1)))
+    planned = int(min(most, max(fewest, budget.left() // (times[0] * Budget.MARGIN) + 1)))
     times += [_timed(device, fn, *args)[1] for _ in range(planned - 1)]
     return {**time_stats(times), "warmup_s": warm_s, "skipped": None}
 
@@ -1000,19 +982,17 @@ def stage(name, measures=True):
 
 # --- the device's peak: square matmuls swept from small to large -----------------------------
 
-PEAK_SIZES = (512, 1024, 2048, 4096, 8192)  # the sweep stops early: when the rate stops rising, or the budget
-PEAK_ALWAYS = 1024  # sizes up to this are always measured: below it thread start-up and a busy machine's
-                    # stalls hide the peak (a 512 matmul: 11 GFLOP/s busy with 2 threads, 58 at 1024)
-PEAK_RISE = 1.05        # a larger size must beat the best so far by 5 % to go on
-
-
-def measure_peak_flops(device, precision="fp32", *, time_budget_s=DEFAULT.peak_s, sizes=PEAK_SIZES):
+def measure_peak_flops(device, precision="fp32", *, time_budget_s=DEFAULT.peak_s,
+                       sizes=(512, 1024, 2048, 4096, 8192),  # the sweep stops early: the rate, or the budget
+                       always_up_to=1024,  # measured whatever the budget: below it thread start-up and a busy
+                                           # machine's stalls hide the peak (512: 11 GFLOP/s busy, 58 at 1024)
+                       rise=1.05):  # a larger size must beat the best so far by 5 % to go on
     """The device's peak FLOP/s: the best rate over a sweep of square matmuls (2 n^3 FLOPs each).
 
     The denominator of MFU (PaLM, Appendix B), measured here rather than read from a data sheet.
     Each size is measured (measure) within an eighth of the budget, 3 to 10 runs; its rate is its
     fastest run (a peak is a best case).  The sweep goes up while the rate still rises by
-    PEAK_RISE; past PEAK_ALWAYS it stops before a size whose predicted time ((n / previous n)^3 x
+    `rise`; past `always_up_to` it stops before a size whose predicted time ((n / previous n)^3 x
     the previous run, x 4) would not fit the budget.  One slow small run never ends it.  Low
     precisions run under autocast, as the training steps do.  Returns the rate, the size that
     reached it, every size's best/median/worst rate and repeats, and why the sweep stopped.
@@ -1022,7 +1002,7 @@ def measure_peak_flops(device, precision="fp32", *, time_budget_s=DEFAULT.peak_s
     sweep, stopped = [], "largest size reached"
     with _autocast(AMP_DTYPES[precision], device):
         for n in sizes:
-            if sweep and n > PEAK_ALWAYS:
+            if sweep and n > always_up_to:
                 predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (MIN_RUNS + 1)
                 if not budget.fits(predicted):
                     stopped = f"{n}x{n} (predicted {predicted:.2f} s) does not fit the budget"
@@ -1034,7 +1014,7 @@ def measure_peak_flops(device, precision="fp32", *, time_budget_s=DEFAULT.peak_s
                           "best_flops_per_s": rates[-1], "median_flops_per_s": spread(rates)[0],
                           "worst_flops_per_s": rates[0]})
             best_before = max((s["best_flops_per_s"] for s in sweep[:-1]), default=0.0)
-            if len(sweep) > 1 and rates[-1] < PEAK_RISE * best_before:
+            if len(sweep) > 1 and rates[-1] < rise * best_before:
                 stopped = f"the rate stopped rising at {n}x{n}"
                 break
     best = max(sweep, key=lambda s: s["best_flops_per_s"])
@@ -1074,26 +1054,6 @@ def _matmul_slowdown(device, precision, size=256):
     return fastest(torch.autocast(device.type, dtype=AMP_DTYPES[precision])) / fastest(contextlib.nullcontext())
 
 
-@contextlib.contextmanager
-def _quiet_kineto():
-    """Kineto (torch.profiler's C++ side) writes "USDT ... profiler_start/stop" on every start and
-    stop, and "ERROR ... gpuGetDeviceCount failed" on a CUDA build without a GPU, straight to the
-    process's stderr: silenced (file descriptor 2) while the profiler starts and stops, only."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2 (some embedded interpreters): nothing to silence
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 class _AllocatorPeak:
     """Reads the CPU allocator's own alloc/free events through torch.profiler (profile_memory=True)
     while the body runs: `peak_bytes` is the most allocated at once, counted from the start, and
@@ -1105,6 +1065,26 @@ class _AllocatorPeak:
     """
     SOURCE = "CPU allocator events (torch.profiler, profile_memory=True)"  # a measurement's `method`
     MARK = "lab::mark"  # the name of mark()'s zero-length range
+
+    @staticmethod
+    @contextlib.contextmanager
+    def quiet():
+        """Kineto (torch.profiler's C++ side) writes "USDT ... profiler_start/stop" on every start and
+        stop, and "ERROR ... gpuGetDeviceCount failed" on a CUDA build without a GPU, straight to the
+        process's stderr: silenced (file descriptor 2) while the profiler starts and stops, only."""
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no file descriptor 2 (some embedded interpreters): nothing to silence
+            yield
+            return
+        try:
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 2)
+                yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
     def __init__(self):
         self.peak_bytes = self.end_bytes = self.reason = None
@@ -1125,14 +1105,14 @@ class _AllocatorPeak:
         else:
             from torch.profiler import ProfilerActivity, profile
             self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            with _quiet_kineto():
+            with _AllocatorPeak.quiet():
                 self._prof.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self._prof is None:
             return False
-        with _quiet_kineto():
+        with _AllocatorPeak.quiet():
             self._prof.__exit__(*exc)
         if exc[0] is None:
             self.peak_bytes, self.end_bytes, self.marks = self.running_peak(self.events(self._prof))
@@ -1393,27 +1373,20 @@ def _torchvision(name):
     return build
 
 
-def _tokens(length):
-    return lambda batch: torch.zeros(batch, length, dtype=torch.long)
-
-
-def _image(channels, size):
-    return lambda batch: (batch, channels, size, size)
-
-
 # name -> (kind, builder, inputs(batch)): the models every figure compares.
 MODEL_ZOO = {
-    "MLP-512": ("mlp", functools.partial(mlp, 512), lambda batch: (batch, 1024)),
-    "MLP-2048": ("mlp", functools.partial(mlp, 2048), lambda batch: (batch, 1024)),
-    "MLP-8192": ("mlp", functools.partial(mlp, 8192), lambda batch: (batch, 1024)),
-    "MNIST-CNN": ("cnn", MnistNet, _image(1, 28)),
-    "ResNet-18": ("cnn", _torchvision("resnet18"), _image(3, 224)),
-    "ResNet-50": ("cnn", _torchvision("resnet50"), _image(3, 224)),
-    "MobileNetV2": ("cnn", _torchvision("mobilenet_v2"), _image(3, 224)),
-    "EfficientNet-B0": ("cnn", _torchvision("efficientnet_b0"), _image(3, 224)),
-    "ViT-B/16": ("transformer", _torchvision("vit_b_16"), _image(3, 224)),
-    "TinyGPT": ("transformer", TinyGPT, _tokens(256)),
-    "LSTM-Classifier": ("rnn", LSTMClassifier, _tokens(64)),  # meta counting is per time step
+    "MLP-512": ("mlp", functools.partial(mlp, 512), lambda b: (b, 1024)),
+    "MLP-2048": ("mlp", functools.partial(mlp, 2048), lambda b: (b, 1024)),
+    "MLP-8192": ("mlp", functools.partial(mlp, 8192), lambda b: (b, 1024)),
+    "MNIST-CNN": ("cnn", MnistNet, lambda b: (b, 1, 28, 28)),
+    "ResNet-18": ("cnn", _torchvision("resnet18"), lambda b: (b, 3, 224, 224)),
+    "ResNet-50": ("cnn", _torchvision("resnet50"), lambda b: (b, 3, 224, 224)),
+    "MobileNetV2": ("cnn", _torchvision("mobilenet_v2"), lambda b: (b, 3, 224, 224)),
+    "EfficientNet-B0": ("cnn", _torchvision("efficientnet_b0"), lambda b: (b, 3, 224, 224)),
+    "ViT-B/16": ("transformer", _torchvision("vit_b_16"), lambda b: (b, 3, 224, 224)),
+    "TinyGPT": ("transformer", TinyGPT, lambda b: torch.zeros(b, 256, dtype=torch.long)),
+    # the LSTM: meta counting is per time step
+    "LSTM-Classifier": ("rnn", LSTMClassifier, lambda b: torch.zeros(b, 64, dtype=torch.long)),
 }
 # --quick: the cheapest models to count op by op (the LSTM costs ~6 ms per time step on meta)
 
@@ -2006,20 +1979,18 @@ class FLOPCalculator:
         }
 
 
-FLOP_RECORD_KEYS = ("flops", "macs", "other_flops", "training_flops", "backward_flops", "parameters",
-                    "trainable_parameters", "by_operator", "by_class", "unsupported_ops", "mode", "input_shape")
-
-
 @stage("flop", measures=False)
 def run_flop_analysis(run, *, models=None, batch=1):
     """Count every zoo model at `batch` (the profile's list by default); one record (dict) per model.
     Models are built on the meta device, so this takes seconds even for ViT-B/16."""
     names = list(models or run.profile.flop_models or MODEL_ZOO)
+    keys = ("flops", "macs", "other_flops", "training_flops", "backward_flops", "parameters", "trainable_parameters",
+            "by_operator", "by_class", "unsupported_ops", "mode", "input_shape")  # what the figure draws
     records = []
     for i, name in enumerate(names):
         kind, _, make_inputs = MODEL_ZOO[name]
         result = FLOPCalculator().analyze_model(build_model(name), make_inputs(batch))
-        records.append({"name": name, "kind": kind, "batch": batch, **{k: result[k] for k in FLOP_RECORD_KEYS}})
+        records.append({"name": name, "kind": kind, "batch": batch, **{k: result[k] for k in keys}})
         run.report(i + 1, len(names), name)
     return {"records": records}
 
@@ -2733,7 +2704,7 @@ def _benchmark_one(model, run_args, run_kwargs, precision, device, training, sha
     return {"precision": precision, **timed, "peak_memory_bytes": peak, "activation_bytes": activations,
             "speedup_vs_fp32": speedup, "skipped": None, "skip_kind": None, "note": note, "outputs": outputs,
             "max_rel_error_vs_fp32": _max_rel_error(outputs, reference["outputs"]) if reference else 0.0,
-            "loss_scale": _loss_scale(trainer.scaler)}
+            "loss_scale": trainer.scaler and float(trainer.scaler.get_scale())}
 
 
 def _why_not_amp(precision, device, dtype, reference):
@@ -3061,7 +3032,7 @@ def _train_one(model, strategy, data, order, options):
               "grad_norm_by_group": {}, "nonfinite_grads": [],
               "loss_scale_per_step": None if run.scaler is None else [],
               "skipped_steps": None if run.scaler is None else 0}
-    scale = _loss_scale(run.scaler)
+    scale = run.scaler and float(run.scaler.get_scale())
     for i, index in enumerate(order):
         x, y = data["train_x"][index].to(device), data["train_y"][index].to(device)
         if i == 1:  # the first steady step (Adam state exists): measured for memory, not timed
@@ -3085,7 +3056,7 @@ def _train_one(model, strategy, data, order, options):
                   peak_memory_bytes=memory["total"], activation_bytes=memory["activation_bytes"],
                   at_peak=memory["at_peak"], peak_phase=memory["peak_phase"],
                   achieved_flops_per_s=options["training_flops"] / stats["median_s"],
-                  loss_scale=_loss_scale(run.scaler))
+                  loss_scale=run.scaler and float(run.scaler.get_scale()))
     return record
 
 
@@ -3100,7 +3071,7 @@ def _log_gradient_health(record, run, scale):
     record["grad_norm_by_group"]["last"] = health["by_group"]
     if run.scaler is None:
         return None
-    after = _loss_scale(run.scaler)
+    after = run.scaler and float(run.scaler.get_scale())
     record["loss_scale_per_step"].append(scale)
     record["skipped_steps"] += after < scale  # GradScaler backs its scale off only when it skips a step
     return after
@@ -3189,7 +3160,8 @@ class TrainingPlan:
                 shrunk.append({"size": "steps", "from": size["steps"], "to": n})
                 size["steps"] = n
                 continue
-            over = TrainingPlan.predict_s(cal, size["steps"], eval_every(size["steps"])) * PLAN_MARGIN / max(left, 1e-9)
+            predicted = TrainingPlan.predict_s(cal, size["steps"], eval_every(size["steps"]))
+            over = predicted * Budget.MARGIN / max(left, 1e-9)
             if TrainingPlan.halve(size, "batch", over, max(TrainingPlan.MIN_BATCH, accumulation), fixed, shrunk) or \
                     TrainingPlan.halve(size, "width", over, TrainingPlan.MIN_WIDTH, fixed, shrunk):
                 pass
@@ -3487,9 +3459,10 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
     latency, calibration, seconds_per_flop = {}, {}, None
     for name in order:
         predicted = None if seconds_per_flop is None else seconds_per_flop * flops[name]
-        if predicted is not None and not budget.fits(predicted, margin=PLAN_MARGIN):
-            why = (f"planned skip: predicted ~{predicted:.1f} s for batch 1 (x{PLAN_MARGIN} margin: "
-                   f"{predicted * PLAN_MARGIN:.1f} s), more than the {budget.left():.1f} s left of the latency budget")
+        if predicted is not None and not budget.fits(predicted, margin=Budget.MARGIN):
+            why = (f"planned skip: predicted ~{predicted:.1f} s for batch 1 (x{Budget.MARGIN} margin: "
+                   f"{predicted * Budget.MARGIN:.1f} s), more than the {budget.left():.1f} s left of the latency "
+                   "budget")
             latency[name] = [{"batch": b, "skipped": why} for b in LATENCY_BATCHES]
             continue
         started = _now()
@@ -3531,7 +3504,7 @@ def plan_latency(calibration, budget_s):
     run_s = {n: c["batch1_s"] * big for n, c in calibration.items()}
 
     def need(names, runs):
-        return sum(calibration[n]["build_s"] + (1 + runs) * run_s[n] for n in names) * PLAN_MARGIN
+        return sum(calibration[n]["build_s"] + (1 + runs) * run_s[n] for n in names) * Budget.MARGIN
     chosen = []
     for name in sorted(run_s, key=run_s.get):
         if need(chosen + [name], MIN_RUNS) <= budget_s:

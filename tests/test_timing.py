@@ -92,7 +92,7 @@ def test_slow_machine_shrinks_steps_then_batch_then_width_and_says_so():
     assert p["batch"] < 256 and p["fits"] and not p["skipped"]
     assert p["shrunk"][0] == {"size": "steps", "from": 40, "to": 30}
     assert p["shrunk"][1]["size"] == "batch" and p["shrunk"][1]["from"] == 256
-    assert p["predicted_s"] * demo.PLAN_MARGIN <= 10 - p["calibration_s"]
+    assert p["predicted_s"] * demo.Budget.MARGIN <= 10 - p["calibration_s"]
     assert calls[0] == (256, 128) and len(calls) >= 2  # calibrated again at the new size
 
     calibrate, _ = fake_calibration(step_ms=3000)  # far too slow: batch at its floor, then width
