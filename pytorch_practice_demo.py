@@ -5895,7 +5895,7 @@ def _plot_step_prediction(ax, data):
     ax.invert_yaxis()
     ax.set_xlim(0, meas.max() * 1.6)
     ax.set_xlabel(_t("roof_time_ms"))
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # below: never over a bar
     ax.set_title(_t("roof_step"), fontsize=11)
 
 
