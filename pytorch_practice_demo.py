@@ -37,6 +37,8 @@ the models -> counting and measuring them -> the figures -> the command line):
   8. Training ................................... run_training_comparison, plan_training, load_mnist,
                                                   write_tensorboard
   9. Model selection ............................ measure_latency, recommend_models, run_dashboard_analysis
+ 9b. The roofline ............................. measure_bandwidth (section 3), roofline, measure_dispatch,
+                                                  run_roofline_analysis
  10. The lecture, claim by claim ................ measure_fusion, measure_compile, lecture_claims,
                                                   run_lecture_comparison, format_lecture_table
  11. Your own model ............................. load_model, analyze, format_model_table
@@ -44,7 +46,8 @@ the models -> counting and measuring them -> the figures -> the command line):
                                                   visualize_flop_analysis, visualize_memory_analysis,
                                                   visualize_training_performance,
                                                   demonstrate_mixed_precision_benefits,
-                                                  create_comprehensive_dashboard, visualize_lecture_claims,
+                                                  create_comprehensive_dashboard, visualize_roofline,
+                                                  visualize_lecture_claims,
                                                   visualize_own_model (each with its plot_* function)
  13. The CLI .................................... PROFILES, STAGES, parse_args, main
 
