@@ -37,6 +37,8 @@ the models -> counting and measuring them -> the figures -> the command line):
   8. Training ................................... run_training_comparison, TrainingPlan.plan, TrainingData.mnist,
                                                   write_tensorboard
   9. Model selection ............................ measure_latency, recommend_models, run_dashboard_analysis
+ 9b. The roofline ............................. measure_bandwidth (section 3), roofline, measure_dispatch,
+                                                  run_roofline_analysis
  10. The lecture, claim by claim ................ measure_fusion, measure_compile, lecture_claims,
                                                   run_lecture_comparison, format_lecture_table
  11. Your own model ............................. load_model, analyze, format_model_table
@@ -44,7 +46,8 @@ the models -> counting and measuring them -> the figures -> the command line):
                                                   visualize_flop_analysis, visualize_memory_analysis,
                                                   visualize_training_performance,
                                                   demonstrate_mixed_precision_benefits,
-                                                  create_comprehensive_dashboard, visualize_lecture_claims,
+                                                  create_comprehensive_dashboard, visualize_roofline,
+                                                  visualize_lecture_claims,
                                                   visualize_own_model (each with its plot_* function)
  13. The CLI .................................... PROFILES, STAGES, parse_args, main
 
@@ -135,6 +138,7 @@ class Profile:
     """
     name: str = "default"
     peak_s: float = 0.8               # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
+    bandwidth_s: float = 0.4          # STREAM's 4 kernels on 128 MiB arrays (4x a 32 MiB L3): ~10 ms a run
     # FLOPs: 11 zoo models on fake tensors + a figure: ~6 s quiet, ~18 s busy
     flop_budget_s: float = 14.0
     flop_models: tuple | None = None  # None: all of MODEL_ZOO
@@ -164,6 +168,10 @@ class Profile:
     # dashboard: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy) and the latencies
     dashboard_budget_s: float = 20.0
     latency_s: float = 6.5            # batch 1 of every model; batch 8 of those that fit (ViT-B/16's ~7 s)
+    # roofline: roofs (bandwidth ~0.4 s, the peak reused), 4 small models x (count, time, profile a step)
+    roofline_budget_s: float = 4.0
+    roofline_step_s: float = 0.15     # one model's steps timed (3-10 runs of a few ms)
+    roofline_models: tuple | None = None  # None: all of ROOFLINE_MODELS
     # --model: a model of unknown size, generous
     model_budget_s: float = 45.0
     model_amp_s: float = 8.0
@@ -202,6 +210,8 @@ QUICK = Profile(  # what differs from DEFAULT, and why
     amp_models=("MLP-1024",),                      # MLP-4096 (21 M parameters) does not fit 1 s
     dashboard_budget_s=5.0, latency_s=0.6,         # the FLOP stage's quick zoo
     model_budget_s=20.0, model_amp_s=3.0, model_latency_s=1.0,
+    roofline_budget_s=2.0, roofline_step_s=0.08, bandwidth_s=0.2,
+    roofline_models=("MLP-2048", "TinyGPT (2x128, T=64)"),  # a matmul-bound and an overhead-bound model
     lecture_budget_s=2.5, lecture_batch=8, gpt_sizes=((2, 128), (4, 256)),
     fusion_shape=(512, 1024), fusion_s=0.2, compile_s=60.0, alone_s=5.0,
 )
@@ -690,7 +700,7 @@ def _quiet_fake_tensor_logs():
 # 3. Timing and measuring primitives: one clock, one budget, one spread, the machine's load, the allocator
 # ================================================================================================
 # A learner's machine is rarely quiet.  Every measuring stage first calibrates (times a step or
-# two), then plans its work to fit its budget (fits_budget), then runs the plan whole: nothing is cut
+# two), then plans its work to fit its budget (Budget.fits_in), then runs the plan whole: nothing is cut
 # halfway.  All timing reads `CLOCK`, so tests drive budgets and plans with a fake clock instead of
 # waiting.  Memory is read from the allocator itself (_PeakMemory): CUDA's caching allocator, or the
 # CPU allocator's events through torch.profiler.
@@ -1052,6 +1062,76 @@ def _matmul_slowdown(device, precision, size=256):
         with ctx:
             return min(measure(torch.matmul, a, a, device=device, budget_s=1e9, runs=(3, 3))["times_s"])
     return fastest(torch.autocast(device.type, dtype=AMP_DTYPES[precision])) / fastest(contextlib.nullcontext())
+
+
+# --- the memory roof: STREAM's four kernels on arrays larger than the last-level cache ----------
+# McCalpin's STREAM (1995): copy a = b, scale b = q*c, add c = a + b, triad a = b + q*c.  Bytes
+# moved per element as STREAM counts them: 2, 2, 3 and 3 arrays (reads + writes; no write-allocate).
+STREAM_KERNELS = {"copy": 2, "scale": 2, "add": 3, "triad": 3}  # name -> arrays moved per element
+CACHE_MULTIPLE = 4          # each array >= 4x the last-level cache, so every pass goes to DRAM
+UNKNOWN_CACHE_BYTES = 64 * MIB  # where the OS does not say: a size larger than any desktop CPU's L3 / 4
+
+
+def last_level_cache_bytes(device=None):
+    """(bytes, source) of the device's last-level cache: CUDA's L2 from its properties; on a CPU
+    the highest cache level in /sys/devices/system/cpu/cpu0/cache (Linux); else (None, why)."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size, "torch.cuda.get_device_properties (L2)"
+    if device.type != "cpu":
+        return None, f"the OS does not report {device.type}'s cache here"
+    levels = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        with contextlib.suppress(OSError, ValueError):
+            size = (index / "size").read_text().strip()
+            scale = {"K": 1024, "M": MIB, "G": GIB}.get(size[-1], 1)
+            levels.append((int((index / "level").read_text()), int(size.rstrip("KMG")) * scale))
+    if not levels:
+        return None, "no /sys/devices/system/cpu/cpu0/cache on this OS"
+    level, size = max(levels)
+    return size, f"L{level} from /sys/devices/system/cpu/cpu0/cache"
+
+
+def measure_bandwidth(device=None, *, time_budget_s=DEFAULT.bandwidth_s, array_bytes=None):
+    """The device's memory bandwidth in bytes/s: STREAM's copy, scale, add and triad on fp32 torch
+    tensors of `array_bytes` each (default CACHE_MULTIPLE x the last-level cache), each kernel timed
+    by measure() within a quarter of the budget (3 to 10 runs).
+
+    A kernel's rate is its bytes moved (STREAM_KERNELS arrays x array_bytes) over a run's time; the
+    roof is the best kernel's fastest run, as the compute roof is the fastest matmul run (a roof is
+    a best case).  Returns bytes_per_s (the roof), its kernel, its median and spread, every
+    kernel's rates, the array size and where the cache size came from."""
+    device = resolve_device(device)
+    if device.type == "meta":
+        raise LabError("bandwidth is measured on a real device: cpu, cuda or mps, not meta")
+    cache, source = last_level_cache_bytes(device)
+    if array_bytes is None:
+        array_bytes = CACHE_MULTIPLE * (cache or UNKNOWN_CACHE_BYTES)
+        sizing = f"{CACHE_MULTIPLE} x {cache / MIB:g} MiB ({source})" if cache else \
+            f"{UNKNOWN_CACHE_BYTES / MIB:g} MiB: {source}"
+    else:
+        sizing = "given (array_bytes)"
+    n = max(int(array_bytes) // 4, 1)
+    a, b, c = (torch.full((n,), v, device=device) for v in (1.0, 2.0, 0.5))
+    q = 3.0
+    kernels = {"copy": lambda: a.copy_(b), "scale": lambda: torch.mul(c, q, out=b),
+               "add": lambda: torch.add(a, b, out=c), "triad": lambda: torch.add(b, c, alpha=q, out=a)}
+    out = {}
+    for name, fn in kernels.items():
+        timed = measure(fn, device=device, budget_s=time_budget_s / len(kernels), always=True, what=name)
+        moved = STREAM_KERNELS[name] * n * 4
+        rates = sorted(moved / max(t, 1e-12) for t in timed["times_s"])
+        median, lo, hi, kind, _ = spread(rates)
+        out[name] = {"bytes_per_s": rates[-1], "median_bytes_per_s": median, "spread_lo": lo, "spread_hi": hi,
+                     "spread": kind, "runs": timed["runs"], "bytes_moved": moved}
+    roof = max(out, key=lambda k: out[k]["bytes_per_s"])
+    return {"bytes_per_s": out[roof]["bytes_per_s"], "kernel": roof,
+            "median_bytes_per_s": out[roof]["median_bytes_per_s"],
+            "spread_lo": out[roof]["spread_lo"], "spread_hi": out[roof]["spread_hi"], "kernels": out,
+            "array_bytes": n * 4, "cache_bytes": cache, "sizing": sizing, "dtype": "float32",
+            "device": _device_name(device),
+            "method": f"STREAM copy/scale/add/triad on fp32 arrays of {n * 4 / MIB:g} MiB; roof: fastest "
+                      f"{roof} run of {out[roof]['runs']}"}
 
 
 class _AllocatorPeak:
@@ -1759,9 +1839,80 @@ ZERO_COST_OPS = {
 }
 
 
+# --- bytes beside FLOPs: what each op reads and writes ------------------------------------------
+# The convention (torch/utils/_runtime_estimation.py, get_num_bytes and get_transfer_time): an op
+# reads every tensor it takes and writes every tensor it returns, each counted at its size, and a
+# broadcast (stride-0) dimension counted once.  Views move nothing.  Copies (clone, copy_, _to_copy,
+# cat, contiguous, gathers, fills) move their bytes and do no FLOPs.  NB: it is a model of DRAM
+# traffic, not a measurement: it ignores caches (a tensor read twice while it still sits in cache
+# is counted twice) and counts copy_'s destination as read too (3 tensors where 2 move).
+OP_CLASSES = WORK_CLASSES + ("elementwise/other", "copies", "optimizer")
+NO_TRAFFIC_OPS = {  # create or describe a tensor without touching its elements (beside the views)
+    "detach", "lift_fresh", "_unsafe_view", "alias", "empty", "empty_like", "empty_strided", "new_empty",
+    "new_empty_strided", "resize_", "set_", "_assert_async", "sym_size", "sym_numel", "sym_stride",
+    "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type", "device", "layout", "dtype",
+    "_local_scalar_dense",
+}
+
+
+def tensor_bytes(t):
+    """Bytes an op moves for tensor `t`: its elements x element size, a stride-0 (broadcast)
+    dimension counted once (torch/utils/_runtime_estimation.py, get_num_bytes)."""
+    if t.is_contiguous():
+        return t.numel() * t.element_size()
+    elements = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride or size == 0:
+            elements *= size
+    return elements * t.element_size()
+
+
+def _moved_bytes(values):
+    """Bytes of every tensor in `values`, one level into lists (cat, the _foreach_ ops): a loop,
+    not a pytree flatten, because it runs on every op."""
+    total = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            total += tensor_bytes(v)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                if isinstance(x, torch.Tensor):
+                    total += tensor_bytes(x)
+    return total
+
+
+def _intensity(flops, moved_bytes):
+    """Arithmetic intensity: FLOPs per byte moved (None when nothing moved)."""
+    return flops / moved_bytes if moved_bytes else None
+
+
+def op_class_totals(ops):
+    """{op class: {"flops", "bytes", "calls", "intensity"}} from a _CountingMode's `ops`."""
+    totals = {}
+    for (op_class, _), (flops, moved, calls) in ops.items():
+        t = totals.setdefault(op_class, {"flops": 0, "bytes": 0, "calls": 0})
+        t["flops"], t["bytes"], t["calls"] = t["flops"] + flops, t["bytes"] + moved, t["calls"] + calls
+    for t in totals.values():
+        t["intensity"] = _intensity(t["flops"], t["bytes"])
+    return {c: totals[c] for c in OP_CLASSES if c in totals}
+
+
+class _OpPlan(NamedTuple):
+    """What _CountingMode decided once for an op overload (cached: ops repeat thousands of times)."""
+    name: str             # the aten op's name (by_operator's key)
+    entry: object         # the Formula of the op or its in-place twin, or None
+    extra: object         # the op's own fused-elementwise extra formula, or None
+    kind: str             # "formula", "zero", "pointwise" or "unsupported"
+    moves: bool           # reads or writes elements (False: views, empties, queries)
+    op_class: str         # OP_CLASSES entry outside an RNN module and the optimizer
+
+
 class _CountingMode(TorchDispatchMode):
-    """Dispatch mode that prices every op with the registry (_FORMULAS) and attributes it to the
-    modules being called (tracking)."""
+    """Dispatch mode that prices every op with the registry (_FORMULAS), counts the bytes it
+    moves, and attributes it to the modules being called (tracking).  `set_phase` and
+    `mark_gradients` let training_step drive it as a tracker: its optimizer phase is counted too."""
+
+    _plans = {}  # op overload -> _OpPlan, shared by every counting run
 
     def __init__(self):
         super().__init__()
@@ -1769,64 +1920,114 @@ class _CountingMode(TorchDispatchMode):
         self.macs = Counter()          # phase -> matmul-class multiply-adds
         self.flops = Counter()         # phase -> the same work in FLOPs (FLOPS_PER_MAC x macs)
         self.other = Counter()         # phase -> other FLOPs
+        self.bytes = Counter()         # phase -> bytes read and written
         self.by_operator = Counter()   # forward op name -> FLOPs (matmul-class and other)
         self.by_module = Counter()     # module name -> forward matmul-class FLOPs
         self.by_class = Counter()      # WORK_CLASSES entry -> forward matmul-class FLOPs
         self.unsupported = Counter()   # op name -> calls
         self.module_stack = []         # (name, module) of the modules being called
+        self.ops = {}                  # (op class, op name) -> [FLOPs, bytes, calls], every phase
+
+    def set_phase(self, phase):
+        self.phase = phase
+
+    def mark_gradients(self, parameters):
+        pass
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        kind, amount = self.cost(func, args, kwargs, out)
-        name = func.overloadpacket.__name__
-        entry = _FORMULAS.get(name)
-        if entry is not None and entry.extra is not None:
-            extra = int(entry.extra(*args, **kwargs))
-            self.other[self.phase] += extra
-            if self.phase == "forward":
-                self.by_operator[name] += extra
+        plan = self._plans.get(func) or self._plan(func)
+        phase, flops = self.phase, 0
+        kind, amount = self._price(plan, args, kwargs, out)
+        if plan.extra is not None:
+            extra = int(plan.extra.extra(*args, **kwargs))
+            self.other[phase] += extra
+            flops += extra
+            if phase == "forward":
+                self.by_operator[plan.name] += extra
         if kind == "unsupported":
-            self.unsupported[name] += 1
+            self.unsupported[plan.name] += 1
         elif kind == "other":
-            self.other[self.phase] += amount
-            if self.phase == "forward":
-                self.by_operator[name] += amount
+            self.other[phase] += amount
+            flops += amount
+            if phase == "forward":
+                self.by_operator[plan.name] += amount
         elif kind == "macs":
-            flops = FLOPS_PER_MAC * amount  # the lab's one conversion of multiply-adds into FLOPs
-            self.macs[self.phase] += amount
-            self.flops[self.phase] += flops
-            if self.phase == "forward":
-                self.by_operator[name] += flops
-                for module_name in dict.fromkeys(name for name, _ in self.module_stack):
-                    self.by_module[module_name] += flops
-                innermost = self.module_stack[-1][1] if self.module_stack else None
-                # inside an RNN module (an RNN decomposed into matmuls) the work is RNN work
-                self.by_class["RNN" if isinstance(innermost, nn.RNNBase) else
-                              entry.work if entry is not None else "linear/matmul"] += flops
+            mac_flops = FLOPS_PER_MAC * amount  # the lab's one conversion of multiply-adds into FLOPs
+            flops += mac_flops
+            self.macs[phase] += amount
+            self.flops[phase] += mac_flops
+            if phase == "forward":
+                self._attribute_forward(plan, mac_flops)
+        moved = _moved_bytes(args) + _moved_bytes(kwargs.values()) + _moved_bytes((out,)) if plan.moves else 0
+        self.bytes[phase] += moved
+        op_class = "optimizer" if phase == "optimizer" else self._class_here(plan, kind)
+        record = self.ops.get((op_class, plan.name))
+        if record is None:
+            record = self.ops[(op_class, plan.name)] = [0, 0, 0]
+        record[0] += flops
+        record[1] += moved
+        record[2] += 1
         return out
+
+    def _attribute_forward(self, plan, flops):
+        self.by_operator[plan.name] += flops
+        for module_name in dict.fromkeys(name for name, _ in self.module_stack):
+            self.by_module[module_name] += flops
+        self.by_class[self._work_here(plan)] += flops
+
+    def _work_here(self, plan):
+        innermost = self.module_stack[-1][1] if self.module_stack else None
+        # inside an RNN module (an RNN decomposed into matmuls) the work is RNN work
+        return "RNN" if isinstance(innermost, nn.RNNBase) else plan.entry.work if plan.entry else "linear/matmul"
+
+    def _class_here(self, plan, kind):
+        return self._work_here(plan) if kind == "macs" else plan.op_class
+
+    @staticmethod
+    def _price(plan, args, kwargs, out):
+        """(kind, amount) for one call of a planned op: kind in {"macs", "other", "zero", "unsupported"}.
+        An op called with `out=` is priced on the same arguments (the output is `out` either way)."""
+        if plan.kind == "formula":
+            entry = plan.entry
+            if "out" in kwargs:
+                kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+            amount = entry.fn(*args, **kwargs, out=out)
+            kind, amount = amount if entry.kind == "by_call" else (entry.kind, amount)
+            return kind, int(amount)
+        if plan.kind == "pointwise":  # one FLOP per output element
+            return "other", _first_output_numel(out)
+        return plan.kind, 0
+
+    @classmethod
+    def _plan(cls, func):
+        """Decide once per overload how it is priced: its formula (or its in-place twin's: `relu_`
+        costs what `relu` does), zero cost (views, ZERO_COST_OPS, *_copy), pointwise, or unsupported."""
+        name = func.overloadpacket.__name__
+        twin = name[:-1] if name.endswith("_") and not name.endswith("__") and (
+            name[:-1] in _FORMULAS or cls.pointwise(name[:-1])) else name  # `_private` names stay
+        entry, extra = _FORMULAS.get(twin), _FORMULAS.get(name)
+        if entry is not None:
+            kind = "formula"
+        elif func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
+            kind = "zero"
+        elif torch.Tag.pointwise in func.tags or cls.pointwise(twin):
+            kind = "pointwise"
+        else:
+            kind = "unsupported"
+        moves = not (func.is_view or name in NO_TRAFFIC_OPS)
+        op_class = ("copies" if kind == "zero" and moves else
+                    entry.work if entry is not None and entry.kind == "macs" else "elementwise/other")
+        plan = _OpPlan(name, entry, extra if extra is not None and extra.extra is not None else None, kind,
+                       moves, op_class)
+        cls._plans[func] = plan
+        return plan
 
     @classmethod
     def cost(cls, func, args, kwargs, out):
-        """(kind, amount) for one op: kind in {"macs", "other", "zero", "unsupported"}.
-
-        An in-place op (`relu_`, `hardswish_`) costs what its out-of-place twin does; an op called
-        with `out=` is priced on the same arguments (the output is `out` either way)."""
-        name = func.overloadpacket.__name__
-        kwargs = {**kwargs, "out": out}
-        twin = name[:-1] if name.endswith("_") and not name.endswith("__") and (
-            name[:-1] in _FORMULAS or cls.pointwise(name[:-1])) else name  # `_private` names stay
-        entry = _FORMULAS.get(twin)
-        if entry is not None and entry.kind == "by_call":
-            kind, amount = entry.fn(*args, **kwargs)
-            return kind, int(amount)
-        if entry is not None:
-            return entry.kind, int(entry.fn(*args, **kwargs))
-        if func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
-            return "zero", 0
-        if torch.Tag.pointwise in func.tags or cls.pointwise(twin):  # one FLOP per output element
-            return "other", _first_output_numel(out)
-        return "unsupported", 0
+        """(kind, amount) for one op: kind in {"macs", "other", "zero", "unsupported"}."""
+        return cls._price(cls._plans.get(func) or cls._plan(func), args, kwargs, out)
 
     @staticmethod
     @functools.lru_cache(maxsize=None)
@@ -1948,7 +2149,8 @@ class FLOPCalculator:
                 replica(*run_args, **run_kwargs)
         result = self._result(model, args, kwargs, inference, training, mode_note)
         if not counted_training:
-            result.update(training_flops=None, backward_flops=None, training_other_flops=None)
+            result.update(training_flops=None, backward_flops=None, training_other_flops=None, training_bytes=None,
+                          by_op_class_pass="forward")
         return result
 
     @staticmethod
@@ -1965,6 +2167,11 @@ class FLOPCalculator:
             "training_flops": training.flops["forward"] + training.flops["backward"],
             "backward_flops": training.flops["backward"],
             "training_other_flops": training.other["forward"] + training.other["backward"],
+            "bytes": inference.bytes["forward"],  # read + written by every op (tensor_bytes)
+            "training_bytes": training.bytes["forward"] + training.bytes["backward"],
+            "intensity": _intensity(flops + inference.other["forward"], inference.bytes["forward"]),
+            "by_op_class": op_class_totals(training.ops),  # the training pass (forward only if not counted)
+            "by_op_class_pass": "forward + backward",
             "flops_readable": readable(flops, "FLOPs"),
             "macs_readable": readable(macs, "MACs"),
             "parameters": parameters,
@@ -1985,7 +2192,8 @@ def run_flop_analysis(run, *, models=None, batch=1):
     Models are built on the meta device, so this takes seconds even for ViT-B/16."""
     names = list(models or run.profile.flop_models or MODEL_ZOO)
     keys = ("flops", "macs", "other_flops", "training_flops", "backward_flops", "parameters", "trainable_parameters",
-            "by_operator", "by_class", "unsupported_ops", "mode", "input_shape")  # what the figure draws
+            "by_operator", "by_class", "unsupported_ops", "mode", "input_shape", "bytes", "training_bytes",
+            "intensity", "by_op_class")  # what the figures draw
     records = []
     for i, name in enumerate(names):
         kind, _, make_inputs = MODEL_ZOO[name]
@@ -3656,6 +3864,269 @@ def _add_utilisation(data, device, peak_s):
 
 
 # %% =============================================================================================
+# 9b. The roofline: where the time of a step goes, and why
+# ================================================================================================
+# Two measured roofs (Williams, Waterman & Patterson 2009, "Roofline", CACM 52(4)): the peak
+# FLOP/s (measure_peak_flops) and the memory bandwidth (measure_bandwidth).  Each op of one
+# training step is counted (FLOPs and bytes, _CountingMode) and timed (torch.profiler's self time),
+# and sits at its arithmetic intensity (FLOPs per byte).  An op cannot run faster than
+#     max(FLOPs / peak FLOP/s, bytes / bandwidth)
+# and what it takes beyond that is overhead: dispatch, autograd, Python, a kernel too small to fill
+# the machine.  The ridge point (peak / bandwidth, FLOP/byte) splits memory-bound from compute-bound.
+
+ROOFLINE_PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")  # what a step can run in (autocast, fp32 weights)
+
+
+def _profiled_self_times(step, device):
+    """Run `step()` once under torch.profiler; {(op name, in the optimizer): self seconds} of every
+    aten op (CUDA: the device time of its kernels; CPU and MPS: host time), and the profiled wall."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=activities)
+    with _AllocatorPeak.quiet():
+        prof.start()
+    start = _now()
+    _timed(device, step)
+    wall = _now() - start
+    with _AllocatorPeak.quiet():
+        prof.stop()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    times = Counter()
+    for ev in prof.events():
+        if not ev.name.startswith("aten::"):
+            continue  # autograd nodes, Optimizer.step: the framework's own time (the profiled wall keeps it)
+        parent, in_optimizer = ev.cpu_parent, False
+        while parent is not None and not in_optimizer:
+            in_optimizer, parent = parent.name.startswith("Optimizer.step"), parent.cpu_parent
+        times[(ev.name[len("aten::"):], in_optimizer)] += getattr(ev, attr) * 1e-6
+    return times, wall
+
+
+def _static_class(name):
+    """The op class of an aten op the counter did not see (a composite wrapper such as aten::linear,
+    an empty): from its name, as the counter would plan it."""
+    entry = _FORMULAS.get(name)
+    if entry is not None and entry.kind == "macs":
+        return entry.work
+    return "copies" if name in ZERO_COST_OPS and name not in NO_TRAFFIC_OPS else "elementwise/other"
+
+
+def _op_rows(ops, times, peak, bandwidth):
+    """Per (class, op) rows: counted FLOPs and bytes, measured self time, the roofs' time."""
+    by_name = {}  # op name -> the class holding most of its FLOPs (mm inside an LSTM is RNN work)
+    for (op_class, name), (flops, _, _) in ops.items():
+        if op_class != "optimizer" and (name not in by_name or flops > ops[(by_name[name], name)][0]):
+            by_name[name] = op_class
+    rows = {key: {"class": key[0], "op": key[1], "flops": f, "bytes": b, "calls": c, "measured_s": 0.0}
+            for key, (f, b, c) in ops.items()}
+    for (name, in_optimizer), seconds in times.items():
+        op_class = "optimizer" if in_optimizer else by_name.get(name, _static_class(name))
+        row = rows.setdefault((op_class, name), {"class": op_class, "op": name, "flops": 0, "bytes": 0, "calls": 0,
+                                                 "measured_s": 0.0})
+        row["measured_s"] += seconds
+    ridge = peak / bandwidth
+    for row in rows.values():
+        compute_s, memory_s = row["flops"] / peak, row["bytes"] / bandwidth
+        row.update(intensity=_intensity(row["flops"], row["bytes"]), predicted_s=max(compute_s, memory_s),
+                   bound="compute" if compute_s >= memory_s and row["flops"] else "memory" if row["bytes"] else "none",
+                   achieved_flops_per_s=row["flops"] / row["measured_s"] if row["measured_s"] else None)
+        row["why"] = _why(row, ridge)
+    return sorted(rows.values(), key=lambda r: -r["measured_s"])
+
+
+def _why(row, ridge):
+    """A few words on what bounds an op or a class: '<bound>-bound: <intensity> FLOP/byte'."""
+    if row["intensity"] is None:
+        return "no FLOPs, no bytes: overhead only"
+    return f"{row['bound']}-bound: {row['intensity']:.3g} FLOP/byte (ridge {ridge:.3g})"
+
+
+def _class_rows(rows, ridge):
+    """The per-op rows summed per op class (OP_CLASSES order)."""
+    out = {}
+    for r in rows:
+        c = out.setdefault(r["class"], {"flops": 0, "bytes": 0, "calls": 0, "measured_s": 0.0, "predicted_s": 0.0})
+        for k in c:
+            c[k] += r[k]
+    for c in out.values():
+        c["intensity"] = _intensity(c["flops"], c["bytes"])
+        c["bound"] = ("compute" if c["intensity"] is not None and c["intensity"] >= ridge else
+                      "memory" if c["bytes"] else "none")
+        c["overhead_s"] = max(c["measured_s"] - c["predicted_s"], 0.0)
+        c["achieved_flops_per_s"] = c["flops"] / c["measured_s"] if c["measured_s"] else None
+        c["why"] = _why(c, ridge)
+    return {k: out[k] for k in OP_CLASSES if k in out}
+
+
+def _check_roofline_options(training, precision, device):
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r}")
+    if precision not in ROOFLINE_PRECISIONS:
+        raise ValueError(f"precision must be one of {ROOFLINE_PRECISIONS}, got {precision!r}")
+    if precision not in supported_precisions(device):
+        raise LabError(f"{precision} does not run on {device.type}; here: {', '.join(supported_precisions(device))}")
+    if device.type == "meta":
+        raise LabError("roofline measures a real step: pass device='cpu', 'cuda' or 'mps' (the model is on meta)")
+
+
+def _step_of(model, inputs, training, precision, device):
+    """A steady-state step on a replica of `model` (forward, backward, Adam; or a no-grad forward):
+    (step(), counter-driven step(counter)) with the user's model untouched."""
+    args, kwargs = Replica.inputs(inputs, model)
+    replica = Replica.of(model, Replica.real_like(device))
+    run_args, run_kwargs = Replica.map((args, kwargs), Replica.real_like(device, ids_below=Replica.ids_below(model)))
+    if training:
+        optimizer = _make_optimizer("adam", [p for p in replica.parameters() if p.requires_grad])
+        batches = [(run_args, run_kwargs, None, None)]
+        return replica, lambda tracker=None: training_step(replica, optimizer, batches, precision=precision,
+                                                           device=device, tracker=tracker)
+    replica.eval()
+
+    def forward(tracker=None):
+        with tracker or contextlib.nullcontext(), torch.no_grad(), _autocast(_amp_dtype(precision), device):
+            replica(*run_args, **run_kwargs)
+    return replica, forward
+
+
+def roofline(model, inputs, *, training=True, device=None, precision="fp32", time_budget_s=None, peak=None,
+             bandwidth=None, dispatch=None):
+    """Where the time of one step of `model` goes, and why: each op's FLOPs and bytes (counted),
+    its measured self time (torch.profiler), its bound and its roofline time max(FLOPs / peak,
+    bytes / bandwidth), per op and per op class (OP_CLASSES), against the measured step.
+
+    training: a training step (forward, backward, Adam) or a no-grad forward; precision: fp32 or an
+    autocast precision (amp_bf16, amp_fp16), as supported_precisions(device) lists.  `peak`,
+    `bandwidth` and `dispatch` (measure_peak_flops, measure_bandwidth, measure_dispatch results) are
+    measured when not given.  The model is never changed: everything runs on a replica.
+    Returns rows (per op), classes, predicted_step_s (roofs only), predicted_with_dispatch_s (plus
+    each op call's measured dispatch cost), measured_step_s (median, with its spread),
+    overhead_s, peak_flops_per_s, bandwidth_bytes_per_s, ridge_flops_per_byte.
+    """
+    Replica.check(model)
+    device = resolve_device(device, model)
+    _check_roofline_options(training, precision, device)
+    args, kwargs = Replica.inputs(inputs, model)  # a bad shape is refused before anything is measured
+    budget = Budget(time_budget_s or DEFAULT.roofline_step_s)
+    peak = peak or measure_peak_flops(device, precision, time_budget_s=DEFAULT.peak_s / 2)
+    bandwidth = bandwidth or measure_bandwidth(device, time_budget_s=DEFAULT.bandwidth_s)
+    dispatch = dispatch or measure_dispatch(device)
+    try:
+        replica, step = _step_of(model, inputs, training, precision, device)
+        timed = measure(step, device=device, budget_s=budget.seconds, always=True, what="step")
+        counter = _CountingMode()
+        with counter.tracking(replica):
+            step(counter)
+        times, profiled_s = _profiled_self_times(step, device)
+    except LabError:
+        raise
+    except Exception as err:  # the model cannot run these inputs: the lab's short error, naming the cause
+        raise Replica.error(model, args, kwargs, err) from None
+    return _roofline_result(counter, times, timed, profiled_s, peak, bandwidth, dispatch, training, precision,
+                            device)
+
+
+def _roofline_result(counter, times, timed, profiled_s, peak, bandwidth, dispatch, training, precision, device):
+    peak_rate, bw = peak["flops_per_s"], bandwidth["bytes_per_s"]
+    rows = _op_rows(counter.ops, times, peak_rate, bw)
+    classes = _class_rows(rows, peak_rate / bw)
+    predicted = sum(r["predicted_s"] for r in rows)
+    calls = sum(r["calls"] for r in rows)
+    measured = timed["median_s"]
+    return {"device": _device_name(device), "training": training, "precision": precision,
+            "peak_flops_per_s": peak_rate, "bandwidth_bytes_per_s": bw, "ridge_flops_per_byte": peak_rate / bw,
+            "flops": sum(r["flops"] for r in rows), "bytes": sum(r["bytes"] for r in rows), "calls": calls,
+            "predicted_step_s": predicted, "dispatch_s_per_call": dispatch["s_per_call"],
+            "predicted_with_dispatch_s": predicted + calls * dispatch["s_per_call"],
+            "measured_step_s": measured, "measured": {k: timed[k] for k in ("median_s", "spread_lo_s", "spread_hi_s",
+                                                                            "runs", "spread")},
+            "profiled_step_s": profiled_s, "profiled_ops_s": sum(times.values()),
+            "overhead_s": max(measured - predicted, 0.0), "classes": classes, "rows": rows}
+
+
+def measure_dispatch(device=None, *, time_budget_s=0.1):
+    """Seconds one op call of a training step costs on `device` whatever its size: the measured
+    step (measure()) of a tiny MLP (8 -> 8 -> 4 -> 2, batch 2, Adam), whose FLOPs and bytes take no
+    time at all, over its counted op calls.  The third roof of a small model: a floor per op call
+    (Python, autograd, dispatcher, launch) that neither FLOPs nor bytes explain."""
+    device = resolve_device(device)
+    tiny = mlp(8, in_features=8, classes=2)
+    replica, step = _step_of(tiny, (2, 8), True, "fp32", device)
+    timed = measure(step, device=device, budget_s=time_budget_s, always=True, what="tiny step")
+    counter = _CountingMode()
+    step(counter)
+    calls = sum(c for _, _, c in counter.ops.values())
+    return {"s_per_call": timed["median_s"] / calls, "spread_lo_s": timed["spread_lo_s"] / calls,
+            "spread_hi_s": timed["spread_hi_s"] / calls, "runs": timed["runs"], "calls": calls,
+            "method": f"a training step of mlp(8, in_features=8, classes=2) at batch 2 (Adam): median / "
+                      f"{calls} op calls"}
+
+
+# name -> (builder, inputs(batch), batch): small models of four kinds, a step each of a few ms
+ROOFLINE_MODELS = {
+    "MLP-2048": (functools.partial(mlp, 2048), lambda b: (b, 1024), 64),
+    "MNIST-CNN": (MnistNet, lambda b: (b, 1, 28, 28), 32),
+    "TinyGPT (2x128, T=64)": (functools.partial(TinyGPT, n_layer=2, n_embd=128, n_head=4, block_size=64),
+                              lambda b: torch.zeros(b, 64, dtype=torch.long), 8),
+    "LSTM (T=32)": (functools.partial(LSTMClassifier, vocab_size=1000, embed=64, hidden=128),
+                    lambda b: torch.zeros(b, 32, dtype=torch.long), 16),
+}
+
+
+def _low_precision(device):
+    """The autocast precision a roofline compares with fp32 here (bf16 on CPU), or None."""
+    return next((p for p in ("amp_bf16", "amp_fp16") if p in supported_precisions(device)), None)
+
+
+@stage("roofline")
+def run_roofline_analysis(run, *, peak_flops=None, models=None):
+    """This machine's roofs and every op class of a training step of ROOFLINE_MODELS on them.
+
+    Reuses `peak_flops` (the training stage's fp32 peak) when given.  Per model: one roofline() in
+    fp32; the first model also in low precision (bf16 autocast on CPU) where it runs, against its
+    own measured peak.  Every number lands in results.json; `why` holds the few words per class and
+    per model that other figures can show."""
+    device, p = run.device, run.profile
+    names = list(models or p.roofline_models or ROOFLINE_MODELS)
+    peak = peak_flops or measure_peak_flops(device, time_budget_s=p.peak_s)
+    bandwidth = measure_bandwidth(device, time_budget_s=p.bandwidth_s)
+    dispatch = measure_dispatch(device)
+    data = {"device": _device_name(device), "profile": p.name, "peak_flops": {"fp32": peak}, "bandwidth": bandwidth,
+            "dispatch": dispatch, "ridge_flops_per_byte": peak["flops_per_s"] / bandwidth["bytes_per_s"],
+            "models": {}, "low_precision": None}
+    for i, name in enumerate(names):
+        builder, make_inputs, batch = ROOFLINE_MODELS[name]
+        result = roofline(builder(), make_inputs(batch), device=device, peak=peak, bandwidth=bandwidth,
+                          dispatch=dispatch, time_budget_s=p.roofline_step_s)
+        data["models"][name] = {"batch": batch, **result, "rows": result["rows"][:ROOFLINE_TOP_OPS]}
+        run.report(i + 1, len(names) + 1, name)
+    data["low_precision"] = _low_precision_case(run, names[0], peak, bandwidth, dispatch)
+    data["why"] = {name: {c: v["why"] for c, v in m["classes"].items()} for name, m in data["models"].items()}
+    data["above_roof"] = [f"{name} {c}: {readable(v['achieved_flops_per_s'], 'FLOP/s')} above the measured peak "
+                          "(a kernel the matmul sweep does not reach, or a peak measured in a busy moment)"
+                          for name, m in data["models"].items() for c, v in m["classes"].items()
+                          if (v["achieved_flops_per_s"] or 0) > peak["flops_per_s"]]
+    run.report(len(names) + 1, len(names) + 1, "low precision")
+    return data
+
+
+ROOFLINE_TOP_OPS = 25  # per-op rows kept per model in results.json (by measured time): the rest is in the classes
+
+
+def _low_precision_case(run, name, peak, bandwidth, dispatch):
+    """The first model's step in fp32 beside the same step under low-precision autocast, each class
+    on its own precision's roofs; None with a reason where no low precision runs here."""
+    precision = _low_precision(run.device)
+    if precision is None or not run.budget.fits(2 * run.profile.roofline_step_s):
+        return {"skipped": "no autocast precision here" if precision is None else "the stage's budget is spent"}
+    builder, make_inputs, batch = ROOFLINE_MODELS[name]
+    low_peak = measure_peak_flops(run.device, precision, time_budget_s=run.profile.peak_s / 2)
+    low = roofline(builder(), make_inputs(batch), device=run.device, precision=precision, peak=low_peak,
+                   bandwidth=bandwidth, dispatch=dispatch, time_budget_s=run.profile.roofline_step_s)
+    return {"model": name, "batch": batch, "precision": precision, "peak_flops": low_peak, "skipped": None,
+            **{k: low[k] for k in ("classes", "measured_step_s", "predicted_step_s", "ridge_flops_per_byte")}}
+
+
+# %% =============================================================================================
 # 10. The lecture, claim by claim
 # ================================================================================================
 # The lecture guide's formulas and optimisation table (its "核心概念速览"), each beside what this
@@ -4132,7 +4603,8 @@ def analyze(run, model, inputs, *, loss_fn=None, targets=None):
              ("memory_measured", lambda: measure_memory(model, inputs, device=device, **loss)),
              ("amp", lambda: [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in
                               benchmark_mixed_precision(model, inputs, device=device, time_budget_s=p.model_amp_s)]),
-             ("latency", lambda: measure_latency(model, inputs, device=device, time_budget_s=p.model_latency_s)))
+             ("latency", lambda: measure_latency(model, inputs, device=device, time_budget_s=p.model_latency_s)),
+             ("roofline", lambda: roofline(model, inputs, device=device, time_budget_s=p.roofline_step_s)))
     for i, (key, measure_it) in enumerate(steps):
         try:
             data[key] = measure_it()
@@ -4187,6 +4659,7 @@ FIGURE_FILES = {
     "training": "训练性能可视化.png",
     "amp": "混合精度效益对比.png",
     "dashboard": "综合性能仪表板.png",
+    "roofline": "性能屋顶线.png",
     "lecture": "讲义对照.png",
     "model": "你的模型分析.png",  # --model SPEC: your own model
 }
@@ -4456,6 +4929,50 @@ LABELS = {
     "own_latency": ("推理延迟（中位数，误差棒 = 波动范围）", "Inference latency (median, bar = spread)"),
     "own_latency_text": ("{ms:.2f} ms，{sps:,.0f} 样本/s（{runs} 次）",
                          "{ms:.2f} ms, {sps:,.0f} samples/s ({runs} runs)"),
+    # roofline figure
+    "roof_title": ("性能屋顶线：一步训练的时间花在哪里，为什么",
+                   "The roofline: where the time of a training step goes, and why"),
+    "roof_sub": ("设备 {device}，1 分钟负载 {load}；屋顶均为本机实测：峰值 {peak}（{peak_method}），带宽 {bw}"
+                 "（STREAM {kernel}，中位数 {bw_med}，波动 {bw_lo}–{bw_hi}）；每个点 = 一个模型的一类算子在一步训练"
+                 "（前向+反向+Adam）中的 FLOPs/字节与实测自身时间（torch.profiler）",
+                 "device {device}, load {load} (1 min); both roofs measured here: peak {peak} ({peak_method}), "
+                 "bandwidth "
+                 "{bw} (STREAM {kernel}, median {bw_med}, spread {bw_lo}–{bw_hi}); a point = one op class of one "
+                 "model in a training step (forward + backward + Adam): counted FLOPs/bytes, measured self time "
+                 "(torch.profiler)"),
+    "roof_panel": ("屋顶线：算术强度 vs 实际 FLOP/s（颜色 = 算子类别，形状 = 模型）",
+                   "Roofline: arithmetic intensity vs achieved FLOP/s (colour = op class, marker = model)"),
+    "roof_x": ("算术强度（FLOP/字节，计数）", "Arithmetic intensity (FLOP/byte, counted)"),
+    "roof_y": ("实际 FLOP/s（计数的 FLOPs / 实测时间）", "Achieved FLOP/s (counted FLOPs / measured time)"),
+    "roof_compute": ("计算屋顶 {v}", "compute roof {v}"),
+    "roof_memory": ("带宽屋顶 {v}", "bandwidth roof {v}"),
+    "roof_ridge": ("脊点 {v:.3g} FLOP/字节", "ridge {v:.3g} FLOP/byte"),
+    "roof_nopoint": ("不在图上（没有 FLOPs）：拷贝类与优化器中无计算的部分", "not on the plot (no FLOPs): copies"),
+    "roof_share": ("{model}：FLOPs 占比 vs 时间占比（一步训练）",
+                   "{model}: share of FLOPs vs share of time (one step)"),
+    "roof_share_flops": ("FLOPs 占比", "share of FLOPs"),
+    "roof_share_time": ("实测时间占比", "share of measured time"),
+    "roof_step": ("每步时间：屋顶线预测 vs 实测（其余 = 开销）",
+                  "Step time: roofline prediction vs measured (rest = overhead)"),
+    "roof_pred": ("屋顶线预测 max(FLOPs/峰值, 字节/带宽)", "roofline: max(FLOPs/peak, bytes/bandwidth)"),
+    "roof_dispatch": ("每次算子调用的开销 × 调用次数（实测 {us:.1f} µs/次）",
+                      "per-call overhead x calls ({us:.1f} µs/call, measured)"),
+    "roof_overhead": ("其余开销（调度、Python、小算子达不到屋顶）",
+                      "rest: overhead (dispatch, Python, small ops below the roof)"),
+    "roof_pred_share": ("屋顶线解释 {v:.0%}", "roofline explains {v:.0%}"),
+    "roof_measured": ("实测（中位数，误差棒 = 波动范围）", "measured (median, bar = spread)"),
+    "roof_time_ms": ("每步时间（ms）", "step time (ms)"),
+    "roof_low": ("{model}：fp32 vs {precision}，每类算子的实测时间",
+                 "{model}: fp32 vs {precision}, measured time per op class"),
+    "roof_low_none": ("低精度", "low precision"),
+    "roof_low_x": ("实测自身时间（ms，一步）", "measured self time (ms, one step)"),
+    "class_linear/matmul": ("线性层/矩阵乘", "linear/matmul"),
+    "class_conv": ("卷积", "conv"),
+    "class_attention": ("注意力", "attention"),
+    "class_RNN": ("RNN", "RNN"),
+    "class_elementwise/other": ("逐元素/其他", "elementwise/other"),
+    "class_copies": ("拷贝", "copies"),
+    "class_optimizer": ("优化器", "optimizer"),
 }
 
 
@@ -5351,6 +5868,163 @@ def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, 
     return _save_into(plot_dashboard(data or run_dashboard_analysis(**options)), output_dir, "dashboard", dpi)
 
 
+# --- the roofline figure ---------------------------------------------------------------------
+CLASS_COLORS = {"linear/matmul": PALETTE.blue, "conv": PALETTE.green, "attention": PALETTE.red, "RNN": PALETTE.purple,
+                "elementwise/other": PALETTE.orange, "copies": PALETTE.brown, "optimizer": PALETTE.cyan}
+MODEL_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _rate(v, unit):
+    return readable(v, unit).replace(" ", "\u2009")
+
+
+def _plot_roofs(ax, data):
+    """The two measured roofs (log-log), the ridge marked, each model's op classes as points."""
+    peak, bw = data["peak_flops"]["fp32"]["flops_per_s"], data["bandwidth"]["bytes_per_s"]
+    ridge = peak / bw
+    points = [(name, c, v) for name, m in data["models"].items() for c, v in m["classes"].items()
+              if v["flops"] and v["measured_s"]]
+    lo = min([v["intensity"] for _, _, v in points] + [ridge]) / 4
+    hi = max([v["intensity"] for _, _, v in points] + [ridge]) * 4
+    x = np.geomspace(lo, hi, 200)
+    ax.plot(x, np.minimum(peak, bw * x), color=PALETTE.ink, lw=2)
+    ax.axvline(ridge, color=PALETTE.faint, ls=":", lw=1)
+    ax.annotate(_t("roof_ridge", v=ridge), (ridge, peak), xytext=(4, -14), textcoords="offset points", fontsize=8)
+    ax.annotate(_t("roof_compute", v=_rate(peak, "FLOP/s")), (hi, peak), xytext=(-4, 4), textcoords="offset points",
+                ha="right", fontsize=8)
+    ax.annotate(_t("roof_memory", v=_rate(bw, "B/s")), (lo * 1.5, bw * lo * 1.5), xytext=(2, 6),
+                textcoords="offset points", fontsize=8, rotation=30, rotation_mode="anchor")
+    markers = dict(zip(data["models"], MODEL_MARKERS))
+    for name, c, v in points:
+        ax.scatter(v["intensity"], v["achieved_flops_per_s"], marker=markers[name], s=60, color=CLASS_COLORS[c],
+                   edgecolor="black", linewidth=0.5, zorder=3)
+    ax.set(xscale="log", yscale="log", xlabel=_t("roof_x"), ylabel=_t("roof_y"))
+    ax.set_ylim(min([v["achieved_flops_per_s"] for _, _, v in points] + [bw * lo]) / 3, peak * 4)
+    ax.set_title(_t("roof_panel"), fontsize=11)
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], ls="", marker=markers[n], color="grey", label=n) for n in data["models"]]
+    handles += [Line2D([], [], ls="", marker="o", color=CLASS_COLORS[c], label=_t(f"class_{c}"))
+                for c in OP_CLASSES if any(pc == c for _, pc, _ in points)]
+    ax.legend(handles=handles, fontsize=8, loc="lower right", ncol=2)
+    ax.text(0.01, 0.99, _t("roof_nopoint"), transform=ax.transAxes, fontsize=8, va="top", color=PALETTE.note)
+
+
+def _share_model(data):
+    """The model whose shares the figure shows: a transformer where there is one."""
+    return next((n for n in data["models"] if "GPT" in n), next(iter(data["models"])))
+
+
+def _plot_shares(ax, data):
+    """Share of FLOPs against share of measured time per op class, for one model's training step."""
+    name = _share_model(data)
+    classes = data["models"][name]["classes"]
+    flops = sum(v["flops"] for v in classes.values()) or 1
+    seconds = sum(v["measured_s"] for v in classes.values()) or 1
+    names = list(classes)
+    y, h = np.arange(len(names)), 0.38
+    f = [classes[c]["flops"] / flops for c in names]
+    t = [classes[c]["measured_s"] / seconds for c in names]
+    ax.barh(y - h / 2, f, h, color=[CLASS_COLORS[c] for c in names], alpha=0.45, label=_t("roof_share_flops"),
+            hatch="//", edgecolor="white")
+    ax.barh(y + h / 2, t, h, color=[CLASS_COLORS[c] for c in names], label=_t("roof_share_time"))
+    for yi, fv, tv, c in zip(y, f, t, names):
+        ax.annotate(f"{fv:.1%}", (fv, yi - h / 2), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.annotate(f"{tv:.1%}  {classes[c]['why']}", (tv, yi + h / 2), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set_yticks(y, [_t(f"class_{c}") for c in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.9)
+    from matplotlib.ticker import PercentFormatter
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(_t("roof_share", model=name), fontsize=11)
+
+
+def _plot_step_prediction(ax, data):
+    """Per model: the roofline's step time, the per-call overhead, the rest of the measured time."""
+    names = list(data["models"])
+    y, h = np.arange(len(names)), 0.38
+    ms = {n: data["models"][n] for n in names}
+    pred = np.array([ms[n]["predicted_step_s"] for n in names]) * 1e3
+    disp = np.array([ms[n]["predicted_with_dispatch_s"] - ms[n]["predicted_step_s"] for n in names]) * 1e3
+    meas = np.array([ms[n]["measured_step_s"] for n in names]) * 1e3
+    rest = np.maximum(meas - pred - disp, 0)
+    ax.barh(y - h / 2, pred, h, color=PALETTE.blue, label=_t("roof_pred"))
+    ax.barh(y - h / 2, disp, h, left=pred, color=PALETTE.olive,
+            label=_t("roof_dispatch", us=data["dispatch"]["s_per_call"] * 1e6))
+    ax.barh(y - h / 2, rest, h, left=pred + disp, color=PALETTE.unmeasured, hatch="xx", edgecolor=PALETTE.faint,
+            label=_t("roof_overhead"))
+    err = [[(ms[n]["measured"]["median_s"] - ms[n]["measured"]["spread_lo_s"]) * 1e3 for n in names],
+           [(ms[n]["measured"]["spread_hi_s"] - ms[n]["measured"]["median_s"]) * 1e3 for n in names]]
+    ax.barh(y + h / 2, meas, h, color=PALETTE.dark, xerr=err, capsize=3, label=_t("roof_measured"))
+    for yi, p, m, hi in zip(y, pred, meas, err[1]):
+        ax.annotate(f"{m:.1f} ms ({_t('roof_pred_share', v=p / m)})", (m + hi, yi + h / 2), xytext=(6, 0),
+                    textcoords="offset points",
+                    va="center", fontsize=8)
+    ax.set_yticks(y, [f"{n} (b={ms[n]['batch']})" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, meas.max() * 1.6)
+    ax.set_xlabel(_t("roof_time_ms"))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # below: never over a bar
+    ax.set_title(_t("roof_step"), fontsize=11)
+
+
+def _plot_low_precision(ax, data):
+    """One model's measured time per op class in fp32 and in low precision, each with its bound."""
+    low = data.get("low_precision") or {}
+    if low.get("skipped") or not low:
+        ax.set_title(_t("roof_low", model=next(iter(data["models"])), precision=_t("roof_low_none")), fontsize=11)
+        _not_measured(ax, low.get("skipped"))
+        return
+    fp32 = data["models"][low["model"]]["classes"]
+    names = [c for c in OP_CLASSES if c in fp32 or c in low["classes"]]
+    y, h = np.arange(len(names)), 0.38
+    a = [fp32.get(c, {}).get("measured_s", 0) * 1e3 for c in names]
+    b = [low["classes"].get(c, {}).get("measured_s", 0) * 1e3 for c in names]
+    ax.barh(y - h / 2, a, h, color=DTYPE_COLORS["fp32"], label="fp32")
+    ax.barh(y + h / 2, b, h, color=DTYPE_COLORS["bf16"], label=low["precision"])
+    for yi, va, vb, c in zip(y, a, b, names):
+        why = low["classes"].get(c, {}).get("bound", "")
+        ax.annotate(f"{va:.2f} ms", (va, yi - h / 2), xytext=(3, 0), textcoords="offset points", va="center",
+                    fontsize=8)
+        ax.annotate(f"{vb:.2f} ms ({va / vb:.2f}x, {why})" if vb else "", (vb, yi + h / 2), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(y, [_t(f"class_{c}") for c in names])
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(a + b) * 1.7)
+    ax.set_xlabel(_t("roof_low_x"))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(_t("roof_low", model=low["model"], precision=low["precision"]), fontsize=11)
+
+
+def plot_roofline(data):
+    """Four panels from `run_roofline_analysis` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    bw, peak = data["bandwidth"], data["peak_flops"]["fp32"]
+    with _figure_style():
+        fig = plt.figure(figsize=(20, 12), layout="constrained")
+        axs = fig.subplot_mosaic([["roof", "share"], ["step", "low"]])
+        _plot_roofs(axs["roof"], data)
+        _plot_shares(axs["share"], data)
+        _plot_step_prediction(axs["step"], data)
+        _plot_low_precision(axs["low"], data)
+        load = ((data.get("conditions") or {}).get("load_end") or {}).get("load_avg_1m")
+        _suptitle(fig, _t("roof_title"), _wrap(_t(
+            "roof_sub", device=data["device"], load="?" if load is None else f"{load:.1f}",
+            peak=_rate(peak["flops_per_s"], "FLOP/s"),
+            peak_method=peak.get("method", ""), bw=_rate(bw["bytes_per_s"], "B/s"), kernel=bw["kernel"],
+            bw_med=_rate(bw["median_bytes_per_s"], "B/s"), bw_lo=_rate(bw["spread_lo"], "B/s"),
+            bw_hi=_rate(bw["spread_hi"], "B/s")), 150), data.get("conditions"))
+    return fig
+
+
+def visualize_roofline(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+    """Draw 性能屋顶线.png into `output_dir` (None: don't save); `options` (profile, device,
+    peak_flops: the training stage's, reused) go to run_roofline_analysis."""
+    return _save_into(plot_roofline(data or run_roofline_analysis(**options)), output_dir, "roofline", dpi)
+
+
 VERDICT_COLORS = {"agree": PALETTE.agree, "disagree": PALETTE.disagree, "partly": PALETTE.partly,
                   "uncertain": PALETTE.partly, "info": PALETTE.pale, "not_measured": PALETTE.unmeasured}
 
@@ -5657,6 +6331,7 @@ STAGES = {"flop": ("run_flop_analysis", "visualize_flop_analysis"),
           "training": ("run_training_comparison", "visualize_training_performance"),
           "amp": ("run_amp_analysis", "demonstrate_mixed_precision_benefits"),
           "dashboard": ("run_dashboard_analysis", "create_comprehensive_dashboard"),
+          "roofline": ("run_roofline_analysis", "visualize_roofline"),
           "lecture": ("run_lecture_comparison", "visualize_lecture_claims")}  # in the order they run
 STAGE_OVERRUN = 1.3  # a stage that ends within 1.3x its budget kept it (results.json "timing")
 
@@ -5667,6 +6342,8 @@ def _reused(stage, done):
     flop_records = ok.get("flop", {}).get("records")
     if stage == "dashboard":
         return {"flop_records": flop_records, "peak_flops": ok.get("training", {}).get("peak_flops", {}).get("fp32")}
+    if stage == "roofline":
+        return {"peak_flops": ok.get("training", {}).get("peak_flops", {}).get("fp32")}
     if stage == "lecture":
         return {"flop_records": flop_records, "memory": ok.get("memory"), "training": ok.get("training")}
     return {}

@@ -215,11 +215,117 @@ def case_peak_vs_benchmark():
             "threads": torch.get_num_threads()}
 
 
+# --- the roofline (issue 19) ---------------------------------------------------------------------
+
+def _meta_counting_models():
+    import torch
+    import torchvision
+    import transformers
+    llama = transformers.LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                     num_attention_heads=8, num_key_value_heads=2, vocab_size=2048,
+                                     max_position_embeddings=128)  # ~3.4 M parameters, GQA
+    with torch.device("meta"):
+        return {"resnet50 b8": (torchvision.models.resnet50(), torch.empty(8, 3, 224, 224)),
+                "ViT-B/16 b8": (torchvision.models.vit_b_16(), torch.empty(8, 3, 224, 224)),
+                "GPT-2 small b8": (transformers.GPT2LMHeadModel(transformers.GPT2Config()),
+                                   torch.zeros(8, 1024, dtype=torch.long)),
+                "Llama 3.4M b2 T64": (transformers.LlamaForCausalLM(llama), torch.zeros(2, 64, dtype=torch.long))}
+
+
+def case_counting_vs_flopcountermode():
+    """Counting a forward + backward with bytes (analyze_model) against FlopCounterMode on the same
+    meta-device model, side by side in one process (fastest of 3 each).  Goals: <= 0.7x on the big
+    three, <= 1x on the tiny Llama; a Llama-70B configuration at T=4096 in <= 3.4 s (median of 3)."""
+    import torch
+    import transformers
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pytorch_practice_demo import FLOPCalculator
+
+    def reference(model, x):
+        with FlopCounterMode(display=False):
+            out = model(x)
+            (out.logits if hasattr(out, "logits") else out).sum().backward()
+    rows = {}
+    for name, (model, x) in _meta_counting_models().items():
+        FLOPCalculator().analyze_model(model, x)  # first use of each op
+        ours = timed(lambda m=model, x=x: FLOPCalculator().analyze_model(m, x), repeats=3)
+        theirs = timed(lambda m=model, x=x: reference(m, x), repeats=3)
+        rows[name] = {"ours_s": round(ours, 3), "flopcountermode_s": round(theirs, 3), "ratio": round(ours / theirs, 2)}
+    config = transformers.LlamaConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                                      num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                                      max_position_embeddings=4096)
+    with torch.device("meta"):
+        big = transformers.LlamaForCausalLM(config)
+    start = time.perf_counter()
+    FLOPCalculator().analyze_model(big, torch.zeros(1, 4096, dtype=torch.long, device="meta"))
+    rows["Llama-70B T=4096 (ours)"] = {"time_s": round(time.perf_counter() - start, 2), "goal": "<= 3.4 s"}
+    return rows
+
+
+def case_bandwidth_vs_numpy():
+    """measure_bandwidth's roof beside numpy copying a 256 MiB array (np.copyto, 2 x 256 MiB moved)."""
+    import numpy as np
+
+    from pytorch_practice_demo import measure_bandwidth, threads_for_load
+    import torch
+    torch.set_num_threads(threads_for_load()[0])
+    ours = measure_bandwidth("cpu")
+    a, b = np.ones(2 ** 26, dtype=np.float32), np.zeros(2 ** 26, dtype=np.float32)  # 256 MiB each
+    rates = []
+    for _ in range(6):
+        start = time.perf_counter()
+        np.copyto(b, a)
+        rates.append(2 * a.nbytes / (time.perf_counter() - start))
+    return {"ours_gb_s": round(ours["bytes_per_s"] / 1e9, 1), "ours_kernel": ours["kernel"],
+            "ours_kernels_gb_s": {k: round(v["bytes_per_s"] / 1e9, 1) for k, v in ours["kernels"].items()},
+            "numpy_copy_256mib_gb_s_best": round(max(rates) / 1e9, 1),
+            "numpy_copy_256mib_gb_s_median": round(statistics.median(rates) / 1e9, 1),
+            "threads": torch.get_num_threads()}
+
+
+def case_roofline_prediction():
+    """roofline() on five kinds of model: the predicted step (roofs only, and with the measured
+    per-call dispatch cost) against the measured one; the class that carries the largest miss."""
+    import torch
+    import transformers
+
+    from pytorch_practice_demo import (ROOFLINE_MODELS, measure_bandwidth, measure_dispatch, measure_peak_flops,
+                                       roofline, threads_for_load)
+    torch.set_num_threads(threads_for_load()[0])
+    roofs = {"peak": measure_peak_flops("cpu"), "bandwidth": measure_bandwidth("cpu"),
+             "dispatch": measure_dispatch("cpu")}
+    cases = {name: (builder(), make(batch)) for name, (builder, make, batch) in ROOFLINE_MODELS.items()}
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=2048,
+                                                                n_positions=64))
+    cases["HF GPT-2 (2x128, T=64) b8"] = (gpt2, torch.zeros(8, 64, dtype=torch.long))
+    rows = {}
+    for name, (model, x) in cases.items():
+        r = roofline(model, x, device="cpu", time_budget_s=0.5, **roofs)
+        miss = max(r["classes"].items(), key=lambda kv: kv[1]["measured_s"] - kv[1]["predicted_s"])
+        rows[name] = {"measured_ms": round(r["measured_step_s"] * 1e3, 2),
+                      "predicted_ms": round(r["predicted_step_s"] * 1e3, 2),
+                      "with_dispatch_ms": round(r["predicted_with_dispatch_s"] * 1e3, 2),
+                      "error": f"{r['predicted_step_s'] / r['measured_step_s'] - 1:+.0%}",
+                      "error_with_dispatch": f"{r['predicted_with_dispatch_s'] / r['measured_step_s'] - 1:+.0%}",
+                      "largest_miss": f"{miss[0]} ({(miss[1]['measured_s'] - miss[1]['predicted_s']) * 1e3:.1f} ms)"}
+    return {"peak_gflops": round(roofs["peak"]["flops_per_s"] / 1e9, 1),
+            "bandwidth_gb_s": round(roofs["bandwidth"]["bytes_per_s"] / 1e9, 1),
+            "dispatch_us": round(roofs["dispatch"]["s_per_call"] * 1e6, 2), "threads": torch.get_num_threads(),
+            "models": rows, "goal": "within 30 %"}
+
+
+def case_roofline_stage():
+    return {**_cli_run("--only", "roofline"), "goal": "<= 3 s quiet"}
+
+
 GROUPS = {"flops": [case_resnet50_ratio, case_batch_scaling, case_meta_5b],
           "memory": [case_memory_error_table, case_memory_speed],
           "run": [case_default_run, case_quick_run],
           "load": [case_default_run_under_load, case_quick_run_under_load],
-          "peak": [case_peak_vs_benchmark]}
+          "peak": [case_peak_vs_benchmark],
+          "roofline": [case_counting_vs_flopcountermode, case_bandwidth_vs_numpy, case_roofline_prediction,
+                       case_roofline_stage]}
 
 
 def machine():

@@ -17,7 +17,8 @@ JUMP_LINES = 500
 RUNNER = ("main", "_run_stage", "run_stage", "stage")  # read once, not counted per stage
 BEFORE = {"flop": 51, "memory": 88, "training": 137, "amp": 98, "dashboard": 150, "lecture": 144}
 ENTRY = {"flop": "run_flop_analysis", "memory": "run_memory_analysis", "training": "run_training_comparison",
-         "amp": "run_amp_analysis", "dashboard": "run_dashboard_analysis", "lecture": "run_lecture_comparison"}
+         "amp": "run_amp_analysis", "dashboard": "run_dashboard_analysis", "lecture": "run_lecture_comparison",
+         "roofline": "run_roofline_analysis", "distributed": "run_distributed_analysis"}
 
 
 def definitions(tree):
@@ -63,10 +64,12 @@ def main(path):
         order, read = trace(defs, entry)
         jumps = sum(abs(a - b) > JUMP_LINES for a, b in zip(order, order[1:]))
         goal = BEFORE.get(figure, 0) // 2
-        mark = "" if not goal else f"  (before {BEFORE[figure]}, goal <= {goal}: {'met' if read <= goal else 'NOT met'})"
+        verdict = "met" if read <= goal else "NOT met"
+        mark = f"  (before {BEFORE[figure]}, goal <= {goal}: {verdict})" if goal else "  (a new stage)"
         print(f"{figure:9s} {jumps:3d} jumps over {JUMP_LINES} lines, reading {read:3d} definitions{mark}")
     longest = max((n.end_lineno - n.lineno + 1, n.name) for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
-    print(f"longest function: {longest[1]} ({longest[0]} lines); module: {len(Path(path).read_text().splitlines())} lines")
+    lines = len(Path(path).read_text().splitlines())
+    print(f"longest function: {longest[1]} ({longest[0]} lines); module: {lines} lines")
 
 
 if __name__ == "__main__":
