@@ -306,16 +306,12 @@ def check_device(device):
     return device
 
 
-def _autocast(dtype, device):
-    """torch.autocast to `dtype` on `device`'s type; no-op for dtype None (fp32)."""
-    if dtype is None:
+def _autocast(precision, device):
+    """torch.autocast on `device`'s type for an amp_* precision; a no-op for fp32 and for pure
+    bf16/fp16 (their weights are already in that dtype)."""
+    if not precision.startswith("amp_"):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _amp_dtype(precision):
-    """The autocast dtype of a memory precision: amp_* autocast, fp32 and pure bf16 do not."""
-    return PRECISIONS[precision] if precision.startswith("amp_") else None
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 # %% =============================================================================================
@@ -644,7 +640,7 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
     with compute or contextlib.nullcontext(), track, torch.enable_grad():  # even inside a no_grad block
         for run_args, run_kwargs, target, weight in micro_batches:
             phase("forward")
-            with _autocast(_amp_dtype(precision), device):
+            with _autocast(precision, device):
                 output = replica(*run_args, **run_kwargs)
                 loss = loss_fn(output, target) if loss_fn is not None else None
             phase("backward")
@@ -673,15 +669,6 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return total
-
-
-@contextlib.contextmanager
-def _global_forward_hook(hook):
-    handle = nn.modules.module.register_module_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -882,7 +869,7 @@ def _warm_up_torch(device=None):
     if device is not None and torch.device(device).type == "cuda":
         x = torch.randn(64, 64, device=device, requires_grad=True)
         for dtype in (None, torch.bfloat16, torch.float16):
-            with contextlib.suppress(RuntimeError), _autocast(dtype, torch.device(device)):  # bf16: not every GPU
+            with contextlib.suppress(RuntimeError), torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
                 (x @ x).float().sum().backward()
         torch.cuda.synchronize(device)
 
@@ -1010,7 +997,7 @@ def measure_peak_flops(device, precision="fp32", *, time_budget_s=DEFAULT.peak_s
     device = torch.device(device)
     budget = Budget(time_budget_s)
     sweep, stopped = [], "largest size reached"
-    with _autocast(AMP_DTYPES[precision], device):
+    with _autocast(precision, device):
         for n in sizes:
             if sweep and n > always_up_to:
                 predicted = sweep[-1]["best_s"] * (n / sweep[-1]["size"]) ** 3 * (MIN_RUNS + 1)
@@ -1822,97 +1809,97 @@ _register("by_call", "_embedding_bag_backward")(_embedding_bag_backward_cost(8))
 _register("by_call", "_embedding_bag_dense_backward")(_embedding_bag_backward_cost(6))
 
 
-# Ops that move or create data without arithmetic: neither counted nor "unsupported".
-ZERO_COST_OPS = {
-    "detach", "clone", "copy_", "_to_copy", "empty", "empty_like", "empty_strided", "zeros",
-    "zeros_like", "ones", "ones_like", "full", "full_like", "fill_", "zero_", "new_empty",
-    "new_empty_strided", "new_zeros", "new_ones", "new_full", "arange", "cat", "stack",
-    "embedding", "index_select", "gather", "lift_fresh", "lift_fresh_copy", "constant_pad_nd",
-    "scalar_tensor", "_local_scalar_dense", "_unsafe_view", "contiguous", "index", "index_put_",
-    "scatter", "scatter_", "masked_fill_", "masked_fill", "uniform_", "normal_", "bernoulli_",
-    "randn", "rand", "randint", "randperm", "resize_", "set_", "_assert_async", "sym_size",
-    "sym_numel", "sym_stride", "sym_storage_offset", "is_same_size",
-    "_has_compatible_shallow_copy_type", "device", "layout", "dtype",  # prim queries fake tensors answer
-    "split_with_sizes_copy", "unbind_copy", "tril", "triu", "flip", "roll", "repeat",
-    "_pin_memory", "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk", "select_backward",
-    "slice_backward", "select_scatter", "slice_scatter", "as_strided_scatter", "index_add_", "index_put",
-}
-
-
-# --- bytes beside FLOPs: what each op reads and writes ------------------------------------------
-# The convention (torch/utils/_runtime_estimation.py, get_num_bytes and get_transfer_time): an op
-# reads every tensor it takes and writes every tensor it returns, each counted at its size, and a
-# broadcast (stride-0) dimension counted once.  Views move nothing.  Copies (clone, copy_, _to_copy,
-# cat, contiguous, gathers, fills) move their bytes and do no FLOPs.  NB: it is a model of DRAM
-# traffic, not a measurement: it ignores caches (a tensor read twice while it still sits in cache
-# is counted twice) and counts copy_'s destination as read too (3 tensors where 2 move).
-OP_CLASSES = WORK_CLASSES + ("elementwise/other", "copies", "optimizer")
-NO_TRAFFIC_OPS = {  # create or describe a tensor without touching its elements (beside the views)
-    "detach", "lift_fresh", "_unsafe_view", "alias", "empty", "empty_like", "empty_strided", "new_empty",
-    "new_empty_strided", "resize_", "set_", "_assert_async", "sym_size", "sym_numel", "sym_stride",
-    "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type", "device", "layout", "dtype",
-    "_local_scalar_dense",
-}
-
-
-def tensor_bytes(t):
-    """Bytes an op moves for tensor `t`: its elements x element size, a stride-0 (broadcast)
-    dimension counted once (torch/utils/_runtime_estimation.py, get_num_bytes)."""
-    if t.is_contiguous():
-        return t.numel() * t.element_size()
-    elements = 1
-    for size, stride in zip(t.shape, t.stride()):
-        if stride or size == 0:
-            elements *= size
-    return elements * t.element_size()
-
-
-def _moved_bytes(values):
-    """Bytes of every tensor in `values`, one level into lists (cat, the _foreach_ ops): a loop,
-    not a pytree flatten, because it runs on every op."""
-    total = 0
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            total += tensor_bytes(v)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                if isinstance(x, torch.Tensor):
-                    total += tensor_bytes(x)
-    return total
-
-
-def _intensity(flops, moved_bytes):
-    """Arithmetic intensity: FLOPs per byte moved (None when nothing moved)."""
-    return flops / moved_bytes if moved_bytes else None
-
-
-def op_class_totals(ops):
-    """{op class: {"flops", "bytes", "calls", "intensity"}} from a _CountingMode's `ops`."""
-    totals = {}
-    for (op_class, _), (flops, moved, calls) in ops.items():
-        t = totals.setdefault(op_class, {"flops": 0, "bytes": 0, "calls": 0})
-        t["flops"], t["bytes"], t["calls"] = t["flops"] + flops, t["bytes"] + moved, t["calls"] + calls
-    for t in totals.values():
-        t["intensity"] = _intensity(t["flops"], t["bytes"])
-    return {c: totals[c] for c in OP_CLASSES if c in totals}
-
-
-class _OpPlan(NamedTuple):
-    """What _CountingMode decided once for an op overload (cached: ops repeat thousands of times)."""
-    name: str             # the aten op's name (by_operator's key)
-    entry: object         # the Formula of the op or its in-place twin, or None
-    extra: object         # the op's own fused-elementwise extra formula, or None
-    kind: str             # "formula", "zero", "pointwise" or "unsupported"
-    moves: bool           # reads or writes elements (False: views, empties, queries)
-    op_class: str         # OP_CLASSES entry outside an RNN module and the optimizer
-
-
 class _CountingMode(TorchDispatchMode):
     """Dispatch mode that prices every op with the registry (_FORMULAS), counts the bytes it
     moves, and attributes it to the modules being called (tracking).  `set_phase` and
-    `mark_gradients` let training_step drive it as a tracker: its optimizer phase is counted too."""
+    `mark_gradients` let training_step drive it as a tracker: its optimizer phase is counted too.
 
-    _plans = {}  # op overload -> _OpPlan, shared by every counting run
+    Bytes beside FLOPs (tensor_bytes, moved_bytes), by the convention of
+    torch/utils/_runtime_estimation.py (get_num_bytes, get_transfer_time): an op reads every tensor
+    it takes and writes every tensor it returns, each counted at its size, and a broadcast
+    (stride-0) dimension counted once.  Views move nothing.  Copies (clone, copy_, _to_copy, cat,
+    contiguous, gathers, fills) move their bytes and do no FLOPs.  NB: it is a model of DRAM
+    traffic, not a measurement: it ignores caches (a tensor read twice while it still sits in
+    cache is counted twice) and counts copy_'s destination as read too (3 tensors where 2 move).
+    """
+
+    OP_CLASSES = WORK_CLASSES + ("elementwise/other", "copies", "optimizer")  # every op of a step is one of these
+
+    @staticmethod
+    def intensity(flops, moved_bytes):
+        """Arithmetic intensity: FLOPs per byte moved (None when nothing moved)."""
+        return flops / moved_bytes if moved_bytes else None
+
+    # Ops that move or create data without arithmetic: neither counted nor "unsupported".
+    ZERO_COST = {
+        "detach", "clone", "copy_", "_to_copy", "empty", "empty_like", "empty_strided", "zeros",
+        "zeros_like", "ones", "ones_like", "full", "full_like", "fill_", "zero_", "new_empty",
+        "new_empty_strided", "new_zeros", "new_ones", "new_full", "arange", "cat", "stack",
+        "embedding", "index_select", "gather", "lift_fresh", "lift_fresh_copy", "constant_pad_nd",
+        "scalar_tensor", "_local_scalar_dense", "_unsafe_view", "contiguous", "index", "index_put_",
+        "scatter", "scatter_", "masked_fill_", "masked_fill", "uniform_", "normal_", "bernoulli_",
+        "randn", "rand", "randint", "randperm", "resize_", "set_", "_assert_async", "sym_size",
+        "sym_numel", "sym_stride", "sym_storage_offset", "is_same_size",
+        "_has_compatible_shallow_copy_type", "device", "layout", "dtype",  # prim queries fake tensors answer
+        "split_with_sizes_copy", "unbind_copy", "tril", "triu", "flip", "roll", "repeat",
+        "_pin_memory", "unsafe_split", "unsafe_split_with_sizes", "unsafe_chunk", "select_backward",
+        "slice_backward", "select_scatter", "slice_scatter", "as_strided_scatter", "index_add_", "index_put",
+    }
+
+    NO_TRAFFIC = {  # create or describe a tensor without touching its elements (beside the views)
+        "detach", "lift_fresh", "_unsafe_view", "alias", "empty", "empty_like", "empty_strided", "new_empty",
+        "new_empty_strided", "resize_", "set_", "_assert_async", "sym_size", "sym_numel", "sym_stride",
+        "sym_storage_offset", "is_same_size", "_has_compatible_shallow_copy_type", "device", "layout", "dtype",
+        "_local_scalar_dense",
+    }
+
+    @staticmethod
+    def tensor_bytes(t):
+        """Bytes an op moves for tensor `t`: its elements x element size, a stride-0 (broadcast)
+        dimension counted once (torch/utils/_runtime_estimation.py, get_num_bytes)."""
+        if t.is_contiguous():
+            return t.numel() * t.element_size()
+        elements = 1
+        for size, stride in zip(t.shape, t.stride()):
+            if stride or size == 0:
+                elements *= size
+        return elements * t.element_size()
+
+    @staticmethod
+    def moved_bytes(values):
+        """Bytes of every tensor in `values`, one level into lists (cat, the _foreach_ ops): a loop,
+        not a pytree flatten, because it runs on every op."""
+        total = 0
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                total += _CountingMode.tensor_bytes(v)
+            elif isinstance(v, (list, tuple)):
+                for x in v:
+                    if isinstance(x, torch.Tensor):
+                        total += _CountingMode.tensor_bytes(x)
+        return total
+
+    @staticmethod
+    def class_totals(ops):
+        """{op class: {"flops", "bytes", "calls", "intensity"}} from a _CountingMode's `ops`."""
+        totals = {}
+        for (op_class, _), (flops, moved, calls) in ops.items():
+            t = totals.setdefault(op_class, {"flops": 0, "bytes": 0, "calls": 0})
+            t["flops"], t["bytes"], t["calls"] = t["flops"] + flops, t["bytes"] + moved, t["calls"] + calls
+        for t in totals.values():
+            t["intensity"] = _CountingMode.intensity(t["flops"], t["bytes"])
+        return {c: totals[c] for c in _CountingMode.OP_CLASSES if c in totals}
+
+    class Plan(NamedTuple):
+        """What _CountingMode decided once for an op overload (cached: ops repeat thousands of times)."""
+        name: str             # the aten op's name (by_operator's key)
+        entry: object         # the Formula of the op or its in-place twin, or None
+        extra: object         # the op's own fused-elementwise extra formula, or None
+        kind: str             # "formula", "zero", "pointwise" or "unsupported"
+        moves: bool           # reads or writes elements (False: views, empties, queries)
+        op_class: str         # _CountingMode.OP_CLASSES entry outside an RNN module and the optimizer
+
+    _plans = {}  # op overload -> _CountingMode.Plan, shared by every counting run
 
     def __init__(self):
         super().__init__()
@@ -1960,7 +1947,8 @@ class _CountingMode(TorchDispatchMode):
             self.flops[phase] += mac_flops
             if phase == "forward":
                 self._attribute_forward(plan, mac_flops)
-        moved = _moved_bytes(args) + _moved_bytes(kwargs.values()) + _moved_bytes((out,)) if plan.moves else 0
+        moved = (self.moved_bytes(args) + self.moved_bytes(kwargs.values()) + self.moved_bytes((out,))
+                 if plan.moves else 0)
         self.bytes[phase] += moved
         op_class = "optimizer" if phase == "optimizer" else self._class_here(plan, kind)
         record = self.ops.get((op_class, plan.name))
@@ -2003,23 +1991,23 @@ class _CountingMode(TorchDispatchMode):
     @classmethod
     def _plan(cls, func):
         """Decide once per overload how it is priced: its formula (or its in-place twin's: `relu_`
-        costs what `relu` does), zero cost (views, ZERO_COST_OPS, *_copy), pointwise, or unsupported."""
+        costs what `relu` does), zero cost (views, _CountingMode.ZERO_COST, *_copy), pointwise, or unsupported."""
         name = func.overloadpacket.__name__
         twin = name[:-1] if name.endswith("_") and not name.endswith("__") and (
             name[:-1] in _FORMULAS or cls.pointwise(name[:-1])) else name  # `_private` names stay
         entry, extra = _FORMULAS.get(twin), _FORMULAS.get(name)
         if entry is not None:
             kind = "formula"
-        elif func.is_view or name in ZERO_COST_OPS or name.endswith("_copy"):
+        elif func.is_view or name in _CountingMode.ZERO_COST or name.endswith("_copy"):
             kind = "zero"
         elif torch.Tag.pointwise in func.tags or cls.pointwise(twin):
             kind = "pointwise"
         else:
             kind = "unsupported"
-        moves = not (func.is_view or name in NO_TRAFFIC_OPS)
+        moves = not (func.is_view or name in _CountingMode.NO_TRAFFIC)
         op_class = ("copies" if kind == "zero" and moves else
                     entry.work if entry is not None and entry.kind == "macs" else "elementwise/other")
-        plan = _OpPlan(name, entry, extra if extra is not None and extra.extra is not None else None, kind,
+        plan = _CountingMode.Plan(name, entry, extra if extra is not None and extra.extra is not None else None, kind,
                        moves, op_class)
         cls._plans[func] = plan
         return plan
@@ -2167,10 +2155,10 @@ class FLOPCalculator:
             "training_flops": training.flops["forward"] + training.flops["backward"],
             "backward_flops": training.flops["backward"],
             "training_other_flops": training.other["forward"] + training.other["backward"],
-            "bytes": inference.bytes["forward"],  # read + written by every op (tensor_bytes)
+            "bytes": inference.bytes["forward"],  # read + written by every op (_CountingMode.tensor_bytes)
             "training_bytes": training.bytes["forward"] + training.bytes["backward"],
-            "intensity": _intensity(flops + inference.other["forward"], inference.bytes["forward"]),
-            "by_op_class": op_class_totals(training.ops),  # the training pass (forward only if not counted)
+            "intensity": _CountingMode.intensity(flops + inference.other["forward"], inference.bytes["forward"]),
+            "by_op_class": _CountingMode.class_totals(training.ops),  # the training pass (forward only if not counted)
             "by_op_class_pass": "forward + backward",
             "flops_readable": readable(flops, "FLOPs"),
             "macs_readable": readable(macs, "MACs"),
@@ -2210,13 +2198,6 @@ def run_flop_analysis(run, *, models=None, batch=1):
 # optimizer.step(), optimizer state already created, grads set to None between steps), or during
 # one forward under torch.inference_mode() for inference.  Estimated on fake tensors, measured from
 # the allocator; the storage tracker sorts the bytes into categories either way.
-
-
-def _check_memory_options(optimizer, precision):
-    if optimizer not in OPTIMIZER_STATES:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
 
 
 class CpuScratch:
@@ -2278,6 +2259,28 @@ class _StorageTracker(TorchDispatchMode):
     Storages are told apart by identity (views and in-place results share one), freed through a
     weakref finalizer, and logged as +/- events so categories can be decided after the step.
     """
+
+    @staticmethod
+    def measured_step(step, replica, optimizer, run_args, run_kwargs, device):
+        """Run `step(tracker)` once under the storage tracker: (what it returns, memory summary).
+
+        The parts come from the tracker on every device; `total` is the allocator's peak during the
+        step (CUDA's caching allocator, or the CPU allocator's profiler events, as in measure_memory)
+        plus the model state that was alive before it.
+        """
+        tracker = _StorageTracker()
+        state_bytes = tracker.register_state(replica, optimizer, run_args, run_kwargs)
+        peak = _PeakMemory(device)
+        try:
+            with peak:
+                value = step(tracker)  # enters the tracker (training_step) and marks its phases
+            summary = tracker.summary()
+        finally:
+            tracker.close()
+        summary["tracked_total"] = summary["total"]
+        if peak.peak_bytes is not None:
+            summary["total"] = peak.peak_bytes + state_bytes
+        return value, summary
 
     def __init__(self, scratch=False):
         super().__init__()
@@ -2403,16 +2406,41 @@ class _StorageTracker(TorchDispatchMode):
         return result
 
 
-class _LayerOutputs:
-    """Sum of every leaf module's output bytes in one forward: the napkin activation estimate."""
+class _Napkin:
+    """The lecture's memory formulas, beside the measured step: params x bytes, grads = params,
+    optimizer = k x params, activations = the sum of every leaf module's output bytes in one
+    forward (counted by this global forward hook while the step runs)."""
 
     def __init__(self):
         self.nbytes = 0
+
+    @contextlib.contextmanager
+    def hooked(self):
+        handle = nn.modules.module.register_module_forward_hook(self)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def __call__(self, module, args, output):
         if next(module.children(), None) is None:
             self.nbytes += sum(t.numel() * t.element_size() for t in tree_flatten(output)[0]
                                if isinstance(t, torch.Tensor))
+
+    def formula(self, model, options):
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # pure bf16/fp16 weights are 2 bytes; AMP keeps fp32 weights
+        bytes_per_param = BYTES_PER_ELEMENT[PURE_DTYPES.get(options["precision"], torch.float32)]
+        parameters = sum(p.numel() for p in model.parameters()) * bytes_per_param
+        training = options["training"]
+        formula = {
+            "parameter_bytes": parameters,
+            "gradient_bytes": n * bytes_per_param if training else 0,
+            "optimizer_bytes": OPTIMIZER_STATES[options["optimizer_name"]] * n * bytes_per_param if training else 0,
+            "activation_bytes": self.nbytes,
+        }
+        formula["total"] = sum(formula.values())
+        return formula
 
 
 def _memory_run(model, args, kwargs, options, *, make, device, compute=None, foreach=None, loss=None,
@@ -2428,20 +2456,20 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
     with compute or contextlib.nullcontext():
         run_args, run_kwargs, run_targets = Replica.map((args, kwargs, targets), make)
     # an estimate (fake tensors) on CPU adds the kernels' working memory the allocator will see
-    tracker, layers = _StorageTracker(scratch=compute is not None and device.type == "cpu"), _LayerOutputs()
+    tracker, layers = _StorageTracker(scratch=compute is not None and device.type == "cpu"), _Napkin()
     try:
         if options["training"]:
             optimizer = _make_optimizer(options["optimizer_name"], replica.parameters(), foreach=foreach)
             _create_optimizer_state(replica, optimizer, compute)
             tracker.register_state(replica, optimizer, (run_args, run_targets), run_kwargs)  # targets: inputs
             batch = StepLoss.batch(run_args, run_kwargs, run_targets)
-            with _global_forward_hook(layers):
+            with layers.hooked():
                 training_step(replica, optimizer, [(run_args, run_kwargs, batch, None)], loss_fn=loss,
                               precision=options["precision"], device=device, tracker=tracker, compute=compute)
         else:
             tracker.register_state(replica, None, run_args, run_kwargs)
             with compute or contextlib.nullcontext(), tracker, torch.inference_mode(), \
-                    _global_forward_hook(layers), _autocast(_amp_dtype(options["precision"]), device):
+                    layers.hooked(), _autocast(options["precision"], device):
                 tracker.set_phase("forward")
                 replica(*run_args, **run_kwargs)
         summary = tracker.summary()
@@ -2452,7 +2480,7 @@ def _memory_run(model, args, kwargs, options, *, make, device, compute=None, for
                                        - summary["input_bytes"])
         summary["temporary_bytes"] = 0
     summary["tracked_total"] = summary["total"]  # measure_memory replaces `total` with the allocator's peak
-    summary["formula"] = _napkin_memory(model, options, layers.nbytes)
+    summary["formula"] = layers.formula(model, options)
     summary["checkpointed_blocks"] = blocks
     summary["loss"] = loss.used if options["training"] else None
     return summary
@@ -2485,27 +2513,12 @@ def _create_optimizer_state(replica, optimizer, compute=None):
             optimizer.state[p] = state
 
 
-def _napkin_memory(model, options, layer_output_bytes):
-    """The lecture's formulas: params x bytes, grads = params, optimizer = k x params, activations
-    = the sum of every layer's output."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # pure bf16/fp16 weights are 2 bytes; AMP keeps fp32 weights
-    bytes_per_param = BYTES_PER_ELEMENT[PURE_DTYPES.get(options["precision"], torch.float32)]
-    parameters = sum(p.numel() for p in model.parameters()) * bytes_per_param
-    training = options["training"]
-    formula = {
-        "parameter_bytes": parameters,
-        "gradient_bytes": n * bytes_per_param if training else 0,
-        "optimizer_bytes": OPTIMIZER_STATES[options["optimizer_name"]] * n * bytes_per_param if training else 0,
-        "activation_bytes": layer_output_bytes,
-    }
-    formula["total"] = sum(formula.values())
-    return formula
-
-
 def _memory_options(model, inputs, training, optimizer, precision, checkpointing, device):
     Replica.check(model)
-    _check_memory_options(optimizer, precision)
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     args, kwargs = Replica.inputs(inputs, model)
     device = resolve_device(device, model)
     if training and not any(p.requires_grad for p in model.parameters()):
@@ -2604,47 +2617,17 @@ def measure_memory(model, inputs, *, training=True, optimizer="adam", precision=
     return {**result, **options, "device": str(device), "method": method, "data_dependent": None}
 
 
-def _measured_step(step, replica, optimizer, run_args, run_kwargs, device):
-    """Run `step(tracker)` once under the storage tracker: (what it returns, memory summary).
-
-    The parts come from the tracker on every device; `total` is the allocator's peak during the
-    step (CUDA's caching allocator, or the CPU allocator's profiler events, as in measure_memory)
-    plus the model state that was alive before it.
-    """
-    tracker = _StorageTracker()
-    state_bytes = tracker.register_state(replica, optimizer, run_args, run_kwargs)
-    peak = _PeakMemory(device)
-    try:
-        with peak:
-            value = step(tracker)  # enters the tracker (training_step) and marks its phases
-        summary = tracker.summary()
-    finally:
-        tracker.close()
-    summary["tracked_total"] = summary["total"]
-    if peak.peak_bytes is not None:
-        summary["total"] = peak.peak_bytes + state_bytes
-    return value, summary
-
-
-# ZeRO (Rajbhandari et al. 2020, Sec. 3 / Fig. 1): mixed-precision Adam holds per parameter
-# 2 bytes fp16 weights + 2 bytes fp16 grads + K = 12 bytes of fp32 master weights, m and v.
-ZERO_WEIGHT_BYTES, ZERO_GRAD_BYTES, ZERO_OPTIMIZER_BYTES = 2, 2, 12
-
-
 def zero_memory_per_device(parameters, devices):
     """Bytes per device of model states (no activations) under DDP and ZeRO stages 1-3."""
-    w, g, k = ZERO_WEIGHT_BYTES, ZERO_GRAD_BYTES, ZERO_OPTIMIZER_BYTES
+    # ZeRO (Rajbhandari et al. 2020, Sec. 3 / Fig. 1): mixed-precision Adam holds per parameter
+    # 2 bytes fp16 weights + 2 bytes fp16 grads + K = 12 bytes of fp32 master weights, m and v.
+    w, g, k = 2, 2, 12
     return {
         "DDP": parameters * (w + g + k),
         "ZeRO-1": parameters * (w + g + k / devices),      # optimizer states sharded
         "ZeRO-2": parameters * (w + (g + k) / devices),    # + gradients sharded
         "ZeRO-3": parameters * (w + g + k) / devices,      # + parameters sharded
     }
-
-
-def _memory_pair(model, inputs, **options):
-    return {"estimate": estimate_memory(model, inputs, **options),
-            "measured": measure_memory(model, inputs, **options)}
 
 
 @stage("memory")
@@ -2658,8 +2641,9 @@ def run_memory_analysis(run, *, batch=None):
         builder, inputs = MEMORY_MODELS[name]
         with torch.device(run.device):
             built[name] = model = builder()
-        data["models"][name] = {"training": _memory_pair(model, inputs(batch)),
-                                "inference": _memory_pair(model, inputs(batch), training=False)}
+        data["models"][name] = {mode: {"estimate": estimate_memory(model, inputs(batch), training=mode == "training"),
+                                       "measured": measure_memory(model, inputs(batch), training=mode == "training")}
+                                for mode in ("training", "inference")}
         run.report(i + 1, len(names) + 2, name)
     gpt, gpt_inputs = built["TinyGPT (T=64)"], MEMORY_MODELS["TinyGPT (T=64)"][1]  # the rest is about TinyGPT
     known = {batch: data["models"]["TinyGPT (T=64)"]["training"]}  # reused, not run again
@@ -2691,17 +2675,14 @@ def _memory_growth(model, inputs, measured_batches, estimated_batches, known=Non
     }
 
 
-MEMORY_VARIANTS = {  # label -> estimate_memory options
-    "fp32": {}, "AMP bf16": {"precision": "amp_bf16"}, "AMP fp16": {"precision": "amp_fp16"},
-    "pure bf16": {"precision": "bf16"}, "fp32 + checkpoint": {"checkpointing": True},
-    "AMP bf16 + checkpoint": {"precision": "amp_bf16", "checkpointing": True},
-}
-
-
 def _memory_variants(model, inputs, labels, fp32_estimate=None):
-    """Estimated peak of each variant; the plain fp32 one is reused when already estimated."""
+    """Estimated peak of each variant (a Profile's memory_variants labels); the plain fp32 one is
+    reused when already estimated."""
+    options = {"fp32": {}, "AMP bf16": {"precision": "amp_bf16"}, "AMP fp16": {"precision": "amp_fp16"},
+               "pure bf16": {"precision": "bf16"}, "fp32 + checkpoint": {"checkpointing": True},
+               "AMP bf16 + checkpoint": {"precision": "amp_bf16", "checkpointing": True}}
     return {label: (fp32_estimate if label == "fp32" and fp32_estimate else
-                    estimate_memory(model, inputs, **MEMORY_VARIANTS[label]))["total"] for label in labels}
+                    estimate_memory(model, inputs, **options[label]))["total"] for label in labels}
 
 
 def kv_cache_formula(batch, tokens, layers, hidden, bytes_per_element):
@@ -2769,41 +2750,121 @@ def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
 # without AMX is predicted, said and skipped rather than waited for.
 
 
-def _slow_low_precision_reason(device, precision):
-    """Why a low precision can be slower than fp32 here, from what the hardware reports."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        flags = cpu_flags()
-        if precision == "amp_bf16" and not (flags["avx512_bf16"] or flags["amx_bf16"]):
-            return "this CPU has neither AVX512-BF16 nor AMX: bf16 math is converted to fp32 in software"
-        if precision == "amp_fp16" and not flags["amx_bf16"]:
-            return "this CPU has no native fp16 matmul (AMX-FP16): fp16 math is converted in software"
-    return None
-
-
-def _ratio_words(factor):
-    """0.37 -> '2.7x faster than fp32', 3.2 -> '3.2x slower than fp32', 0.96 -> 'as fast as fp32'."""
-    if 1 / 1.1 <= factor <= 1.1:
-        return "as fast as fp32 (within 10 %)"
-    return f"{1 / factor:.1f}x faster than fp32" if factor < 1 else f"{factor:.1f}x slower than fp32"
-
-
 class _AmpTrainer:
     """One copy of the model trained in one precision: forward under autocast, GradScaler for
     fp16 on CUDA (torch.amp.GradScaler("cuda")), Adam."""
+
+    @staticmethod
+    def slow_reason(device, precision):
+        """Why a low precision can be slower than fp32 here, from what the hardware reports."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            flags = cpu_flags()
+            if precision == "amp_bf16" and not (flags["avx512_bf16"] or flags["amx_bf16"]):
+                return "this CPU has neither AVX512-BF16 nor AMX: bf16 math is converted to fp32 in software"
+            if precision == "amp_fp16" and not flags["amx_bf16"]:
+                return "this CPU has no native fp16 matmul (AMX-FP16): fp16 math is converted in software"
+        return None
+
+    @staticmethod
+    def ratio_words(factor):
+        """0.37 -> '2.7x faster than fp32', 3.2 -> '3.2x slower than fp32', 0.96 -> 'as fast as fp32'."""
+        if 1 / 1.1 <= factor <= 1.1:
+            return "as fast as fp32 (within 10 %)"
+        return f"{1 / factor:.1f}x faster than fp32" if factor < 1 else f"{factor:.1f}x slower than fp32"
+
+    @staticmethod
+    def max_rel_error(outputs, reference):
+        """max |out - ref| / max |ref| over all output tensors."""
+        scale = max(float(r.abs().max()) for r in reference) or 1.0
+        return max(float((o - r).abs().max()) for o, r in zip(outputs, reference)) / scale
+
+    @staticmethod
+    def check_options(precisions, max_runs, device):
+        """The precisions to time, fp32 (the reference) first; a ValueError for a bad list or max_runs."""
+        if device.type == "meta":
+            raise ValueError("benchmark_mixed_precision needs real weights; the model is on the meta device")
+        if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+            raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
+        if isinstance(precisions, str):
+            raise ValueError(f"precisions must be a list such as [{precisions!r}], not a string; valid names: "
+                             f"{list(AMP_DTYPES)}")
+        precisions = list(precisions or supported_precisions(device))
+        unknown = [p for p in precisions if p not in AMP_DTYPES]
+        if unknown:
+            pure = [p for p in unknown if p in PURE_DTYPES]
+            raise ValueError(f"precisions must be among {list(AMP_DTYPES)}, got {unknown}"
+                             + (f" ({', '.join(pure)}: pure low-precision weights, an estimate_memory precision; "
+                                f"autocast is amp_{pure[0]})" if pure else ""))
+        return ["fp32"] + [p for p in precisions if p != "fp32"]
+
+    @staticmethod
+    def skipped(precision, kind, reason):
+        return {"precision": precision, "median_s": None, "iqr_s": None, "runs": 0, "peak_memory_bytes": None,
+                "activation_bytes": None, "speedup_vs_fp32": None, "max_rel_error_vs_fp32": None,
+                "skipped": reason, "skip_kind": kind, "note": None, "times_s": [], "loss_scale": None}
+
+    @staticmethod
+    def benchmark_one(model, run_args, run_kwargs, precision, device, training, share_s, reference, max_runs):
+        """One precision: why it cannot run here, or its steps timed (measure, gated by a matmul
+        probe's prediction), one more step for its memory, its outputs' error against fp32."""
+        why_not = _AmpTrainer.why_not(precision, device, Replica.dtype(model), reference)
+        if why_not:
+            return _AmpTrainer.skipped(precision, *why_not)
+        started = _now()
+        factor = _matmul_slowdown(device, precision) if reference else None
+        trainer = _AmpTrainer(model, run_args, run_kwargs, precision, device, training)
+        outputs = trainer.outputs()
+        timed = measure(trainer.step, device=device, budget_s=max(share_s - (_now() - started), 1e-9),
+                        runs=(MIN_RUNS, max_runs), predicted_s=reference["median_s"] * factor if reference else None,
+                        reserve_runs=3, what="step")  # the memory step below costs ~3 steps
+        slow_reason = _AmpTrainer.slow_reason(device, precision)
+        if timed["skipped"]:
+            probe = f"a matmul probe predicts {_AmpTrainer.ratio_words(factor)}; " if reference else ""
+            reason = probe + timed["skipped"] + (f"; {slow_reason}" if slow_reason else "")
+            return _AmpTrainer.skipped(precision, "budget", reason)
+        peak, activations = trainer.peak_memory()
+        speedup = reference["median_s"] / timed["median_s"] if reference else 1.0
+        note = None
+        if reference is not None:
+            slower = f": {slow_reason}" if speedup < 1 / 1.1 and slow_reason else ""
+            note = _AmpTrainer.ratio_words(1 / speedup) + slower
+        return {"precision": precision, **timed, "peak_memory_bytes": peak, "activation_bytes": activations,
+                "speedup_vs_fp32": speedup, "skipped": None, "skip_kind": None, "note": note, "outputs": outputs,
+                "max_rel_error_vs_fp32": _AmpTrainer.max_rel_error(outputs, reference["outputs"]) if reference else 0.0,
+                "loss_scale": trainer.scaler and float(trainer.scaler.get_scale())}
+
+    @staticmethod
+    def why_not(precision, device, dtype, reference):
+        """(skip kind, reason) when `precision` cannot be timed here at all, else None."""
+        if precision == "fp32":
+            return None
+        if precision not in supported_precisions(device):
+            return "unsupported", f"autocast {precision} is not supported on {device.type}"
+        if dtype != torch.float32:  # NB: "fp32" is then the model as given
+            return "unsupported", (f"autocast casts float32 ops only; this model computes in {str(dtype)[6:]}: "
+                                   "nothing would change")
+        if reference is None or reference["skipped"]:
+            return "budget", "no fp32 reference: it did not fit the budget"
+        return None
+
+    def peak_memory(self):
+        """(peak, activation) bytes of one untimed step, measured as in measure_memory."""
+        _, summary = _StorageTracker.measured_step(self.step, self.replica, self.optimizer, self.args, self.kwargs,
+                                                   self.device)
+        return summary["total"], summary["activation_bytes"]
 
     def __init__(self, model, run_args, run_kwargs, precision, device, training):
         self.replica = Replica.of(model, Replica.real_like(device))
         self.args, self.kwargs = run_args, run_kwargs
         self.precision, self.device, self.training = precision, device, training
-        self.dtype = AMP_DTYPES[precision]
         self.optimizer = torch.optim.Adam(self.replica.parameters(), lr=1e-4) if training else None
         if training:  # steady state from the first step: a GradScaler may skip the first steps (inf grads
             _create_optimizer_state(self.replica, self.optimizer)  # at scale 65536), which leaves no Adam state
         self.scaler = _grad_scaler(precision, device)
 
     def forward(self):
-        with _autocast(self.dtype, self.device):
+        with _autocast(self.precision, self.device):
             return self.replica(*self.args, **self.kwargs)
 
     def step(self, tracker=None):
@@ -2822,12 +2883,6 @@ class _AmpTrainer:
         return [x.detach().float() for x in leaves if x.is_floating_point()]
 
 
-def _max_rel_error(outputs, reference):
-    """max |out - ref| / max |ref| over all output tensors."""
-    scale = max(float(r.abs().max()) for r in reference) or 1.0
-    return max(float((o - r).abs().max()) for o, r in zip(outputs, reference)) / scale
-
-
 def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, training=True,
                               time_budget_s=DEFAULT.model_amp_s, max_runs=MAX_RUNS):
     """Time a training step (or a forward) of `model` in fp32 and each low precision.
@@ -2841,7 +2896,7 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
     """
     Replica.check(model)
     device = resolve_device(device, model)
-    precisions = _check_amp_options(precisions, max_runs, device)
+    precisions = _AmpTrainer.check_options(precisions, max_runs, device)
     args, kwargs = Replica.inputs(inputs, model)
     run_args, run_kwargs = Replica.map((args, kwargs), Replica.real_like(device, ids_below=Replica.ids_below(model)))
     budget, hardware, dtype = Budget(time_budget_s), hardware_info(device), Replica.dtype(model)
@@ -2850,90 +2905,16 @@ def benchmark_mixed_precision(model, inputs, *, device=None, precisions=None, tr
         for i, precision in enumerate(precisions):
             share = budget.left() / 2 if i == 0 and len(precisions) > 1 else budget.share(len(precisions) - i)
             try:
-                record = _benchmark_one(model, run_args, run_kwargs, precision, device, training, share, reference,
-                                        max_runs)
+                record = _AmpTrainer.benchmark_one(model, run_args, run_kwargs, precision, device, training, share,
+                                                   reference, max_runs)
             except Exception as err:
                 if i == 0:
                     raise Replica.error(model, args, kwargs, err) from None
-                record = _skipped(precision, "failed", f"failed: {_first_line(err)}")
+                record = _AmpTrainer.skipped(precision, "failed", f"failed: {_first_line(err)}")
             reference = record if precision == "fp32" else reference
             records.append({**record, "device": str(device), "training": training, "hardware": hardware,
                             "model_dtype": str(dtype)[6:]})
     return records
-
-
-def _check_amp_options(precisions, max_runs, device):
-    """The precisions to time, fp32 (the reference) first; a ValueError for a bad list or max_runs."""
-    if device.type == "meta":
-        raise ValueError("benchmark_mixed_precision needs real weights; the model is on the meta device")
-    if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
-        raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
-    if isinstance(precisions, str):
-        raise ValueError(f"precisions must be a list such as [{precisions!r}], not a string; valid names: "
-                         f"{list(AMP_DTYPES)}")
-    precisions = list(precisions or supported_precisions(device))
-    unknown = [p for p in precisions if p not in AMP_DTYPES]
-    if unknown:
-        pure = [p for p in unknown if p in PURE_DTYPES]
-        raise ValueError(f"precisions must be among {list(AMP_DTYPES)}, got {unknown}"
-                         + (f" ({', '.join(pure)}: pure low-precision weights, an estimate_memory precision; "
-                            f"autocast is amp_{pure[0]})" if pure else ""))
-    return ["fp32"] + [p for p in precisions if p != "fp32"]
-
-
-def _skipped(precision, kind, reason):
-    return {"precision": precision, "median_s": None, "iqr_s": None, "runs": 0, "peak_memory_bytes": None,
-            "activation_bytes": None, "speedup_vs_fp32": None, "max_rel_error_vs_fp32": None,
-            "skipped": reason, "skip_kind": kind, "note": None, "times_s": [], "loss_scale": None}
-
-
-def _benchmark_one(model, run_args, run_kwargs, precision, device, training, share_s, reference, max_runs):
-    """One precision: why it cannot run here, or its steps timed (measure, gated by a matmul
-    probe's prediction), one more step for its memory, its outputs' error against fp32."""
-    why_not = _why_not_amp(precision, device, Replica.dtype(model), reference)
-    if why_not:
-        return _skipped(precision, *why_not)
-    started = _now()
-    factor = _matmul_slowdown(device, precision) if reference else None
-    trainer = _AmpTrainer(model, run_args, run_kwargs, precision, device, training)
-    outputs = trainer.outputs()
-    timed = measure(trainer.step, device=device, budget_s=max(share_s - (_now() - started), 1e-9),
-                    runs=(MIN_RUNS, max_runs), predicted_s=reference["median_s"] * factor if reference else None,
-                    reserve_runs=3, what="step")  # the memory step below costs ~3 steps
-    slow_reason = _slow_low_precision_reason(device, precision)
-    if timed["skipped"]:
-        probe = f"a matmul probe predicts {_ratio_words(factor)}; " if reference else ""
-        return _skipped(precision, "budget", probe + timed["skipped"] + (f"; {slow_reason}" if slow_reason else ""))
-    peak, activations = _peak_memory(trainer, device)
-    speedup = reference["median_s"] / timed["median_s"] if reference else 1.0
-    note = None
-    if reference is not None:
-        note = _ratio_words(1 / speedup) + (f": {slow_reason}" if speedup < 1 / 1.1 and slow_reason else "")
-    return {"precision": precision, **timed, "peak_memory_bytes": peak, "activation_bytes": activations,
-            "speedup_vs_fp32": speedup, "skipped": None, "skip_kind": None, "note": note, "outputs": outputs,
-            "max_rel_error_vs_fp32": _max_rel_error(outputs, reference["outputs"]) if reference else 0.0,
-            "loss_scale": trainer.scaler and float(trainer.scaler.get_scale())}
-
-
-def _why_not_amp(precision, device, dtype, reference):
-    """(skip kind, reason) when `precision` cannot be timed here at all, else None."""
-    if precision == "fp32":
-        return None
-    if precision not in supported_precisions(device):
-        return "unsupported", f"autocast {precision} is not supported on {device.type}"
-    if dtype != torch.float32:  # NB: "fp32" is then the model as given
-        return "unsupported", (f"autocast casts float32 ops only; this model computes in {str(dtype)[6:]}: "
-                               "nothing would change")
-    if reference is None or reference["skipped"]:
-        return "budget", "no fp32 reference: it did not fit the budget"
-    return None
-
-
-def _peak_memory(trainer, device):
-    """(peak, activation) bytes of one untimed step, measured as in measure_memory."""
-    _, summary = _measured_step(trainer.step, trainer.replica, trainer.optimizer, trainer.args, trainer.kwargs,
-                                device)
-    return summary["total"], summary["activation_bytes"]
 
 
 @stage("amp")
@@ -3224,7 +3205,7 @@ class _StrategyRun:
         """Mean cross-entropy over (x, y), in the strategy's precision."""
         total = 0.0
         for xs, ys in zip(x.split(batch), y.split(batch)):
-            with _autocast(AMP_DTYPES[self.precision], self.device):
+            with _autocast(self.precision, self.device):
                 total += float(F.cross_entropy(self.replica(xs), ys, reduction="sum"))
         return total / len(x)
 
@@ -3244,7 +3225,7 @@ def _train_one(model, strategy, data, order, options):
     for i, index in enumerate(order):
         x, y = data["train_x"][index].to(device), data["train_y"][index].to(device)
         if i == 1:  # the first steady step (Adam state exists): measured for memory, not timed
-            loss, memory = _measured_step(functools.partial(run.step, x, y), run.replica, run.optimizer,
+            loss, memory = _StorageTracker.measured_step(functools.partial(run.step, x, y), run.replica, run.optimizer,
                                           (x, y), {}, device)
         else:
             loss, seconds = _timed(device, run.step, x, y)
@@ -3908,7 +3889,7 @@ def _static_class(name):
     entry = _FORMULAS.get(name)
     if entry is not None and entry.kind == "macs":
         return entry.work
-    return "copies" if name in ZERO_COST_OPS and name not in NO_TRAFFIC_OPS else "elementwise/other"
+    return "copies" if name in _CountingMode.ZERO_COST and name not in _CountingMode.NO_TRAFFIC else "elementwise/other"
 
 
 def _op_rows(ops, times, peak, bandwidth):
@@ -3927,7 +3908,7 @@ def _op_rows(ops, times, peak, bandwidth):
     ridge = peak / bandwidth
     for row in rows.values():
         compute_s, memory_s = row["flops"] / peak, row["bytes"] / bandwidth
-        row.update(intensity=_intensity(row["flops"], row["bytes"]), predicted_s=max(compute_s, memory_s),
+        row.update(intensity=_CountingMode.intensity(row["flops"], row["bytes"]), predicted_s=max(compute_s, memory_s),
                    bound="compute" if compute_s >= memory_s and row["flops"] else "memory" if row["bytes"] else "none",
                    achieved_flops_per_s=row["flops"] / row["measured_s"] if row["measured_s"] else None)
         row["why"] = _why(row, ridge)
@@ -3942,20 +3923,20 @@ def _why(row, ridge):
 
 
 def _class_rows(rows, ridge):
-    """The per-op rows summed per op class (OP_CLASSES order)."""
+    """The per-op rows summed per op class (_CountingMode.OP_CLASSES order)."""
     out = {}
     for r in rows:
         c = out.setdefault(r["class"], {"flops": 0, "bytes": 0, "calls": 0, "measured_s": 0.0, "predicted_s": 0.0})
         for k in c:
             c[k] += r[k]
     for c in out.values():
-        c["intensity"] = _intensity(c["flops"], c["bytes"])
+        c["intensity"] = _CountingMode.intensity(c["flops"], c["bytes"])
         c["bound"] = ("compute" if c["intensity"] is not None and c["intensity"] >= ridge else
                       "memory" if c["bytes"] else "none")
         c["overhead_s"] = max(c["measured_s"] - c["predicted_s"], 0.0)
         c["achieved_flops_per_s"] = c["flops"] / c["measured_s"] if c["measured_s"] else None
         c["why"] = _why(c, ridge)
-    return {k: out[k] for k in OP_CLASSES if k in out}
+    return {k: out[k] for k in _CountingMode.OP_CLASSES if k in out}
 
 
 def _check_roofline_options(training, precision, device):
@@ -3983,7 +3964,7 @@ def _step_of(model, inputs, training, precision, device):
     replica.eval()
 
     def forward(tracker=None):
-        with tracker or contextlib.nullcontext(), torch.no_grad(), _autocast(_amp_dtype(precision), device):
+        with tracker or contextlib.nullcontext(), torch.no_grad(), _autocast(precision, device):
             replica(*run_args, **run_kwargs)
     return replica, forward
 
@@ -3992,7 +3973,7 @@ def roofline(model, inputs, *, training=True, device=None, precision="fp32", tim
              bandwidth=None, dispatch=None):
     """Where the time of one step of `model` goes, and why: each op's FLOPs and bytes (counted),
     its measured self time (torch.profiler), its bound and its roofline time max(FLOPs / peak,
-    bytes / bandwidth), per op and per op class (OP_CLASSES), against the measured step.
+    bytes / bandwidth), per op and per op class (_CountingMode.OP_CLASSES), against the measured step.
 
     training: a training step (forward, backward, Adam) or a no-grad forward; precision: fp32 or an
     autocast precision (amp_bf16, amp_fp16), as supported_precisions(device) lists.  `peak`,
@@ -5904,7 +5885,7 @@ def _plot_roofs(ax, data):
     from matplotlib.lines import Line2D
     handles = [Line2D([], [], ls="", marker=markers[n], color="grey", label=n) for n in data["models"]]
     handles += [Line2D([], [], ls="", marker="o", color=CLASS_COLORS[c], label=_t(f"class_{c}"))
-                for c in OP_CLASSES if any(pc == c for _, pc, _ in points)]
+                for c in _CountingMode.OP_CLASSES if any(pc == c for _, pc, _ in points)]
     ax.legend(handles=handles, fontsize=8, loc="lower right", ncol=2)
     ax.text(0.01, 0.99, _t("roof_nopoint"), transform=ax.transAxes, fontsize=8, va="top", color=PALETTE.note)
 
@@ -5978,7 +5959,7 @@ def _plot_low_precision(ax, data):
         _not_measured(ax, low.get("skipped"))
         return
     fp32 = data["models"][low["model"]]["classes"]
-    names = [c for c in OP_CLASSES if c in fp32 or c in low["classes"]]
+    names = [c for c in _CountingMode.OP_CLASSES if c in fp32 or c in low["classes"]]
     y, h = np.arange(len(names)), 0.38
     a = [fp32.get(c, {}).get("measured_s", 0) * 1e3 for c in names]
     b = [low["classes"].get(c, {}).get("measured_s", 0) * 1e3 for c in names]

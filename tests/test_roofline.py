@@ -33,7 +33,7 @@ def test_broadcast_add_counts_the_broadcast_dimension_once():
     # reads x (512) + the stride-0 expanded b (32 distinct elements), writes 512: (512 + 32 + 512) * 4 = 4_224
     assert moved == (512 + 32 + 512) * 4 == 4_224
     assert flops == 512
-    assert demo.tensor_bytes(b.expand(16, 32)) == 32 * 4
+    assert demo._CountingMode.tensor_bytes(b.expand(16, 32)) == 32 * 4
 
 
 def test_a_view_moves_nothing():

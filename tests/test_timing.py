@@ -239,9 +239,9 @@ def test_utilisation_never_above_one():
 
 
 def test_ratio_words_are_not_garbled():
-    assert demo._ratio_words(0.37) == "2.7x faster than fp32"
-    assert demo._ratio_words(3.21) == "3.2x slower than fp32"
-    assert demo._ratio_words(0.96).startswith("as fast as fp32")  # not "1.0x slower"
+    assert demo._AmpTrainer.ratio_words(0.37) == "2.7x faster than fp32"
+    assert demo._AmpTrainer.ratio_words(3.21) == "3.2x slower than fp32"
+    assert demo._AmpTrainer.ratio_words(0.96).startswith("as fast as fp32")  # not "1.0x slower"
 
 
 # --- conditions ----------------------------------------------------------------------------------
@@ -325,11 +325,11 @@ def test_a_first_use_warm_up_is_repeated_before_it_can_skip_a_precision(monkeypa
     monkeypatch.setattr(demo, "_matmul_slowdown", lambda device, precision: 1.0)
     model, cpu = demo.mlp(64), torch.device("cpu")
     args, kwargs = (torch.randn(4, 1024),), {}
-    fp32 = demo._benchmark_one(model, args, kwargs, "fp32", cpu, True, 5.0, None, 4)
+    fp32 = demo._AmpTrainer.benchmark_one(model, args, kwargs, "fp32", cpu, True, 5.0, None, 4)
     assert fp32["skipped"] is None
     steps = iter([1.0, 0.010])  # the first warm-up pays one-time costs, the second does not
-    amp = demo._benchmark_one(model, args, kwargs, "amp_bf16", cpu, True, 2.0, fp32, 4)
+    amp = demo._AmpTrainer.benchmark_one(model, args, kwargs, "amp_bf16", cpu, True, 2.0, fp32, 4)
     assert amp["skipped"] is None and amp["runs"] >= demo.MIN_RUNS
     steps = iter([1.0, 1.0])  # slow both times: really too slow for its share, said so
-    slow = demo._benchmark_one(model, args, kwargs, "amp_bf16", cpu, True, 2.5, fp32, 4)
+    slow = demo._AmpTrainer.benchmark_one(model, args, kwargs, "amp_bf16", cpu, True, 2.5, fp32, 4)
     assert slow["skipped"] and "warm-up step took 1000 ms" in slow["skipped"]
