@@ -4194,60 +4194,54 @@ def lecture_flop_check(record, *, layers, hidden, vocab):
 
 
 # --- fusion: the same math as a chain of elementwise ops, and as PyTorch's one kernel ----------------
-GELU_C = math.sqrt(2 / math.pi)  # the tanh approximation of GELU (Hendrycks & Gimpel 2016, Sec. 2)
 
+class Fusion:
+    """Each case (CASES): the op written out elementwise (each op a kernel and a temporary), and
+    PyTorch's fused kernel for the same math."""
 
-def _gelu_composed(x):
-    return 0.5 * x * (1 + torch.tanh(GELU_C * (x + 0.044715 * x ** 3)))
+    @staticmethod
+    def gelu_composed(x):
+        c = math.sqrt(2 / math.pi)  # the tanh approximation of GELU (Hendrycks & Gimpel 2016, Sec. 2)
+        return 0.5 * x * (1 + torch.tanh(c * (x + 0.044715 * x ** 3)))
 
+    @staticmethod
+    def gelu_fused(x):
+        return F.gelu(x, approximate="tanh")
 
-def _gelu_fused(x):
-    return F.gelu(x, approximate="tanh")
+    @staticmethod
+    def layer_norm_composed(x, eps=1e-5):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(var + eps)
 
+    @staticmethod
+    def layer_norm_fused(x, eps=1e-5):
+        return F.layer_norm(x, x.shape[-1:], eps=eps)
 
-def _layer_norm_composed(x, eps=1e-5):
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps)
-
-
-def _layer_norm_fused(x, eps=1e-5):
-    return F.layer_norm(x, x.shape[-1:], eps=eps)
-
-
-FUSION_CASES = {"GELU (tanh)": (_gelu_composed, _gelu_fused), "LayerNorm": (_layer_norm_composed, _layer_norm_fused)}
-def _time_call(fn, x, device, budget_s):
-    """fn(x) timed by measure() within `budget_s` (never skipped: 3 runs at the least)."""
-    return measure(fn, x, device=device, budget_s=budget_s, always=True, what="call")
-
-
-def _allocated_peak(fn, x, device):
-    """Bytes the call allocates at most beyond its input (_PeakMemory), or None where unreadable."""
-    with _PeakMemory(device) as peak:
-        fn(x)
-    return peak.peak_bytes
+    CASES = {"GELU (tanh)": ("gelu_composed", "gelu_fused"), "LayerNorm": ("layer_norm_composed", "layer_norm_fused")}
 
 
 def measure_fusion(*, device=None, shape=DEFAULT.fusion_shape, time_budget_s=DEFAULT.fusion_s):
-    """Time and peak memory of each FUSION_CASES pair on one fp32 tensor of `shape`: the op
-    written out elementwise (each op a kernel and a temporary) against PyTorch's fused kernel.
-    Returns {case: {"composed": time_stats + peak_bytes, "fused": ..., "speedup", "memory_saving",
-    "max_abs_diff"}}; speedup > 1 means the fused kernel is faster."""
+    """Time (measure) and peak memory (_PeakMemory) of each Fusion case on one fp32 tensor of
+    `shape`.  Returns {case: {"composed": time_stats + peak_bytes, "fused": ..., "speedup",
+    "memory_saving", "max_abs_diff"}}; speedup > 1 means the fused kernel is faster."""
     device = resolve_device(device)
     budget = Budget(time_budget_s)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     out = {"shape": list(shape), "dtype": "fp32", "device": _device_name(device), "cases": {}}
     with torch.inference_mode(), Load.fitted_threads():
-        for i, (name, (composed, fused)) in enumerate(FUSION_CASES.items()):
-            share = budget.share(2 * (len(FUSION_CASES) - i))
-            case = {"composed": _time_call(composed, x, device, share)}
-            case["fused"] = _time_call(fused, x, device, budget.share(2 * (len(FUSION_CASES) - i) - 1))
-            for key, fn in (("composed", composed), ("fused", fused)):
-                case[key]["peak_bytes"] = _allocated_peak(fn, x, device)
+        for i, (name, pair) in enumerate(Fusion.CASES.items()):
+            case = {}
+            for j, (key, fn) in enumerate(zip(("composed", "fused"), (getattr(Fusion, f) for f in pair))):
+                share = budget.share(2 * (len(Fusion.CASES) - i) - j)  # what is left, shared by the calls to time
+                case[key] = measure(fn, x, device=device, budget_s=share, always=True, what="call")
+                with _PeakMemory(device) as peak:  # bytes the call allocates at most beyond its input
+                    fn(x)
+                case[key]["peak_bytes"] = peak.peak_bytes
             case["speedup"] = case["composed"]["median_s"] / case["fused"]["median_s"]
             peaks = case["composed"]["peak_bytes"], case["fused"]["peak_bytes"]
             case["memory_saving"] = None if None in peaks else 1 - peaks[1] / peaks[0]
+            composed, fused = (getattr(Fusion, f) for f in pair)
             case["max_abs_diff"] = float((composed(x) - fused(x)).abs().max())
             out["cases"][name] = case
     out["conditions"] = None
