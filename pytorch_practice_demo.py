@@ -4582,6 +4582,9 @@ LABELS = {
     "why_planned_skip": ("计划跳过：batch {0} 预测每次 {1} ms，预热加 {2} 次放不进延迟预算剩下的 {3} s",
                          "planned skip: batch {0} predicted {1} ms per run; with a warm-up and {2} runs it did not "
                          "fit the {3} s left"),
+    "why_planned_total": ("计划跳过：batch {1} 预测约 {0} s（乘 {2} 的余量为 {3} s），超过延迟预算剩下的 {4} s",
+                          "planned skip: predicted ~{0} s for batch {1} (x{2} margin: {3} s), "
+                          "more than the {4} s left"),
     "why_latency_not_measured": ("batch-{0} 延迟未测", "batch-{0} latency not measured"),
     "why_failed": ("出错：{0}", "failed: {0}"),
     "hw_support": ("torch {torch}，{threads} 线程，TF32 {tf32}", "torch {torch}, {threads} threads, TF32 {tf32}"),
@@ -4894,6 +4897,8 @@ REASON_PHRASES = (
     (r"no fp32 reference", "why_no_reference"),
     (r"planned skip: batch (\d+) predicted (\d+) ms per run; with a warm-up and (\d+) runs it did not fit the "
      r"([\d.]+) s left", "why_planned_skip"),
+    (r"planned skip: predicted ~([\d.]+) s for batch (\d+) \(x([\d.]+) margin: ([\d.]+) s\), more than the "
+     r"([\d.]+) s left", "why_planned_total"),
     (r"batch-(\d+) latency not measured", "why_latency_not_measured"),
     (r"failed: (.*)", "why_failed"),
 )
