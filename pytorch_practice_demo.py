@@ -32,7 +32,7 @@ the models -> counting and measuring them -> the figures -> the command line):
                                                   ResMLPClassifier, MODEL_ZOO, build_model
   5. FLOP counting .............................. FLOPCalculator, run_flop_analysis (one formula registry)
   6. Memory ..................................... estimate_memory, measure_memory, measure_kv_cache,
-                                                  zero_memory_per_device, run_memory_analysis
+                                                  zero_memory_per_device, memory_timeline, run_memory_analysis
   7. Mixed precision ............................ benchmark_mixed_precision, run_amp_analysis, dtype_ranges
   8. Training ................................... run_training_comparison, TrainingPlan.plan, TrainingData.mnist,
                                                   write_tensorboard
@@ -44,7 +44,7 @@ the models -> counting and measuring them -> the figures -> the command line):
  11. Your own model ............................. load_model, analyze, format_model_table
  12. Figures .................................... set_language, save_figure, then per figure (stage order):
                                                   visualize_flop_analysis, visualize_memory_analysis,
-                                                  visualize_training_performance,
+                                                  visualize_memory_timeline, visualize_training_performance,
                                                   demonstrate_mixed_precision_benefits,
                                                   create_comprehensive_dashboard, visualize_roofline,
                                                   visualize_lecture_claims,
@@ -72,6 +72,7 @@ import math
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -89,7 +90,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
 # %% =============================================================================================
@@ -2644,17 +2645,22 @@ def run_memory_analysis(run, *, batch=None):
         data["models"][name] = {mode: {"estimate": estimate_memory(model, inputs(batch), training=mode == "training"),
                                        "measured": measure_memory(model, inputs(batch), training=mode == "training")}
                                 for mode in ("training", "inference")}
-        run.report(i + 1, len(names) + 2, name)
+        run.report(i + 1, len(names) + 3, name)
     gpt, gpt_inputs = built["TinyGPT (T=64)"], MEMORY_MODELS["TinyGPT (T=64)"][1]  # the rest is about TinyGPT
     known = {batch: data["models"]["TinyGPT (T=64)"]["training"]}  # reused, not run again
     data["growth"] = _memory_growth(gpt, gpt_inputs, run.profile.growth_measured, run.profile.growth_estimated, known)
-    run.report(len(names) + 1, len(names) + 2, "batch growth")
+    run.report(len(names) + 1, len(names) + 3, "batch growth")
     data["variants"] = _memory_variants(gpt, gpt_inputs(batch), run.profile.memory_variants, known[batch]["estimate"])
     data["gpt_parameters"] = sum(p.numel() for p in gpt.parameters())
     data["kv_cache"] = measure_kv_cache(gpt, **run.profile.kv_sizes())
     seven_b = 7_000_000_000
     data["zero"] = {"parameters": seven_b, "devices": 8, "per_device": zero_memory_per_device(seven_b, 8)}
-    run.report(len(names) + 2, len(names) + 2, "precision and sharding")
+    run.report(len(names) + 2, len(names) + 3, "precision and sharding")
+    data["timeline"] = {"model": "TinyGPT (T=64)", "batch": batch, "micro_batches": TIMELINE_MICRO_BATCHES,
+                        "runs": {s: memory_timeline(gpt, gpt_inputs(batch), strategy=s, device=run.device,
+                                                    micro_batches=TIMELINE_MICRO_BATCHES)
+                                 for s in TIMELINE_STRATEGIES}}  # three real steps, ~0.1 s each here
+    run.report(len(names) + 3, len(names) + 3, "memory over one step")
     return data
 
 
@@ -2742,6 +2748,127 @@ def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
     return result
 
 
+# ---- Memory over one training step: the tracker's events replayed in order -------------------
+# The peak bars show one moment; PyTorch's memory snapshot viewer shows memory over time.  Here the
+# same picture comes from the storage tracker's alloc/free events of one real steady-state step.
+
+
+class _PhaseLog(_StorageTracker):
+    """The storage tracker, also logging every phase change in order: with micro-batches forward
+    and backward repeat, and `phase_start` keeps only the last start of each."""
+
+    def __init__(self, scratch=False):
+        super().__init__(scratch)
+        self.phase_log = []  # (phase, index into events) in order
+
+    def set_phase(self, phase):
+        self.phase_log.append((phase, len(self.events)))
+        super().set_phase(phase)
+
+
+# bottom to top in the timeline: what lives all step first, then what comes and goes
+TIMELINE_STACK = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
+                  "temporary")
+TIMELINE_STRATEGIES = ("baseline", "gradient_checkpointing", "gradient_accumulation")
+TIMELINE_MICRO_BATCHES = 4  # the training comparison's accumulation: 4 micro-batches of batch / 4
+
+
+def _timeline_categories(tracker):
+    """Each storage's category: categorize()'s, except that a storage a micro-batch's forward made
+    and still alive when that micro-batch's backward starts is an activation (categorize() sees only
+    the last backward's start, so with accumulation it would call the earlier ones temporary)."""
+    tracker.categorize()
+    categories = [entry[2] for entry in tracker.info]
+    log = getattr(tracker, "phase_log", [])
+    spans = [(start, log[i + 1][1]) for i, (phase, start) in enumerate(log[:-1])
+             if phase == "forward" and log[i + 1][0] == "backward"]  # (forward start, its backward start)
+    born, freed = {}, {}
+    for i, (key, sign) in enumerate(tracker.events):
+        (born if sign > 0 else freed).setdefault(key, i)
+    for key, at in born.items():
+        if categories[key] != "temporary" or tracker.info[key][1] != "forward":
+            continue
+        span = next((s for s in spans if s[0] <= at < s[1]), None)
+        if span and freed.get(key, math.inf) >= span[1]:
+            categories[key] = "activations"
+    return categories
+
+
+def _memory_timeline(tracker, points=300):
+    """Replay the tracker's events into bytes per category after each event, thinned to about
+    `points` samples: each keeps the event where its stretch of events held the most, so the
+    peak is never thinned away.  Returns plain lists (results.json)."""
+    categories = _timeline_categories(tracker)
+    column = {c: i for i, c in enumerate(TIMELINE_STACK)}
+    n = len(tracker.events)
+    delta = np.zeros((n, len(TIMELINE_STACK)))
+    for i, (key, sign) in enumerate(tracker.events):
+        delta[i, column[categories[key]]] = sign * tracker.info[key][0]
+    live = np.cumsum(delta, axis=0)  # (events, categories): bytes alive after each event
+    total = live.sum(axis=1)
+    keep = sorted({int(chunk[np.argmax(total[chunk])]) for chunk in np.array_split(np.arange(n), min(points, n))})
+    peak = int(np.argmax(total))
+    phases = []
+    for phase, start in getattr(tracker, "phase_log", sorted(tracker.phase_start.items(), key=lambda kv: kv[1])):
+        if not phases or phases[-1][0] != phase:
+            phases.append([phase, start])
+    return {"events": n, "index": keep, "phases": phases,
+            "parts": {_StorageTracker.PART_KEYS[c]: [int(live[i, j]) for i in keep] for c, j in column.items()},
+            "peak_bytes": int(total[peak]), "peak_index": peak,
+            "peak_phase": next((p for p, start in reversed(phases) if start <= peak), "setup"),
+            "at_peak": {_StorageTracker.PART_KEYS[c]: int(live[peak, j]) for c, j in column.items()}}
+
+
+def _split_batch(tree, k):
+    """`tree`'s tensors cut into k micro-batches along dim 0 (tensors of another length stay whole)."""
+    if k == 1:
+        return [tree]
+    leaves, spec = tree_flatten(tree)
+    sizes = {x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0}
+    batch = max(sizes) if sizes else 0
+    if batch < k or batch % k:
+        raise LabError(f"gradient accumulation needs a batch divisible into {k} micro-batches, got {batch}")
+    pieces = [[x.chunk(k)[i] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else x
+               for x in leaves] for i in range(k)]
+    return [tree_unflatten(p, spec) for p in pieces]
+
+
+def memory_timeline(model, inputs, *, strategy="baseline", micro_batches=4, device=None, points=300,
+                    loss_fn=None, targets=None):
+    """Memory over one real steady-state training step (fp32, Adam, its state already there, as
+    after the first step) on a copy of `model`: bytes per category after every allocation and
+    free the storage tracker saw, thinned to ~`points` samples (_memory_timeline), with the
+    phases (forward, backward, optimizer) and the peak.  `strategy`: "baseline",
+    "gradient_checkpointing" (_checkpoint_blocks) or "gradient_accumulation" (`micro_batches`
+    forwards and backwards, each loss weighted 1/k, one optimizer step)."""
+    if strategy not in TIMELINE_STRATEGIES:
+        raise ValueError(f"strategy must be one of {TIMELINE_STRATEGIES}, got {strategy!r}")
+    args, kwargs, device, _ = _memory_options(model, inputs, True, "adam", "fp32", False, device)
+    if device.type == "meta":
+        raise ValueError("memory_timeline runs a real step: the model is on the meta device")
+    make = Replica.real_like(device, ids_below=Replica.ids_below(model))
+    replica = Replica.of(model, make)
+    blocks = _checkpoint_blocks(replica) if strategy == "gradient_checkpointing" else 0
+    run_args, run_kwargs, run_targets = Replica.map((args, kwargs, targets), make)
+    k = micro_batches if strategy == "gradient_accumulation" else 1
+    loss = StepLoss(loss_fn)
+    micro = [(a, kw, StepLoss.batch(a, kw, t), 1 / k if k > 1 else None)
+             for a, kw, t in _split_batch((run_args, run_kwargs, run_targets), k)]
+    optimizer = _make_optimizer("adam", replica.parameters())
+    _create_optimizer_state(replica, optimizer)
+    tracker = _PhaseLog()
+    try:
+        tracker.register_state(replica, optimizer, (run_args, run_targets), run_kwargs)
+        training_step(replica, optimizer, micro, loss_fn=loss, device=device, tracker=tracker)
+        timeline = _memory_timeline(tracker, points)
+    except Exception as err:
+        raise Replica.error(model, args, kwargs, err) from None
+    finally:
+        tracker.close()
+    return {**timeline, "strategy": strategy, "micro_batches": k, "checkpointed_blocks": blocks,
+            "device": str(device), "method": _StorageTracker.SOURCE}
+
+
 # %% =============================================================================================
 # 7. Mixed precision
 # ================================================================================================
@@ -2822,7 +2949,8 @@ class _AmpTrainer:
         if timed["skipped"]:
             probe = f"a matmul probe predicts {_AmpTrainer.ratio_words(factor)}; " if reference else ""
             reason = probe + timed["skipped"] + (f"; {slow_reason}" if slow_reason else "")
-            return _AmpTrainer.skipped(precision, "budget", reason)
+            return {**_AmpTrainer.skipped(precision, "budget", reason),
+                    "predicted_speedup": 1 / factor if factor else None}  # the probe's prediction, for the figure
         peak, activations = trainer.peak_memory()
         speedup = reference["median_s"] / timed["median_s"] if reference else 1.0
         note = None
@@ -2830,7 +2958,8 @@ class _AmpTrainer:
             slower = f": {slow_reason}" if speedup < 1 / 1.1 and slow_reason else ""
             note = _AmpTrainer.ratio_words(1 / speedup) + slower
         return {"precision": precision, **timed, "peak_memory_bytes": peak, "activation_bytes": activations,
-                "speedup_vs_fp32": speedup, "skipped": None, "skip_kind": None, "note": note, "outputs": outputs,
+                "speedup_vs_fp32": speedup, "predicted_speedup": 1 / factor if factor else None,
+            "skipped": None, "skip_kind": None, "note": note, "outputs": outputs,
                 "max_rel_error_vs_fp32": _AmpTrainer.max_rel_error(outputs, reference["outputs"]) if reference else 0.0,
                 "loss_scale": trainer.scaler and float(trainer.scaler.get_scale())}
 
@@ -3750,10 +3879,31 @@ def _scenario_verdict(scenario, m):
 
 
 def recommendation_verdicts(models):
-    """{scenario: {model: {"verdict": pass/fail/not_measured, "why": ...}}}: a limit a model was not
-    measured against is not a failure."""
-    return {s: {n: dict(zip(("verdict", "why"), _scenario_verdict(s, m))) for n, m in models.items()}
+    """{scenario: {model: {"verdict": pass/fail/not_measured, "why": ..., "value", "unit", "margin"}}}:
+    a limit a model was not measured against is not a failure; `margin` (_scenario_margin) says how
+    far inside (above 1) or outside (below 1) its tightest limit the model is."""
+    return {s: {n: {**dict(zip(("verdict", "why"), _scenario_verdict(s, m))),
+                    **dict(zip(("value", "unit", "margin"), _scenario_margin(s, m)))} for n, m in models.items()}
             for s in SCENARIOS}
+
+
+def _scenario_margin(scenario, m):
+    """(measured value, its unit, margin) of the scenario's tightest limit: the limit over the value
+    for a ceiling (parameters, latency, memory), the value over the limit for a floor (throughput),
+    so that above 1 passes; (None, None, None) where nothing was measured against it."""
+    big = LATENCY_BATCHES[-1]
+    if scenario == "edge":
+        limits = [(m["parameters"], "parameters", EDGE_MAX_PARAMETERS / m["parameters"])]
+        latency = _latency_of(m, 1)
+        if latency:
+            limits.append((latency, "s", EDGE_MAX_LATENCY_S / latency))
+        return min(limits, key=lambda limit: limit[2])
+    if scenario == "serving":
+        latency = _latency_of(m, big)
+        if latency is None:
+            return None, None, None
+        return big / latency, "samples/s", big / latency / SERVING_MIN_SAMPLES_PER_S
+    return m["training_memory_bytes"], "bytes", TRAINING_GPU_BYTES / m["training_memory_bytes"]
 
 
 def recommend_models(models):
@@ -3829,7 +3979,9 @@ def dashboard_radar(models):
 
 
 def _add_utilisation(data, device, peak_s):
-    """Forward FLOP/s at the largest measured batch / the fp32 peak, per model (None if impossible)."""
+    """Forward FLOP/s at the largest measured batch / the fp32 peak, per model (None if impossible);
+    and `utilisation_by_batch`, [[batch, utilisation or None], ...] for every measured batch against
+    the final peak, so that a figure compares models at one batch."""
     for m in data["models"].values():
         measured = [r for r in m["latency"] if not r.get("skipped")]
         if not measured:  # not measured at all: no utilisation, and it says why
@@ -3842,6 +3994,10 @@ def _add_utilisation(data, device, peak_s):
             achieved, data["peak_flops"],
             lambda: measure_peak_flops(device, time_budget_s=peak_s))
         m["util_batch"] = best["batch"]
+    for m in data["models"].values():
+        shares = [(r["batch"], m["flops"] * r["batch"] / r["median_s"] / data["peak_flops"]["flops_per_s"])
+                  for r in m["latency"] if not r.get("skipped")]
+        m["utilisation_by_batch"] = [[b, u if u <= 1 else None] for b, u in shares]  # above the peak: invalid
 
 
 # %% =============================================================================================
@@ -4318,9 +4474,10 @@ def _measured(value=None, spread=None, source=None, reason=None, basis=None, mis
     return {"value": value, "range": spread, "source": source, "reason": reason, "basis": basis, "missing": missing}
 
 
-def _training_measure(training, strategy, aspect):
+def _training_measure(training, strategy, aspect, basis=None):
     """One strategy against the baseline in the training comparison: a speed-up (with the range its
-    throughput spreads give) or a saving."""
+    throughput spreads give) or a saving (of the peak for mixed precision, of the activations
+    otherwise, unless `basis` says which)."""
     runs = (training or {}).get("runs") or {}
     if not training or "runs" not in training:
         return _measured(reason="the training comparison did not run", missing="stage")
@@ -4336,7 +4493,7 @@ def _training_measure(training, strategy, aspect):
             (r_lo, r_hi), (b_lo, b_hi) = run["samples_per_s_range"], base["samples_per_s_range"]
             spread = (r_lo / b_hi, r_hi / b_lo)
         return _measured(run["samples_per_s"] / base["samples_per_s"], spread, source)
-    basis = "peak" if strategy == "mixed_precision" else "activations"  # the lecture's claim is of each
+    basis = basis or ("peak" if strategy == "mixed_precision" else "activations")  # the lecture's claim is of each
     key = "peak_memory_bytes" if basis == "peak" else "activation_bytes"
     return _measured(1 - run[key] / base[key], None, f"{source} ({basis})", basis=basis)
 
@@ -4383,15 +4540,41 @@ def _verdict(value, agree, spread=None):
 
 def lecture_claims(training=None, fusion=None):
     """The lecture's optimisation table, cell by cell, with this machine's measured value from the
-    training comparison (`training`, run_training_comparison's data) and the fusion measurement."""
+    training comparison (`training`, run_training_comparison's data) and the fusion measurement.
+    `cases` gives one verdict per measured case (fusion's ops; mixed precision's saving of the peak
+    and of the activations), "disagree" told apart as "better" or "worse" than claimed."""
     rows = []
     for technique, aspect, claim, agree in LECTURE_CLAIMS:
         m = _fusion_measure(fusion, aspect) if technique == "fusion" else _training_measure(training, technique, aspect)
-        rows.append({"technique": technique, "aspect": aspect, "claim": claim, "agree_range": agree,
-                     "measured": m["value"], "measured_range": m["range"], "source": m["source"],
-                     "reason": m["reason"], "basis": m["basis"], "missing": m["missing"],
-                     "verdict": _verdict(m["value"], agree, m["range"])})
+        row = {"technique": technique, "aspect": aspect, "claim": claim, "agree_range": agree,
+               "measured": m["value"], "measured_range": m["range"], "source": m["source"],
+               "reason": m["reason"], "basis": m["basis"], "missing": m["missing"],
+               "verdict": _verdict(m["value"], agree, m["range"])}
+        row["cases"] = _claim_cases(m, agree)
+        if technique == "mixed_precision" and aspect == "memory" and m["value"] is not None:
+            act = _training_measure(training, technique, aspect, basis="activations")
+            row["cases"] = [dict(c, name="peak") for c in row["cases"]] + \
+                [dict(c, name="activations") for c in _claim_cases(act, agree)]
+        rows.append(row)
     return rows
+
+
+def _claim_cases(measured, agree):
+    """[{name, measured, verdict}] for each case of one measurement ("" for a single value); a
+    verdict outside the lecture's range is "better" above it (a larger saving or speed-up) or
+    "worse" below it."""
+    value, spread = measured["value"], measured["range"]
+    if value is None:
+        return [{"name": "", "measured": None, "verdict": "not_measured"}]
+    values = value if isinstance(value, dict) else {"": value}
+    spreads = spread if isinstance(spread, dict) else {"": spread}
+    cases = []
+    for name, v in values.items():
+        verdict = _verdict(v, agree, spreads.get(name))
+        if verdict == "disagree":
+            verdict = "better" if v > agree[1] else "worse"
+        cases.append({"name": name, "measured": v, "verdict": verdict})
+    return cases
 
 
 def _speed_text(speedup):
@@ -4636,6 +4819,7 @@ FIGURE_FILES = {
     "dashboard": "综合性能仪表板.png",
     "roofline": "性能屋顶线.png",
     "lecture": "讲义对照.png",
+    "timeline": "内存时间线.png",  # drawn by the memory stage: memory over one training step
     "model": "你的模型分析.png",  # --model SPEC: your own model
 }
 
@@ -4679,8 +4863,8 @@ LABELS = {
                 "估计 = fake 张量（无真实计算），实测 = 真实一步中分配器记录的峰值",
                 "device {device}; fp32; batch={batch}; Adam; estimate = fake tensors (no real compute), "
                 "measured = the allocator's peak in one real step"),
-    "mem_composition": ("训练峰值时刻的内存组成（左：公式，右：估计）",
-                        "Memory at the training peak (left: napkin, right: estimate)"),
+    "mem_composition": ("训练峰值时刻的内存组成（每对柱：左 = 公式，右 = 估计）",
+                        "Memory at the training peak (each pair: left napkin, right estimate)"),
     "parameter_bytes_part": ("参数", "parameters"), "gradient_bytes_part": ("梯度", "gradients"),
     "optimizer_bytes_part": ("优化器状态", "optimizer state"), "activation_bytes_part": ("激活", "activations"),
     "temporary_bytes_part": ("临时张量", "temporaries"), "buffer_bytes_part": ("缓冲区+输入", "buffers + inputs"),
@@ -4704,8 +4888,11 @@ LABELS = {
                   "mixed-precision Adam, 16 bytes/param (ZeRO paper, §3); activations excluded"),
     "gpu_80gb": ("80 GiB 显卡", "80 GiB GPU"),
     "mem_error": ("与实测峰值的相对误差", "Relative error vs measured peak"),
-    "mem_source": ("实测峰值来自：{method}，与估计不共用任何代码", "measured peak from: {method}, which shares no code "
-                   "with the estimate"),
+    "mem_source": ("比较对象：估计 = fake 张量上的存储跟踪 + CPU 内核工作内存规则；\n实测 = {method}。"
+                   "两者不共用代码，\n但 CPU 规则是对照本机分配器写的：0% 说明规则对这几个模型成立，不是第三方验证",
+                   "compared: estimate = storage tracking on fake tensors + the CPU kernels' scratch rules; measured = "
+                   "{method}.\nNo shared code, but the CPU rules were written against this allocator: 0 % says "
+                   "they hold for these models, not an independent check"),
     "napkin": ("公式（参数×4 + 梯度 + Adam 2× + 各层输出之和）",
                "napkin (params×4 + grads + 2× Adam + sum of layer outputs)"),
     "estimate": ("估计（fake 张量）", "estimate (fake tensors)"),
@@ -4756,19 +4943,22 @@ LABELS = {
     "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
     "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
                 "device {device}; one training step (fwd+bwd+Adam); batch={batch}; hardware: {support}"),
-    "amp_time": ("每步时间（中位数；误差棒 = IQR，少于 4 次为最小-最大）",
-                 "Step time (median; bar = IQR, min-max under 4 runs)"),
+    "amp_time": ("每步时间（点 = 中位数，竖线 = 重复计时的四分位距；对数轴）",
+                 "Step time (dot = median, line = IQR of the repeated timings; log axis)"),
     "seconds": ("秒", "seconds"),
     "amp_memory": ("一步中的峰值内存", "Peak memory in one step"),
-    "amp_speedup": ("相对 fp32 的加速比（<1 即变慢）", "Speed-up vs fp32 (<1 is a slowdown)"),
+    "amp_speedup": ("相对 fp32 的速度（对数轴，1× 居中；向下 = 变慢）",
+                    "Speed vs fp32 (log axis centred on 1×; down = slower)"),
     "amp_saving": ("激活内存相对 fp32 的节省（峰值见中上图）", "Activation memory saved vs fp32 (peaks: top middle)"),
     "amp_error": ("输出与 fp32 的最大相对误差", "Max relative error of outputs vs fp32"),
     "amp_ranges": ("为什么 fp16 需要损失缩放：可表示范围", "Why fp16 needs loss scaling: representable ranges"),
     "range_bar": ("最小次正规数 … 最大值", "smallest subnormal … max"),
     "skipped": ("跳过", "skipped"),
-    "skip_budget": ("跳过：预算不够", "skipped: budget"), "skip_unsupported": ("跳过：不支持", "skipped: unsupported"),
-    "skip_failed": ("跳过：出错", "skipped: failed"),
-    "skip_notes": ("跳过的原因：", "Why skipped:"),
+    "skip_budget": ("未测：预算不够", "not measured: budget"),
+    "skip_unsupported": ("未测：不支持", "not measured: unsupported"),
+    "skip_failed": ("未测：出错", "not measured: failed"),
+    "skip_notes": ("未测的原因（\"探针预测\"是一次矩阵乘计时推出的预测，不是实测）：",
+                   "Why not measured (a \"probe prediction\" comes from one timed matmul, it is not a measurement):"),
     "lit_mark": ("文献参考值 2-3×（非实测）", "literature 2-3× (reference, not measured)"),
     "underflow": ("1e-8 → {fp16}（fp16 下溢）；bf16 → {bf16:.3g}；× 损失缩放 {scale} 后 fp16 → {scaled:.3g}",
                   "1e-8 → {fp16} in fp16 (underflow); bf16 → {bf16:.3g}; × loss scale {scale} → fp16 {scaled:.3g}"),
@@ -4778,16 +4968,16 @@ LABELS = {
                  "延迟实测于 batch={batches}（inference_mode）；训练内存为 batch={tb} + Adam 的估计（fake 张量）",
                  "device {device}; fp32; FLOPs from the FLOP analysis (batch=1); latency measured at batch={batches} "
                  "(inference_mode); training memory estimated at batch={tb} with Adam (fake tensors)"),
-    "bubble": ("复杂度：FLOPs 与参数量（气泡 = 训练内存，颜色 = batch-1 延迟）",
-               "Complexity: FLOPs vs parameters (bubble = training memory, colour = batch-1 latency)"),
+    "bubble": ("复杂度：FLOPs 与参数量（颜色 = 模型类别，气泡面积 = 训练峰值内存）",
+               "Complexity: FLOPs vs parameters (colour = kind, bubble area = training peak memory)"),
     "latency_ms": ("batch-1 延迟（ms，实测；灰色 = 未测）", "batch-1 latency (ms, measured; grey = not measured)"),
     "relation": ("FLOPs 与实测延迟：离虚线越远，算力用得越少",
                  "FLOPs vs measured latency: far from the line = poorly used"),
     "per_sample_ms": ("每样本时间（ms；误差棒 = 波动范围）", "time per sample (ms; bar = spread)"),
     "peak_line": ("以实测峰值 {peak} 运行时的时间", "time at the measured peak {peak}"),
     "batch_n": ("batch={n}（每样本）", "batch={n} (per sample)"),
-    "ranking": ("效率排行：推理达到的 FLOP/s 占实测矩阵乘峰值",
-                "Efficiency ranking: inference FLOP/s as % of the matmul peak"),
+    "ranking": ("效率排行（都在 batch=1）：推理达到的 FLOP/s 占实测矩阵乘峰值",
+                "Efficiency ranking (all at batch 1): inference FLOP/s as % of the matmul peak"),
     "at_batch": ("batch={n}", "batch={n}"),
     "dash_radar": ("归一化指标（对数刻度，越外越好）", "Normalised metrics (log scale, outer is better)"),
     "d_latency": ("低延迟", "low latency"), "d_throughput": ("高吞吐", "high throughput"),
@@ -4796,19 +4986,20 @@ LABELS = {
     "train_mem_bars": ("训练峰值内存（batch={tb}，Adam，估计）与 8 GiB 显卡",
                        "Training peak (batch={tb}, Adam, estimated) vs an 8 GiB GPU"),
     "gpu_8gb": ("8 GiB 显卡", "8 GiB GPU"),
-    "recommend": ("推荐矩阵（0-1 分，★ 最佳，✗ 不满足限制，未测 = 没有测量）",
-                  "Model selection (0-1, ★ best, ✗ fails its limit, n/m not measured)"),
+    "recommend": ("推荐矩阵：满足限制吗？余量多少？（颜色 = 余量，对数；灰 = 未测及原因）",
+                  "Model selection: within the limit, and by how much? "
+                  "(colour = margin, log; grey = not measured, why)"),
     "not_measured": ("未测", "n/m"),
     "not_measured_long": ("（未测）", "(not measured)"),
     "sc_edge": ("边缘推理", "edge inference"), "sc_serving": ("批量服务", "batch serving"),
     "sc_training": ("单卡 8 GB 训练", "training on one 8 GB GPU"),
     "rule": ("规则：先看硬限制。边缘：参数 ≤ {edge_params} 且 batch-1 延迟 ≤ {edge_ms:g} ms；\n"
              "服务：batch={big} 吞吐 ≥ {serve} 样本/s；训练：估计峰值 ≤ 8 GiB。\n"
-             "满足者按前向 FLOPs（容量的代理）对数归一化打分。\n只比较资源，不比较精度（各模型任务不同）。",
+             "余量 = 限制 ÷ 实测（边缘取两项中较紧的一项）；只比较资源，不比较精度（各模型任务不同）。",
              "Rule: first the limits. Edge: ≤ {edge_params} parameters and batch-1 latency ≤ {edge_ms:g} ms;\n"
              "serving: ≥ {serve} samples/s at batch {big}; training: estimated peak ≤ 8 GiB.\n"
-             "Models that pass are scored by forward FLOPs (a capacity proxy), log-scaled.\n"
-             "Resources only: the models solve different tasks."),
+             "Margin = limit ÷ measured (edge: the tighter of its two); resources only, the models solve "
+             "different tasks."),
     # lecture figure
     "lec_title": ("讲义对照：讲义里的公式与表格 vs 这台机器", "The lecture's formulas and table vs this machine"),
     "lec_sub": ("设备 {device}；fp32；内存与 KV 缓存为实测（{source}），FLOPs 为 FLOPCalculator 计数\n"
@@ -4820,6 +5011,8 @@ LABELS = {
                    "Training memory: lecture formula vs parts alive at the measured peak\n"
                    "(TinyGPT, batch={batch}, T={seq}, Adam)"),
     "lec_formula": ("讲义", "lecture"), "lec_measured": ("实测", "measured"),
+    "lec_hatch": ("斜线柱：讲义公式", "hatched: the lecture's formula"),
+    "lec_solid": ("实心柱：实测峰值时刻的各部分", "solid: parts alive at the measured peak"),
     "lec_total_error": ("讲义总和误差 {err:+.0%}", "formula total {err:+.0%}"),
     "lec_act_note": ("讲义激活 = B·T·H·L·4 字节，只算每层一个隐藏向量；\n"
                      "实际每层保存约 20 个以上（注意力、MLP 4H、LayerNorm…）",
@@ -4880,9 +5073,115 @@ LABELS = {
     "src_skipped": ("训练对比跳过了它（原因见 results.json）", "skipped by the training plan (see results.json)"),
     "src_no_fusion": ("此设备读不到分配器", "no allocator reading on this device"),
     "verdict_uncertain": ("不确定 *", "uncertain *"),
+    "verdict_better": ("好于讲义", "better than claimed"), "verdict_worse": ("差于讲义", "worse than claimed"),
     "uncertain_note": ("* 不确定：测量的波动范围（IQR）跨过了讲义区间的边界，这台机器上分不出相符与否",
                        "* uncertain: the measured spread (IQR) crosses the edge of the lecture's range"),
     "act_suffix": ("（激活）", " (activations)"), "peak_suffix": ("（峰值）", " (peak)"),
+    # shared by the figures (issue 20): reasons said in the figure's language (REASON_PHRASES), ratios, phases
+    "why_probe_slower": ("矩阵乘探针预测比 fp32 慢 {0}×", "a matmul probe predicts {0}x slower than fp32"),
+    "why_probe_faster": ("矩阵乘探针预测比 fp32 快 {0}×", "a matmul probe predicts {0}x faster than fp32"),
+    "why_probe_same": ("矩阵乘探针预测与 fp32 持平", "a matmul probe predicts as fast as fp32"),
+    "why_predicted_budget": ("预测每{1} {0} ms：预热加 {2} 次计时约需 {3} s，超过分到的 {4} s",
+                             "predicted {0} ms per {1}: a warm-up and {2} timed runs need ~{3} s, more than its {4} s"),
+    "why_warmup_budget": ("预热一{0}用了 {1} ms：{2} 次计时约需 {3} s，超过剩下的 {4} s",
+                          "the warm-up {0} took {1} ms: {2} timed runs need ~{3} s, more than what is left of "
+                          "its {4} s"),
+    "why_no_fp16": ("本 CPU 没有原生 fp16 矩阵乘（AMX-FP16），fp16 运算在软件里转换",
+                    "this CPU has no native fp16 matmul (AMX-FP16): fp16 math is converted in software"),
+    "why_no_bf16": ("本 CPU 既无 AVX512-BF16 也无 AMX，bf16 运算在软件里转成 fp32",
+                    "this CPU has neither AVX512-BF16 nor AMX: bf16 math is converted to fp32 in software"),
+    "why_unsupported": ("{1} 不支持 autocast {0}", "autocast {0} is not supported on {1}"),
+    "why_not_fp32": ("autocast 只转换 float32 运算，此模型用 {0} 计算：不会有变化",
+                     "autocast casts float32 ops only; this model computes in {0}: nothing would change"),
+    "why_no_reference": ("没有 fp32 参照：它没放进预算", "no fp32 reference: it did not fit the budget"),
+    "why_planned_skip": ("计划跳过：batch {0} 预测每次 {1} ms，预热加 {2} 次放不进延迟预算剩下的 {3} s",
+                         "planned skip: batch {0} predicted {1} ms per run; with a warm-up and {2} runs it did not "
+                         "fit the {3} s left"),
+    "why_planned_total": ("计划跳过：batch {1} 预测约 {0} s（乘 {2} 的余量为 {3} s），超过延迟预算剩下的 {4} s",
+                          "planned skip: predicted ~{0} s for batch {1} (x{2} margin: {3} s), "
+                          "more than the {4} s left"),
+    "why_latency_not_measured": ("batch-{0} 延迟未测", "batch-{0} latency not measured"),
+    "why_failed": ("出错：{0}", "failed: {0}"),
+    "hw_support": ("torch {torch}，{threads} 线程，TF32 {tf32}", "torch {torch}, {threads} threads, TF32 {tf32}"),
+    "word_step": ("步", "step"), "word_run": ("次", "run"),
+    "amp_predicted": ("探针预测（未实测）", "probe's prediction (not measured)"),
+    "yes": ("有", "yes"), "no": ("无", "no"), "on": ("开", "on"), "off": ("关", "off"),
+    "phase_setup": ("步前", "before the step"), "phase_forward": ("前向", "forward"),
+    "phase_backward": ("反向", "backward"), "phase_optimizer": ("优化器", "optimizer"),
+    # mixed-precision figure (issue 20)
+    "amp_predicted_cell": ("预测：{speed}\n（探针，未实测）", "predicted: {speed}\n(probe, not measured)"),
+    "amp_probe_mark": ("探针的预测（方向也可能错）", "the probe's prediction (it can point the wrong way)"),
+    "amp_measured_bar": ("实测", "measured"),
+    "skip_predicted": ("未测：预测{speed}", "not measured: predicted {speed}"),
+    "amp_error_linear": ("输出与 fp32 的最大相对误差（线性轴）", "Max relative error of outputs vs fp32 (linear axis)"),
+    "amp_times": ("每次计时", "each timed run"),
+    # memory figure (issue 20)
+    "bytes_per_param_v": ("{v:.1f} 字节/参数", "{v:.1f} bytes/param"),
+    "hatch_formula": ("斜线柱：公式", "hatched: napkin formula"),
+    "solid_estimate": ("实心柱：估计（fake 张量）", "solid: estimate (fake tensors)"),
+    "peak_in": ("峰值在{phase}", "peak in {phase}"),
+    "no_grad_note": ("{models} 的峰值落在反向刚开始：激活都还在，梯度还没生成，\n"
+                     "所以这些柱里几乎没有梯度（一步的过程见 内存时间线.png）",
+                     "{models} peak as backward starts: activations all alive, gradients not made yet,\n"
+                     "so these bars hold almost no gradients (the whole step: the memory timeline figure)"),
+    "small_parts": ("未列出：不到最高柱 1% 的部分（{parts}）",
+                    "not listed: parts under 1 % of the tallest bar ({parts})"),
+    # memory timeline (issue 20)
+    "tl_title": ("内存时间线：一个稳态训练步里内存怎样涨落（{model}，batch={batch}，fp32，Adam）",
+                 "Memory over one steady-state training step ({model}, batch={batch}, fp32, Adam)"),
+    "tl_sub": ("设备 {device}；真实运行一步，每次分配与释放按发生顺序记录（{method}），按类别堆叠；"
+               "Adam 状态在步前已存在（第一步之后的稳态）",
+               "device {device}; one real step, every allocation and free in order ({method}), stacked by "
+               "category; Adam's state exists before the step (steady state after the first step)"),
+    "tl_event": ("事件序号（分配或释放，按发生顺序）", "event number (an allocation or a free, in order)"),
+    "tl_peak": ("峰值 {mib:.1f} MiB（{phase}）", "peak {mib:.1f} MiB ({phase})"),
+    "tl_notes": ("怎么看：① 基线的峰值在反向开始处：激活全在，梯度还没有；反向中激活释放、梯度长出。"
+                 "② 检查点：前向只留块的输入，反向里逐块重算（重算的激活算作临时张量，呈锯齿）。"
+                 "③ 累积：每个微批只有 1/{k} 的激活，梯度在第一个微批后常驻。"
+                 "④ Adam 状态整步常驻，优化器阶段的临时张量是它的更新。",
+                 "How to read: (1) the baseline peaks as backward starts: all activations alive, no gradients yet; "
+                 "in backward activations go and gradients appear. (2) Checkpointing keeps only each block's input "
+                 "and recomputes block by block in backward (recomputed activations count as temporaries: a "
+                 "sawtooth). (3) Accumulation holds 1/{k} of the activations per micro-batch; gradients stay after "
+                 "the first. (4) Adam's state lives all step; the optimizer phase's temporaries are its update."),
+    # training figure (issue 20)
+    "train_loss_one": ("损失：基线（线）与验证（点）；其他策略几乎重合，差异见右图",
+                       "Loss: baseline (line) and validation (dots); the others coincide, gaps on the right"),
+    "val_dots": ("验证损失（{n} 个留出样本）", "validation loss ({n} held-out samples)"),
+    "loss_gap": ("每步训练损失与基线之差 |Δ|（对数轴）", "|Δ| of each step's training loss vs the baseline (log axis)"),
+    "bitwise_same": ("{name}：每步都与基线逐位相同（Δ = 0）",
+                     "{name}: bit-identical to the baseline at every step (Δ = 0)"),
+    "gap_axis": ("|损失 − 基线损失|", "|loss − baseline loss|"),
+    "tradeoff": ("相对基线（对数轴，1× 居中；向右 = 更好，向左 = 更差）",
+                 "Relative to the baseline (log axis centred on 1×; right = better, left = worse)"),
+    "t_speed": ("速度（样本/秒之比）", "speed (samples/s ratio)"),
+    "t_memory": ("内存（基线峰值 ÷ 峰值）", "memory (baseline peak ÷ peak)"),
+    "t_loss": ("最终验证损失（基线 ÷ 该策略）", "final val loss (baseline ÷ strategy)"),
+    "mfu_mp_note": ("混合精度的 MFU 以 {p} 的实测峰值为分母，它是 fp32 峰值的 {r:.1f}×：步再快，MFU 也可能更低",
+                    "mixed precision's MFU divides by the {p} peak, {r:.1f}× fp32's: a faster step can still "
+                    "show a lower MFU"),
+    # dashboard (issue 20)
+    "bubble_key": ("气泡 = 训练峰值内存", "bubble = training peak"),
+    "not_measured_at": ("batch={n} 未测（×：画在其 FLOPs 处）", "batch={n} not measured (× at its FLOPs)"),
+    "batching": ("批处理的收益：batch={n} 每样本比 batch=1 快多少（对数轴，1× 居中）",
+                 "What batching buys: per-sample speed at batch {n} vs batch 1 (log axis centred on 1×)"),
+    "batching_axis": ("batch=1 每样本时间 ÷ batch={n} 每样本时间", "per-sample time at batch 1 ÷ at batch {n}"),
+    "dash_tinygpt": ("此图的 TinyGPT：{layers} 层 × {hidden}，T={seq}（内存与混合精度图里的 TinyGPT 是 T=64）",
+                     "TinyGPT here: {layers} layers × {hidden}, T={seq} "
+                     "(the memory and mixed-precision figures use T=64)"),
+    "margin_pass": ("✓ {value}\n余量 {m}×", "✓ {value}\n{m}× headroom"),
+    "margin_fail": ("✗ {value}\n超限 {m}×", "✗ {value}\n{m}× over"),
+    "nm_cell": ("未测\n{why}", "n/m\n{why}"),
+    "samples_s": ("{v:,.0f} 样本/s", "{v:,.0f} samples/s"),
+    "params_v": ("{v} 参数", "{v} params"),
+    "margin_axis": ("余量（限制 ÷ 实测，对数）", "margin (limit ÷ measured, log)"),
+    # lecture figure (issue 20)
+    "mp_weights_note": ("为什么混合精度省得少：autocast 只在算矩阵乘时临时做一份 bf16 权重副本，"
+                        "fp32 主权重、梯度和 Adam 状态都保持 fp32（bf16 只有 8 位尾数，小的更新加到大权重上会被舍掉）。"
+                        "所以只有激活变小，峰值里固定的部分不变。",
+                        "Why mixed precision saves little: autocast makes bf16 weight copies only for the matmuls; "
+                        "fp32 master weights, gradients and Adam's state stay fp32 (bf16's 8-bit mantissa would round "
+                        "small updates away). Only the activations shrink; the fixed part of the peak does not."),
     # your own model
     "own_title": ("你的模型：{model}", "Your model: {model}"),
     "own_sub": ("设备 {device}；输入 {shape}；FLOPs 在 fake 张量上计数（2 × 乘加），内存、混合精度与延迟在本机实测",
@@ -5064,7 +5363,7 @@ PALETTE = SimpleNamespace(
     warning="#B22222",  # red text: errors of a formula, skips
     ink="#333333", dark="#444444", note="#555555", muted="#777777", faint="#999999", rule="#BBBBBB",
     header="#DDDDDD", unmeasured="#E0E0E0", pale="#EEEEEE",
-    agree="#D8EFD8", disagree="#F6D5D5", partly="#FBEBC8",
+    agree="#D8EFD8", disagree="#F6D5D5", partly="#FBEBC8", better="#D6E4F5",
 )
 KIND_COLORS = {"mlp": PALETTE.blue, "cnn": PALETTE.green, "transformer": PALETTE.red, "rnn": PALETTE.purple}
 
@@ -5138,6 +5437,118 @@ def _speed_words(speedup):
     return _t("faster", x=speedup) if speedup >= 1 else _t("slower", x=1 / speedup)
 
 
+# ---- Shared by every figure: reasons in the figure's language, ratios around 1×, labels that do not collide
+
+# English reasons the stages write into results.json (kept there as written), each clause matched
+# here and said in the figure's language at draw time: (pattern, LABELS key formatted with its groups)
+REASON_PHRASES = (
+    (r"a matmul probe predicts ([\d.]+)x slower than fp32", "why_probe_slower"),
+    (r"a matmul probe predicts ([\d.]+)x faster than fp32", "why_probe_faster"),
+    (r"a matmul probe predicts as fast as fp32", "why_probe_same"),
+    (r"predicted (\d+) ms per (\w+): a warm-up and (\d+) timed runs need ~([\d.]+) s, more than its ([\d.]+) s",
+     "why_predicted_budget"),
+    (r"the warm-up (\w+) took (\d+) ms: (\d+) timed runs need ~([\d.]+) s, more than what is left of its ([\d.]+) s",
+     "why_warmup_budget"),
+    (r"this CPU has no native fp16 matmul", "why_no_fp16"),
+    (r"this CPU has neither AVX512-BF16 nor AMX", "why_no_bf16"),
+    (r"autocast (\S+) is not supported on (\w+)", "why_unsupported"),
+    (r"autocast casts float32 ops only; this model computes in (\w+)", "why_not_fp32"),
+    (r"no fp32 reference", "why_no_reference"),
+    (r"planned skip: batch (\d+) predicted (\d+) ms per run; with a warm-up and (\d+) runs it did not fit the "
+     r"([\d.]+) s left", "why_planned_skip"),
+    (r"planned skip: predicted ~([\d.]+) s for batch (\d+) \(x([\d.]+) margin: ([\d.]+) s\), more than the "
+     r"([\d.]+) s left", "why_planned_total"),
+    (r"batch-(\d+) latency not measured", "why_latency_not_measured"),
+    (r"failed: (.*)", "why_failed"),
+)
+
+
+def _localized_reason(reason):
+    """`reason` (an English string from results.json) in the figure's language: each '; '-clause
+    a known pattern matches is said with its LABELS phrase, any other clause stays as written."""
+    if not reason or _lang() == "en":
+        return reason or ""
+    parts, said = reason.split("; "), []
+    while parts:
+        for joined in (2, 1):  # a pattern may span two clauses ("...per run; with a warm-up...")
+            text = "; ".join(parts[:joined])
+            match = next((m for m in (re.match(p, text) for p, _ in REASON_PHRASES) if m), None)
+            if match and (joined == 1 or match.end() > len(parts[0])):
+                key = next(k for p, k in REASON_PHRASES if re.match(p, text))
+                words = [_t(f"word_{g}") if f"word_{g}" in LABELS else g for g in match.groups()]
+                said.append(_t(key).format(*words))  # a word among the groups ("step", "run") said too
+                parts = parts[joined:]
+                break
+        else:
+            said.append(parts.pop(0))
+    return "；".join(said)
+
+
+def _ratio_limits(ratios, floor=1.5, room=1.6):
+    """Symmetric log limits around 1×: every ratio times `room` (for its label), at least [1/floor, floor]."""
+    top = max([floor] + [max(r, 1 / r) for r in ratios if r]) * room
+    return 1 / top, top
+
+
+def _ratio_axis(ax, ratios, axis="y", floor=1.5, room=1.6):
+    """A log axis centred on 1× (symmetric limits, ticks written 1/2×, 1×, 2×) with the 1× line."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+    lo, hi = _ratio_limits(ratios, floor, room)
+    ticks = [t for t in (1 / 100, 1 / 30, 1 / 10, 1 / 3, 1 / 2, 1, 2, 3, 10, 30, 100) if lo <= t <= hi]
+    which = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(lo, hi)
+    which.set_major_locator(FixedLocator(ticks))
+    which.set_minor_locator(NullLocator())
+    which.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×" if v >= 1 else f"1/{1 / v:.3g}×"))
+    (ax.axhline if axis == "y" else ax.axvline)(1, color="black", lw=1.2, zorder=2)
+
+
+def _ratio_bars(ax, positions, ratios, colors, *, width=0.6, horizontal=False, **bar_kw):
+    """Bars that start at 1× and grow up (or right) for a gain, down (or left) for a loss: on a
+    log axis centred on 1×, a 0.6× slowdown is drawn as one."""
+    heights = [r - 1 if r else 0 for r in ratios]
+    if colors is not None:
+        bar_kw["color"] = colors
+    if horizontal:
+        return ax.barh(positions, heights, width, left=1, **bar_kw)
+    return ax.bar(positions, heights, width, bottom=1, **bar_kw)
+
+
+def _place_labels(ax, xs, ys, texts, *, fontsize=8, color="black", avoid=()):
+    """Name each point without two names overlapping: try offsets around the point, nearest first,
+    and keep the first whose box meets no name already placed (nor the `avoid` boxes, display
+    units); a name with no free spot gets the least crowded one."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    offsets = [(5, 3), (5, -10), (-5, 3), (-5, -10), (0, 8), (0, -14), (10, 12), (10, -18), (-10, 12),
+               (-10, -18), (16, 0), (-16, 0)]
+    placed = list(avoid)
+    labels = []
+    for x, y, text in sorted(zip(xs, ys, texts), key=lambda p: -p[1]):
+        best = None
+        for dx, dy in offsets:
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                                color=color, ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                                va="bottom" if dy >= 0 else "top")
+            box = label.get_window_extent(renderer).expanded(1.05, 1.1)
+            overlap = sum(box.overlaps(other) for other in placed)
+            inside = ax.get_window_extent(renderer).contains(box.x0, box.y0) and \
+                ax.get_window_extent(renderer).contains(box.x1, box.y1)
+            score = overlap + (0 if inside else 0.5)
+            if best is None or score < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (score, label, box)
+            else:
+                label.remove()
+            if score == 0:
+                break
+        placed.append(best[2])
+        labels.append(best[1])
+    return labels
+
+
 def _plot_flop_bars(ax, records):
     """Forward FLOPs per model: matmul-class and other, side by side, log scale."""
     names = [r["name"] for r in records]
@@ -5147,7 +5558,7 @@ def _plot_flop_bars(ax, records):
             label=_t("other_flops"))
     for yi, r in zip(y, records):
         ax.annotate(readable(r["flops"]), (r["flops"], yi - 0.2), xytext=(3, 0), textcoords="offset points",
-                    va="center", fontsize=7)
+                    va="center", fontsize=8)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
     ax.set_xscale("log")
@@ -5169,8 +5580,6 @@ def _plot_flops_vs_params(ax, records):
     params = np.array([r["parameters"] for r in records], dtype=float)
     flops = np.array([r["flops"] for r in records], dtype=float)
     ax.scatter(params, flops, s=60, c=[_kind_color(r["kind"]) for r in records], zorder=3)
-    for r, x, y in zip(records, params, flops):
-        ax.annotate(r["name"], (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
     line = np.array([params.min() / 2, params.max() * 2])
     ax.plot(line, FLOPS_PER_MAC * line * records[0]["batch"], "k--", lw=1, label=_t("ratio_2x"))
     ax.set_xscale("log")
@@ -5180,6 +5589,7 @@ def _plot_flops_vs_params(ax, records):
     ax.set_title(_t("flops_vs_params"))
     ax.legend(fontsize=8, loc="upper left")
     ax.text(0.98, 0.03, _t("reuse_note"), transform=ax.transAxes, ha="right", fontsize=8, style="italic")
+    _place_labels(ax, params, flops, [r["name"] for r in records])
 
 
 def _plot_flops_per_param(ax, records):
@@ -5199,7 +5609,7 @@ def _plot_training_ratio(ax, records):
     ax.axvline(3, color="k", ls="--", lw=1, label=_t("ratio_3x"))
     ax.set_xlim(0, 3.6)
     ax.set_title(_t("train_ratio"))
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.05))  # below the axes, off the bars
 
 
 def _plot_flop_composition(ax, records):
@@ -5259,20 +5669,38 @@ def _stacked_parts(ax, x, parts_per_bar, width, *, label=True, hatch=None):
 
 
 def _plot_memory_composition(ax, models):
-    """The parts alive at the training peak: napkin formula (hatched) beside the estimate, with the measured peak."""
+    """The parts alive at the training peak: napkin formula (hatched) beside the estimate, with the
+    measured peak, the phase each peak falls in, and why the peak holds almost no gradients."""
+    from matplotlib.patches import Patch
     names = list(models)
     x = np.arange(len(names))
     estimates = [models[name]["training"]["estimate"] for name in names]
     _stacked_parts(ax, x - 0.2, [e["formula"] for e in estimates], 0.38, label=False, hatch="//")
-    _stacked_parts(ax, x + 0.2, [e["at_peak"] for e in estimates], 0.38)
+    tops = _stacked_parts(ax, x + 0.2, [e["at_peak"] for e in estimates], 0.38)
     measured = [models[n]["training"]["measured"]["total"] / MIB for n in names]
     ax.scatter(x + 0.2, measured, marker="D", s=50, color="black", zorder=3, label=_t("measured_peak"))
-    ax.set_ylim(0, 1.12 * max(max(measured), *(models[n]["training"]["estimate"]["formula"]["total"] / MIB
-                                                for n in names)))
-    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylim(0, 1.3 * max(max(measured), *(models[n]["training"]["estimate"]["formula"]["total"] / MIB
+                                               for n in names)))
+    phases = [_t("peak_in", phase=_t("phase_" + models[n]["training"]["measured"].get("peak_phase", "setup")))
+              for n in names]
+    ax.set_xticks(x, [f"{n}\n{p}" for n, p in zip(names, phases)], fontsize=8)
     ax.set_ylabel(_t("mib"))
     ax.set_title(_t("mem_composition"))
-    ax.legend(fontsize=7, loc="upper left")
+    # a part under 1 % of the tallest bar cannot be seen: named under the legend instead of in it
+    tiny = {part for part in MEMORY_COLORS
+            if 0 < max((e["at_peak"].get(part, 0) + (e["at_peak"].get("input_bytes", 0) if part == "buffer_bytes"
+                                                      else 0)) / MIB for e in estimates) < 0.01 * max(tops)}
+    handles = [h for h, label in zip(*ax.get_legend_handles_labels())
+               if label not in {_t(f"{p}_part") for p in tiny}]
+    handles += [Patch(facecolor="white", edgecolor=PALETTE.dark, hatch="//", label=_t("hatch_formula")),
+                Patch(facecolor=PALETTE.dark, label=_t("solid_estimate"))]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", ncol=2)
+    in_backward = [n for n in names if models[n]["training"]["measured"].get("peak_phase") == "backward"]
+    notes = [_t("no_grad_note", models="、".join(in_backward) if _lang() == "zh" else ", ".join(in_backward))
+             ] if in_backward else []
+    if tiny:
+        notes.append(_t("small_parts", parts="、".join(_t(f"{p}_part") for p in tiny)))
+    ax.set_xlabel("\n".join(notes), fontsize=8, color=PALETTE.note)
 
 
 def _plot_train_vs_inference(ax, models):
@@ -5312,7 +5740,7 @@ def _plot_memory_variants(ax, variants, parameters, model_name, batch):
     per_param = [variants[label] / parameters for label in labels]
     _barh(ax, labels, per_param,
           [PALETTE.blue, PALETTE.green, PALETTE.cyan, PALETTE.purple, PALETTE.red, PALETTE.orange],
-          fmt=lambda v: f"{v:.1f} B")
+          fmt=lambda v: _t("bytes_per_param_v", v=v))
     ax.set_xlabel(_t("bytes_per_param"))
     key = "mem_variants" if any("checkpoint" in label for label in labels) else "mem_variants_precision"
     ax.set_title(_t(key, model=model_name, batch=batch))
@@ -5334,7 +5762,8 @@ def _plot_zero(ax, zero):
 
 
 def _plot_memory_error(ax, models):
-    """The napkin formula's and the estimate's error against the measured peak, with its source."""
+    """The napkin formula's and the estimate's error against the measured peak, and what each was
+    compared with."""
     names = list(models)
     x = np.arange(len(names))
     for offset, key, color in ((-0.2, "napkin", PALETTE.orange), (0.2, "estimate", PALETTE.blue)):
@@ -5353,9 +5782,9 @@ def _plot_memory_error(ax, models):
     ax.set_ylabel("%")
     ax.set_title(_t("mem_error"))
     method = next(iter(models.values()))["training"]["measured"]["method"]
-    ax.set_xlabel(_t("mem_source", method=method), fontsize=8)
+    ax.set_xlabel(_t("mem_source", method=method), fontsize=8, wrap=True)
     ax.margins(y=0.12)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2)
+    ax.legend(fontsize=8, loc="lower right")
 
 
 def plot_memory_analysis(data):
@@ -5380,6 +5809,77 @@ def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=1
     return _save_into(plot_memory_analysis(data or run_memory_analysis(**options)), output_dir, "memory", dpi)
 
 
+def _timeline_panel(ax, timeline, title):
+    """One step's memory over its events, stacked by category (inputs with the buffers), its phases
+    shaded and named, its peak marked."""
+    index = np.array(timeline["index"])
+    parts = dict(timeline["parts"])
+    parts["buffer_bytes"] = np.add(parts.get("buffer_bytes", 0), parts.pop("input_bytes", 0))
+    order = [_StorageTracker.PART_KEYS[c] for c in TIMELINE_STACK if _StorageTracker.PART_KEYS[c] in parts]
+    shown = [p for p in order if np.any(parts[p])]
+    ax.stackplot(index, [np.array(parts[p]) / MIB for p in shown], colors=[MEMORY_COLORS[p] for p in shown],
+                 labels=[_t(f"{p}_part") for p in shown], step="post", linewidth=0)
+    shades = {"forward": PALETTE.blue, "backward": PALETTE.orange, "optimizer": PALETTE.green}
+    phases = timeline["phases"] + [["end", timeline["events"]]]
+    counts = {}
+    for (phase, start), (_, end) in zip(phases, phases[1:]):
+        if phase not in shades:
+            continue
+        counts[phase] = counts.get(phase, 0) + 1
+        repeats = sum(p == phase for p, _ in timeline["phases"]) > 1
+        ax.axvspan(start, end, color=shades[phase], alpha=0.08, lw=0)
+        ax.text((start + end) / 2, 0.985, _t("phase_" + phase)[:1 if repeats and _lang() == "zh" else None]
+                + (str(counts[phase]) if repeats else ""), transform=ax.get_xaxis_transform(), ha="center",
+                va="top", fontsize=8, color=PALETTE.dark)
+    peak_mib = timeline["peak_bytes"] / MIB
+    ax.axvline(timeline["peak_index"], color="black", ls="--", lw=1)
+    ax.plot(timeline["peak_index"], peak_mib, marker="v", color="black", ms=8, zorder=4)
+    ax.annotate(_t("tl_peak", mib=peak_mib, phase=_t("phase_" + timeline["peak_phase"])),
+                (timeline["peak_index"], peak_mib), xytext=(6, 6), textcoords="offset points", fontsize=9,
+                ha="left" if timeline["peak_index"] < 0.6 * timeline["events"] else "right")
+    # the state registered before the step (weights, Adam's m and v, the batch) is not drawn as a ramp:
+    # the axis starts where the step does
+    ax.set_xlim(timeline["phases"][0][1] if timeline["phases"] else 0, timeline["events"])
+    ax.set_xlabel(_t("tl_event"))
+    ax.set_ylabel(_t("mib"))
+    ax.set_title(title)
+
+
+def plot_memory_timeline(data):
+    """Memory over one steady-state training step, baseline / checkpointing / accumulation side by
+    side, from the memory stage's `timeline`; returns the Figure."""
+    import matplotlib.pyplot as plt
+    timeline = data["timeline"]
+    runs = timeline["runs"]
+    with _figure_style():
+        fig, axs = plt.subplots(1, len(runs), figsize=(19, 7.5), layout="constrained", sharey=True)
+        for ax, (strategy, run) in zip(np.atleast_1d(axs), runs.items()):
+            name = _t(f"strat_{strategy}", precision="fp32", k=run["micro_batches"],
+                      micro=timeline["batch"] // run["micro_batches"], blocks=run["checkpointed_blocks"])
+            _timeline_panel(ax, run, name)
+        top = max(run["peak_bytes"] for run in runs.values()) / MIB
+        np.atleast_1d(axs)[0].set_ylim(0, top * 1.18)
+        handles, labels = np.atleast_1d(axs)[0].get_legend_handles_labels()
+        for ax in np.atleast_1d(axs)[1:]:  # a part only another run has (checkpointing's temporaries)
+            for h, label in zip(*ax.get_legend_handles_labels()):
+                if label not in labels:
+                    handles.append(h)
+                    labels.append(label)
+        np.atleast_1d(axs)[0].legend(handles[::-1], labels[::-1], loc="upper right", fontsize=9)
+        _suptitle(fig, _t("tl_title", model=timeline["model"], batch=timeline["batch"]),
+                  _t("tl_sub", device=data["device"], method=next(iter(runs.values()))["method"]),
+                  data.get("conditions"))
+        fig.supxlabel(_wrap(_t("tl_notes", k=timeline["micro_batches"]), 120 if _lang() == "zh" else 230),
+                      fontsize=9, x=0.01, ha="left", color=PALETTE.ink)
+    return fig
+
+
+def visualize_memory_timeline(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+    """Draw 内存时间线.png (memory over one training step) from the memory stage's data into
+    `output_dir` (None: don't save); `options` go to run_memory_analysis when `data` is None."""
+    return _save_into(plot_memory_timeline(data or run_memory_analysis(**options)), output_dir, "timeline", dpi)
+
+
 STRATEGY_STYLES = {  # colour, line style, width: curves that coincide stay visible
     "baseline": (PALETTE.blue, "-", 3.0), "mixed_precision": (PALETTE.green, "-", 1.4),
     "gradient_accumulation": (PALETTE.orange, "--", 1.6), "gradient_checkpointing": (PALETTE.red, ":", 2.0),
@@ -5393,22 +5893,50 @@ def _strategy_label(data, strategy):
               micro=data["batch"] // run["micro_batches"], blocks=run["checkpointed_blocks"])
 
 
-def _plot_loss_curves(ax, data, key):
-    """Training or validation loss per step for every strategy, with each one's gap to the baseline."""
+def _plot_loss_curves(ax, data):
+    """One loss panel: the baseline's training loss per step (line) and validation loss (dots);
+    every other strategy drawn thin over it in its colour (they coincide: their gaps are the next panel)."""
     for strategy, run in data["runs"].items():
         color, style, width = STRATEGY_STYLES[strategy]
-        steps = run["val_steps"] if key == "val_loss" else np.arange(1, len(run[key]) + 1)
-        label = _strategy_label(data, strategy)
-        diff = data["loss_diff_vs_baseline"][strategy][key]
-        if diff is not None:
-            label += "\n" + _t("vs_baseline", diff=diff)
-        ax.plot(steps, run[key], ls=style, lw=width, color=color, label=label,
-                marker="o" if key == "val_loss" else None, ms=4)
+        steps = np.arange(1, len(run["train_loss"]) + 1)
+        base = strategy == "baseline"
+        ax.plot(steps, run["train_loss"], ls=style, lw=width if base else 1.2, color=color,
+                label=_strategy_label(data, strategy), zorder=3 if base else 4)
+        if base:
+            ax.plot(run["val_steps"], run["val_loss"], "o", color="black", ms=5, zorder=5,
+                    label=_t("val_dots", n=data["val_samples"]))
     ax.set_xlabel(_t("opt_step"))
     ax.set_ylabel(_t("cross_entropy"))
     ax.set_ylim(bottom=0)
-    ax.set_title(_t("train_loss") if key == "train_loss" else _t("val_loss", n=data["val_samples"]))
-    ax.legend(fontsize=8, loc="best")
+    ax.set_title(_t("train_loss_one"))
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def _plot_loss_gap(ax, data):
+    """|training loss - the baseline's| per step for each other strategy, on a log axis; a strategy
+    bit-identical to the baseline at every step is said in words (0 has no place on a log axis)."""
+    base = np.array(data["runs"]["baseline"]["train_loss"]) if "baseline" in data["runs"] else None
+    same = []
+    for strategy, run in data["runs"].items():
+        if strategy == "baseline" or base is None:
+            continue
+        n = min(len(base), len(run["train_loss"]))
+        gap = np.abs(np.array(run["train_loss"][:n]) - base[:n])
+        color, style, _ = STRATEGY_STYLES[strategy]
+        if not gap.any():
+            same.append(_strategy_label(data, strategy))
+            continue
+        ax.plot(np.arange(1, n + 1), np.where(gap > 0, gap, np.nan), ls=style, lw=1.6, color=color, marker=".",
+                label=_strategy_label(data, strategy))
+    if ax.lines:
+        ax.set_yscale("log")
+        ax.legend(fontsize=8, loc="lower right")
+    for i, name in enumerate(same):
+        ax.text(0.02, 0.97 - 0.07 * i, _t("bitwise_same", name=name), transform=ax.transAxes, va="top", fontsize=9,
+                color=PALETTE.dark)
+    ax.set_xlabel(_t("opt_step"))
+    ax.set_ylabel(_t("gap_axis"))
+    ax.set_title(_t("loss_gap"))
 
 
 def _strategy_bars(ax, data, values, fmt, label_at=None):
@@ -5446,7 +5974,7 @@ def _plot_training_memory(ax, data):
     ax.set_ylabel(_t("mib"))
     ax.set_ylim(0, max(peaks) * 1.25)
     ax.set_title(_t("train_memory"))
-    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
 
 
 def _plot_mfu(ax, data):
@@ -5463,27 +5991,43 @@ def _plot_mfu(ax, data):
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     peaks = ", ".join(f"{p} {readable(v['flops_per_s'], 'FLOP/s')}" for p, v in data["peak_flops"].items())
     note = _t("mfu_note", peaks=peaks) if "gradient_checkpointing" in data["runs"] else _t("mfu_peaks", peaks=peaks)
+    mixed = data["runs"].get("mixed_precision")
+    if mixed and mixed["precision"] in data["peak_flops"] and "fp32" in data["peak_flops"]:
+        ratio = data["peak_flops"][mixed["precision"]]["flops_per_s"] / data["peak_flops"]["fp32"]["flops_per_s"]
+        note += "\n" + _t("mfu_mp_note", p=mixed["precision"], r=ratio)
     ax.set_xlabel(note, fontsize=8)
     ax.set_title(_t("mfu"))
 
 
-def _plot_training_radar(ax, data):
-    """The training radar: five metrics per strategy (run_training_comparison's `radar`)."""
-    scores = data["radar"]
-    angles = np.linspace(0, 2 * np.pi, len(RADAR_AXES), endpoint=False)
-    for strategy, run in data["runs"].items():
-        color, style, width = STRATEGY_STYLES[strategy]
-        values = [scores[k][strategy] for k in RADAR_AXES]
-        label = _t("radar_row", name=_strategy_label(data, strategy), sps=run["samples_per_s"],
-                   mem=run["peak_memory_bytes"] / MIB, loss=run["val_loss"][-1], mfu=run["mfu"] or 0.0,
-                   wall=run["wall_s"])
-        ax.plot(np.append(angles, angles[0]), values + values[:1], ls=style, lw=width, color=color, label=label)
-        ax.fill(angles, values, color=color, alpha=0.05)
-    ax.set_xticks(angles, [_t(k) for k in RADAR_AXES], fontsize=9)
-    ax.set_ylim(0, 1.05)
-    ax.set_yticks([0.25, 0.5, 0.75, 1.0], ["", "0.5", "", "1"], fontsize=7)
-    ax.set_title(_t("radar"), pad=18)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08))
+def _plot_training_tradeoff(ax, data):
+    """Each strategy against the baseline on three measures, bars from 1× on a log axis (right =
+    better): speed (samples/s), memory (the baseline's peak over its peak), final validation loss."""
+    runs = data["runs"]
+    base = runs.get("baseline")
+    others = [s for s in runs if s != "baseline"]
+    if not base or not others:
+        _not_measured(ax, "")
+        ax.set_title(_t("tradeoff"))
+        return
+    metrics = {"t_speed": lambda r: r["samples_per_s"] / base["samples_per_s"],
+               "t_memory": lambda r: base["peak_memory_bytes"] / r["peak_memory_bytes"],
+               "t_loss": lambda r: base["val_loss"][-1] / r["val_loss"][-1]}
+    height = 0.8 / len(others)
+    ratios = []
+    for i, key in enumerate(metrics):
+        for j, strategy in enumerate(others):
+            y = i + (j - (len(others) - 1) / 2) * height
+            value = metrics[key](runs[strategy])
+            ratios.append(value)
+            _ratio_bars(ax, [y], [value], [STRATEGY_STYLES[strategy][0]], width=height * 0.9, horizontal=True,
+                        label=_strategy_label(data, strategy) if i == 0 else None)
+            ax.annotate(f"{value:.2f}×", (value, y), xytext=(3 if value >= 1 else -3, 0), textcoords="offset points",
+                        va="center", ha="left" if value >= 1 else "right", fontsize=8)
+    _ratio_axis(ax, ratios, axis="x", floor=2, room=1.8)
+    ax.set_yticks(range(len(metrics)), [_t(k) for k in metrics], fontsize=9)
+    ax.invert_yaxis()
+    ax.set_title(_t("tradeoff"))
+    ax.legend(fontsize=8, loc="lower right")
 
 
 def plot_training_performance(data):
@@ -5491,14 +6035,13 @@ def plot_training_performance(data):
     import matplotlib.pyplot as plt
     with _figure_style():
         fig = plt.figure(figsize=(19, 12), layout="constrained")
-        axs = fig.subplot_mosaic([["loss", "val", "throughput"], ["memory", "mfu", "radar"]],
-                                 per_subplot_kw={"radar": {"projection": "polar"}})
-        _plot_loss_curves(axs["loss"], data, "train_loss")
-        _plot_loss_curves(axs["val"], data, "val_loss")
+        axs = fig.subplot_mosaic([["loss", "gap", "throughput"], ["memory", "mfu", "tradeoff"]])
+        _plot_loss_curves(axs["loss"], data)
+        _plot_loss_gap(axs["gap"], data)
         _plot_throughput(axs["throughput"], data)
         _plot_training_memory(axs["memory"], data)
         _plot_mfu(axs["mfu"], data)
-        _plot_training_radar(axs["radar"], data)
+        _plot_training_tradeoff(axs["tradeoff"], data)
         _suptitle(fig, _t("train_title"), _t("train_sub", device=data["device"], model=data["model"],
                                              params=readable(data["parameters"]), batch=data["batch"],
                                              steps=data["steps"], dataset=data["dataset"], lr=data["lr"])
@@ -5542,14 +6085,22 @@ def _amp_matrix(models, key):
                 for recs in models.values()] for p in precisions}
 
 
+def _skip_text(record):
+    """A skipped cell in words: the probe's predicted speed when that is why, else the kind of skip."""
+    predicted = record.get("predicted_speedup")
+    if record["skip_kind"] == "budget" and predicted:
+        return _t("skip_predicted", speed=_speed_words(predicted))
+    return _t(f"skip_{record['skip_kind']}")
+
+
 def _amp_skips(models):
-    """{precision: [skip label key or None per model]}: why a bar is missing, in a word."""
-    return {p: [next((f"skip_{r['skip_kind']}" for r in recs if r["precision"] == p and r["skipped"]), None)
+    """{precision: [skip text or None per model]}: why a bar is missing, in a few words."""
+    return {p: [next((_skip_text(r) for r in recs if r["precision"] == p and r["skipped"]), None)
                 for recs in models.values()] for p in AMP_DTYPES}
 
 
 def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skips=None):
-    """Bars per model and precision; a missing value is labelled with its skip reason (a word)."""
+    """Bars per model and precision; a missing value is labelled with why (a few words)."""
     x = np.arange(len(names))
     width = 0.8 / len(matrix)
     for j, (precision, values) in enumerate(matrix.items()):
@@ -5559,33 +6110,50 @@ def _grouped_bars(ax, names, matrix, *, log=False, fmt=None, skips=None):
         why = (skips or {}).get(precision) or [None] * len(values)
         for xi, v, skip in zip(xs, values, why):
             if v is None:  # at the foot of the axes, whatever its scale
-                ax.annotate(_t(skip or "skipped"), (xi, 0.02), xycoords=ax.get_xaxis_transform(), ha="center",
-                            va="bottom", fontsize=7, rotation=90, color=PALETTE.warning)
+                ax.annotate(skip or _t("skipped"), (xi, 0.02), xycoords=ax.get_xaxis_transform(), ha="center",
+                            va="bottom", fontsize=8, rotation=90, color=PALETTE.warning)
             elif fmt:
                 ax.annotate(fmt(v), (xi, v), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                            fontsize=7)
-    ax.set_xticks(x, names, fontsize=8)
+                            fontsize=8)
+    ax.set_xticks(x, names, fontsize=9)
     if log and any(v for values in matrix.values() for v in values):  # all skipped: nothing to scale
         ax.set_yscale("log")
     ax.legend(fontsize=8)
 
 
 def _plot_amp_time(ax, models):
-    """Step time per model and precision (median, bar = spread); skipped cells say why."""
-    names = list(models)
-    med = _amp_matrix(models, "median_s")
-    values = [v for vals in med.values() for v in vals if v]
-    log = bool(values) and max(values) / min(values) > 20  # a log axis makes bar heights lie: only for wide spans
-    _grouped_bars(ax, names, med, log=log, fmt=lambda v: f"{v * 1e3:.1f}ms", skips=_amp_skips(models))
-    lo, hi = _amp_matrix(models, "spread_lo_s"), _amp_matrix(models, "spread_hi_s")
-    width = 0.8 / len(med)
-    for j, p in enumerate(med):
-        xs = np.arange(len(names)) + (j - (len(med) - 1) / 2) * width
-        for xi, m, a, b in zip(xs, med[p], lo[p], hi[p]):
-            if m is not None:
-                ax.errorbar(xi, m, yerr=[[m - a], [b - m]], color="k", capsize=2, lw=0.8)
+    """Step time per model and precision from the raw repeated timings (seaborn: the median and
+    the interquartile range of `times_s`), every run a small dot; points on a log axis, not bars,
+    so the axis's start means nothing; skipped cells say why."""
+    import pandas as pd
+    import seaborn as sns
+    names, order = list(models), list(AMP_DTYPES)
+    offsets = dict(zip(order, np.linspace(-0.25, 0.25, len(order))))
+    runs = [{"x": names.index(n) + offsets[r["precision"]], "precision": r["precision"], "s": t}
+            for n, recs in models.items() for r in recs if not r["skipped"] for t in r["times_s"]]
+    if runs:
+        frame = pd.DataFrame(runs)
+        sns.pointplot(frame, x="x", y="s", hue="precision", hue_order=order, palette=PRECISION_COLORS,
+                      native_scale=True, estimator="median", errorbar=("pi", 50), linestyle="none", capsize=0.08,
+                      err_kws={"linewidth": 1.2}, ax=ax)
+        ax.scatter(frame["x"], frame["s"], s=10, alpha=0.35, color=[PRECISION_COLORS[p] for p in frame["precision"]],
+                   zorder=1, label=_t("amp_times"))
+        ax.set_yscale("log")
+    for i, recs in enumerate(models.values()):
+        for r in recs:
+            xi = i + offsets[r["precision"]]
+            if r["skipped"]:
+                ax.annotate(_skip_text(r), (xi, 0.03), xycoords=ax.get_xaxis_transform(), ha="center",
+                            va="bottom", fontsize=8, rotation=90, color=PALETTE.warning)
+            else:
+                ax.annotate(f"{r['median_s'] * 1e3:.1f} ms", (xi, r["median_s"]), xytext=(6, 0),
+                            textcoords="offset points", va="center", fontsize=8)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_xticks(range(len(names)), names, fontsize=9)
+    ax.set_xlabel("")
     ax.set_ylabel(_t("seconds"))
     ax.set_title(_t("amp_time"))
+    ax.legend(fontsize=8, title=None)
 
 
 def _plot_amp_memory(ax, models):
@@ -5597,18 +6165,55 @@ def _plot_amp_memory(ax, models):
     ax.set_title(_t("amp_memory"))
 
 
-def _plot_amp_speedup(ax, models):
-    """Speed-up against fp32 per model and precision (below 1 is a slowdown)."""
-    matrix = {p: v for p, v in _amp_matrix(models, "speedup_vs_fp32").items() if p != "fp32"}
-    _grouped_bars(ax, list(models), matrix, log=True, fmt=lambda v: f"{v:.2f}×", skips=_amp_skips(models))
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-    ax.axhline(1, color="k", lw=1)
-    ax.axhspan(2, 3, color=PALETTE.faint, alpha=0.2, label=_t("lit_mark"))
-    ax.set_ylim(min([v for vals in matrix.values() for v in vals if v] + [0.5]) / 2, 6)
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}×"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+def _plot_amp_speedup(ax, models, device=""):
+    """Speed against fp32 per model and low precision: bars from 1× on a log axis centred on 1×,
+    up for faster, down for slower; a cell skipped on the probe's prediction is drawn hollow and
+    hatched as that prediction, and a measured cell marks what its probe had predicted."""
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    names, lows = list(models), [p for p in AMP_DTYPES if p != "fp32"]
+    width = 0.8 / len(lows)
+    ratios, handles = [], {}
+    for j, p in enumerate(lows):
+        color = PRECISION_COLORS[p]
+        for i, name in enumerate(names):
+            xi = i + (j - (len(lows) - 1) / 2) * width
+            r = next((r for r in models[name] if r["precision"] == p), None)
+            if r is None:
+                continue
+            measured, predicted = r["speedup_vs_fp32"], r.get("predicted_speedup")
+            value = measured if not r["skipped"] else predicted
+            if value is None:
+                ax.annotate(_skip_text(r), (xi, 1), xytext=(0, 4), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=8, rotation=90, color=PALETTE.warning)
+                continue
+            ratios.append(value)
+            if not r["skipped"]:
+                _ratio_bars(ax, [xi], [value], [color], width=width * 0.9)
+                handles[p] = Patch(facecolor=color, label=f"{p}（{_t('amp_measured_bar')}）" if _lang() == "zh"
+                                   else f"{p} ({_t('amp_measured_bar')})")
+                text = _speed_words(value)
+                if predicted:
+                    ax.plot(xi, predicted, marker="D", ms=6, mfc="white", mec="black", zorder=4)
+                    ratios.append(predicted)
+                    handles["probe"] = Line2D([], [], marker="D", ls="none", mfc="white", mec="black",
+                                              label=_t("amp_probe_mark"))
+            else:
+                _ratio_bars(ax, [xi], [value], None, width=width * 0.9, facecolor="none", edgecolor=color,
+                            hatch="//", linestyle="--", linewidth=1.2)
+                handles[f"{p}_predicted"] = Patch(facecolor="none", edgecolor=color, hatch="//", linestyle="--",
+                                                  label=f"{p}：{_t('amp_predicted')}" if _lang() == "zh"
+                                                  else f"{p}: {_t('amp_predicted')}")
+                text = _t("amp_predicted_cell", speed=_speed_words(value))
+            ax.annotate(text, (xi, value), xytext=(0, 3 if value >= 1 else -3), textcoords="offset points",
+                        ha="center", va="bottom" if value >= 1 else "top", fontsize=8)
+    _ratio_axis(ax, ratios, room=4)  # room below a slowdown for its two-line label
+    if str(device).startswith("cuda"):  # tensor-core GPUs: the literature's 2-3x, a reference only
+        handles["lit"] = ax.axhspan(2, 3, color=PALETTE.faint, alpha=0.2, label=_t("lit_mark"))
+    ax.set_xticks(range(len(names)), names, fontsize=9)
+    ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_title(_t("amp_speedup"))
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(handles=list(handles.values()), fontsize=8, loc="upper right")
 
 
 def _plot_amp_saving(ax, models):
@@ -5623,10 +6228,10 @@ def _plot_amp_saving(ax, models):
 
 
 def _plot_amp_error(ax, models):
-    """The largest relative error of the outputs against fp32."""
+    """The largest relative error of the outputs against fp32 (a linear axis: the bars compare)."""
     matrix = {p: v for p, v in _amp_matrix(models, "max_rel_error_vs_fp32").items() if p != "fp32"}
-    _grouped_bars(ax, list(models), matrix, log=True, fmt=lambda v: f"{v:.1e}", skips=_amp_skips(models))
-    ax.set_title(_t("amp_error"))
+    _grouped_bars(ax, list(models), matrix, fmt=lambda v: f"{v:.1e}", skips=_amp_skips(models))
+    ax.set_title(_t("amp_error_linear"))
 
 
 def _plot_dtype_ranges(ax, ranges):
@@ -5650,9 +6255,11 @@ def _plot_dtype_ranges(ax, ranges):
 
 def _hardware_support(hw):
     """The subtitle's words for what this device supports natively (bf16, fp16, TF32)."""
-    flags = [f"{k}={'yes' if v else 'no'}" for k, v in hw.items() if k in ("avx512_bf16", "amx_bf16", "bf16_supported")
-             and v is not None]
-    return ", ".join([f"torch {hw['torch']}", f"{hw['threads']} threads", f"TF32={hw['tf32_matmul']}"] + flags)
+    flags = [f"{k} {_t('yes') if v else _t('no')}" for k, v in hw.items()
+             if k in ("avx512_bf16", "amx_bf16", "bf16_supported") and v is not None]
+    words = [_t("hw_support", torch=hw["torch"], threads=hw["threads"],
+                tf32=_t("on") if hw["tf32_matmul"] else _t("off"))] + flags
+    return ("，" if _lang() == "zh" else ", ").join(words)
 
 
 def plot_amp_analysis(data):
@@ -5662,16 +6269,16 @@ def plot_amp_analysis(data):
         fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
         _plot_amp_time(axs[0, 0], data["models"])
         _plot_amp_memory(axs[0, 1], data["models"])
-        _plot_amp_speedup(axs[0, 2], data["models"])
+        _plot_amp_speedup(axs[0, 2], data["models"], data["device"])
         _plot_amp_saving(axs[1, 0], data["models"])
         _plot_amp_error(axs[1, 1], data["models"])
         _plot_dtype_ranges(axs[1, 2], data["ranges"])
         _suptitle(fig, _t("amp_title"), _t("amp_sub", device=data["device"], batch=data["batch"],
                                            support=_hardware_support(data["hardware"])), data.get("conditions"))
-        notes = [f"{name} {r['precision']}: {r['skipped']}" for name, recs in data["models"].items()
+        notes = [f"{name} {r['precision']}: {_localized_reason(r['skipped'])}" for name, recs in data["models"].items()
                  for r in recs if r["skipped"]]
         if notes:
-            fig.supxlabel(_t("skip_notes") + "\n" + "\n".join(notes), fontsize=8, x=0.01, ha="left",
+            fig.supxlabel(_t("skip_notes") + "\n" + "\n".join(notes), fontsize=9, x=0.01, ha="left",
                           color=PALETTE.warning)  # inside the constrained layout, below the panels
     return fig
 
@@ -5687,38 +6294,48 @@ def _dash_rows(data):
     rows = []
     for name, m in data["models"].items():
         spread = {r["batch"]: (r["spread_lo_s"], r["spread_hi_s"]) for r in m["latency"] if not r.get("skipped")}
+        skipped = {r["batch"]: r.get("skipped") for r in m["latency"] if r.get("skipped")}
+        by_batch = {int(b): u for b, u in m.get("utilisation_by_batch") or ()}
         rows.append({"name": name, "kind": m["kind"], "flops": m["flops"], "parameters": m["parameters"],
                      "memory": m["training_memory_bytes"], "latency_1": _latency_of(m, 1),
                      "latency_big": _latency_of(m, LATENCY_BATCHES[-1]), "util_batch": m["util_batch"],
-                     "utilisation": m["utilisation"], "spread": spread})
+                     "utilisation": m["utilisation"], "spread": spread, "skipped": skipped,
+                     "util_1": by_batch.get(1)})
     return rows
 
 
 def _plot_bubbles(ax, rows):
-    """Parameters against FLOPs; bubble area = training memory, colour = batch-1 latency."""
-    import matplotlib
-    from matplotlib.colors import LogNorm
-    latency_ms = np.array([r["latency_1"] * 1e3 if r["latency_1"] else np.nan for r in rows])  # nan: not measured
-    sizes = 2000 * np.sqrt(np.array([r["memory"] for r in rows]) / max(r["memory"] for r in rows))  # area ∝ bytes
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=PALETTE.header)  # grey: latency not measured
-    points = ax.scatter([r["parameters"] for r in rows], [r["flops"] for r in rows], s=sizes, c=latency_ms,
-                        cmap=cmap, norm=LogNorm(), alpha=0.75, edgecolors="black", linewidths=0.5,
-                        plotnonfinite=True)
-    for r in rows:
-        ax.annotate(r["name"], (r["parameters"], r["flops"]), fontsize=7, ha="center", va="center")
+    """Parameters against FLOPs, one bubble per model in its kind's colour, area = training memory,
+    with a key of bubble sizes."""
+    biggest = max(r["memory"] for r in rows)
+
+    def area(nbytes):
+        return 2000 * nbytes / biggest  # area ∝ bytes
+
+    ax.scatter([r["parameters"] for r in rows], [r["flops"] for r in rows], s=[area(r["memory"]) for r in rows],
+               c=[_kind_color(r["kind"]) for r in rows], alpha=0.55, edgecolors="black", linewidths=0.5)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.margins(0.15)
+    ax.margins(0.2)
+    _place_labels(ax, [r["parameters"] for r in rows], [r["flops"] for r in rows], [r["name"] for r in rows])
     ax.set_xlabel(_t("parameters"))
     ax.set_ylabel(_t("fwd_flops_axis"))
-    ax.figure.colorbar(points, ax=ax, label=_t("latency_ms"))
     ax.set_title(_t("bubble"), fontsize=11)
+    keys = [k * GIB for k in (0.05, 0.5, 4) if k * GIB <= 1.5 * biggest]
+    handles = [ax.scatter([], [], s=area(k), color=PALETTE.faint, alpha=0.5, edgecolors="black",
+                          label=f"{k / GIB:g} GiB") for k in keys]
+    size_key = ax.legend(handles=handles, title=_t("bubble_key"), fontsize=8, title_fontsize=8, loc="lower right",
+                         labelspacing=1.6, borderpad=1.0, framealpha=0.9)
+    ax.add_artist(size_key)
+    _kind_legend(ax, [r["kind"] for r in rows], loc="upper left")
 
 
 def _plot_latency_vs_flops(ax, rows, peak):
-    """Measured latency against FLOPs, with the time the measured peak would take."""
+    """Measured latency against FLOPs, with the time the measured peak would take; a batch that was
+    not measured is a grey × at its FLOPs on the axis's floor, not a missing point."""
     flops = np.array([r["flops"] for r in rows], dtype=float)
-    for batch, key, marker in ((1, "latency_1", "o"), (LATENCY_BATCHES[-1], "latency_big", "s")):
+    big = LATENCY_BATCHES[-1]
+    for batch, key, marker in ((1, "latency_1", "o"), (big, "latency_big", "s")):
         pts = [(r["flops"], r[key] / batch * 1e3, r) for r in rows if r[key]]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, s=45,
                    facecolors=[_kind_color(p[2]["kind"]) for p in pts] if batch == 1 else "none",
@@ -5727,9 +6344,12 @@ def _plot_latency_vs_flops(ax, rows, peak):
         hi = [r["spread"][batch][1] / batch * 1e3 - y for _, y, r in pts]
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[lo, hi], fmt="none", ecolor=PALETTE.dark,
                     capsize=2, lw=0.8, zorder=2)
-        if batch == 1:
-            for x, y, r in pts:
-                ax.annotate(r["name"], (x, y), xytext=(4, -9), textcoords="offset points", fontsize=7)
+        missing = [r for r in rows if not r[key]]
+        if missing:
+            ax.scatter([r["flops"] for r in missing], [0.04] * len(missing), marker="x", s=40, color=PALETTE.muted,
+                       transform=ax.get_xaxis_transform(), zorder=3, clip_on=False,
+                       label=_t("not_measured_at", n=batch))
+    ones = [(r["flops"], r["latency_1"] * 1e3, r["name"]) for r in rows if r["latency_1"]]
     line = np.array([flops.min() / 2, flops.max() * 2])
     ax.plot(line, line / peak["flops_per_s"] * 1e3, "k--", lw=1,
             label=_t("peak_line", peak=readable(peak["flops_per_s"], "FLOP/s")))
@@ -5739,42 +6359,49 @@ def _plot_latency_vs_flops(ax, rows, peak):
     ax.set_ylabel(_t("per_sample_ms"))
     ax.set_title(_t("relation"), fontsize=11)
     ax.legend(fontsize=8, loc="upper left")
+    _place_labels(ax, [p[0] for p in ones], [p[1] for p in ones], [p[2] for p in ones])
 
 
 def _plot_efficiency_ranking(ax, rows):
-    """Utilisation of the measured peak per model, ranked (never above 100 %)."""
-    ranked = sorted(rows, key=lambda r: r["utilisation"] or 0.0, reverse=True)  # None (invalid) last
-    _barh(ax, [f"{r['name']} ({_t('at_batch', n=r['util_batch']) if r['util_batch'] else _t('not_measured')})"
-               for r in ranked],
-          [r["utilisation"] or 0.0 for r in ranked], [_kind_color(r["kind"]) for r in ranked],
-          fmt=lambda v: f"{v:.1%}" if v else "")
+    """Utilisation of the measured peak at batch 1 per model, ranked (one batch for every row,
+    never above 100 %); a model without a batch-1 time says so."""
+    ranked = sorted(rows, key=lambda r: r["util_1"] or 0.0, reverse=True)  # None last
+    _barh(ax, [r["name"] for r in ranked], [r["util_1"] or 0.0 for r in ranked],
+          [_kind_color(r["kind"]) for r in ranked], fmt=lambda v: f"{v:.1%}" if v else "")
     for i, r in enumerate(ranked):
-        if r["utilisation"] is None:
-            ax.text(0.01, i, _t("mfu_invalid") if r["util_batch"] else _t("not_measured_long"), va="center",
-                    fontsize=8, color=PALETTE.warning if r["util_batch"] else PALETTE.muted,
-                    transform=ax.get_yaxis_transform())
+        if r["util_1"] is None:
+            invalid = r["latency_1"] is not None
+            ax.text(0.01, i, _t("mfu_invalid") if invalid else _t("not_measured_long"), va="center", fontsize=8,
+                    color=PALETTE.warning if invalid else PALETTE.muted, transform=ax.get_yaxis_transform())
     from matplotlib.ticker import PercentFormatter
-    ax.set_xlim(0, min(1.0, 1.3 * max([r["utilisation"] or 0.0 for r in rows] + [0.01])))  # never beyond 100 %
+    ax.set_xlim(0, min(1.0, 1.3 * max([r["util_1"] or 0.0 for r in rows] + [0.01])))  # never beyond 100 %
     ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_title(_t("ranking"), fontsize=11)
     _kind_legend(ax, [r["kind"] for r in rows])
 
 
-def _plot_dashboard_radar(ax, rows, scores):
-    """Six models on five log-scaled axes (run_dashboard_analysis's `radar`), outer is better."""
-    chosen = [r for r in rows if r["name"] in DASH_RADAR_MODELS]
-    angles = np.linspace(0, 2 * np.pi, len(DASH_RADAR_AXES), endpoint=False)
-    colors = [PALETTE.blue, PALETTE.green, PALETTE.red, PALETTE.purple, PALETTE.olive, PALETTE.cyan]
-    for r, color in zip(chosen, colors):
-        values = [0.05 + 0.95 * scores[k].get(r["name"], 0.0) for k in DASH_RADAR_AXES]  # 0 stays visible
-        ax.plot(np.append(angles, angles[0]), values + values[:1], color=color, lw=1.8, label=r["name"])
-        ax.fill(angles, values, color=color, alpha=0.06)
-    ax.set_xticks(angles, [_t(k) + ("" if scores[k] else "\n" + _t("not_measured_long")) for k in DASH_RADAR_AXES],
-                  fontsize=9)
-    ax.set_ylim(0, 1.05)
-    ax.set_yticks([0.5, 1.0], ["", ""])
-    ax.set_title(_t("dash_radar"), pad=18, fontsize=11)
-    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.35, 1.1))
+def _plot_batching_gain(ax, rows):
+    """Per-sample speed at the largest latency batch against batch 1, bars from 1× on a log axis
+    (a batch that slows a model down is drawn down); a batch not measured says why."""
+    big = LATENCY_BATCHES[-1]
+    y = np.arange(len(rows))
+    gains = [r["latency_1"] / (r["latency_big"] / big) if r["latency_1"] and r["latency_big"] else None
+             for r in rows]
+    _ratio_bars(ax, y, gains, [_kind_color(r["kind"]) for r in rows], horizontal=True)
+    _ratio_axis(ax, [g for g in gains if g], axis="x", floor=3, room=2.5)
+    for yi, gain, r in zip(y, gains, rows):
+        if gain:
+            ax.annotate(f"{gain:.2f}×", (gain, yi), xytext=(3 if gain >= 1 else -3, 0), textcoords="offset points",
+                        va="center", ha="left" if gain >= 1 else "right", fontsize=8)
+        else:
+            why = r["skipped"].get(big) or r["skipped"].get(1) or ""
+            short = _t("not_measured_long") + (" " + _t("skip_budget").split("：")[-1] if "budget" in why else "")
+            ax.annotate(short, (1, yi), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8,
+                        color=PALETTE.muted)
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel(_t("batching_axis", n=big))
+    ax.set_title(_t("batching", n=big), fontsize=11)
 
 
 def _plot_training_memory_bars(ax, rows, train_batch):
@@ -5789,32 +6416,53 @@ def _plot_training_memory_bars(ax, rows, train_batch):
     ax.legend(fontsize=8, loc="lower right")
 
 
+def _recommendation_cell(verdict, footnotes):
+    """A matrix cell's words: the measured value and its margin, or "not measured" with a footnote
+    number whose reason goes under the matrix."""
+    if verdict["verdict"] == "not_measured":
+        why = _localized_reason(verdict["why"])
+        number = footnotes.setdefault(why, len(footnotes) + 1)
+        return f"{_t('not_measured')} ({number})"
+    value, unit = verdict["value"], verdict["unit"]
+    text = {"s": lambda v: f"{v * 1e3:.1f} ms", "parameters": lambda v: _t("params_v", v=readable(v)),
+            "samples/s": lambda v: _t("samples_s", v=v), "bytes": lambda v: f"{v / GIB:.2f} GiB"}[unit](value)
+    margin = verdict["margin"]
+    key = "margin_pass" if verdict["verdict"] == "pass" else "margin_fail"
+    shown = margin if margin >= 1 else 1 / margin
+    return _t(key, value=text, m=f"{shown:.2f}" if shown < 2 else f"{shown:.1f}" if shown < 10 else f"{shown:.0f}")
+
+
 def _plot_recommendations(ax, data):
-    """Scores where a model passes; ✗ where it fails a limit; "not measured" greyed and hatched."""
-    import matplotlib.patches as mpatches
+    """Pass or fail per model and scenario with the measured value and its margin (seaborn's
+    annotated heatmap, coloured by the margin on a log scale centred on the limit); a cell not
+    measured is grey and hatched, numbered, its reason written under the matrix."""
+    import seaborn as sns
     names = list(data["models"])
-    scores, verdicts = data["scores"], data["verdicts"]
-    matrix = np.array([[scores[s][n] if scores[s][n] is not None else np.nan for s in SCENARIOS] for n in names])
-    ax.imshow(matrix, cmap="YlGn", vmin=-0.2, vmax=1.1, aspect="auto")  # a passing 0 is not a failure colour
-    for j, scenario in enumerate(SCENARIOS):
-        valid = [v for v in matrix[:, j] if not np.isnan(v)]
-        best = max(valid) if valid else None
-        for i, value in enumerate(matrix[:, j]):
-            verdict = verdicts[scenario][names[i]]["verdict"]
-            if verdict == "not_measured":
-                ax.add_patch(mpatches.Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=PALETTE.pale, hatch="///",
-                                                edgecolor=PALETTE.rule, lw=0))
-                text, color = _t("not_measured"), PALETTE.muted
-            else:
-                text = "✗" if np.isnan(value) else f"{value:.2f}" + (" ★" if value == best else "")
-                color = PALETTE.warning if np.isnan(value) else "black"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=color)
-    ax.set_xticks(range(len(SCENARIOS)), [_t(f"sc_{s}") for s in SCENARIOS], fontsize=9)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.grid(False)
+    verdicts = data["verdicts"]
+    footnotes = {}
+    cells = [[verdicts[s][n] for s in SCENARIOS] for n in names]
+    margins = np.array([[math.log10(c["margin"]) if c["verdict"] != "not_measured" and c.get("margin") else np.nan
+                         for c in row] for row in cells])
+    text = np.array([[_recommendation_cell(c, footnotes) for c in row] for row in cells])
+    sns.heatmap(margins, ax=ax, cmap="RdYlGn", center=0, vmin=-2, vmax=2, annot=text, fmt="",
+                annot_kws={"fontsize": 8}, linewidths=0.5, linecolor="white",
+                cbar_kws={"label": _t("margin_axis"), "ticks": [-2, -1, 0, 1, 2], "format": "%g"})
+    ax.collections[0].colorbar.set_ticklabels(["1/100×", "1/10×", "1×", "10×", "100×"])
+    import matplotlib.patches as mpatches
+    for i, row in enumerate(cells):
+        for j, cell in enumerate(row):
+            if cell["verdict"] == "not_measured":  # seaborn leaves a NaN cell empty: grey, hatched, numbered
+                ax.add_patch(mpatches.Rectangle((j, i), 1, 1, facecolor=PALETTE.pale, hatch="///",
+                                                edgecolor=PALETTE.rule, lw=0, zorder=0.5))
+                ax.text(j + 0.5, i + 0.5, text[i, j], ha="center", va="center", fontsize=8, color=PALETTE.dark,
+                        bbox={"facecolor": PALETTE.pale, "edgecolor": "none", "pad": 1})
+    ax.set_xticks(np.arange(len(SCENARIOS)) + 0.5, [_t(f"sc_{s}") for s in SCENARIOS], fontsize=9, rotation=0)
+    ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=9, rotation=0)
     ax.set_title(_t("recommend"), fontsize=11)
-    ax.set_xlabel(_t("rule", edge_params=readable(EDGE_MAX_PARAMETERS), edge_ms=EDGE_MAX_LATENCY_S * 1e3,
-                     serve=SERVING_MIN_SAMPLES_PER_S, big=LATENCY_BATCHES[-1]), fontsize=8, loc="left")
+    notes = [f"({n}) {_wrap(why, 70)}" for why, n in footnotes.items()]
+    rule = _t("rule", edge_params=readable(EDGE_MAX_PARAMETERS), edge_ms=EDGE_MAX_LATENCY_S * 1e3,
+              serve=SERVING_MIN_SAMPLES_PER_S, big=LATENCY_BATCHES[-1])
+    ax.set_xlabel("\n".join([rule] + notes), fontsize=8, loc="left")
 
 
 def plot_dashboard(data):
@@ -5822,18 +6470,21 @@ def plot_dashboard(data):
     import matplotlib.pyplot as plt
     rows = _dash_rows(data)
     with _figure_style():
-        fig = plt.figure(figsize=(20, 12), layout="constrained")
-        axs = fig.subplot_mosaic([["bubble", "relation", "ranking"], ["radar", "memory", "recommend"]],
-                                 per_subplot_kw={"radar": {"projection": "polar"}})
+        fig = plt.figure(figsize=(20, 12.5), layout="constrained")
+        axs = fig.subplot_mosaic([["bubble", "relation", "ranking"], ["batching", "memory", "recommend"]])
         _plot_bubbles(axs["bubble"], rows)
         _plot_latency_vs_flops(axs["relation"], rows, data["peak_flops"])
         _plot_efficiency_ranking(axs["ranking"], rows)
-        _plot_dashboard_radar(axs["radar"], rows, data["radar"])
+        _plot_batching_gain(axs["batching"], rows)
         _plot_training_memory_bars(axs["memory"], rows, data["train_memory_batch"])
         _plot_recommendations(axs["recommend"], data)
-        _suptitle(fig, _t("dash_title"), _t("dash_sub", device=data["device"],
-                                            batches="/".join(map(str, data["latency_batches"])),
-                                            tb=data["train_memory_batch"]), data.get("conditions"))
+        gpt = inspect.signature(TinyGPT).parameters
+        sub = _t("dash_sub", device=data["device"], batches="/".join(map(str, data["latency_batches"])),
+                 tb=data["train_memory_batch"])
+        if "TinyGPT" in data["models"]:
+            sub += "\n" + _t("dash_tinygpt", layers=gpt["n_layer"].default, hidden=gpt["n_embd"].default,
+                             seq=MODEL_ZOO["TinyGPT"][2](1).shape[1])
+        _suptitle(fig, _t("dash_title"), sub, data.get("conditions"))
     return fig
 
 
@@ -6001,6 +6652,7 @@ def visualize_roofline(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **o
 
 
 VERDICT_COLORS = {"agree": PALETTE.agree, "disagree": PALETTE.disagree, "partly": PALETTE.partly,
+                  "better": PALETTE.better, "worse": PALETTE.disagree,
                   "uncertain": PALETTE.partly, "info": PALETTE.pale, "not_measured": PALETTE.unmeasured}
 
 
@@ -6027,8 +6679,12 @@ def _plot_lecture_memory(ax, rows):
                   fontsize=8)
     ax.set_ylabel("MiB")
     ax.set_title(_t("lec_memory", batch=rows[0]["batch"], seq=rows[0]["seq"]), fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
-    ax.text(0.98, 0.97, _t("lec_act_note"), transform=ax.transAxes, ha="right", va="top", fontsize=7,
+    from matplotlib.patches import Patch
+    handles, _ = ax.get_legend_handles_labels()
+    hatch_key = [Patch(facecolor="white", edgecolor=PALETTE.dark, hatch="//", label=_t("lec_hatch")),
+                 Patch(facecolor=PALETTE.dark, label=_t("lec_solid"))]
+    ax.legend(handles=handles + hatch_key, fontsize=8, loc="upper left")
+    ax.text(0.98, 0.97, _t("lec_act_note"), transform=ax.transAxes, ha="right", va="top", fontsize=8,
             color=PALETTE.note)
     ax.margins(y=0.25)
 
@@ -6060,7 +6716,8 @@ def _plot_flop_formulas(ax, rows):
     ax.barh(y, errors, 0.5, color=[PALETTE.green if abs(e) < 1 else PALETTE.red for e in errors])
     exact = [yi for yi, e in zip(y, errors) if abs(e) < 1]  # a 0 % bar has no width: a mark shows it
     ax.scatter([0] * len(exact), exact, marker="o", s=60, color=PALETTE.green, zorder=3, label=_t("lec_flop_exact"))
-    ax.barh([], [], color=PALETTE.red, label=_t("lec_flop_error"))  # the legend's key for the off bars
+    from matplotlib.patches import Patch
+    key = [Patch(facecolor=PALETTE.red, label=_t("lec_flop_error"))]  # the off bars' own colour
     fixed = [(yi, 100 * r["correct_error"]) for yi, r in zip(y, rows) if r.get("correct_error") is not None]
     if fixed:
         ax.scatter([e for _, e in fixed], [yi for yi, _ in fixed], marker="D", color=PALETTE.blue, zorder=3,
@@ -6068,14 +6725,15 @@ def _plot_flop_formulas(ax, rows):
     for yi, e, r in zip(y, errors, rows):
         ax.annotate(f"{e:+.1f}%\n{readable(r['lecture'])} / {readable(r['counted'])}", (e, yi),
                     xytext=(4 if e >= 0 else -4, 0), textcoords="offset points", va="center",
-                    ha="left" if e >= 0 else "right", fontsize=7)
+                    ha="left" if e >= 0 else "right", fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(min(errors.min(), 0) * 1.9 - 5, max(errors.max(), 0) * 1.9 + 45)  # room for the labels
     ax.set_xlabel("%")
     ax.set_title(_t("lec_flops"), fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
+    handles, _ = ax.get_legend_handles_labels()
+    ax.legend(handles=handles + key, fontsize=8, loc="lower left")
 
 
 def _plot_fusion(ax, fusion, compiled=None):
@@ -6112,9 +6770,10 @@ def _plot_fusion(ax, fusion, compiled=None):
     ax.margins(y=0.2)
 
 
-def _claim_text(row):
-    """This machine's value in a table cell, in words: a saving or a speed-up (a slowdown as such)."""
-    value = row["measured"]
+def _claim_text(row, case=None):
+    """This machine's value in a table cell, in words: a saving or a speed-up (a slowdown as such);
+    with `case`, that case's value alone."""
+    value = row["measured"] if case is None else case["measured"]
     if value is None:
         return _t("verdict_not_measured")
     values = value if isinstance(value, dict) else {"": value}
@@ -6139,24 +6798,36 @@ def _claim_source(row):
 
 
 def _plot_claims_table(ax, rows):
-    """The lecture's optimisation table with this machine's value in every cell, coloured by verdict."""
+    """The lecture's optimisation table with this machine's value in every cell, one line per
+    measured case, coloured by its verdict (better and worse than claimed told apart)."""
     ax.axis("off")
     header = [_t("col_technique"), _t("col_aspect"), _t("col_claim"), _t("col_measured"), _t("col_source"),
               _t("col_verdict")]
-    cells = [[_t("tech_" + r["technique"]), _t("aspect_" + r["aspect"]), _t("claim_" + r["claim"]), _claim_text(r),
-              _claim_source(r), _t("verdict_" + r["verdict"])] for r in rows]
-    table = ax.table(cellText=cells, colLabels=header, loc="center", cellLoc="center",
-                     colWidths=[0.14, 0.1, 0.13, 0.3, 0.23, 0.1])
+    cells, verdicts = [], []
+    for r in rows:
+        for case in r.get("cases") or [{"name": "", "measured": r["measured"], "verdict": r["verdict"]}]:
+            name = {"peak": _t("peak_suffix"), "activations": _t("act_suffix")}.get(case["name"], case["name"])
+            source = _claim_source(r) if case["name"] not in ("peak", "activations") else _t("src_training") + name
+            measured = _claim_text(r, case)
+            if case["name"] and case["name"] not in ("peak", "activations"):
+                measured = f"{case['name']}：{measured}" if _lang() == "zh" else f"{case['name']}: {measured}"
+            cells.append([_t("tech_" + r["technique"]), _t("aspect_" + r["aspect"]), _t("claim_" + r["claim"]),
+                          measured, source, _t("verdict_" + case["verdict"])])
+            verdicts.append(case["verdict"])
+    table = ax.table(cellText=cells, colLabels=header, loc="upper center", cellLoc="center",
+                     colWidths=[0.13, 0.1, 0.13, 0.26, 0.26, 0.12])
     table.auto_set_font_size(False)
     table.set_fontsize(9)
-    table.scale(1, 1.9)
+    table.scale(1, 1.55)
     for (i, j), cell in table.get_celld().items():
         if i == 0:
             cell.set_facecolor(PALETTE.header)
         elif j in (3, 5):
-            cell.set_facecolor(VERDICT_COLORS[rows[i - 1]["verdict"]])
-    if any(r["verdict"] == "uncertain" for r in rows):
-        ax.text(0.0, 0.02, _t("uncertain_note"), transform=ax.transAxes, fontsize=8, color=PALETTE.note)
+            cell.set_facecolor(VERDICT_COLORS[verdicts[i - 1]])
+    notes = [_wrap(_t("mp_weights_note"), 95 if _lang() == "zh" else 170)]
+    if "uncertain" in verdicts:
+        notes.append(_t("uncertain_note"))
+    ax.text(0.0, 0.0, "\n".join(notes), transform=ax.transAxes, fontsize=8, color=PALETTE.note, va="bottom")
     ax.set_title(_t("lec_table"), fontsize=11)
 
 
@@ -6227,7 +6898,7 @@ def _plot_own_memory(ax, data):
         ax.set_xlim(-0.6, len(pairs) - 0.4)
         ax.set_ylim(0, max(tops) * 1.45)  # room for the legend above the bars
         ax.set_ylabel(_t("mib"))
-        ax.legend(fontsize=7, ncol=3, loc="upper center")
+        ax.legend(fontsize=8, ncol=3, loc="upper center")
     ax.set_title(_t("own_memory"))
 
 
@@ -6411,14 +7082,20 @@ def _progress(stage, started):
     return report
 
 
+DRAW_SECONDS = {}  # stage -> seconds its figures took to draw and save in this run (results.json "timing")
+
+
 def _run_stage(stage, args, device, out, done, budget_s):
-    """Run one stage with the run's profile (run_stage), draw and save its figure; its data."""
+    """Run one stage with the run's profile (run_stage), draw and save its figure(s); its data.
+    The drawing time goes to DRAW_SECONDS[stage]."""
     options = {"device": device, "profile": PROFILES[args.profile], "seed": args.seed, "budget_s": budget_s,
                "progress": _progress(stage, _now()), "threads": None if args.threads == "auto" else int(args.threads)}
     if stage == "model":
         data = analyze(args.loaded_model, _cli_inputs(args), **options)
         print(format_model_table(data), flush=True)
+        drawing = _now()
         visualize_own_model(None, None, out, data=data, dpi=args.dpi)
+        DRAW_SECONDS[stage] = _now() - drawing
         return data
     extra = {"training": {"dataset": args.dataset, "data_dir": args.data_dir, "download": args.download_mnist},
              "lecture": {"compile": args.compile}}.get(stage, {})
@@ -6426,7 +7103,11 @@ def _run_stage(stage, args, device, out, done, budget_s):
     data = run(**options, **extra, **_reused(stage, done))
     if stage == "lecture":
         print(format_lecture_table(data), flush=True)
+    drawing = _now()
     draw(out, data=data, dpi=args.dpi)
+    if stage == "memory" and isinstance(data, dict) and "timeline" in data:  # its second figure: one step over time
+        visualize_memory_timeline(out, data=data, dpi=args.dpi)
+    DRAW_SECONDS[stage] = _now() - drawing
     if stage == "training" and args.tensorboard:
         print(f"  TensorBoard logs: {write_tensorboard(data, args.tensorboard)} "
               f"(tensorboard --logdir {args.tensorboard})", flush=True)
@@ -6495,11 +7176,11 @@ def _stage_budget_s(args, stage, done):
     return profile.lecture_budget_s + (profile.alone_s if alone else 0) + (profile.compile_s if args.compile else 0)
 
 
-def _stage_timing(data, wall_s, budget_s):
+def _stage_timing(data, wall_s, budget_s, draw_s=None):
     """results.json "timing": the conditions the stage ran under (run_stage's), and its whole wall
-    time (drawing included) against its budget."""
+    time (drawing included) against its budget, and `draw_s`, the part its figures took."""
     conditions = data.get("conditions") if isinstance(data, dict) else None
-    return {**(conditions or {}), "budget_s": budget_s, "wall_s": wall_s,
+    return {**(conditions or {}), "budget_s": budget_s, "wall_s": wall_s, "draw_s": draw_s,
             "within_budget": wall_s <= STAGE_OVERRUN * budget_s}
 
 
@@ -6563,7 +7244,8 @@ def main(argv=None):
             failed.append(stage)
             results["stages"][stage] = {"error": f"{type(err).__name__}: {_first_line(err)}"}
             print(f"[{stage}] FAILED: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
-        results["timing"][stage] = _stage_timing(results["stages"][stage], _now() - started_stage, budget_s)
+        results["timing"][stage] = _stage_timing(results["stages"][stage], _now() - started_stage, budget_s,
+                                                 DRAW_SECONDS.pop(stage, None))
         results["runs"][stage] = _stage_stamp(args)
         done += 1
         _release_memory()

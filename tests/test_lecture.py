@@ -186,7 +186,8 @@ def test_lecture_figure_panels(tmp_path):
     assert_panels(fig, 5)
     assert (tmp_path / demo.FIGURE_FILES["lecture"]).exists()
     table = fig.axes[4].tables[0]
-    assert len(table.get_celld()) == 6 * (len(demo.LECTURE_CLAIMS) + 1)
+    cases = sum(len(r["cases"]) for r in data["claims"])  # one line per measured case (issue 20)
+    assert cases >= len(demo.LECTURE_CLAIMS) and len(table.get_celld()) == 6 * (cases + 1)
     text = demo.format_lecture_table(data)
     assert text.count("\n| ") >= len(demo.LECTURE_CLAIMS) + 4
 
