@@ -34,11 +34,14 @@ the models -> counting and measuring them -> the figures -> the command line):
   6. Memory ..................................... estimate_memory, measure_memory, measure_kv_cache,
                                                   zero_memory_per_device, memory_timeline, run_memory_analysis
   7. Mixed precision ............................ benchmark_mixed_precision, run_amp_analysis, dtype_ranges
-  8. Training ................................... run_training_comparison, TrainingPlan.plan, TrainingData.mnist,
+  8. Training ................................... run_training_comparison, TrainingPlan, load_mnist,
                                                   write_tensorboard
   9. Model selection ............................ measure_latency, recommend_models, run_dashboard_analysis
  9b. The roofline ............................. measure_bandwidth (section 3), roofline, measure_dispatch,
                                                   run_roofline_analysis
+ 9c. Beyond one device ......................... measure_distributed (N gloo/NCCL processes),
+                                                  estimate_distributed (fake process group, any N),
+                                                  communication_formula, LlamaLike, run_distributed_analysis
  10. The lecture, claim by claim ................ measure_fusion, measure_compile, lecture_claims,
                                                   run_lecture_comparison, format_lecture_table
  11. Your own model ............................. load_model, analyze, format_model_table
@@ -47,9 +50,10 @@ the models -> counting and measuring them -> the figures -> the command line):
                                                   visualize_memory_timeline, visualize_training_performance,
                                                   demonstrate_mixed_precision_benefits,
                                                   create_comprehensive_dashboard, visualize_roofline,
+                                                  visualize_distributed,
                                                   visualize_lecture_claims,
                                                   visualize_own_model (each with its plot_* function)
- 13. The CLI .................................... PROFILES, STAGES, parse_args, main
+ 13. The CLI .................................... STAGES, parse_args, main (profiles: Profile, section 1)
 
 References behind the formulas:
 - torch/utils/flop_counter.py (per-op formulas, conv and SDPA backward conventions).
@@ -58,6 +62,8 @@ References behind the formulas:
 - Rajbhandari et al. 2020, "ZeRO", Section 3 and Figure 1 (16 bytes/parameter for mixed-precision
   Adam; ZeRO-1/2/3 partitioning).
 - Micikevicius et al. 2018, "Mixed Precision Training" (loss scaling).
+- Patarasuk & Yuan 2009, "Bandwidth optimal all-reduce algorithms" (ring all-reduce: 2(N-1)/N);
+  Li et al. 2020, "PyTorch Distributed" (DDP); Zhao et al. 2023, "PyTorch FSDP".
 """
 
 from __future__ import annotations
@@ -186,6 +192,14 @@ class Profile:
     fusion_s: float = 0.4
     compile_s: float = 120.0          # --compile: a child process killed after this
     alone_s: float = 8.0              # lecture without the FLOP/memory stages' data: count, KV cache (busy ~10 s)
+    # distributed: 2 spawned ranks (~5 s quiet, ~12 s busy: each imports torch), 9 fake-tensor steps
+    # (~2 s), a Llama-70B simulated with 3 and 4 layers at 2 world sizes (~3 s quiet)
+    distributed_budget_s: float = 20.0
+    distributed_measure_s: float | None = 8.0  # what the spawn needs of the budget; None: not measured
+    distributed_width: int = 512      # MLP 256 -> 512 -> 512 -> 10 with Adam: ~10 MB a rank, steps of ~10 ms
+    distributed_batch: int = 64       # the global batch, 32 per rank
+    distributed_large: str = "Llama-70B"
+    distributed_worlds: tuple = (8, 64)  # each: a 3- and a 4-layer simulation, ~1 s (512 ranks: ~5 s)
 
     def budget_s(self, stage):
         return getattr(self, f"{stage}_budget_s")
@@ -215,6 +229,8 @@ QUICK = Profile(  # what differs from DEFAULT, and why
     roofline_models=("MLP-2048", "TinyGPT (2x128, T=64)"),  # a matmul-bound and an overhead-bound model
     lecture_budget_s=2.5, lecture_batch=8, gpt_sizes=((2, 128), (4, 256)),
     fusion_shape=(512, 1024), fusion_s=0.2, compile_s=60.0, alone_s=5.0,
+    distributed_budget_s=4.0, distributed_measure_s=None,  # no spawn: start-up alone is ~5 s
+    distributed_worlds=(64,),
 )
 PROFILES = {"default": DEFAULT, "quick": QUICK}
 
@@ -2514,12 +2530,16 @@ def _create_optimizer_state(replica, optimizer, compute=None):
             optimizer.state[p] = state
 
 
-def _memory_options(model, inputs, training, optimizer, precision, checkpointing, device):
-    Replica.check(model)
+def _check_memory_options(optimizer, precision):
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"optimizer must be one of {sorted(OPTIMIZER_STATES)}, got {optimizer!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+
+
+def _memory_options(model, inputs, training, optimizer, precision, checkpointing, device):
+    Replica.check(model)
+    _check_memory_options(optimizer, precision)
     args, kwargs = Replica.inputs(inputs, model)
     device = resolve_device(device, model)
     if training and not any(p.requires_grad for p in model.parameters()):
@@ -4264,6 +4284,706 @@ def _low_precision_case(run, name, peak, bandwidth, dispatch):
 
 
 # %% =============================================================================================
+# 9c. Beyond one device: data-parallel training measured on torch.distributed, and simulated
+# ================================================================================================
+# Data parallelism gives each of N ranks a copy of the model and 1/N of the global batch.  DDP keeps
+# the whole model, its gradients and optimizer state on every rank and all-reduces the gradients;
+# FSDP2 (torch.distributed.fsdp.fully_shard) keeps 1/N of each and all-gathers a layer's parameters
+# when it runs ("fsdp": ZeRO-3-like, gathered in forward and again in backward; "zero2":
+# reshard_after_forward=False, gathered once and kept until backward, close to ZeRO-2).
+# Measured: N spawned processes (gloo on CPU, NCCL where there are N GPUs), each reading its own
+# allocator as measure_memory does.  Estimated: one process, fake tensors and the fake process
+# group (torch/testing/_internal/distributed/fake_pg.py), rank 0's picture at any N.
+# Communication, per rank and step, for ring collectives (Patarasuk & Yuan 2009, "Bandwidth optimal
+# all-reduce algorithms"; the bus-bandwidth factors of nccl-tests' doc/PERFORMANCE.md): an
+# all-reduce of B bytes sends 2(N-1)/N x B, an all-gather or a reduce-scatter (N-1)/N x B of the
+# full buffer.  So DDP moves 2(N-1)/N x the gradient bytes (Li et al. 2020, "PyTorch Distributed",
+# Sec. 2-3), ZeRO-3 / FSDP 3 x (N-1)/N x the model (ZeRO paper, Sec. 7.2.2: all-gather in forward
+# and backward, reduce-scatter of gradients; Zhao et al. 2023, "PyTorch FSDP", Sec. 3).
+
+DISTRIBUTED_STRATEGIES = ("ddp", "zero2", "fsdp")
+DIST_TIMED_STEPS = 3      # steady-state steps timed per strategy, after the parity and the memory step
+DIST_TIMEOUT_S = 240.0    # a spawned run that has not finished by then is stopped (start-up included)
+DIST_PARITY_TOL = 1e-5    # fp32: a data-parallel gradient differs from one process's by summation order only
+COLLECTIVE_KINDS = {  # c10d op (as the dispatcher shows it) -> (kind, which argument holds the full buffer)
+    "allreduce_": ("all_reduce", 0), "_allgather_base_": ("all_gather", 0),
+    "allgather_into_tensor_coalesced_": ("all_gather", 0), "_reduce_scatter_base_": ("reduce_scatter", 1),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1), "broadcast_": ("broadcast", 0),
+}
+
+
+def ring_bytes(kind, payload_bytes, world_size):
+    """Bytes one rank sends (and receives) in a ring collective over a full buffer of `payload_bytes`."""
+    n = world_size
+    if n <= 1:
+        return 0.0
+    factor = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
+              "broadcast": (n - 1) / n}[kind]  # NB: a ring broadcast: each rank passes the buffer on (pipelined)
+    return factor * payload_bytes
+
+
+def communication_formula(strategy, world_size, parameter_bytes, gradient_bytes=None):
+    """Bytes each rank sends per training step (it receives as many): ring collectives.
+    ddp: all-reduce of the gradients; zero2: all-gather of the parameters once + reduce-scatter of
+    the gradients; fsdp: all-gather in forward and again in backward + reduce-scatter."""
+    grads = parameter_bytes if gradient_bytes is None else gradient_bytes
+    if strategy == "ddp":
+        return ring_bytes("all_reduce", grads, world_size)
+    gathers = {"zero2": 1, "fsdp": 2}[strategy]
+    return gathers * ring_bytes("all_gather", parameter_bytes, world_size) + \
+        ring_bytes("reduce_scatter", grads, world_size)
+
+
+def _check_distributed_options(world_size, strategy, optimizer, precision, most=None):
+    strategies = (strategy,) if isinstance(strategy, str) else tuple(strategy)
+    bad = [s for s in strategies if s not in DISTRIBUTED_STRATEGIES]
+    if bad or not strategies:
+        raise ValueError(f"strategy must be one of {list(DISTRIBUTED_STRATEGIES)}, got {strategy!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if most is not None and world_size > most[0]:
+        raise ValueError(f"world_size={world_size} is more than this machine can run: {most[1]}; "
+                         "estimate_distributed simulates any world size in one process")
+    _check_memory_options(optimizer, precision)
+    return strategies
+
+
+def _shard_units(model):
+    """The modules FSDP shards one by one (then the root): the elements of the model's outermost
+    nn.Sequential / nn.ModuleList containers that hold parameters (transformer blocks, ResNet
+    blocks, an MLP's linears), as one wraps transformer blocks in practice."""
+    containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
+
+    def visit(module):
+        for child in module.children():
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+                containers.append(child)
+            else:
+                visit(child)
+    if not containers:
+        visit(model)
+    return [b for c in containers for b in c if any(True for _ in b.parameters())]
+
+
+def _data_parallel(replica, strategy, mesh=None, device=None):
+    """`replica` wrapped for `strategy` (the process group must exist): DDP, or fully_shard on each
+    unit and the root (fsdp: parameters freed after forward; zero2: kept until backward)."""
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        ids = [device.index] if device is not None and device.type == "cuda" else None
+        return DistributedDataParallel(replica, device_ids=ids)
+    from torch.distributed.fsdp import fully_shard
+    reshard = strategy == "fsdp"
+    for unit in _shard_units(replica):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+    return fully_shard(replica, mesh=mesh, reshard_after_forward=reshard)
+
+
+def _local(t):
+    """The rank's own tensor of a DTensor (FSDP's sharded parameter, gradient, Adam state); else `t`."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t
+
+
+def _mean_loss(output, batch=None):
+    """The distributed lesson's loss: the mean of every floating output.  A mean, not the lab's sum:
+    N ranks averaging their local means give the mean over the global batch, so DDP's and FSDP's
+    averaged gradient equals one process's on the whole batch (a sum would give 1/N of it)."""
+    leaves = [x for x in tree_flatten(output)[0]
+              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+    return sum(x.float().mean() for x in leaves) if leaves else None
+
+
+def _local_batch(tree, rank, world_size):
+    """Rank `rank`'s 1/N of every input tensor along dim 0 (the global batch split as a
+    DistributedSampler would); ValueError when the batch does not split evenly."""
+    def split(x):
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return x
+        if x.shape[0] % world_size:
+            raise ValueError(f"the global batch ({x.shape[0]}, dim 0 of an input of shape {tuple(x.shape)}) "
+                             f"must split evenly over world_size={world_size}")
+        size = x.shape[0] // world_size
+        return x.narrow(0, rank * size, size).clone()  # a rank holds only its own samples
+    return tree_map(split, tree)
+
+
+class _RankTracker(_StorageTracker):
+    """The storage tracker for a rank: DTensors are counted by their local shard, buffers a
+    collective reads or fills are "communication", and each collective is logged with its payload."""
+
+    def __init__(self, world_size, scratch=False):
+        super().__init__(scratch=scratch)
+        self.world_size, self.collectives, self.resized_away = world_size, [], set()
+
+    def add(self, tensor, category=None):
+        key = super().add(_local(tensor), category)
+        if category and self.info[key][2] is None:  # made while wrapping, named once the step starts
+            self.info[key][2] = category
+        return key
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        kind = COLLECTIVE_KINDS.get(func._overloadpacket.__name__) if func.namespace == "c10d" else None
+        if kind is not None and self.phase != "setup":
+            buffers = [t for t in tree_flatten(args[kind[1]])[0] if isinstance(t, torch.Tensor)]
+            payload = sum(CpuScratch.dense(_local(t)) for t in buffers)
+            self.collectives.append((kind[0], payload))
+            for t in buffers:  # a gradient reduce-scattered into place stays a gradient (that is args[0])
+                entry = self.info[self.add(t)]
+                entry[2] = entry[2] or "communication"
+        return out
+
+    def _free(self, sid, key):
+        if key in self.resized_away:  # its bytes already went with resize_(0)
+            self.live.pop(sid, None)
+            return
+        super()._free(sid, key)
+
+    def resized(self, tensor, before, after):
+        """FSDP frees and re-grows parameter storages in place (storage.resize_): log it as a free or
+        an allocation of that storage."""
+        storage = _local(tensor).untyped_storage()
+        key = self.live.get(id(storage))
+        if after and not before:
+            if key is None:
+                self.add(tensor)
+            elif key in self.resized_away:
+                self.resized_away.discard(key)
+                self.events.append((key, 1))
+        elif before and not after and key is not None and key not in self.resized_away:
+            self.resized_away.add(key)
+            self.events.append((key, -1))
+
+    def communication(self):
+        """{kind: {calls, payload_bytes, sent_bytes}} and the total sent per step (ring model)."""
+        kinds = {}
+        for kind, payload in self.collectives:
+            k = kinds.setdefault(kind, {"calls": 0, "payload_bytes": 0, "sent_bytes": 0.0})
+            k["calls"] += 1
+            k["payload_bytes"] += payload
+            k["sent_bytes"] += ring_bytes(kind, payload, self.world_size)
+        return kinds, sum(k["sent_bytes"] for k in kinds.values())
+
+
+@contextlib.contextmanager
+def _fsdp_storage_hooks(tracker):
+    """Tell `tracker` when FSDP2 frees or re-grows a storage in place: it resizes the unsharded
+    parameters' storages to 0 after use instead of dropping them (_fsdp_param.free_storage /
+    alloc_storage), which no dispatch mode sees.  NB: patches those two private helpers (torch 2.14)
+    for the duration of the block only."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+    originals = {(m, name): getattr(m, name) for m in (_fsdp_param, _fsdp_param_group)
+                 for name in ("alloc_storage", "free_storage") if hasattr(m, name)}
+
+    def watched(original):
+        def run(tensor):
+            before = tensor.untyped_storage().size()
+            original(tensor)
+            tracker.resized(tensor, before, tensor.untyped_storage().size())
+        return run
+    for (module, name), original in originals.items():
+        setattr(module, name, watched(original))
+    try:
+        yield
+    finally:
+        for (module, name), original in originals.items():
+            setattr(module, name, original)
+
+
+def _rank_summary(tracker):
+    """_memory_summary plus the communication buffers (total and at the peak) and the collectives."""
+    summary = tracker.summary()
+    live = comm = at_peak = peak = 0
+    for key, sign in tracker.events:
+        nbytes, _, category = tracker.info[key]
+        live += sign * nbytes
+        comm += sign * nbytes if category == "communication" else 0
+        if live > peak:
+            peak, at_peak = live, comm
+    summary["communication_bytes"] = sum(n for n, _, c in tracker.info if c == "communication")
+    summary["at_peak"]["communication_bytes"] = int(at_peak)
+    summary["collectives"], summary["sent_bytes"] = tracker.communication()
+    summary["received_bytes"] = summary["sent_bytes"]  # a ring receives what it sends
+    return summary
+
+
+def _state_bytes(model):
+    """(parameter bytes, gradient bytes) of the whole model, unsharded."""
+    params = list(model.parameters())
+    return sum(CpuScratch.dense(p) for p in params), sum(CpuScratch.dense(p) for p in params if p.requires_grad)
+
+
+def fsdp_shard_bytes(model, world_size, rank=0, optimizer="adam"):
+    """FSDP2's sharding arithmetic for one rank: each parameter is split along dim 0 into N chunks of
+    ceil(d0 / N) rows (torch.chunk); every rank's parameter and gradient storage is padded to that
+    size (torch/distributed/fsdp/_fully_shard/_fsdp_param.py), while Adam's m and v follow the
+    unpadded local shard (zeros_like), plus one 4-byte step counter per parameter."""
+    params = bytes_grads = optimizer_bytes = 0
+    states = OPTIMIZER_STATES[optimizer]
+    for p in model.parameters():
+        d0 = p.shape[0] if p.dim() else 1
+        rows = -(-d0 // world_size)                                  # ceil(d0 / N)
+        per_row = (p.numel() // max(d0, 1)) * p.element_size()
+        local_rows = max(0, min(rows, d0 - rank * rows))
+        params += rows * per_row
+        if p.requires_grad:
+            bytes_grads += rows * per_row
+            optimizer_bytes += states * local_rows * per_row + (4 if optimizer in ("adam", "adamw") else 0)
+    return {"parameter_bytes": params, "gradient_bytes": bytes_grads, "optimizer_bytes": optimizer_bytes}
+
+
+# --- measured: N processes ------------------------------------------------------------------
+
+def _most_ranks(device):
+    """(the most ranks this machine runs, why): one per GPU with NCCL, one per CPU core with gloo."""
+    if device.type == "cuda":
+        n = torch.cuda.device_count()
+        return n, f"{n} GPU(s), one rank each (NCCL)"
+    n = os.cpu_count() or 1
+    return max(n, 1), f"{n} CPU core(s), one rank each (gloo)"
+
+
+def _free_port():
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference_step(model, run_args, run_kwargs, job, device):
+    """One process on the whole global batch: the gradients and the parameters after one step."""
+    replica = Replica.of(model, Replica.real_like(device))
+    optimizer = _make_optimizer(job["optimizer"], replica.parameters(), foreach=device.type == "cuda")
+    grads = {}
+    training_step(replica, optimizer, [(run_args, run_kwargs, None, None)], precision=job["precision"],
+                  device=device, loss_fn=_mean_loss,
+                  on_gradients=lambda r: grads.update({n: p.grad.detach().clone() for n, p in r.named_parameters()
+                                                       if p.grad is not None}))
+    return grads, {n: p.detach().clone() for n, p in replica.named_parameters()}
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _parity(replica, grads, reference, world_size):
+    """Largest |difference| of the gradients (before the step) and the parameters (after it) from
+    the single-process run; `grad_ratio` = sum |g| / sum |g_reference| (1: averaged, N: summed)."""
+    params = {n: _full(p.detach()) for n, p in replica.named_parameters()}  # all ranks gather
+    if reference is None:
+        return None
+    ref_grads, ref_params = reference
+    grad_diff = max((float((grads[n] - g).abs().max()) for n, g in ref_grads.items()), default=0.0)
+    param_diff = max((float((params[n] - p).abs().max()) for n, p in ref_params.items()), default=0.0)
+    ratio = sum(float(grads[n].abs().sum()) for n in ref_grads) / max(
+        sum(float(g.abs().sum()) for g in ref_grads.values()), 1e-30)
+    summed = abs(ratio - world_size) < 0.05 * world_size and world_size > 1
+    return {"grad_max_abs_diff": grad_diff, "param_max_abs_diff": param_diff, "grad_ratio": ratio,
+            "passes": grad_diff <= DIST_PARITY_TOL and param_diff <= DIST_PARITY_TOL,
+            "tolerance": DIST_PARITY_TOL,
+            "note": (f"gradients are {ratio:.2f}x the single-process ones: summed over the ranks, not averaged "
+                     "(pytorch#162338, FSDP2 on gloo)") if summed else None}
+
+
+def _rank_strategy(model, local, strategy, world_size, job, device, reference):
+    """One strategy on this rank: a parity step, a tracked step read from the allocator, timed steps."""
+    run_args, run_kwargs = local
+    micro = [(run_args, run_kwargs, None, None)]
+    options = {"precision": job["precision"], "device": device, "loss_fn": _mean_loss}
+    tracker, peak, grads = _RankTracker(world_size), _PeakMemory(device), {}
+    try:
+        with peak:  # the whole copy-wrap-step, as measure_memory reads it; the peak is step 2's
+            replica = Replica.of(model, Replica.real_like(device))
+            with tracker:
+                wrapped = _data_parallel(replica, strategy, device=device)
+            optimizer = _make_optimizer(job["optimizer"], replica.parameters(), foreach=device.type == "cuda")
+            training_step(wrapped, optimizer, micro, **options, on_gradients=lambda r: grads.update(
+                {n: _full(p.grad) for n, p in replica.named_parameters() if p.grad is not None}))
+            parity = _parity(replica, grads, reference, world_size)
+            grads.clear()
+            state_bytes = tracker.register_state(replica, optimizer, run_args, run_kwargs)
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            step_peak = _PeakMemory(device) if device.type == "cuda" else contextlib.nullcontext()
+            _AllocatorPeak.mark()
+            with step_peak, _fsdp_storage_hooks(tracker):
+                training_step(wrapped, optimizer, micro, **options, tracker=tracker)
+            _AllocatorPeak.mark()
+        summary = _rank_summary(tracker)
+    finally:
+        tracker.close()
+    summary["tracked_total"] = summary["total"]
+    if device.type == "cuda":
+        summary["total"], summary["method"] = before + step_peak.peak_bytes, _PeakMemory.CUDA_SOURCE
+    elif peak._cpu.marks:
+        summary["total"], summary["method"] = peak._cpu.marks[-1][1], _AllocatorPeak.SOURCE
+        summary["held_before_step_bytes"] = peak._cpu.marks[0][0]  # allocated and not freed when step 2 began
+    else:
+        summary["method"] = _StorageTracker.SOURCE + f": {peak.reason}"
+    summary["state_bytes"] = state_bytes  # parameters, optimizer state, inputs: what the tracker knew of
+    step = functools.partial(training_step, wrapped, optimizer, micro, **options)
+    times = [_timed(device, step)[1] for _ in range(DIST_TIMED_STEPS)]
+    return {**summary, "parity": parity, "step": time_stats(times)}
+
+
+def _distributed_child(rank, world_size, port, job_path, out_dir):
+    """One rank of measure_distributed (spawned): join the group, run every strategy, write JSON."""
+    import datetime
+    import torch.distributed as dist
+    job = torch.load(job_path, weights_only=False)
+    torch.set_num_threads(job["threads"])
+    device = torch.device(f"cuda:{rank}") if job["backend"] == "nccl" else torch.device("cpu")
+    out = {"rank": rank}
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(job["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=job["timeout_s"]))
+        run_args, run_kwargs = Replica.map((job["args"], job["kwargs"]), Replica.real_like(device))
+        reference = _reference_step(job["model"], run_args, run_kwargs, job, device) if rank == 0 else None
+        local = _local_batch((run_args, run_kwargs), rank, world_size)
+        out["strategies"] = {s: _rank_strategy(job["model"], local, s, world_size, job, device, reference)
+                             for s in job["strategies"]}
+    except Exception as err:
+        out["error"] = f"{type(err).__name__}: {_first_line(err)}"
+    finally:
+        with contextlib.suppress(Exception):
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        write_json_atomic(out, Path(out_dir) / f"rank{rank}.json")
+
+
+def _stop(processes):
+    """Terminate, then kill, every process still alive; wait for each."""
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def _spawn_ranks(job, world_size, timeout_s):
+    """Run `world_size` ranks of _distributed_child (spawn start method) and read what each wrote.
+    Every process is stopped on return: on success, on a rank's error, on timeout or on Ctrl-C."""
+    import torch.multiprocessing as mp
+    context, processes = mp.get_context("spawn"), []
+    with tempfile.TemporaryDirectory(prefix="lab-dist-") as tmp:
+        job_path = Path(tmp) / "job.pt"
+        torch.save(job, job_path)
+        port, deadline = _free_port(), _now() + timeout_s
+        sys.path.insert(0, str(_HERE))  # the children import this module by its path (spawn copies sys.path)
+        try:
+            for rank in range(world_size):
+                p = context.Process(target=_distributed_child, args=(rank, world_size, port, str(job_path), tmp),
+                                    daemon=True)
+                p.start()
+                processes.append(p)
+        finally:
+            sys.path.remove(str(_HERE))
+        try:
+            while any(p.is_alive() for p in processes):
+                failed = [p for p in processes if not p.is_alive() and p.exitcode]
+                if failed or _now() > deadline:
+                    break
+                processes[0].join(0.05)
+        finally:
+            _stop(processes)
+        results = []
+        for rank, p in enumerate(processes):
+            path = Path(tmp) / f"rank{rank}.json"
+            results.append(json.loads(path.read_text()) if path.exists() else
+                           {"rank": rank, "error": f"exited with code {p.exitcode} before reporting (a script "
+                            "that calls measure_distributed needs the `if __name__ == '__main__':` guard: "
+                            "spawned ranks import it)" if _now() <= deadline else f"stopped after {timeout_s:.0f} s"})
+    return {"results": results, "port": port}
+
+
+def _distributed_job(model, inputs, strategies, world_size, optimizer, precision, device):
+    Replica.check(model)
+    args, kwargs = Replica.inputs(inputs, model)
+    if Replica.device(model).type == "meta":
+        raise ValueError("measure_distributed needs real weights; the model is on the meta device "
+                         "(estimate_distributed simulates it)")
+    cpu = torch.device("cpu")
+    args, kwargs = Replica.map((args, kwargs), Replica.real_like(cpu, ids_below=Replica.ids_below(model)))
+    _local_batch((args, kwargs), 0, world_size)  # ValueError now if the batch does not split
+    cpu_model = model if Replica.device(model).type == "cpu" else Replica.of(model, Replica.real_like(cpu))
+    threads = max(1, (os.cpu_count() or 1) // world_size) if device.type == "cpu" else 1
+    return {"model": cpu_model, "args": args, "kwargs": kwargs, "strategies": list(strategies),
+            "optimizer": optimizer, "precision": precision, "threads": threads, "timeout_s": DIST_TIMEOUT_S,
+            "backend": "nccl" if device.type == "cuda" else "gloo"}
+
+
+def measure_distributed(model, inputs, *, world_size=2, strategy="ddp", optimizer="adam", precision="fp32",
+                        device=None):
+    """Train a copy of `model` data-parallel in `world_size` processes and measure each rank.
+
+    Spawns the ranks (torch.multiprocessing, spawn) on a free port of 127.0.0.1: gloo on CPU, NCCL
+    on CUDA with one GPU per rank.  `inputs` is the global batch, split along dim 0.  Each rank runs
+    one step compared with a single process on the whole batch (parity), one step read from its
+    allocator (as measure_memory: the profiler's allocation events on CPU, max_memory_allocated on
+    CUDA, the parts from the storage tracker) with its collectives counted, and DIST_TIMED_STEPS
+    timed steps.  `strategy` is one of DISTRIBUTED_STRATEGIES, or a tuple of them run in one spawn
+    (then {strategy: result}).  The loss is the mean of the outputs (_mean_loss).  Returns per rank
+    `total` (peak bytes), the parts, `sent_bytes`/`received_bytes` per step, `collectives`, `step`
+    (time_stats) and on rank 0 `parity`.  Every process is stopped before it returns, on error too.
+    """
+    device = resolve_device(device, model)
+    strategies = _check_distributed_options(world_size, strategy, optimizer, precision, _most_ranks(device))
+    job = _distributed_job(model, inputs, strategies, int(world_size), optimizer, precision, device)
+    start = _now()
+    spawned = _spawn_ranks(job, int(world_size), DIST_TIMEOUT_S)
+    errors = [r["error"] for r in spawned["results"] if "error" in r]
+    if errors:
+        raise RuntimeError(f"a rank failed: {errors[0]}")
+    param_bytes, grad_bytes = _state_bytes(model)
+    out = {}
+    for s in strategies:
+        ranks = [r["strategies"][s] for r in spawned["results"]]
+        out[s] = {"strategy": s, "world_size": int(world_size), "ranks": ranks, "parity": ranks[0]["parity"],
+                  "total": max(r["total"] for r in ranks), "sent_bytes": ranks[0]["sent_bytes"],
+                  "formula_sent_bytes": communication_formula(s, int(world_size), param_bytes, grad_bytes),
+                  "backend": job["backend"], "device": str(device), "method": ranks[0]["method"],
+                  "threads_per_rank": job["threads"]}
+    wall_s = _now() - start
+    batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    for s in strategies:
+        out[s].update(wall_s=wall_s, port=spawned["port"])
+        parity = out[s]["parity"]
+        if parity and not parity["passes"] and batch_norm and not parity["note"]:
+            parity["note"] = ("BatchNorm normalises each rank's batch / N, not the global batch: its gradients differ "
+                              "(nn.SyncBatchNorm would share the statistics)")
+    return out[strategy] if isinstance(strategy, str) else out
+
+
+# --- simulated: one process, fake tensors, the fake process group ---------------------------------
+
+@contextlib.contextmanager
+def _fake_process_group(world_size):
+    """A fake process group of `world_size` ranks in this process (this process is rank 0) and its
+    1-D device mesh (made outside FakeTensorMode); destroyed on exit, whatever happens."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    if dist.is_initialized():
+        raise LabError("a process group is already initialised in this process; estimate_distributed needs its "
+                       "own (fake) one: call it outside torch.distributed code")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _simulate_sharded(model, run_args, run_kwargs, strategy, world_size, optimizer, precision):
+    """Rank 0's tracked step of fully_shard on fake tensors with the fake process group."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cpu, fake_mode = torch.device("cpu"), FakeTensorMode(allow_non_fake_inputs=True)
+    dtype = PURE_DTYPES.get(precision)
+
+    def make(x):
+        with fake_mode:
+            cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+            return torch.empty_like(x, device=cpu, dtype=cast)
+    tracker = _RankTracker(world_size, scratch=True)  # CPU kernels' working memory, as estimate_memory
+    with _fake_process_group(world_size) as mesh:
+        replica = Replica.of(model, make)
+        try:
+            with fake_mode, tracker:
+                wrapped = _data_parallel(replica, strategy, mesh=mesh)
+            opt = _make_optimizer(optimizer, replica.parameters(), foreach=False)
+            with fake_mode:
+                args, kwargs = Replica.map(_local_batch((run_args, run_kwargs), 0, world_size), make)
+            # a first step, as the measured ranks run: FSDP's lazy set-up, the optimizer's state, and
+            # the buffers one step leaves to the next are then there, as in steady training
+            training_step(wrapped, opt, [(args, kwargs, None, None)], precision=precision, device=cpu,
+                          loss_fn=_mean_loss, compute=fake_mode)
+            tracker.register_state(replica, opt, args, kwargs)
+            with _fsdp_storage_hooks(tracker):
+                training_step(wrapped, opt, [(args, kwargs, None, None)], precision=precision, device=cpu,
+                              loss_fn=_mean_loss, tracker=tracker, compute=fake_mode)
+            return _rank_summary(tracker)
+        finally:
+            tracker.close()
+
+
+def estimate_distributed(model, inputs, *, world_size, strategy, optimizer="adam", precision="fp32"):
+    """Rank 0's memory and communication per step under `strategy` on `world_size` ranks, in this
+    process and without real arithmetic: any world size, models on meta included.
+
+    fsdp / zero2: fully_shard runs for real on fake tensors, with the fake process group (its
+    collectives do nothing but are seen, with their sizes, by the storage tracker).  ddp: DDP
+    refuses fake tensors (it checks parameter data across ranks), so it is estimate_memory of one
+    rank's step (the local batch) plus DDP's gradient buckets, which hold a flat copy of every
+    gradient (torch/csrc/distributed/c10d/reducer.cpp, gradient_as_bucket_view=False), all-reduced
+    once per step.  `method` says which.  The loss is the mean of the outputs, as measure_distributed's.
+    """
+    Replica.check(model)
+    _check_distributed_options(world_size, strategy, optimizer, precision)
+    args, kwargs = Replica.inputs(inputs, model)
+    _local_batch((args, kwargs), 0, world_size)  # ValueError now if the batch does not split
+    param_bytes, grad_bytes = _state_bytes(model)
+    base = {"strategy": strategy, "world_size": int(world_size), "optimizer": optimizer, "precision": precision,
+            "formula_sent_bytes": communication_formula(strategy, world_size, param_bytes, grad_bytes)}
+    if strategy != "ddp":
+        with _quiet_fake_tensor_logs():
+            try:
+                summary = _simulate_sharded(model, args, kwargs, strategy, world_size, optimizer, precision)
+            except (LabError, ValueError):
+                raise
+            except Exception as err:
+                raise Replica.error(model, args, kwargs, err) from None
+        return {**summary, **base, "method": f"fully_shard on fake tensors, fake process group of {world_size} "
+                                             "ranks (rank 0)"}
+    local = Replica.map(_local_batch((args, kwargs), 0, world_size), Replica.meta_like)
+    single = estimate_memory(model, local[1] or local[0], optimizer=optimizer, precision=precision,
+                             loss_fn=_mean_loss)
+    buckets = grad_bytes  # DDP builds its buckets on any number of ranks
+    summary = {k: v for k, v in single.items() if k not in ("training", "optimizer_name", "checkpointing")}
+    summary["at_peak"] = {**single["at_peak"], "communication_bytes": buckets}
+    collectives = {"all_reduce": {"calls": None, "payload_bytes": grad_bytes,
+                                  "sent_bytes": ring_bytes("all_reduce", grad_bytes, world_size)}}
+    sent = collectives["all_reduce"]["sent_bytes"]
+    return {**summary, **base, "total": single["total"] + buckets, "communication_bytes": buckets,
+            "collectives": collectives, "sent_bytes": sent, "received_bytes": sent,
+            "method": f"estimate_memory of one rank's step (batch / {world_size}) + DDP's gradient buckets"}
+
+
+# --- a Llama-like configuration, built on meta: what a learner asks about ---------------------------
+
+class LlamaBlock(nn.Module):
+    """One Llama decoder layer: RMSNorm, attention with grouped key/value heads, RMSNorm, SwiGLU MLP;
+    no biases.  NB: no rotary embedding (it has no parameters; its small activations are left out)."""
+
+    def __init__(self, hidden, heads, kv_heads, ffn):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.q = nn.Linear(hidden, hidden, bias=False)
+        self.kv = nn.Linear(hidden, 2 * kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(hidden, hidden, bias=False)
+        self.gate_up = nn.Linear(hidden, 2 * ffn, bias=False)
+        self.down = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x):                                    # (B, T, C)
+        b, t, c = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)             # (B, H, T, D)
+        k, v = self.kv(h).view(b, t, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)    # (B, H, T, D)
+        x = x + self.o(y.transpose(1, 2).reshape(b, t, c))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class LlamaLike(nn.Module):
+    """Token embedding, `layers` LlamaBlocks, a final RMSNorm and an untied LM head."""
+
+    def __init__(self, vocab=32000, layers=32, hidden=4096, heads=32, kv_heads=32, ffn=11008):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(LlamaBlock(hidden, heads, kv_heads, ffn) for _ in range(layers))
+        self.norm = nn.RMSNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, idx):                                  # (B, T) token ids
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))                       # (B, T, vocab)
+
+
+# Llama 2 (Touvron et al. 2023, Table 1; the released config.json): 6.74 B and 68.98 B parameters here
+LLAMA_CONFIGS = {
+    "Llama-7B": {"vocab": 32000, "layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "ffn": 11008},
+    "Llama-70B": {"vocab": 32000, "layers": 80, "hidden": 8192, "heads": 64, "kv_heads": 8, "ffn": 28672},
+}
+
+
+def build_llama(name, layers=None, device="meta"):
+    """A LlamaLike of LLAMA_CONFIGS[name] on `device` (meta: no memory), optionally with fewer layers."""
+    config = {**LLAMA_CONFIGS[name], **({"layers": layers} if layers else {})}
+    with torch.device(device):
+        return LlamaLike(**config)
+
+
+# --- the stage: one small model measured on 2 ranks, a large one simulated ----------------------------
+
+DEVICE_MEMORY_BYTES = 80 * 10 ** 9  # an 80 GB accelerator (NVIDIA A100/H100 80GB data sheets): the line to fit under
+ZERO_WORLDS = tuple(2 ** k for k in range(11))  # 1 .. 1024 ranks
+
+
+PER_LAYER_FROM = 3  # the first layers differ (the root's parameters, prefetching): from layer 3 on each adds the same
+
+
+def simulate_per_layer(name, world_size, *, strategy="fsdp", tokens=256, layers=None):
+    """Rank 0's peak for LLAMA_CONFIGS[name] on `world_size` ranks, cheaply: the model simulated with
+    3 and with 4 layers (estimate_distributed, batch 1 x `tokens` per rank), and each further layer
+    adding what the fourth added: peak(L) = peak(4) + (L - 4) x (peak(4) - peak(3)).  Checked against
+    all 80 layers of Llama-70B at 8 and 64 ranks (benchmarks/bench.py: equal to the byte shown,
+    143.35 and 41.39 GiB), where simulating them all takes ~10-20 s a world size.  `layers`
+    simulates that many layers whole instead."""
+    inputs = torch.zeros(world_size, tokens, dtype=torch.long, device="meta")
+    if layers:
+        e = estimate_distributed(build_llama(name, layers), inputs, world_size=world_size, strategy=strategy)
+        return {"total": e["total"], "method": f"all {layers} layers simulated"}
+    full, first = LLAMA_CONFIGS[name]["layers"], PER_LAYER_FROM
+    lower, upper = (estimate_distributed(build_llama(name, n), inputs, world_size=world_size, strategy=strategy)
+                    ["total"] for n in (first, first + 1))
+    return {"total": upper + (full - first - 1) * (upper - lower), "per_layer_bytes": upper - lower,
+            "method": f"{first} and {first + 1} layers simulated; each further layer adds the difference"}
+
+
+def _zero_curves(name):
+    parameters = sum(p.numel() for p in build_llama(name).parameters())
+    per_world = [zero_memory_per_device(parameters, n) for n in ZERO_WORLDS]
+    return parameters, {stage: [w[stage] for w in per_world] for stage in per_world[0]}
+
+
+def _measured_part(model, inputs, world_size, run):
+    """The three strategies measured in one spawn of `world_size` ranks, or why not."""
+    if run.profile.distributed_measure_s is None:
+        return None, ("not measured with --quick: two spawned processes that import torch take ~5 s quiet, "
+                      "~12 s busy, more than the quick run's budget")
+    if run.budget.left() < run.profile.distributed_measure_s:
+        return None, f"{run.budget.left():.1f} s left of the budget, {run.profile.distributed_measure_s:.0f} s needed"
+    return measure_distributed(model, inputs, world_size=world_size, strategy=DISTRIBUTED_STRATEGIES,
+                               device="cpu"), None
+
+
+@stage("distributed")
+def run_distributed_analysis(run, *, world_size=2):
+    """Per-rank memory, communication and gradient parity of ddp, zero2 and fsdp for a small MLP on
+    `world_size` ranks, measured in spawned processes (gloo on CPU) beside the estimate; a Llama-70B
+    simulated per rank (one layer scaled) beside the ZeRO paper's formula."""
+    p = run.profile
+    model, batch = mlp(p.distributed_width, in_features=256), p.distributed_batch
+    inputs = (batch, 256)
+    data = {"device": "cpu (gloo)", "model": f"MLP-{p.distributed_width}", "batch": batch, "world_size": world_size,
+            "parameters": sum(q.numel() for q in model.parameters()), "optimizer": "adam", "dtype": "fp32",
+            "single": {"measured": measure_memory(model, inputs, loss_fn=_mean_loss),
+                       "estimate": estimate_memory(model, inputs, loss_fn=_mean_loss)}}
+    run.report(1, 4, "single process")
+    data["estimated"] = {s: estimate_distributed(model, inputs, world_size=world_size, strategy=s)
+                         for s in DISTRIBUTED_STRATEGIES}
+    data["fsdp_arithmetic"] = fsdp_shard_bytes(model, world_size)
+    run.report(2, 4, "estimated")
+    data["measured"], data["measured_skipped"] = _measured_part(model, inputs, world_size, run)
+    run.report(3, 4, "measured")
+    large, (parameters, zero) = p.distributed_large, _zero_curves(p.distributed_large)
+    data["large"] = {"name": large, "parameters": parameters, "worlds": list(ZERO_WORLDS), "zero": zero,
+                     "tokens": 256, "simulated_worlds": list(p.distributed_worlds),
+                     "simulated": [simulate_per_layer(large, n) for n in p.distributed_worlds],
+                     "zero_7b": _zero_curves("Llama-7B")[1]["ZeRO-3"],
+                     "device_memory_bytes": DEVICE_MEMORY_BYTES}
+    run.report(4, 4, large)
+    return data
+
+
+# %% =============================================================================================
 # 10. The lecture, claim by claim
 # ================================================================================================
 # The lecture guide's formulas and optimisation table (its "核心概念速览"), each beside what this
@@ -4884,8 +5604,9 @@ LABELS = {
     "bytes_per_param": ("每参数字节数（峰值 / 参数量）", "bytes per parameter (peak / parameters)"),
     "zero_title": ("纸面计算：7B 模型在 {n} 卡上的每卡模型状态",
                    "On paper: per-device model states, 7B model on {n} GPUs"),
-    "zero_note": ("混合精度 Adam 每参数 16 字节（ZeRO 论文 §3）；不含激活",
-                  "mixed-precision Adam, 16 bytes/param (ZeRO paper, §3); activations excluded"),
+    "zero_note": ("混合精度 Adam 每参数 16 字节（ZeRO 论文 §3）；不含激活\n实测与模拟见 分布式训练内存.png",
+                  "mixed-precision Adam, 16 bytes/param (ZeRO paper, §3); activations excluded\n"
+                  "measured and simulated: 分布式训练内存.png"),
     "gpu_80gb": ("80 GiB 显卡", "80 GiB GPU"),
     "mem_error": ("与实测峰值的相对误差", "Relative error vs measured peak"),
     "mem_source": ("比较对象：估计 = fake 张量上的存储跟踪 + CPU 内核工作内存规则；\n实测 = {method}。"
@@ -6656,6 +7377,195 @@ VERDICT_COLORS = {"agree": PALETTE.agree, "disagree": PALETTE.disagree, "partly"
                   "uncertain": PALETTE.partly, "info": PALETTE.pale, "not_measured": PALETTE.unmeasured}
 
 
+# --- 分布式训练内存.png: beyond one device ------------------------------------------------------------
+
+FIGURE_FILES["distributed"] = "分布式训练内存.png"
+LABELS.update({
+    "dist_title": ("超越单设备：数据并行训练的每卡内存与通信", "Beyond one device: per-rank memory and communication"),
+    "dist_sub": ("{model}（{params} 参数），全局 batch={batch}，{n} 个进程（gloo，CPU），Adam，fp32；损失为输出均值；"
+                 "实测仅在最小规模（一次启动 {n} 个进程跑三种策略）",
+                 "{model} ({params} parameters), global batch {batch}, {n} processes (gloo, CPU), Adam, fp32; "
+                 "loss = mean of outputs; measured at the smallest size only (one spawn of {n} ranks, "
+                 "three strategies)"),
+    "dist_mem": ("每卡内存（峰值时刻的构成）：实测（实心）与估计（斜线）",
+                 "Per-rank memory at the peak: measured (solid) vs estimate (hatched)"),
+    "dist_mem_note": ("黑线：分配器读数（实测）；百分比：估计相对实测",
+                      "black tick: the allocator's peak (measured); %: estimate vs measured"),
+    "dist_single": ("单进程", "single process"),
+    "dist_large": ("{name}（{params} 参数）每卡内存 vs 卡数",
+                   "{name} ({params} parameters): memory per device vs ranks"),
+    "dist_large_note": ("点：fsdp 在 fake 张量 + fake 进程组上模拟（rank 0，每卡 1×{tokens} token，fp32 Adam；"
+                        "只模拟 3 层与 4 层，其余每层加上两者之差）；"
+                        "线：ZeRO 论文公式（16 字节/参数，不含激活）",
+                        "dots: fsdp simulated on fake tensors + fake process group (rank 0, 1×{tokens} tokens a rank, "
+                        "fp32 Adam; 3 and 4 layers simulated, each further layer adds their difference); "
+                        "lines: ZeRO paper formula (16 bytes/param, no activations)"),
+    "dist_simulated": ("fsdp 模拟（{name}）", "fsdp simulated ({name})"),
+    "dist_device": ("{gb:.0f} GB 设备", "{gb:.0f} GB device"),
+    "dist_ranks": ("卡数（rank）", "ranks"),
+    "dist_comm": ("每卡每步发送字节：计数 vs 公式", "Bytes sent per rank per step: counted vs formula"),
+    "dist_comm_note": ("计数：调度器看到的集合通信 × 环形算法系数；公式：DDP 2(N−1)/N×梯度（Patarasuk & Yuan 2009），"
+                       "FSDP (N−1)/N×(2×参数+梯度)（ZeRO §7.2.2）",
+                       "counted: collectives seen at the dispatcher × ring factors; formula: DDP 2(N−1)/N × grads "
+                       "(Patarasuk & Yuan 2009), FSDP (N−1)/N × (2 × params + grads) (ZeRO §7.2.2)"),
+    "dist_counted": ("计数（实测进程）", "counted (measured ranks)"),
+    "dist_estimated": ("计数（模拟）", "counted (simulated)"),
+    "dist_formula": ("公式", "formula"),
+    "dist_parity": ("梯度一致性：与单进程同一全局 batch 的最大绝对差",
+                    "Gradient parity: max |difference| from one process on the same global batch"),
+    "dist_grad": ("梯度", "gradients"),
+    "dist_param": ("一步后的参数", "parameters after one step"),
+    "dist_tol": ("容差 {tol:g}", "tolerance {tol:g}"),
+    "dist_pass": ("通过", "passes"),
+    "dist_fail": ("不通过", "fails"),
+    "dist_ranks_peak": ("各 rank 实测峰值：{peaks}", "measured peak per rank: {peaks}"),
+})
+LABELS.update({"dist_comm_buffers": ("通信缓冲", "communication buffers"),
+               "dist_other": ("其他（输入、临时）", "other (inputs, temporaries)")})
+DIST_PARTS = (("parameter_bytes", "parameter_bytes_part", PALETTE.blue),
+              ("gradient_bytes", "gradient_bytes_part", PALETTE.orange),
+              ("optimizer_bytes", "optimizer_bytes_part", PALETTE.green),
+              ("activation_bytes", "activation_bytes_part", PALETTE.red),
+              ("communication_bytes", "dist_comm_buffers", PALETTE.purple), (None, "dist_other", PALETTE.faint))
+
+
+def _dist_parts(result):
+    """MiB of each part at the peak (DIST_PARTS order; 'other' is the rest of the tracked peak)."""
+    at = result["at_peak"]
+    named = [at.get(key, 0) for key, _, _ in DIST_PARTS[:-1]]
+    return [v / MIB for v in named] + [max(sum(at.values()) - sum(named), 0) / MIB]
+
+
+def _plot_dist_memory(ax, data):
+    names = ["single", *DISTRIBUTED_STRATEGIES]
+    measured = data.get("measured") or {}
+    rows = {"single": (data["single"]["measured"], data["single"]["estimate"])}
+    rows.update({s: ((measured[s]["ranks"][0] if s in measured else None), data["estimated"][s])
+                 for s in DISTRIBUTED_STRATEGIES})
+    for i, name in enumerate(names):
+        meas, est = rows[name]
+        for offset, result, hatch in ((-0.2, meas, None), (0.2, est, "//")):
+            if result is None:
+                continue
+            bottom = 0.0
+            for value, (_, key, color) in zip(_dist_parts(result), DIST_PARTS):
+                ax.bar(i + offset, value, 0.38, bottom=bottom, color=color, hatch=hatch, edgecolor="white",
+                       label=_t(key) if (i, offset) == (0, -0.2) else None)
+                bottom += value
+        if meas is not None:
+            ax.plot([i - 0.39, i - 0.01], [meas["total"] / MIB] * 2, color="k", lw=2)
+            error = 100 * (est["total"] - meas["total"]) / meas["total"]
+            ax.annotate(f"{error:+.1f}%", (i + 0.2, est["total"] / MIB), xytext=(0, 3), textcoords="offset points",
+                        ha="center", fontsize=8)
+    ax.set_xticks(range(len(names)), [_t("dist_single"), *DISTRIBUTED_STRATEGIES])
+    ax.set_ylabel("MiB")
+    ax.set_title(_t("dist_mem"))
+    note = _t("dist_mem_note")
+    if data.get("measured_skipped"):
+        note += "\n" + _t("not_measured_long") + ": " + _wrap(data["measured_skipped"], 70)
+    elif measured:
+        peaks = ", ".join(f"{s} " + "/".join(f"{r['total'] / MIB:.2f}" for r in measured[s]["ranks"])
+                          for s in DISTRIBUTED_STRATEGIES)
+        note += "\n" + _t("dist_ranks_peak", peaks=peaks + " MiB")
+    ax.set_xlabel(note, fontsize=8)
+    ax.margins(y=0.12)
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
+
+
+def _plot_dist_large(ax, large):
+    worlds = large["worlds"]
+    styles = {"DDP": (PALETTE.muted, ":"), "ZeRO-2": (PALETTE.orange, "--"), "ZeRO-3": (PALETTE.red, "-")}
+    for stage_name, (color, ls) in styles.items():
+        ax.plot(worlds, [v / GIB for v in large["zero"][stage_name]], color=color, ls=ls, lw=1.6,
+                label=f"{stage_name} ({large['name']})")
+    ax.plot(worlds, [v / GIB for v in large["zero_7b"]], color=PALETTE.cyan, ls="-", lw=1.2, label="ZeRO-3 (Llama-7B)")
+    sims = [s["total"] / GIB for s in large["simulated"]]
+    ax.plot(large["simulated_worlds"], sims, "o", color=PALETTE.blue, ms=8,
+            label=_t("dist_simulated", name=large["name"]))
+    for n, v in zip(large["simulated_worlds"], sims):
+        ax.annotate(f"{v:.1f} GiB", (n, v), xytext=(6, 4), textcoords="offset points", fontsize=8)
+    ax.axhline(large["device_memory_bytes"] / GIB, color="k", ls="--", lw=1,
+               label=_t("dist_device", gb=large["device_memory_bytes"] / 1e9))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(_t("dist_ranks") + "\n" + _wrap(_t("dist_large_note", tokens=large["tokens"]), 95), fontsize=8)
+    ax.set_ylabel(_t("gib"))
+    ax.set_title(_t("dist_large", name=large["name"], params=readable(large["parameters"])))
+    ax.legend(fontsize=8, loc="lower left")
+
+
+def _plot_dist_comm(ax, data):
+    measured = data.get("measured") or {}
+    x = np.arange(len(DISTRIBUTED_STRATEGIES))
+    series = [(-0.27, _t("dist_counted"), PALETTE.blue,
+               [measured[s]["sent_bytes"] / MIB if s in measured else np.nan for s in DISTRIBUTED_STRATEGIES]),
+              (0.0, _t("dist_estimated"), PALETTE.cyan, [data["estimated"][s]["sent_bytes"] / MIB
+                                                         for s in DISTRIBUTED_STRATEGIES]),
+              (0.27, _t("dist_formula"), PALETTE.muted, [data["estimated"][s]["formula_sent_bytes"] / MIB
+                                                          for s in DISTRIBUTED_STRATEGIES])]
+    for offset, label, color, values in series:
+        ax.bar(x + offset, values, 0.26, color=color, label=label)
+        for xi, v in zip(x, values):
+            if not np.isnan(v):
+                ax.annotate(f"{v:.2f}", (xi + offset, v), xytext=(0, 2), textcoords="offset points", ha="center",
+                            fontsize=8)
+    ax.set_xticks(x, DISTRIBUTED_STRATEGIES)
+    ax.set_ylabel("MiB")
+    ax.set_title(_t("dist_comm"))
+    ax.set_xlabel(_wrap(_t("dist_comm_note"), 95), fontsize=8)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _plot_dist_parity(ax, data):
+    measured = data.get("measured")
+    if not measured:
+        _not_measured(ax, data.get("measured_skipped"))
+        ax.set_title(_t("dist_parity"))
+        return
+    x = np.arange(len(DISTRIBUTED_STRATEGIES))
+    floor = 1e-12  # an exact match drawn at the bottom of the log axis
+    parities = [measured[s]["parity"] for s in DISTRIBUTED_STRATEGIES]
+    for offset, key, label, color in ((-0.2, "grad_max_abs_diff", "dist_grad", PALETTE.blue),
+                                      (0.2, "param_max_abs_diff", "dist_param", PALETTE.green)):
+        values = [max(p[key], floor) for p in parities]
+        ax.bar(x + offset, values, 0.38, color=color, label=_t(label))
+        for xi, v in zip(x, values):
+            ax.annotate(f"{v:.1e}", (xi + offset, v), xytext=(0, 2), textcoords="offset points", ha="center",
+                        fontsize=8)
+    tol = parities[0]["tolerance"]
+    ax.axhline(tol, color=PALETTE.warning, ls="--", lw=1, label=_t("dist_tol", tol=tol))
+    labels = [f"{s}\n{_t('dist_pass') if p['passes'] else _t('dist_fail')}" + (f"\n{_wrap(p['note'], 30)}"
+                                                                                 if p["note"] else "")
+              for s, p in zip(DISTRIBUTED_STRATEGIES, parities)]
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylim(floor / 2, max(tol * 100, max(max(p["grad_max_abs_diff"], p["param_max_abs_diff"])
+                                                 for p in parities) * 100))
+    ax.set_title(_t("dist_parity"))
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def plot_distributed(data):
+    """Four panels from `run_distributed_analysis` data; returns the Figure."""
+    import matplotlib.pyplot as plt
+    with _figure_style():
+        fig, axs = plt.subplots(2, 2, figsize=(17, 12), layout="constrained")
+        _plot_dist_memory(axs[0, 0], data)
+        _plot_dist_large(axs[0, 1], data["large"])
+        _plot_dist_comm(axs[1, 0], data)
+        _plot_dist_parity(axs[1, 1], data)
+        _suptitle(fig, _t("dist_title"), _t("dist_sub", model=data["model"], params=readable(data["parameters"]),
+                                            batch=data["batch"], n=data["world_size"]), data.get("conditions"))
+    return fig
+
+
+def visualize_distributed(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+    """Measure and simulate data-parallel training, and draw 分布式训练内存.png into `output_dir`
+    (None: don't save); `options` (profile, device, ...) go to run_distributed_analysis."""
+    return _save_into(plot_distributed(data or run_distributed_analysis(**options)), output_dir, "distributed", dpi)
+
+
 def _plot_lecture_memory(ax, rows):
     """Per TinyGPT size: the lecture's four terms stacked beside the measured parts, with the
     formula total's error against the measured (allocator) peak."""
@@ -6978,6 +7888,7 @@ STAGES = {"flop": ("run_flop_analysis", "visualize_flop_analysis"),
           "amp": ("run_amp_analysis", "demonstrate_mixed_precision_benefits"),
           "dashboard": ("run_dashboard_analysis", "create_comprehensive_dashboard"),
           "roofline": ("run_roofline_analysis", "visualize_roofline"),
+          "distributed": ("run_distributed_analysis", "visualize_distributed"),
           "lecture": ("run_lecture_comparison", "visualize_lecture_claims")}  # in the order they run
 STAGE_OVERRUN = 1.3  # a stage that ends within 1.3x its budget kept it (results.json "timing")
 

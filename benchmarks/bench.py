@@ -317,6 +317,70 @@ def case_roofline_prediction():
 
 def case_roofline_stage():
     return {**_cli_run("--only", "roofline"), "goal": "<= 3 s quiet"}
+def _llama70b(world_size):
+    """Llama-70B (built on meta) on `world_size` ranks under fsdp: all 80 layers simulated, and the
+    default run's cheap per-layer path beside it.  Goal: <= 30 s and <= 2 GB peak RSS."""
+    from pytorch_practice_demo import simulate_per_layer
+    start = time.perf_counter()
+    full = simulate_per_layer("Llama-70B", world_size, layers=80)
+    full_s = time.perf_counter() - start
+    start = time.perf_counter()
+    cheap = simulate_per_layer("Llama-70B", world_size)
+    return {"world_size": world_size, "per_rank_peak_gib": full["total"] / 2 ** 30, "time_s": full_s,
+            "per_layer_path_gib": cheap["total"] / 2 ** 30, "per_layer_path_s": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb(), "goal": "<= 30 s, <= 2 GB"}
+
+
+def case_llama70b_8():
+    return _llama70b(8)
+
+
+def case_llama70b_64():
+    return _llama70b(64)
+
+
+def case_llama70b_512():
+    return _llama70b(512)
+
+
+def case_distributed_table():
+    """Estimated vs measured per-rank peak at world size 2 (gloo, CPU) for an MLP, TinyGPT and
+    ResNet-18 (64 px), for ddp, zero2 and fsdp, each model's strategies in one spawn; the fsdp
+    bytes against the sharding arithmetic; gradient parity; bytes sent against the formula."""
+    import torch
+    import torchvision
+
+    import pytorch_practice_demo as demo
+    torch.manual_seed(0)
+    models = {"MLP-512": (demo.mlp(512, in_features=256), (64, 256)),
+              "TinyGPT": (demo.TinyGPT(n_layer=2, n_embd=128), torch.zeros(8, 64, dtype=torch.long)),
+              "ResNet-18 (64px)": (torchvision.models.resnet18(weights=None), (8, 3, 64, 64))}
+    rows = []
+    for name, (model, inputs) in models.items():
+        start = time.perf_counter()
+        measured = demo.measure_distributed(model, inputs, world_size=2, strategy=demo.DISTRIBUTED_STRATEGIES)
+        wall = time.perf_counter() - start
+        arithmetic = demo.fsdp_shard_bytes(model, 2)
+        for s in demo.DISTRIBUTED_STRATEGIES:
+            est = demo.estimate_distributed(model, inputs, world_size=2, strategy=s)
+            m = measured[s]
+            peaks = [r["total"] for r in m["ranks"]]
+            errors = ", ".join(f"{100 * (est['total'] - p) / p:+.1f}%" for p in peaks)
+            fsdp = ""
+            if s == "fsdp":
+                ok = all(est[k] == arithmetic[k] == m["ranks"][0][k]
+                         for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"))
+                fsdp = f" p/g/o bytes == arithmetic: {ok}"
+            par = m["parity"]
+            rows.append(f"{name:17s} {s:5s} measured {'/'.join(f'{p / 2**20:.2f}' for p in peaks)} MiB, "
+                        f"estimated {est['total'] / 2**20:.2f} MiB ({errors}); sent {m['sent_bytes'] / 2**20:.3f} "
+                        f"MiB vs formula {m['formula_sent_bytes'] / 2**20:.3f}; parity grad "
+                        f"{par['grad_max_abs_diff']:.1e} param {par['param_max_abs_diff']:.1e} "
+                        f"{'pass' if par['passes'] else 'FAIL'}{' ' + par['note'] if par['note'] else ''}{fsdp}; "
+                        f"spawn {wall:.1f} s")
+    gpus = torch.cuda.device_count()
+    rows.append(f"NCCL: {gpus} GPU(s) here" + ("" if gpus >= 2 else ", fewer than 2: not measured"))
+    return {"rows": rows}
 
 
 GROUPS = {"flops": [case_resnet50_ratio, case_batch_scaling, case_meta_5b],
@@ -325,7 +389,8 @@ GROUPS = {"flops": [case_resnet50_ratio, case_batch_scaling, case_meta_5b],
           "load": [case_default_run_under_load, case_quick_run_under_load],
           "peak": [case_peak_vs_benchmark],
           "roofline": [case_counting_vs_flopcountermode, case_bandwidth_vs_numpy, case_roofline_prediction,
-                       case_roofline_stage]}
+                       case_roofline_stage],
+          "distributed": [case_distributed_table, case_llama70b_8, case_llama70b_64, case_llama70b_512]}
 
 
 def machine():
