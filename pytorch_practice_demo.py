@@ -159,22 +159,22 @@ class Profile:
     memory_variants: tuple = ("fp32", "AMP bf16", "pure bf16", "fp32 + checkpoint", "AMP bf16 + checkpoint")
     kv: tuple = (8, 16, 48)                     # KV cache: batch, prompt, new tokens: ~0.3 s with the profiler
     # training: 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
-    training_budget_s: float = 10.0
-    training_measure_s: float = 7.0
+    training_budget_s: float = 9.0
+    training_measure_s: float = 5.5
     steps: int = 40                   # equal steps for all strategies ...
     min_steps: int = 30               # ... and a plan never goes below this
     training_batch: int = 256         # shrunk (batch, then width) on a slow machine
     width: int = 128
     depth: int = 8                    # narrow and deep: activations matter next to Adam state
-    pipeline_s: float = 1.0           # DataLoader with 0, 1, 2 workers: each worker start ~0.1 s quiet
+    pipeline_s: float = 0.5           # DataLoader with 0, 1, 2 workers: each worker start ~0.05 s quiet
     # mixed precision: 3 models x 3 precisions; TinyGPT's fp32 step ~0.3 s quiet
     amp_budget_s: float = 10.0
     amp_measure_s: float = 7.0
     amp_batch: int = 32
     amp_models: tuple | None = None   # None: all of AMP_MODELS
     # dashboard: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy) and the latencies
-    dashboard_budget_s: float = 20.0
-    latency_s: float = 6.5            # batch 1 of every model; batch 8 of those that fit (ViT-B/16's ~7 s)
+    dashboard_budget_s: float = 16.0
+    latency_s: float = 4.0            # batch 1 of every model; batch 8 of those that fit (ViT-B/16's ~7 s)
     # roofline: roofs (bandwidth ~0.4 s, the peak reused), 4 small models x (count, time, profile a step)
     roofline_budget_s: float = 4.0
     roofline_step_s: float = 0.15     # one model's steps timed (3-10 runs of a few ms)
@@ -192,9 +192,9 @@ class Profile:
     fusion_s: float = 0.4
     compile_s: float = 120.0          # --compile: a child process killed after this
     alone_s: float = 8.0              # lecture without the FLOP/memory stages' data: count, KV cache (busy ~10 s)
-    # distributed: 2 spawned ranks (~5 s quiet, ~12 s busy: each imports torch), 9 fake-tensor steps
-    # (~2 s), a Llama-70B simulated with 3 and 4 layers at 2 world sizes (~3 s quiet)
-    distributed_budget_s: float = 20.0
+    # distributed: 2 ranks forked from a server that imports torch once (~4 s quiet, ~10 s busy), 9
+    # fake-tensor steps (~0.5 s), a Llama-70B simulated with 3 and 4 layers at 2 world sizes (~2.5 s quiet)
+    distributed_budget_s: float = 14.0
     distributed_measure_s: float | None = 8.0  # what the spawn needs of the budget; None: not measured
     distributed_width: int = 512      # MLP 256 -> 512 -> 512 -> 10 with Adam: ~10 MB a rank, steps of ~10 ms
     distributed_batch: int = 64       # the global batch, 32 per rank
@@ -686,6 +686,16 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return total
+
+
+def _fake_mode():
+    """A FakeTensorMode for counting and estimating: real tensors may flow in (the user's), and its
+    dispatch cache is off: hashing every call's arguments cost more than the cache saved here
+    (resnet50 counted in 0.30 s without it, 0.34 s with it; ViT-B/16 0.42 s and 0.49 s)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode.cache_enabled = False
+    return mode
 
 
 @contextlib.contextmanager
@@ -2120,8 +2130,7 @@ class FLOPCalculator:
         if real:
             make = Replica.real_like(Replica.device(model), ids_below=Replica.ids_below(model))
         else:  # fake tensors of the target device: the kernels it would choose (CPU flash attention), no data
-            from torch._subclasses.fake_tensor import FakeTensorMode
-            compute = FakeTensorMode(allow_non_fake_inputs=True)
+            compute = _fake_mode()
             target = Replica.device(model) if Replica.device(model).type != "meta" else torch.device("cpu")
 
             def make(x):
@@ -2569,13 +2578,12 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
     The loss is part of the step's memory (a language model's cross-entropy holds a copy of its
     logits), so the rule that matches your training is the one to estimate.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
     args, kwargs, device, options = _memory_options(model, inputs, training, optimizer, precision,
                                                     checkpointing, device)
     loss = StepLoss(loss_fn)
     if device.type == "meta":
         device = torch.device("cpu")
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_mode = _fake_mode()
     dtype = PURE_DTYPES.get(precision)
 
     def make(x):
@@ -4666,10 +4674,16 @@ def _stop(processes):
 
 
 def _spawn_ranks(job, world_size, timeout_s):
-    """Run `world_size` ranks of _distributed_child (spawn start method) and read what each wrote.
+    """Run `world_size` ranks of _distributed_child (forkserver or spawn) and read what each wrote.
     Every process is stopped on return: on success, on a rank's error, on timeout or on Ctrl-C."""
     import torch.multiprocessing as mp
-    context, processes = mp.get_context("spawn"), []
+    # forkserver (Linux, macOS) imports torch and this module once, in a fresh server process, and
+    # forks every rank from it: ~3 s saved per rank on 2 cores.  Not plain fork: this process may have
+    # run autograd and OpenMP's threads, which do not survive a fork (pytorch wiki, Autograd-and-Fork)
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    context, processes = mp.get_context(method), []
+    if method == "forkserver":
+        context.set_forkserver_preload(["torch", "pytorch_practice_demo"])
     with tempfile.TemporaryDirectory(prefix="lab-dist-") as tmp:
         job_path = Path(tmp) / "job.pt"
         torch.save(job, job_path)
@@ -4691,6 +4705,10 @@ def _spawn_ranks(job, world_size, timeout_s):
                 processes[0].join(0.05)
         finally:
             _stop(processes)
+            if method == "forkserver":  # nothing stays behind listening for more ranks (CPython's own stop)
+                import multiprocessing.forkserver as server
+                with contextlib.suppress(AttributeError, OSError):
+                    server._forkserver._stop()
         results = []
         for rank, p in enumerate(processes):
             path = Path(tmp) / f"rank{rank}.json"
@@ -4780,8 +4798,7 @@ def _fake_process_group(world_size):
 
 def _simulate_sharded(model, run_args, run_kwargs, strategy, world_size, optimizer, precision):
     """Rank 0's tracked step of fully_shard on fake tensors with the fake process group."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    cpu, fake_mode = torch.device("cpu"), FakeTensorMode(allow_non_fake_inputs=True)
+    cpu, fake_mode = torch.device("cpu"), _fake_mode()
     dtype = PURE_DTYPES.get(precision)
 
     def make(x):
