@@ -160,7 +160,7 @@ class Profile:
     kv: tuple = (8, 16, 48)                     # KV cache: batch, prompt, new tokens: ~0.3 s with the profiler
     # training: 4 strategies x 40 steps of ~25 ms quiet, peaks, calibration
     training_budget_s: float = 9.0
-    training_measure_s: float = 5.5
+    training_measure_s: float = 4.5
     steps: int = 40                   # equal steps for all strategies ...
     min_steps: int = 30               # ... and a plan never goes below this
     training_batch: int = 256         # shrunk (batch, then width) on a slow machine
@@ -168,13 +168,13 @@ class Profile:
     depth: int = 8                    # narrow and deep: activations matter next to Adam state
     pipeline_s: float = 0.5           # DataLoader with 0, 1, 2 workers: each worker start ~0.05 s quiet
     # mixed precision: 3 models x 3 precisions; TinyGPT's fp32 step ~0.3 s quiet
-    amp_budget_s: float = 10.0
-    amp_measure_s: float = 7.0
+    amp_budget_s: float = 8.0
+    amp_measure_s: float = 4.5
     amp_batch: int = 32
     amp_models: tuple | None = None   # None: all of AMP_MODELS
     # dashboard: 11 fake-tensor memory estimates (~5 s quiet, ~13 s busy) and the latencies
     dashboard_budget_s: float = 16.0
-    latency_s: float = 4.0            # batch 1 of every model; batch 8 of those that fit (ViT-B/16's ~7 s)
+    latency_s: float = 3.0            # batch 1 of every model; batch 8 of those that fit (ViT-B/16's ~7 s)
     # roofline: roofs (bandwidth ~0.4 s, the peak reused), 4 small models x (count, time, profile a step)
     roofline_budget_s: float = 4.0
     roofline_step_s: float = 0.15     # one model's steps timed (3-10 runs of a few ms)
@@ -199,7 +199,7 @@ class Profile:
     distributed_width: int = 512      # MLP 256 -> 512 -> 512 -> 10 with Adam: ~10 MB a rank, steps of ~10 ms
     distributed_batch: int = 64       # the global batch, 32 per rank
     distributed_large: str = "Llama-70B"
-    distributed_worlds: tuple = (8, 64)  # each: a 3- and a 4-layer simulation, ~1 s (512 ranks: ~5 s)
+    distributed_worlds: tuple = (64,)  # each: a 3- and a 4-layer simulation, ~1 s (8: ~1 s, 512: ~5 s)
 
     def budget_s(self, stage):
         return getattr(self, f"{stage}_budget_s")
@@ -4671,17 +4671,33 @@ def _stop(processes):
             p.join(5)
 
 
+def rank_server():
+    """The multiprocessing context ranks start from, its server started now (main() starts it before
+    the counting stages, whose work does not mind sharing the CPU with the server's imports).
+
+    forkserver (Linux, macOS) imports torch and this module once, in a fresh server process, and
+    forks every rank from it: ~3 s saved per rank on 2 cores.  Not plain fork: this process may have
+    run autograd and OpenMP's threads, which do not survive a fork (pytorch wiki, Autograd-and-Fork).
+    Elsewhere, spawn."""
+    import multiprocessing.forkserver as server
+
+    import torch.multiprocessing as mp
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "pytorch_practice_demo"])
+    sys.path.insert(0, str(_HERE))  # the server imports this module by its path
+    try:
+        server.ensure_running()
+    finally:
+        sys.path.remove(str(_HERE))
+    return context
+
+
 def _spawn_ranks(job, world_size, timeout_s):
     """Run `world_size` ranks of _distributed_child (forkserver or spawn) and read what each wrote.
     Every process is stopped on return: on success, on a rank's error, on timeout or on Ctrl-C."""
-    import torch.multiprocessing as mp
-    # forkserver (Linux, macOS) imports torch and this module once, in a fresh server process, and
-    # forks every rank from it: ~3 s saved per rank on 2 cores.  Not plain fork: this process may have
-    # run autograd and OpenMP's threads, which do not survive a fork (pytorch wiki, Autograd-and-Fork)
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    context, processes = mp.get_context(method), []
-    if method == "forkserver":
-        context.set_forkserver_preload(["torch", "pytorch_practice_demo"])
+    context, processes = rank_server(), []
     with tempfile.TemporaryDirectory(prefix="lab-dist-") as tmp:
         job_path = Path(tmp) / "job.pt"
         torch.save(job, job_path)
@@ -4703,7 +4719,7 @@ def _spawn_ranks(job, world_size, timeout_s):
                 processes[0].join(0.05)
         finally:
             _stop(processes)
-            if method == "forkserver":  # nothing stays behind listening for more ranks (CPython's own stop)
+            if context.get_start_method() == "forkserver":  # nothing stays behind listening (CPython's own stop)
                 import multiprocessing.forkserver as server
                 with contextlib.suppress(AttributeError, OSError):
                     server._forkserver._stop()
@@ -6067,7 +6083,10 @@ def _atomic_write(path, write):
     return path
 
 
-def save_figure(fig, path, dpi=120):
+DPI = 100  # PNG resolution: 2000 x 1200 px for the 20 x 12 in figures; a screen fits them the same at any dpi
+
+
+def save_figure(fig, path, dpi=DPI):
     """Write `fig` to `path` atomically and close it; return the path."""
     import matplotlib.pyplot as plt
     path = Path(path)
@@ -6379,7 +6398,7 @@ def plot_flop_analysis(data):
     return fig
 
 
-def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def visualize_flop_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """Count the model zoo and draw FLOP分析可视化.png into `output_dir` (None: don't save);
     `options` (profile, models, batch, ...) go to run_flop_analysis."""
     return _save_into(plot_flop_analysis(data or run_flop_analysis(**options)), output_dir, "flop", dpi)
@@ -6539,7 +6558,7 @@ def plot_memory_analysis(data):
     return fig
 
 
-def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def visualize_memory_analysis(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """Estimate and measure memory, and draw 内存分析可视化.png into `output_dir` (None: don't save);
     `options` (profile, device, ...) go to run_memory_analysis."""
     return _save_into(plot_memory_analysis(data or run_memory_analysis(**options)), output_dir, "memory", dpi)
@@ -6610,7 +6629,7 @@ def plot_memory_timeline(data):
     return fig
 
 
-def visualize_memory_timeline(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def visualize_memory_timeline(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """Draw 内存时间线.png (memory over one training step) from the memory stage's data into
     `output_dir` (None: don't save); `options` go to run_memory_analysis when `data` is None."""
     return _save_into(plot_memory_timeline(data or run_memory_analysis(**options)), output_dir, "timeline", dpi)
@@ -6803,7 +6822,7 @@ def _plan_note(data):
     return note
 
 
-def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def visualize_training_performance(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """Train under each strategy here and draw 训练性能可视化.png into `output_dir` (None: don't save);
     `options` (profile, device, dataset, ...) go to run_training_comparison."""
     return _save_into(plot_training_performance(data or run_training_comparison(**options)), output_dir, "training",
@@ -7019,7 +7038,7 @@ def plot_amp_analysis(data):
     return fig
 
 
-def demonstrate_mixed_precision_benefits(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def demonstrate_mixed_precision_benefits(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """Measure fp32 vs bf16/fp16 on this machine and draw 混合精度效益对比.png (None: don't save);
     `options` (profile, device, ...) go to run_amp_analysis."""
     return _save_into(plot_amp_analysis(data or run_amp_analysis(**options)), output_dir, "amp", dpi)
@@ -7208,12 +7227,13 @@ def plot_dashboard(data):
     with _figure_style():
         fig = plt.figure(figsize=(20, 12.5), layout="constrained")
         axs = fig.subplot_mosaic([["bubble", "relation", "ranking"], ["batching", "memory", "recommend"]])
+        # first: seaborn's heatmap draws the whole figure once to place its labels, cheap while the rest is empty
+        _plot_recommendations(axs["recommend"], data)
         _plot_bubbles(axs["bubble"], rows)
         _plot_latency_vs_flops(axs["relation"], rows, data["peak_flops"])
         _plot_efficiency_ranking(axs["ranking"], rows)
         _plot_batching_gain(axs["batching"], rows)
         _plot_training_memory_bars(axs["memory"], rows, data["train_memory_batch"])
-        _plot_recommendations(axs["recommend"], data)
         gpt = inspect.signature(TinyGPT).parameters
         sub = _t("dash_sub", device=data["device"], batches="/".join(map(str, data["latency_batches"])),
                  tb=data["train_memory_batch"])
@@ -7224,7 +7244,7 @@ def plot_dashboard(data):
     return fig
 
 
-def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def create_comprehensive_dashboard(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """Draw 综合性能仪表板.png into `output_dir` (None: don't save); `options` (profile, device,
     flop_records, peak_flops: earlier stages' data, reused) go to run_dashboard_analysis."""
     return _save_into(plot_dashboard(data or run_dashboard_analysis(**options)), output_dir, "dashboard", dpi)
@@ -7381,7 +7401,7 @@ def plot_roofline(data):
     return fig
 
 
-def visualize_roofline(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def visualize_roofline(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """Draw 性能屋顶线.png into `output_dir` (None: don't save); `options` (profile, device,
     peak_flops: the training stage's, reused) go to run_roofline_analysis."""
     return _save_into(plot_roofline(data or run_roofline_analysis(**options)), output_dir, "roofline", dpi)
@@ -7575,7 +7595,7 @@ def plot_distributed(data):
     return fig
 
 
-def visualize_distributed(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def visualize_distributed(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """Measure and simulate data-parallel training, and draw 分布式训练内存.png into `output_dir`
     (None: don't save); `options` (profile, device, ...) go to run_distributed_analysis."""
     return _save_into(plot_distributed(data or run_distributed_analysis(**options)), output_dir, "distributed", dpi)
@@ -7777,7 +7797,7 @@ def plot_lecture_claims(data):
     return fig
 
 
-def visualize_lecture_claims(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def visualize_lecture_claims(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """The lecture's claims against this machine: draw 讲义对照.png into `output_dir` (None: don't
     save); `options` (profile, device, flop_records, memory, training: earlier stages' data to
     reuse) go to run_lecture_comparison."""
@@ -7884,7 +7904,7 @@ def plot_own_model(data):
     return fig
 
 
-def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=120, **options):
+def visualize_own_model(model, inputs, output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
     """analyze() your model and draw 你的模型分析.png into `output_dir` (None: don't save)."""
     return _save_into(plot_own_model(data or analyze(model, inputs, **options)), output_dir, "model", dpi)
 
@@ -7943,7 +7963,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", default="auto",
                         help="torch threads: a positive integer, or auto (default): before each stage, the "
                              "cores other programs leave free, at least 1 (a busy machine stalls extra threads)")
-    parser.add_argument("--dpi", type=int, default=None, help="PNG resolution (default 120; 80 with --quick)")
+    parser.add_argument("--dpi", type=int, default=None, help=f"PNG resolution (default {DPI}; 80 with --quick)")
     parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "mnist"],
                         help="data of the training comparison (mnist: IDX files in --data-dir)")
     parser.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (optionally .gz)")
@@ -7966,7 +7986,7 @@ def parse_args(argv=None):
     args.only = [s for s in STAGES if s in stages]
     if args.dpi is not None and args.dpi <= 0:
         parser.error("--dpi must be a positive integer")
-    args.dpi = args.dpi or (80 if args.quick else 120)
+    args.dpi = args.dpi or (80 if args.quick else DPI)
     args.profile = "quick" if args.quick else "default"
     _check_model_args(parser, args)
     if args.threads != "auto" and not (args.threads.isdigit() and int(args.threads) > 0):
@@ -8153,6 +8173,8 @@ def main(argv=None):
         results.setdefault(key, {})
     results.pop("interrupted", None)
     failed, started, done = [], _now(), 0
+    if "distributed" in args.only:
+        rank_server()  # its imports overlap the stages before it
     for stage in args.only:
         started_stage, budget_s = _now(), _stage_budget_s(args, stage, results["stages"])
         print(f"[{stage}] {FIGURE_FILES[stage]} (budget {budget_s:g}s) ...", flush=True)
