@@ -144,7 +144,7 @@ class Profile:
     default <= 40 s quiet and <= 80 s busy, quick <= 15 s and <= 30 s.  Nothing else holds a default.
     """
     name: str = "default"
-    peak_s: float = 0.8               # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
+    peak_s: float = 0.6               # one matmul sweep per precision: 512-2048 quiet, 512-1024 busy
     bandwidth_s: float = 0.4          # STREAM's 4 kernels on 128 MiB arrays (4x a 32 MiB L3): ~10 ms a run
     # FLOPs: 11 zoo models on fake tensors + a figure: ~6 s quiet, ~18 s busy
     flop_budget_s: float = 14.0
@@ -154,7 +154,7 @@ class Profile:
     memory_batch: int = 16
     memory_models: tuple | None = None          # None: all of MEMORY_MODELS
     growth_estimated: tuple = (1, 16, 64)       # memory is linear in batch: with the measured 4, four points
-    growth_measured: tuple = (1, 4, 16)         # real steps, up to the figure's batch (reused)
+    growth_measured: tuple = (4, 16)            # real steps, up to the figure's batch (reused)
     # AMP fp16 holds the same bytes as AMP bf16 (fp32 weights, 2-byte copies): not estimated twice
     memory_variants: tuple = ("fp32", "AMP bf16", "pure bf16", "fp32 + checkpoint", "AMP bf16 + checkpoint")
     kv: tuple = (8, 16, 48)                     # KV cache: batch, prompt, new tokens: ~0.3 s with the profiler
@@ -218,7 +218,7 @@ QUICK = Profile(  # what differs from DEFAULT, and why
     growth_estimated=(1, 8), growth_measured=(8,),  # batch 8 is reused: one new estimate
     memory_variants=("fp32", "AMP bf16"),          # each variant is a fake-tensor step: ~0.3 s, ~1.2 s busy
     kv=(4, 8, 16),                                 # ~0.1 s quiet: a busy laptop's quick run is tight
-    training_budget_s=4.5, training_measure_s=2.2, steps=30, training_batch=64,
+    training_budget_s=4.5, steps=30, training_batch=64,
     depth=4,                                       # half the per-step overhead: fits a busy laptop
     pipeline_s=0.5,
     amp_budget_s=2.5, amp_measure_s=0.8, amp_batch=16,
@@ -230,7 +230,8 @@ QUICK = Profile(  # what differs from DEFAULT, and why
     lecture_budget_s=2.5, lecture_batch=8, gpt_sizes=((2, 128), (4, 256)),
     fusion_shape=(512, 1024), fusion_s=0.2, compile_s=60.0, alone_s=5.0,
     distributed_budget_s=4.0, distributed_measure_s=None,  # no spawn: start-up alone is ~5 s
-    distributed_worlds=(64,),
+    distributed_worlds=(),                         # the large model's formula only: a simulation is ~1 s
+    training_measure_s=1.8,
 )
 PROFILES = {"default": DEFAULT, "quick": QUICK}
 
@@ -7436,6 +7437,8 @@ LABELS.update({
                         "fp32 Adam; 3 and 4 layers simulated, each further layer adds their difference); "
                         "lines: ZeRO paper formula (16 bytes/param, no activations)"),
     "dist_simulated": ("fsdp 模拟（{name}）", "fsdp simulated ({name})"),
+    "dist_not_simulated": ("未模拟：--quick 只画 ZeRO 公式（模拟约 1 秒）",
+                           "not simulated: --quick draws the ZeRO formula only (~1 s to simulate)"),
     "dist_device": ("{gb:.0f} GB 设备", "{gb:.0f} GB device"),
     "dist_ranks": ("卡数（rank）", "ranks"),
     "dist_comm": ("每卡每步发送字节：计数 vs 公式", "Bytes sent per rank per step: counted vs formula"),
@@ -7516,7 +7519,7 @@ def _plot_dist_large(ax, large):
     ax.plot(worlds, [v / GIB for v in large["zero_7b"]], color=PALETTE.cyan, ls="-", lw=1.2, label="ZeRO-3 (Llama-7B)")
     sims = [s["total"] / GIB for s in large["simulated"]]
     ax.plot(large["simulated_worlds"], sims, "o", color=PALETTE.blue, ms=8,
-            label=_t("dist_simulated", name=large["name"]))
+            label=_t("dist_simulated", name=large["name"]) if sims else _t("dist_not_simulated"))
     for n, v in zip(large["simulated_worlds"], sims):
         ax.annotate(f"{v:.1f} GiB", (n, v), xytext=(6, 4), textcoords="offset points", fontsize=8)
     ax.axhline(large["device_memory_bytes"] / GIB, color="k", ls="--", lw=1,
@@ -8173,7 +8176,7 @@ def main(argv=None):
         results.setdefault(key, {})
     results.pop("interrupted", None)
     failed, started, done = [], _now(), 0
-    if "distributed" in args.only:
+    if "distributed" in args.only and PROFILES[args.profile].distributed_measure_s is not None:
         rank_server()  # its imports overlap the stages before it
     for stage in args.only:
         started_stage, budget_s = _now(), _stage_budget_s(args, stage, results["stages"])
