@@ -36,13 +36,13 @@ the models -> counting and measuring them -> the figures -> the command line):
   7. Mixed precision ............................ benchmark_mixed_precision, run_amp_analysis, dtype_ranges
   8. Training ................................... run_training_comparison, TrainingPlan, load_mnist,
                                                   write_tensorboard
-  9. Model selection ............................ measure_latency, recommend_models, run_dashboard_analysis
+  9. Model selection ............................ measure_latency, Scenarios.recommend, run_dashboard_analysis
  9b. The roofline ............................. measure_bandwidth (section 3), roofline, measure_dispatch,
                                                   run_roofline_analysis
  9c. Beyond one device ......................... measure_distributed (N gloo/NCCL processes),
                                                   estimate_distributed (fake process group, any N),
                                                   communication_formula, LlamaLike, run_distributed_analysis
- 10. The lecture, claim by claim ................ measure_fusion, measure_compile, lecture_claims,
+ 10. The lecture, claim by claim ................ measure_fusion, measure_compile, LectureClaims.rows,
                                                   run_lecture_comparison, format_lecture_table
  11. Your own model ............................. load_model, analyze, format_model_table
  12. Figures .................................... set_language, save_figure, then per figure (stage order):
@@ -366,6 +366,18 @@ class Replica:
     """
 
     @staticmethod
+    @contextlib.contextmanager
+    def eval_mode(model):
+        """model.eval() inside the block; every submodule's own mode is put back afterwards."""
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            yield model
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    @staticmethod
     def of(model, make):
         """A deep copy of `model` whose parameters and buffers are `make(tensor)`.
 
@@ -587,18 +599,6 @@ class StepLoss:
         return run_args[0] if len(run_args) == 1 else run_args
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    """model.eval() inside the block; every submodule's own mode is put back afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _checkpoint_blocks(model):
     """Recompute each block in backward: torch.utils.checkpoint around the elements of the model's
     outermost nn.Sequential / nn.ModuleList containers (the model itself if it is one).
@@ -689,24 +689,29 @@ def training_step(replica, optimizer, micro_batches, *, precision="fp32", device
     return total
 
 
-def _fake_mode():
-    """A FakeTensorMode for counting and estimating (real tensors, the user's, may flow in).  NB: its
-    dispatch cache is shared by every mode of the process and pays off across models: counting the
-    zoo took 3.6 s with it and 6.2 s without, though one model counted alone is ~12 % faster without."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    return FakeTensorMode(allow_non_fake_inputs=True)
+class FakeTensors:
+    """Fake tensors (torch._subclasses.fake_tensor): shapes, dtypes and devices without data, for
+    counting and estimating."""
 
+    @staticmethod
+    def mode():
+        """A FakeTensorMode for counting and estimating (real tensors, the user's, may flow in).  NB: its
+        dispatch cache is shared by every mode of the process and pays off across models: counting the
+        zoo took 3.6 s with it and 6.2 s without, though one model counted alone is ~12 % faster without."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        return FakeTensorMode(allow_non_fake_inputs=True)
 
-@contextlib.contextmanager
-def _quiet_fake_tensor_logs():
-    """FakeTensorMode logs a traceback for a shape error even when it is caught: silence it."""
-    import logging
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    was_disabled, logger.disabled = logger.disabled, True
-    try:
-        yield
-    finally:
-        logger.disabled = was_disabled
+    @staticmethod
+    @contextlib.contextmanager
+    def quiet():
+        """FakeTensorMode logs a traceback for a shape error even when it is caught: silence it."""
+        import logging
+        logger = logging.getLogger("torch._subclasses.fake_tensor")
+        was_disabled, logger.disabled = logger.disabled, True
+        try:
+            yield
+        finally:
+            logger.disabled = was_disabled
 
 
 # %% =============================================================================================
@@ -1322,6 +1327,11 @@ class KVCache:
     """The keys and values every layer has seen, kept so that generating one more token attends to
     them instead of recomputing them: per layer a (B, H, T, C/H) key and value, grown by
     concatenation as tokens arrive.  Holds B x T x layers x C x 2 numbers."""
+
+    @staticmethod
+    def formula_bytes(batch, tokens, layers, hidden, bytes_per_element):
+        """The lecture's KV cache: a key and a value of `hidden` numbers per token, layer and sample."""
+        return batch * tokens * layers * hidden * 2 * bytes_per_element
 
     def __init__(self, n_layer):
         self.layers = [None] * n_layer
@@ -2129,7 +2139,7 @@ class FLOPCalculator:
         if real:
             make = Replica.real_like(Replica.device(model), ids_below=Replica.ids_below(model))
         else:  # fake tensors of the target device: the kernels it would choose (CPU flash attention), no data
-            compute = _fake_mode()
+            compute = FakeTensors.mode()
             target = Replica.device(model) if Replica.device(model).type != "meta" else torch.device("cpu")
 
             def make(x):
@@ -2145,7 +2155,7 @@ class FLOPCalculator:
         run_args, run_kwargs = Replica.map((args, kwargs), make_input)
         counted_training = training
         training = _CountingMode()
-        quiet = _quiet_fake_tensor_logs() if not real else contextlib.nullcontext()  # no tracebacks on stderr
+        quiet = FakeTensors.quiet() if not real else contextlib.nullcontext()  # no tracebacks on stderr
         with quiet, compute, training.tracking(replica), training, torch.set_grad_enabled(counted_training):
             output = replica(*run_args, **run_kwargs)
             training.phase = "backward"
@@ -2582,7 +2592,7 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
     loss = StepLoss(loss_fn)
     if device.type == "meta":
         device = torch.device("cpu")
-    fake_mode = _fake_mode()
+    fake_mode = FakeTensors.mode()
     dtype = PURE_DTYPES.get(precision)
 
     def make(x):
@@ -2591,7 +2601,7 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
             return torch.empty_like(x, device=device, dtype=cast)
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
     try:
-        with _quiet_fake_tensor_logs():
+        with FakeTensors.quiet():
             result = _memory_run(model, args, kwargs, options, make=make, device=device, compute=fake_mode,
                                  foreach=(device.type == "cuda"), loss=loss, targets=targets)  # CUDA: foreach
     except (DataDependentOutputException, DynamicOutputShapeException) as err:
@@ -2683,10 +2693,10 @@ def run_memory_analysis(run, *, batch=None):
     seven_b = 7_000_000_000
     data["zero"] = {"parameters": seven_b, "devices": 8, "per_device": zero_memory_per_device(seven_b, 8)}
     run.report(len(names) + 2, len(names) + 3, "precision and sharding")
-    data["timeline"] = {"model": "TinyGPT (T=64)", "batch": batch, "micro_batches": TIMELINE_MICRO_BATCHES,
+    data["timeline"] = {"model": "TinyGPT (T=64)", "batch": batch, "micro_batches": _PhaseLog.MICRO_BATCHES,
                         "runs": {s: memory_timeline(gpt, gpt_inputs(batch), strategy=s, device=run.device,
-                                                    micro_batches=TIMELINE_MICRO_BATCHES)
-                                 for s in TIMELINE_STRATEGIES}}  # three real steps, ~0.1 s each here
+                                                    micro_batches=_PhaseLog.MICRO_BATCHES)
+                                 for s in _PhaseLog.STRATEGIES}}  # three real steps, ~0.1 s each here
     run.report(len(names) + 3, len(names) + 3, "memory over one step")
     return data
 
@@ -2718,16 +2728,11 @@ def _memory_variants(model, inputs, labels, fp32_estimate=None):
                     estimate_memory(model, inputs, **options[label]))["total"] for label in labels}
 
 
-def kv_cache_formula(batch, tokens, layers, hidden, bytes_per_element):
-    """The lecture's KV cache: a key and a value of `hidden` numbers per token, layer and sample."""
-    return batch * tokens * layers * hidden * 2 * bytes_per_element
-
-
 def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
     """Memory while a TinyGPT generates `new_tokens` greedily with its KVCache, read after each
     token: `held_bytes` (allocated and not yet freed, counted from the start of generation),
     `step_peak_bytes` (the most at once during that token), `cache_bytes` (the cache's own
-    tensors) and `formula_bytes` (kv_cache_formula).  CPU: the allocator's events through
+    tensors) and `formula_bytes` (KVCache.formula_bytes).  CPU: the allocator's events through
     torch.profiler; CUDA: torch.cuda.memory_allocated; elsewhere the cache's tensor sizes.
     The model is used in eval mode and put back as it was."""
     if not isinstance(model, TinyGPT):
@@ -2753,13 +2758,13 @@ def measure_kv_cache(model, *, batch=8, prompt=16, new_tokens=48):
         _AllocatorPeak.mark()
 
     allocator = _AllocatorPeak() if device.type == "cpu" else contextlib.nullcontext()
-    with _eval_mode(model), allocator:
+    with Replica.eval_mode(model), allocator:
         model.generate(idx, new_tokens, on_token=on_token)
     tokens = list(range(prompt + 1, prompt + new_tokens + 1))
     result = {"batch": batch, "prompt": prompt, "new_tokens": new_tokens, "layers": layers, "hidden": hidden,
               "dtype": str(model.tok.weight.dtype).replace("torch.", ""), "tokens": tokens,
               "cache_bytes": cache_bytes,
-              "formula_bytes": [kv_cache_formula(batch, t - 1, layers, hidden, element) for t in tokens],
+              "formula_bytes": [KVCache.formula_bytes(batch, t - 1, layers, hidden, element) for t in tokens],
               "step_peak_bytes": None}
     # NB: after token t the cache holds t - 1 positions: the newest token's keys are made when it is fed
     if device.type == "cpu" and allocator.marks:
@@ -2784,6 +2789,74 @@ class _PhaseLog(_StorageTracker):
     """The storage tracker, also logging every phase change in order: with micro-batches forward
     and backward repeat, and `phase_start` keeps only the last start of each."""
 
+    # bottom to top in the timeline: what lives all step first, then what comes and goes
+    STACK = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
+                      "temporary")
+
+    STRATEGIES = ("baseline", "gradient_checkpointing", "gradient_accumulation")
+
+    MICRO_BATCHES = 4  # the training comparison's accumulation: 4 micro-batches of batch / 4
+
+    @staticmethod
+    def categories(tracker):
+        """Each storage's category: categorize()'s, except that a storage a micro-batch's forward made
+        and still alive when that micro-batch's backward starts is an activation (categorize() sees only
+        the last backward's start, so with accumulation it would call the earlier ones temporary)."""
+        tracker.categorize()
+        categories = [entry[2] for entry in tracker.info]
+        log = getattr(tracker, "phase_log", [])
+        spans = [(start, log[i + 1][1]) for i, (phase, start) in enumerate(log[:-1])
+                 if phase == "forward" and log[i + 1][0] == "backward"]  # (forward start, its backward start)
+        born, freed = {}, {}
+        for i, (key, sign) in enumerate(tracker.events):
+            (born if sign > 0 else freed).setdefault(key, i)
+        for key, at in born.items():
+            if categories[key] != "temporary" or tracker.info[key][1] != "forward":
+                continue
+            span = next((s for s in spans if s[0] <= at < s[1]), None)
+            if span and freed.get(key, math.inf) >= span[1]:
+                categories[key] = "activations"
+        return categories
+
+    @staticmethod
+    def series(tracker, points=300):
+        """Replay the tracker's events into bytes per category after each event, thinned to about
+        `points` samples: each keeps the event where its stretch of events held the most, so the
+        peak is never thinned away.  Returns plain lists (results.json)."""
+        categories = _PhaseLog.categories(tracker)
+        column = {c: i for i, c in enumerate(_PhaseLog.STACK)}
+        n = len(tracker.events)
+        delta = np.zeros((n, len(_PhaseLog.STACK)))
+        for i, (key, sign) in enumerate(tracker.events):
+            delta[i, column[categories[key]]] = sign * tracker.info[key][0]
+        live = np.cumsum(delta, axis=0)  # (events, categories): bytes alive after each event
+        total = live.sum(axis=1)
+        keep = sorted({int(chunk[np.argmax(total[chunk])]) for chunk in np.array_split(np.arange(n), min(points, n))})
+        peak = int(np.argmax(total))
+        phases = []
+        for phase, start in getattr(tracker, "phase_log", sorted(tracker.phase_start.items(), key=lambda kv: kv[1])):
+            if not phases or phases[-1][0] != phase:
+                phases.append([phase, start])
+        return {"events": n, "index": keep, "phases": phases,
+                "parts": {_StorageTracker.PART_KEYS[c]: [int(live[i, j]) for i in keep] for c, j in column.items()},
+                "peak_bytes": int(total[peak]), "peak_index": peak,
+                "peak_phase": next((p for p, start in reversed(phases) if start <= peak), "setup"),
+                "at_peak": {_StorageTracker.PART_KEYS[c]: int(live[peak, j]) for c, j in column.items()}}
+
+    @staticmethod
+    def split_batch(tree, k):
+        """`tree`'s tensors cut into k micro-batches along dim 0 (tensors of another length stay whole)."""
+        if k == 1:
+            return [tree]
+        leaves, spec = tree_flatten(tree)
+        sizes = {x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0}
+        batch = max(sizes) if sizes else 0
+        if batch < k or batch % k:
+            raise LabError(f"gradient accumulation needs a batch divisible into {k} micro-batches, got {batch}")
+        pieces = [[x.chunk(k)[i] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else x
+                   for x in leaves] for i in range(k)]
+        return [tree_unflatten(p, spec) for p in pieces]
+
     def __init__(self, scratch=False):
         super().__init__(scratch)
         self.phase_log = []  # (phase, index into events) in order
@@ -2793,83 +2866,16 @@ class _PhaseLog(_StorageTracker):
         super().set_phase(phase)
 
 
-# bottom to top in the timeline: what lives all step first, then what comes and goes
-TIMELINE_STACK = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
-                  "temporary")
-TIMELINE_STRATEGIES = ("baseline", "gradient_checkpointing", "gradient_accumulation")
-TIMELINE_MICRO_BATCHES = 4  # the training comparison's accumulation: 4 micro-batches of batch / 4
-
-
-def _timeline_categories(tracker):
-    """Each storage's category: categorize()'s, except that a storage a micro-batch's forward made
-    and still alive when that micro-batch's backward starts is an activation (categorize() sees only
-    the last backward's start, so with accumulation it would call the earlier ones temporary)."""
-    tracker.categorize()
-    categories = [entry[2] for entry in tracker.info]
-    log = getattr(tracker, "phase_log", [])
-    spans = [(start, log[i + 1][1]) for i, (phase, start) in enumerate(log[:-1])
-             if phase == "forward" and log[i + 1][0] == "backward"]  # (forward start, its backward start)
-    born, freed = {}, {}
-    for i, (key, sign) in enumerate(tracker.events):
-        (born if sign > 0 else freed).setdefault(key, i)
-    for key, at in born.items():
-        if categories[key] != "temporary" or tracker.info[key][1] != "forward":
-            continue
-        span = next((s for s in spans if s[0] <= at < s[1]), None)
-        if span and freed.get(key, math.inf) >= span[1]:
-            categories[key] = "activations"
-    return categories
-
-
-def _memory_timeline(tracker, points=300):
-    """Replay the tracker's events into bytes per category after each event, thinned to about
-    `points` samples: each keeps the event where its stretch of events held the most, so the
-    peak is never thinned away.  Returns plain lists (results.json)."""
-    categories = _timeline_categories(tracker)
-    column = {c: i for i, c in enumerate(TIMELINE_STACK)}
-    n = len(tracker.events)
-    delta = np.zeros((n, len(TIMELINE_STACK)))
-    for i, (key, sign) in enumerate(tracker.events):
-        delta[i, column[categories[key]]] = sign * tracker.info[key][0]
-    live = np.cumsum(delta, axis=0)  # (events, categories): bytes alive after each event
-    total = live.sum(axis=1)
-    keep = sorted({int(chunk[np.argmax(total[chunk])]) for chunk in np.array_split(np.arange(n), min(points, n))})
-    peak = int(np.argmax(total))
-    phases = []
-    for phase, start in getattr(tracker, "phase_log", sorted(tracker.phase_start.items(), key=lambda kv: kv[1])):
-        if not phases or phases[-1][0] != phase:
-            phases.append([phase, start])
-    return {"events": n, "index": keep, "phases": phases,
-            "parts": {_StorageTracker.PART_KEYS[c]: [int(live[i, j]) for i in keep] for c, j in column.items()},
-            "peak_bytes": int(total[peak]), "peak_index": peak,
-            "peak_phase": next((p for p, start in reversed(phases) if start <= peak), "setup"),
-            "at_peak": {_StorageTracker.PART_KEYS[c]: int(live[peak, j]) for c, j in column.items()}}
-
-
-def _split_batch(tree, k):
-    """`tree`'s tensors cut into k micro-batches along dim 0 (tensors of another length stay whole)."""
-    if k == 1:
-        return [tree]
-    leaves, spec = tree_flatten(tree)
-    sizes = {x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0}
-    batch = max(sizes) if sizes else 0
-    if batch < k or batch % k:
-        raise LabError(f"gradient accumulation needs a batch divisible into {k} micro-batches, got {batch}")
-    pieces = [[x.chunk(k)[i] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch else x
-               for x in leaves] for i in range(k)]
-    return [tree_unflatten(p, spec) for p in pieces]
-
-
 def memory_timeline(model, inputs, *, strategy="baseline", micro_batches=4, device=None, points=300,
                     loss_fn=None, targets=None):
     """Memory over one real steady-state training step (fp32, Adam, its state already there, as
     after the first step) on a copy of `model`: bytes per category after every allocation and
-    free the storage tracker saw, thinned to ~`points` samples (_memory_timeline), with the
+    free the storage tracker saw, thinned to ~`points` samples (_PhaseLog.series), with the
     phases (forward, backward, optimizer) and the peak.  `strategy`: "baseline",
     "gradient_checkpointing" (_checkpoint_blocks) or "gradient_accumulation" (`micro_batches`
     forwards and backwards, each loss weighted 1/k, one optimizer step)."""
-    if strategy not in TIMELINE_STRATEGIES:
-        raise ValueError(f"strategy must be one of {TIMELINE_STRATEGIES}, got {strategy!r}")
+    if strategy not in _PhaseLog.STRATEGIES:
+        raise ValueError(f"strategy must be one of {_PhaseLog.STRATEGIES}, got {strategy!r}")
     args, kwargs, device, _ = _memory_options(model, inputs, True, "adam", "fp32", False, device)
     if device.type == "meta":
         raise ValueError("memory_timeline runs a real step: the model is on the meta device")
@@ -2880,14 +2886,14 @@ def memory_timeline(model, inputs, *, strategy="baseline", micro_batches=4, devi
     k = micro_batches if strategy == "gradient_accumulation" else 1
     loss = StepLoss(loss_fn)
     micro = [(a, kw, StepLoss.batch(a, kw, t), 1 / k if k > 1 else None)
-             for a, kw, t in _split_batch((run_args, run_kwargs, run_targets), k)]
+             for a, kw, t in _PhaseLog.split_batch((run_args, run_kwargs, run_targets), k)]
     optimizer = _make_optimizer("adam", replica.parameters())
     _create_optimizer_state(replica, optimizer)
     tracker = _PhaseLog()
     try:
         tracker.register_state(replica, optimizer, (run_args, run_targets), run_kwargs)
         training_step(replica, optimizer, micro, loss_fn=loss, device=device, tracker=tracker)
-        timeline = _memory_timeline(tracker, points)
+        timeline = _PhaseLog.series(tracker, points)
     except Exception as err:
         raise Replica.error(model, args, kwargs, err) from None
     finally:
@@ -3737,11 +3743,107 @@ def write_tensorboard(data, log_dir):
 
 
 LATENCY_BATCHES = (1, 8)     # one request; a small serving batch
-TRAIN_MEMORY_BATCH = 32      # the batch of the "train on one 8 GB GPU" scenario
-EDGE_MAX_PARAMETERS = 10e6   # edge inference: at most 10 M parameters (40 MB of fp32 weights)
-EDGE_MAX_LATENCY_S = 0.020   # ... answering one request within 20 ms on this device
-SERVING_MIN_SAMPLES_PER_S = 100  # batch serving: at least 100 samples/s on this device
-TRAINING_GPU_BYTES = 8 * 2 ** 30
+
+
+class Scenarios:
+    """The model-selection rule, stated: per scenario a hard limit (verdict, with its margin), then
+    a preference among the models that pass (recommend).  Only resources are compared: the models
+    solve different tasks, accuracy is not measured."""
+    NAMES = ("edge", "serving", "training")
+    TRAIN_MEMORY_BATCH = 32      # the batch of the "train on one 8 GB GPU" scenario
+    EDGE_MAX_PARAMETERS = 10e6   # edge inference: at most 10 M parameters (40 MB of fp32 weights)
+    EDGE_MAX_LATENCY_S = 0.020   # ... answering one request within 20 ms on this device
+    SERVING_MIN_SAMPLES_PER_S = 100  # batch serving: at least 100 samples/s on this device
+    TRAINING_GPU_BYTES = 8 * 2 ** 30
+
+    @staticmethod
+    def latency_of(model_data, batch):
+        rec = next((r for r in model_data["latency"] if r["batch"] == batch), None)
+        return rec["median_s"] if rec and not rec.get("skipped") else None
+
+    @staticmethod
+    def log_scores(values, higher_is_better):
+        """Scale values to [0, 1] on a log axis: the best gets 1, the worst 0 (a lone value gets 1).
+        Log, because these metrics span orders of magnitude across the zoo."""
+        if not values:
+            return {}
+        logs = {k: math.log10(v) for k, v in values.items()}
+        lo, hi = min(logs.values()), max(logs.values())
+        if hi - lo < 1e-12:
+            return {k: 1.0 for k in values}
+        return {k: (v - lo) / (hi - lo) if higher_is_better else (hi - v) / (hi - lo) for k, v in logs.items()}
+
+
+    @staticmethod
+    def verdict(scenario, m):
+        """("pass" | "fail" | "not_measured", why) for one model and scenario, by the rule below."""
+        big = LATENCY_BATCHES[-1]
+        if scenario == "edge":
+            latency = Scenarios.latency_of(m, 1)
+            if m["parameters"] > Scenarios.EDGE_MAX_PARAMETERS:
+                return "fail", f"{readable(m['parameters'])} parameters > {readable(Scenarios.EDGE_MAX_PARAMETERS)}"
+            if latency is None:
+                return "not_measured", "batch-1 latency not measured"
+            ok = latency <= Scenarios.EDGE_MAX_LATENCY_S
+            return ("pass" if ok else "fail"), f"batch-1 latency {latency * 1e3:.1f} ms"
+        if scenario == "serving":
+            latency = Scenarios.latency_of(m, big)
+            if latency is None:
+                reason = next((r.get("skipped") for r in m["latency"] if r["batch"] == big), None)
+                return "not_measured", reason or f"batch-{big} latency not measured"
+            ok = big / latency >= Scenarios.SERVING_MIN_SAMPLES_PER_S
+            return ("pass" if ok else "fail"), f"{big / latency:.0f} samples/s at batch {big}"
+        ok = m["training_memory_bytes"] <= Scenarios.TRAINING_GPU_BYTES
+        return ("pass" if ok else "fail"), f"estimated {m['training_memory_bytes'] / GIB:.2f} GiB"
+
+    @staticmethod
+    def verdicts(models):
+        """{scenario: {model: {"verdict": pass/fail/not_measured, "why": ..., "value", "unit", "margin"}}}:
+        a limit a model was not measured against is not a failure; `margin` (Scenarios.margin) says how
+        far inside (above 1) or outside (below 1) its tightest limit the model is."""
+        return {s: {n: {**dict(zip(("verdict", "why"), Scenarios.verdict(s, m))),
+                        **dict(zip(("value", "unit", "margin"), Scenarios.margin(s, m)))} for n, m in models.items()}
+                for s in Scenarios.NAMES}
+
+    @staticmethod
+    def margin(scenario, m):
+        """(measured value, its unit, margin) of the scenario's tightest limit: the limit over the value
+        for a ceiling (parameters, latency, memory), the value over the limit for a floor (throughput),
+        so that above 1 passes; (None, None, None) where nothing was measured against it."""
+        big = LATENCY_BATCHES[-1]
+        if scenario == "edge":
+            limits = [(m["parameters"], "parameters", Scenarios.EDGE_MAX_PARAMETERS / m["parameters"])]
+            latency = Scenarios.latency_of(m, 1)
+            if latency:
+                limits.append((latency, "s", Scenarios.EDGE_MAX_LATENCY_S / latency))
+            return min(limits, key=lambda limit: limit[2])
+        if scenario == "serving":
+            latency = Scenarios.latency_of(m, big)
+            if latency is None:
+                return None, None, None
+            return big / latency, "samples/s", big / latency / Scenarios.SERVING_MIN_SAMPLES_PER_S
+        return m["training_memory_bytes"], "bytes", Scenarios.TRAINING_GPU_BYTES / m["training_memory_bytes"]
+
+    @staticmethod
+    def recommend(models):
+        """Score every model for three scenarios by one rule: a hard limit, then a preference.
+
+        Limits (None: the model fails it, or was not measured against it; Scenarios.verdicts
+        tells the two apart):
+        - edge inference: at most Scenarios.EDGE_MAX_PARAMETERS parameters and batch-1 latency within
+          Scenarios.EDGE_MAX_LATENCY_S, measured on this device;
+        - batch serving: at least Scenarios.SERVING_MIN_SAMPLES_PER_S at the largest latency batch;
+        - training on one 8 GB GPU: estimated peak at Scenarios.TRAIN_MEMORY_BATCH (fp32 Adam) within 8 GiB.
+        Preference among the models that pass: the most forward FLOPs per sample, log-scaled to
+        [0, 1] (a proxy for capacity: with the same budget, prefer the model that computes more).
+        Only resources are compared: the models solve different tasks, accuracy is not measured.
+        """
+        scores = {}
+        for scenario in Scenarios.NAMES:
+            passing = {n: m["flops"] for n, m in models.items() if Scenarios.verdict(scenario, m)[0] == "pass"}
+            scaled = Scenarios.log_scores(passing, higher_is_better=True)
+            scores[scenario] = {n: scaled.get(n) for n in models}
+        return scores
 
 
 def measure_latency(model, inputs, *, device=None, time_budget_s=DEFAULT.model_latency_s, max_runs=MAX_RUNS):
@@ -3775,7 +3877,7 @@ def measure_latency(model, inputs, *, device=None, time_budget_s=DEFAULT.model_l
 def _time_forward(runner, run_args, run_kwargs, device, budget_s, runs):
     """Latency runs of `runner` (a model the lab owns: it is run as it is), timed by measure()."""
     forward = functools.partial(runner, *run_args, **run_kwargs)
-    with _eval_mode(runner), torch.inference_mode():
+    with Replica.eval_mode(runner), torch.inference_mode():
         timed = measure(forward, device=device, budget_s=budget_s, runs=runs, always=True, what="forward")
     batch = tree_flatten((run_args, run_kwargs))[0][0].shape[0]
     return {**timed, "samples_per_s": batch / timed["median_s"], "batch": batch, "device": str(device)}
@@ -3863,103 +3965,12 @@ def plan_latency(calibration, budget_s):
             for n in calibration}
 
 
-def _latency_of(model_data, batch):
-    rec = next((r for r in model_data["latency"] if r["batch"] == batch), None)
-    return rec["median_s"] if rec and not rec.get("skipped") else None
-
-
-def _log_scores(values, higher_is_better):
-    """Scale values to [0, 1] on a log axis: the best gets 1, the worst 0 (a lone value gets 1).
-    Log, because these metrics span orders of magnitude across the zoo."""
-    if not values:
-        return {}
-    logs = {k: math.log10(v) for k, v in values.items()}
-    lo, hi = min(logs.values()), max(logs.values())
-    if hi - lo < 1e-12:
-        return {k: 1.0 for k in values}
-    return {k: (v - lo) / (hi - lo) if higher_is_better else (hi - v) / (hi - lo) for k, v in logs.items()}
-
-
-SCENARIOS = ("edge", "serving", "training")
-
-
-def _scenario_verdict(scenario, m):
-    """("pass" | "fail" | "not_measured", why) for one model and scenario, by the rule below."""
-    big = LATENCY_BATCHES[-1]
-    if scenario == "edge":
-        latency = _latency_of(m, 1)
-        if m["parameters"] > EDGE_MAX_PARAMETERS:
-            return "fail", f"{readable(m['parameters'])} parameters > {readable(EDGE_MAX_PARAMETERS)}"
-        if latency is None:
-            return "not_measured", "batch-1 latency not measured"
-        ok = latency <= EDGE_MAX_LATENCY_S
-        return ("pass" if ok else "fail"), f"batch-1 latency {latency * 1e3:.1f} ms"
-    if scenario == "serving":
-        latency = _latency_of(m, big)
-        if latency is None:
-            reason = next((r.get("skipped") for r in m["latency"] if r["batch"] == big), None)
-            return "not_measured", reason or f"batch-{big} latency not measured"
-        ok = big / latency >= SERVING_MIN_SAMPLES_PER_S
-        return ("pass" if ok else "fail"), f"{big / latency:.0f} samples/s at batch {big}"
-    ok = m["training_memory_bytes"] <= TRAINING_GPU_BYTES
-    return ("pass" if ok else "fail"), f"estimated {m['training_memory_bytes'] / GIB:.2f} GiB"
-
-
-def recommendation_verdicts(models):
-    """{scenario: {model: {"verdict": pass/fail/not_measured, "why": ..., "value", "unit", "margin"}}}:
-    a limit a model was not measured against is not a failure; `margin` (_scenario_margin) says how
-    far inside (above 1) or outside (below 1) its tightest limit the model is."""
-    return {s: {n: {**dict(zip(("verdict", "why"), _scenario_verdict(s, m))),
-                    **dict(zip(("value", "unit", "margin"), _scenario_margin(s, m)))} for n, m in models.items()}
-            for s in SCENARIOS}
-
-
-def _scenario_margin(scenario, m):
-    """(measured value, its unit, margin) of the scenario's tightest limit: the limit over the value
-    for a ceiling (parameters, latency, memory), the value over the limit for a floor (throughput),
-    so that above 1 passes; (None, None, None) where nothing was measured against it."""
-    big = LATENCY_BATCHES[-1]
-    if scenario == "edge":
-        limits = [(m["parameters"], "parameters", EDGE_MAX_PARAMETERS / m["parameters"])]
-        latency = _latency_of(m, 1)
-        if latency:
-            limits.append((latency, "s", EDGE_MAX_LATENCY_S / latency))
-        return min(limits, key=lambda limit: limit[2])
-    if scenario == "serving":
-        latency = _latency_of(m, big)
-        if latency is None:
-            return None, None, None
-        return big / latency, "samples/s", big / latency / SERVING_MIN_SAMPLES_PER_S
-    return m["training_memory_bytes"], "bytes", TRAINING_GPU_BYTES / m["training_memory_bytes"]
-
-
-def recommend_models(models):
-    """Score every model for three scenarios by one rule: a hard limit, then a preference.
-
-    Limits (None: the model fails it, or was not measured against it; recommendation_verdicts
-    tells the two apart):
-    - edge inference: at most EDGE_MAX_PARAMETERS parameters and batch-1 latency within
-      EDGE_MAX_LATENCY_S, measured on this device;
-    - batch serving: at least SERVING_MIN_SAMPLES_PER_S at the largest latency batch;
-    - training on one 8 GB GPU: estimated peak at TRAIN_MEMORY_BATCH (fp32 Adam) within 8 GiB.
-    Preference among the models that pass: the most forward FLOPs per sample, log-scaled to
-    [0, 1] (a proxy for capacity: with the same budget, prefer the model that computes more).
-    Only resources are compared: the models solve different tasks, accuracy is not measured.
-    """
-    scores = {}
-    for scenario in SCENARIOS:
-        passing = {n: m["flops"] for n, m in models.items() if _scenario_verdict(scenario, m)[0] == "pass"}
-        scaled = _log_scores(passing, higher_is_better=True)
-        scores[scenario] = {n: scaled.get(n) for n in models}
-    return scores
-
-
 @stage("dashboard")
 def run_dashboard_analysis(run, *, flop_records=None, peak_flops=None, time_budget_s=None):
     """Everything the dashboard draws, per model of the FLOP figure's zoo.
 
     Reuses `flop_records` (the FLOP stage's records, batch 1) and `peak_flops` (the training
-    stage's fp32 matmul peak) when given; adds the estimated training peak at TRAIN_MEMORY_BATCH
+    stage's fp32 matmul peak) when given; adds the estimated training peak at Scenarios.TRAIN_MEMORY_BATCH
     (fake tensors, fp32 Adam), the measured inference latency at LATENCY_BATCHES planned within
     `time_budget_s` (default: the profile's `latency_s`), each model's utilisation of the peak at
     its largest measured batch (checked_utilisation: never above 1), and the recommendation verdicts.
@@ -3968,11 +3979,12 @@ def run_dashboard_analysis(run, *, flop_records=None, peak_flops=None, time_budg
     budget = time_budget_s if time_budget_s is not None else run.profile.latency_s
     peak = peak_flops or measure_peak_flops(run.device, time_budget_s=run.profile.peak_s)
     data = {"device": _device_name(run.device), "latency_batches": list(LATENCY_BATCHES), "profile": run.profile.name,
-            "train_memory_batch": TRAIN_MEMORY_BATCH, "peak_flops": peak, "latency_budget_s": budget, "models": {}}
+            "train_memory_batch": Scenarios.TRAIN_MEMORY_BATCH, "peak_flops": peak, "latency_budget_s": budget,
+            "models": {}}
     steps = (1 + len(LATENCY_BATCHES)) * len(records)  # a memory estimate, then each latency batch
     for i, record in enumerate(records):  # training memory: fake tensors, no real compute
         name = record["name"]
-        memory = estimate_memory(build_model(name), MODEL_ZOO[name][2](TRAIN_MEMORY_BATCH))
+        memory = estimate_memory(build_model(name), MODEL_ZOO[name][2](Scenarios.TRAIN_MEMORY_BATCH))
         data["models"][name] = {**{k: record[k] for k in ("kind", "flops", "macs", "training_flops", "parameters")},
                                 "training_memory_bytes": memory["total"]}
         run.report(i + 1, steps, f"{name} memory")
@@ -3981,7 +3993,7 @@ def run_dashboard_analysis(run, *, flop_records=None, peak_flops=None, time_budg
     for name, runs in latency.items():
         data["models"][name]["latency"] = runs
     _add_utilisation(data, run.device, run.profile.peak_s)
-    data["scores"], data["verdicts"] = recommend_models(data["models"]), recommendation_verdicts(data["models"])
+    data["scores"], data["verdicts"] = Scenarios.recommend(data["models"]), Scenarios.verdicts(data["models"])
     data["radar"] = dashboard_radar(data["models"])
     return data
 
@@ -3992,17 +4004,17 @@ DASH_RADAR_AXES = ("d_latency", "d_throughput", "d_params", "d_memory", "d_util"
 
 def dashboard_radar(models):
     """The dashboard radar: for DASH_RADAR_MODELS, batch-1 latency, batch-8 throughput, parameters,
-    training memory and utilisation, each log-scaled to [0, 1] with 1 the best (_log_scores);
+    training memory and utilisation, each log-scaled to [0, 1] with 1 the best (Scenarios.log_scores);
     {axis: {model: score}}, a model missing where it was not measured."""
     chosen = {name: m for name, m in models.items() if name in DASH_RADAR_MODELS}
     big = LATENCY_BATCHES[-1]
-    latency = {n: (_latency_of(m, 1), _latency_of(m, big)) for n, m in chosen.items()}
+    latency = {n: (Scenarios.latency_of(m, 1), Scenarios.latency_of(m, big)) for n, m in chosen.items()}
     raw = {"d_latency": ({n: one for n, (one, _) in latency.items() if one}, False),
            "d_throughput": ({n: big / many for n, (_, many) in latency.items() if many}, True),
            "d_params": ({n: m["parameters"] for n, m in chosen.items()}, False),
            "d_memory": ({n: m["training_memory_bytes"] for n, m in chosen.items()}, False),
            "d_util": ({n: m["utilisation"] for n, m in chosen.items() if m["utilisation"]}, True)}
-    return {k: _log_scores(values, better) for k, (values, better) in raw.items()}
+    return {k: Scenarios.log_scores(values, better) for k, (values, better) in raw.items()}
 
 
 def _add_utilisation(data, device, peak_s):
@@ -4813,7 +4825,7 @@ def _fake_process_group(world_size):
 
 def _simulate_sharded(model, run_args, run_kwargs, strategy, world_size, optimizer, precision):
     """Rank 0's tracked step of fully_shard on fake tensors with the fake process group."""
-    cpu, fake_mode = torch.device("cpu"), _fake_mode()
+    cpu, fake_mode = torch.device("cpu"), FakeTensors.mode()
     dtype = PURE_DTYPES.get(precision)
 
     def make(x):
@@ -4861,7 +4873,7 @@ def estimate_distributed(model, inputs, *, world_size, strategy, optimizer="adam
     base = {"strategy": strategy, "world_size": int(world_size), "optimizer": optimizer, "precision": precision,
             "formula_sent_bytes": communication_formula(strategy, world_size, param_bytes, grad_bytes)}
     if strategy != "ddp":
-        with _quiet_fake_tensor_logs():
+        with FakeTensors.quiet():
             try:
                 summary = _simulate_sharded(model, args, kwargs, strategy, world_size, optimizer, precision)
             except (LabError, ValueError):
@@ -5203,130 +5215,141 @@ def measure_compile(*, time_budget_s=90.0, width=128, depth=8, batch=256, steps=
     return {**base, **result, "wall_s": _now() - start, "skipped": None}
 
 
-# --- the optimisation table ------------------------------------------------------------------------
-# (technique, aspect, the lecture's words, the range read as agreeing).  Speed is a speed-up
-# (baseline time / technique time: > 1 faster); memory a saving (1 - technique / baseline).
-# "~" is read as about +-15 points: ~50 % as 35-65 %, ~2-3x as 1.7-3.5x, ~20 % recompute as
-# 11-33 % slower (speed-up 0.75-0.9), ~10-30 % as 1.05-1.45x; "slight" as at most 25 %.
-LECTURE_CLAIMS = (
-    ("mixed_precision", "memory", "~50%", (0.35, 0.65)),
-    ("mixed_precision", "speed", "~2-3x", (1.7, 3.5)),
-    ("gradient_accumulation", "memory", "virtual", None),
-    ("gradient_accumulation", "speed", "slight", (0.85, 1.0)),
-    ("gradient_checkpointing", "memory", "~50%act", (0.35, 0.65)),
-    ("gradient_checkpointing", "speed", "~20%", (0.75, 0.9)),
-    ("fusion", "memory", "slight", (0.0, 0.25)),
-    ("fusion", "speed", "~10-30%", (1.05, 1.45)),
-)
+recommendation_verdicts, recommend_models = Scenarios.verdicts, Scenarios.recommend  # public names
 
 
-def _measured(value=None, spread=None, source=None, reason=None, basis=None, missing=None):
-    """One table cell's measurement.  basis: what a saving is of ("peak", "activations");
-    missing: why there is no value ("stage": the stage did not run, "skipped": its plan skipped it)."""
-    return {"value": value, "range": spread, "source": source, "reason": reason, "basis": basis, "missing": missing}
+class LectureClaims:
+    """The lecture's optimisation table, cell by cell (rows), each beside this machine's measured
+    value from the training comparison or the fusion measurement, and a verdict with its spread.
 
+    TABLE: (technique, aspect, the lecture's words, the range read as agreeing).  Speed is a
+    speed-up (baseline time / technique time: > 1 faster); memory a saving (1 - technique / baseline).
+    "~" is read as about +-15 points: ~50 % as 35-65 %, ~2-3x as 1.7-3.5x, ~20 % recompute as
+    11-33 % slower (speed-up 0.75-0.9), ~10-30 % as 1.05-1.45x; "slight" as at most 25 %.
+    """
+    TABLE = (
+        ("mixed_precision", "memory", "~50%", (0.35, 0.65)),
+        ("mixed_precision", "speed", "~2-3x", (1.7, 3.5)),
+        ("gradient_accumulation", "memory", "virtual", None),
+        ("gradient_accumulation", "speed", "slight", (0.85, 1.0)),
+        ("gradient_checkpointing", "memory", "~50%act", (0.35, 0.65)),
+        ("gradient_checkpointing", "speed", "~20%", (0.75, 0.9)),
+        ("fusion", "memory", "slight", (0.0, 0.25)),
+        ("fusion", "speed", "~10-30%", (1.05, 1.45)),
+    )
 
-def _training_measure(training, strategy, aspect, basis=None):
-    """One strategy against the baseline in the training comparison: a speed-up (with the range its
-    throughput spreads give) or a saving (of the peak for mixed precision, of the activations
-    otherwise, unless `basis` says which)."""
-    runs = (training or {}).get("runs") or {}
-    if not training or "runs" not in training:
-        return _measured(reason="the training comparison did not run", missing="stage")
-    if strategy not in runs or "baseline" not in runs:
-        missing = strategy if strategy not in runs else "baseline"
-        return _measured(reason=(training.get("skipped") or {}).get(missing, f"{missing} was not run"),
-                         missing="skipped")
-    base, run = runs["baseline"], runs[strategy]
-    source = f"training comparison: {training['model']}, batch {training['batch']}, {run['precision']}"
-    if aspect == "speed":
+    @staticmethod
+    def measured(value=None, spread=None, source=None, reason=None, basis=None, missing=None):
+        """One table cell's measurement.  basis: what a saving is of ("peak", "activations");
+        missing: why there is no value ("stage": the stage did not run, "skipped": its plan skipped it)."""
+        return {"value": value, "range": spread, "source": source, "reason": reason, "basis": basis, "missing": missing}
+
+    @staticmethod
+    def training(training, strategy, aspect, basis=None):
+        """One strategy against the baseline in the training comparison: a speed-up (with the range its
+        throughput spreads give) or a saving (of the peak for mixed precision, of the activations
+        otherwise, unless `basis` says which)."""
+        runs = (training or {}).get("runs") or {}
+        if not training or "runs" not in training:
+            return LectureClaims.measured(reason="the training comparison did not run", missing="stage")
+        if strategy not in runs or "baseline" not in runs:
+            missing = strategy if strategy not in runs else "baseline"
+            return LectureClaims.measured(reason=(training.get("skipped") or {}).get(missing, f"{missing} was not run"),
+                             missing="skipped")
+        base, run = runs["baseline"], runs[strategy]
+        source = f"training comparison: {training['model']}, batch {training['batch']}, {run['precision']}"
+        if aspect == "speed":
+            spread = None
+            if run.get("samples_per_s_range") and base.get("samples_per_s_range"):
+                (r_lo, r_hi), (b_lo, b_hi) = run["samples_per_s_range"], base["samples_per_s_range"]
+                spread = (r_lo / b_hi, r_hi / b_lo)
+            return LectureClaims.measured(run["samples_per_s"] / base["samples_per_s"], spread, source)
+        basis = basis or ("peak" if strategy == "mixed_precision" else "activations")  # the lecture's claim is of each
+        key = "peak_memory_bytes" if basis == "peak" else "activation_bytes"
+        return LectureClaims.measured(1 - run[key] / base[key], None, f"{source} ({basis})", basis=basis)
+
+    @staticmethod
+    def fusion(fusion, aspect):
+        """Each fusion case's speed-up (with the range the two spreads give) or memory saving."""
+        cases = (fusion or {}).get("cases") or {}
+        if not cases:
+            return LectureClaims.measured(reason="fusion was not measured", missing="stage")
+        key = "speedup" if aspect == "speed" else "memory_saving"
+        values = {name: case[key] for name, case in cases.items() if case[key] is not None}
+        if not values:
+            return LectureClaims.measured(reason="no allocator reading on this device", missing="skipped")
         spread = None
-        if run.get("samples_per_s_range") and base.get("samples_per_s_range"):
-            (r_lo, r_hi), (b_lo, b_hi) = run["samples_per_s_range"], base["samples_per_s_range"]
-            spread = (r_lo / b_hi, r_hi / b_lo)
-        return _measured(run["samples_per_s"] / base["samples_per_s"], spread, source)
-    basis = basis or ("peak" if strategy == "mixed_precision" else "activations")  # the lecture's claim is of each
-    key = "peak_memory_bytes" if basis == "peak" else "activation_bytes"
-    return _measured(1 - run[key] / base[key], None, f"{source} ({basis})", basis=basis)
+        if aspect == "speed":
+            timed = {name: (c["composed"], c["fused"]) for name, c in cases.items()
+                     if "spread_lo_s" in c.get("composed", {}) and "spread_lo_s" in c.get("fused", {})}
+            spread = {name: (a["spread_lo_s"] / b["spread_hi_s"], a["spread_hi_s"] / b["spread_lo_s"])
+                      for name, (a, b) in timed.items()}
+            spread = spread or None
+        return LectureClaims.measured(values, spread,
+                         f"fusion: {', '.join(values)} on {fusion['shape'][0]}x{fusion['shape'][1]} {fusion['dtype']}")
+
+    @staticmethod
+    def verdict(value, agree, spread=None):
+        """agree / disagree with the lecture's range; "uncertain" where the measured spread reaches
+        across the range's edge (a busy machine's timings); "partly" where cases differ."""
+        if value is None:
+            return "not_measured"
+        if agree is None:
+            return "info"
+        values = value if isinstance(value, dict) else {"": value}
+        spreads = spread if isinstance(spread, dict) else {"": spread} if spread else {}
+        kinds = set()
+        for name, v in values.items():
+            lo, hi = spreads.get(name) or (v, v)
+            lo, hi = min(lo, v), max(hi, v)
+            kinds.add("agree" if agree[0] <= lo and hi <= agree[1] else
+                      "disagree" if hi < agree[0] or lo > agree[1] else "uncertain")
+        if len(kinds) == 1:
+            return kinds.pop()
+        return "partly" if {"agree", "disagree"} <= kinds else "uncertain"
+
+    @staticmethod
+    def rows(training=None, fusion=None):
+        """The lecture's optimisation table, cell by cell, with this machine's measured value from the
+        training comparison (`training`, run_training_comparison's data) and the fusion measurement.
+        `cases` gives one verdict per measured case (fusion's ops; mixed precision's saving of the peak
+        and of the activations), "disagree" told apart as "better" or "worse" than claimed."""
+        rows = []
+        for technique, aspect, claim, agree in LectureClaims.TABLE:
+            m = (LectureClaims.fusion(fusion, aspect) if technique == "fusion" else
+                 LectureClaims.training(training, technique, aspect))
+            row = {"technique": technique, "aspect": aspect, "claim": claim, "agree_range": agree,
+                   "measured": m["value"], "measured_range": m["range"], "source": m["source"],
+                   "reason": m["reason"], "basis": m["basis"], "missing": m["missing"],
+                   "verdict": LectureClaims.verdict(m["value"], agree, m["range"])}
+            row["cases"] = LectureClaims.cases(m, agree)
+            if technique == "mixed_precision" and aspect == "memory" and m["value"] is not None:
+                act = LectureClaims.training(training, technique, aspect, basis="activations")
+                row["cases"] = [dict(c, name="peak") for c in row["cases"]] + \
+                    [dict(c, name="activations") for c in LectureClaims.cases(act, agree)]
+            rows.append(row)
+        return rows
+
+    @staticmethod
+    def cases(measured, agree):
+        """[{name, measured, verdict}] for each case of one measurement ("" for a single value); a
+        verdict outside the lecture's range is "better" above it (a larger saving or speed-up) or
+        "worse" below it."""
+        value, spread = measured["value"], measured["range"]
+        if value is None:
+            return [{"name": "", "measured": None, "verdict": "not_measured"}]
+        values = value if isinstance(value, dict) else {"": value}
+        spreads = spread if isinstance(spread, dict) else {"": spread}
+        cases = []
+        for name, v in values.items():
+            verdict = LectureClaims.verdict(v, agree, spreads.get(name))
+            if verdict == "disagree":
+                verdict = "better" if v > agree[1] else "worse"
+            cases.append({"name": name, "measured": v, "verdict": verdict})
+        return cases
 
 
-def _fusion_measure(fusion, aspect):
-    """Each fusion case's speed-up (with the range the two spreads give) or memory saving."""
-    cases = (fusion or {}).get("cases") or {}
-    if not cases:
-        return _measured(reason="fusion was not measured", missing="stage")
-    key = "speedup" if aspect == "speed" else "memory_saving"
-    values = {name: case[key] for name, case in cases.items() if case[key] is not None}
-    if not values:
-        return _measured(reason="no allocator reading on this device", missing="skipped")
-    spread = None
-    if aspect == "speed":
-        timed = {name: (c["composed"], c["fused"]) for name, c in cases.items()
-                 if "spread_lo_s" in c.get("composed", {}) and "spread_lo_s" in c.get("fused", {})}
-        spread = {name: (a["spread_lo_s"] / b["spread_hi_s"], a["spread_hi_s"] / b["spread_lo_s"])
-                  for name, (a, b) in timed.items()}
-        spread = spread or None
-    return _measured(values, spread,
-                     f"fusion: {', '.join(values)} on {fusion['shape'][0]}x{fusion['shape'][1]} {fusion['dtype']}")
-
-
-def _verdict(value, agree, spread=None):
-    """agree / disagree with the lecture's range; "uncertain" where the measured spread reaches
-    across the range's edge (a busy machine's timings); "partly" where cases differ."""
-    if value is None:
-        return "not_measured"
-    if agree is None:
-        return "info"
-    values = value if isinstance(value, dict) else {"": value}
-    spreads = spread if isinstance(spread, dict) else {"": spread} if spread else {}
-    kinds = set()
-    for name, v in values.items():
-        lo, hi = spreads.get(name) or (v, v)
-        lo, hi = min(lo, v), max(hi, v)
-        kinds.add("agree" if agree[0] <= lo and hi <= agree[1] else
-                  "disagree" if hi < agree[0] or lo > agree[1] else "uncertain")
-    if len(kinds) == 1:
-        return kinds.pop()
-    return "partly" if {"agree", "disagree"} <= kinds else "uncertain"
-
-
-def lecture_claims(training=None, fusion=None):
-    """The lecture's optimisation table, cell by cell, with this machine's measured value from the
-    training comparison (`training`, run_training_comparison's data) and the fusion measurement.
-    `cases` gives one verdict per measured case (fusion's ops; mixed precision's saving of the peak
-    and of the activations), "disagree" told apart as "better" or "worse" than claimed."""
-    rows = []
-    for technique, aspect, claim, agree in LECTURE_CLAIMS:
-        m = _fusion_measure(fusion, aspect) if technique == "fusion" else _training_measure(training, technique, aspect)
-        row = {"technique": technique, "aspect": aspect, "claim": claim, "agree_range": agree,
-               "measured": m["value"], "measured_range": m["range"], "source": m["source"],
-               "reason": m["reason"], "basis": m["basis"], "missing": m["missing"],
-               "verdict": _verdict(m["value"], agree, m["range"])}
-        row["cases"] = _claim_cases(m, agree)
-        if technique == "mixed_precision" and aspect == "memory" and m["value"] is not None:
-            act = _training_measure(training, technique, aspect, basis="activations")
-            row["cases"] = [dict(c, name="peak") for c in row["cases"]] + \
-                [dict(c, name="activations") for c in _claim_cases(act, agree)]
-        rows.append(row)
-    return rows
-
-
-def _claim_cases(measured, agree):
-    """[{name, measured, verdict}] for each case of one measurement ("" for a single value); a
-    verdict outside the lecture's range is "better" above it (a larger saving or speed-up) or
-    "worse" below it."""
-    value, spread = measured["value"], measured["range"]
-    if value is None:
-        return [{"name": "", "measured": None, "verdict": "not_measured"}]
-    values = value if isinstance(value, dict) else {"": value}
-    spreads = spread if isinstance(spread, dict) else {"": spread}
-    cases = []
-    for name, v in values.items():
-        verdict = _verdict(v, agree, spreads.get(name))
-        if verdict == "disagree":
-            verdict = "better" if v > agree[1] else "worse"
-        cases.append({"name": name, "measured": v, "verdict": verdict})
-    return cases
+lecture_claims = LectureClaims.rows  # public name
 
 
 def _speed_text(speedup):
@@ -5400,7 +5423,7 @@ def run_lecture_comparison(run, *, flop_records=None, memory=None, training=None
     data["compile"] = measure_compile(time_budget_s=p.compile_s) if compile else None
     if compile:
         run.report(5, steps, "torch.compile")
-    data["claims"] = lecture_claims(training, data["fusion"])
+    data["claims"] = LectureClaims.rows(training, data["fusion"])
     data["training_conditions"] = training.get("conditions") if training else None
     data["training_batch"] = training.get("batch") if training else None
     return data
@@ -6571,7 +6594,7 @@ def _timeline_panel(ax, timeline, title):
     index = np.array(timeline["index"])
     parts = dict(timeline["parts"])
     parts["buffer_bytes"] = np.add(parts.get("buffer_bytes", 0), parts.pop("input_bytes", 0))
-    order = [_StorageTracker.PART_KEYS[c] for c in TIMELINE_STACK if _StorageTracker.PART_KEYS[c] in parts]
+    order = [_StorageTracker.PART_KEYS[c] for c in _PhaseLog.STACK if _StorageTracker.PART_KEYS[c] in parts]
     shown = [p for p in order if np.any(parts[p])]
     ax.stackplot(index, [np.array(parts[p]) / MIB for p in shown], colors=[MEMORY_COLORS[p] for p in shown],
                  labels=[_t(f"{p}_part") for p in shown], step="post", linewidth=0)
@@ -7053,8 +7076,8 @@ def _dash_rows(data):
         skipped = {r["batch"]: r.get("skipped") for r in m["latency"] if r.get("skipped")}
         by_batch = {int(b): u for b, u in m.get("utilisation_by_batch") or ()}
         rows.append({"name": name, "kind": m["kind"], "flops": m["flops"], "parameters": m["parameters"],
-                     "memory": m["training_memory_bytes"], "latency_1": _latency_of(m, 1),
-                     "latency_big": _latency_of(m, LATENCY_BATCHES[-1]), "util_batch": m["util_batch"],
+                     "memory": m["training_memory_bytes"], "latency_1": Scenarios.latency_of(m, 1),
+                     "latency_big": Scenarios.latency_of(m, LATENCY_BATCHES[-1]), "util_batch": m["util_batch"],
                      "utilisation": m["utilisation"], "spread": spread, "skipped": skipped,
                      "util_1": by_batch.get(1)})
     return rows
@@ -7162,11 +7185,11 @@ def _plot_batching_gain(ax, rows):
 
 def _plot_training_memory_bars(ax, rows, train_batch):
     """Estimated training peak per model at the scenario's batch, against an 8 GiB card."""
-    fits = [r["memory"] <= TRAINING_GPU_BYTES for r in rows]
+    fits = [r["memory"] <= Scenarios.TRAINING_GPU_BYTES for r in rows]
     _barh(ax, [r["name"] for r in rows], [r["memory"] / GIB for r in rows],
           [_kind_color(r["kind"]) if ok else PALETTE.rule for r, ok in zip(rows, fits)], log=True,
           fmt=lambda v: f"{v:.2f} GiB" if v >= 0.1 else f"{v * 1024:.0f} MiB")
-    ax.axvline(TRAINING_GPU_BYTES / GIB, color="k", ls="--", lw=1, label=_t("gpu_8gb"))
+    ax.axvline(Scenarios.TRAINING_GPU_BYTES / GIB, color="k", ls="--", lw=1, label=_t("gpu_8gb"))
     ax.set_xlabel(_t("gib"))
     ax.set_title(_t("train_mem_bars", tb=train_batch), fontsize=11)
     ax.legend(fontsize=8, loc="lower right")
@@ -7196,7 +7219,7 @@ def _plot_recommendations(ax, data):
     names = list(data["models"])
     verdicts = data["verdicts"]
     footnotes = {}
-    cells = [[verdicts[s][n] for s in SCENARIOS] for n in names]
+    cells = [[verdicts[s][n] for s in Scenarios.NAMES] for n in names]
     margins = np.array([[math.log10(c["margin"]) if c["verdict"] != "not_measured" and c.get("margin") else np.nan
                          for c in row] for row in cells])
     text = np.array([[_recommendation_cell(c, footnotes) for c in row] for row in cells])
@@ -7212,12 +7235,13 @@ def _plot_recommendations(ax, data):
                                                 edgecolor=PALETTE.rule, lw=0, zorder=0.5))
                 ax.text(j + 0.5, i + 0.5, text[i, j], ha="center", va="center", fontsize=8, color=PALETTE.dark,
                         bbox={"facecolor": PALETTE.pale, "edgecolor": "none", "pad": 1})
-    ax.set_xticks(np.arange(len(SCENARIOS)) + 0.5, [_t(f"sc_{s}") for s in SCENARIOS], fontsize=9, rotation=0)
+    ax.set_xticks(np.arange(len(Scenarios.NAMES)) + 0.5, [_t(f"sc_{s}") for s in Scenarios.NAMES], fontsize=9,
+                  rotation=0)
     ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=9, rotation=0)
     ax.set_title(_t("recommend"), fontsize=11)
     notes = [f"({n}) {_wrap(why, 70)}" for why, n in footnotes.items()]
-    rule = _t("rule", edge_params=readable(EDGE_MAX_PARAMETERS), edge_ms=EDGE_MAX_LATENCY_S * 1e3,
-              serve=SERVING_MIN_SAMPLES_PER_S, big=LATENCY_BATCHES[-1])
+    rule = _t("rule", edge_params=readable(Scenarios.EDGE_MAX_PARAMETERS), edge_ms=Scenarios.EDGE_MAX_LATENCY_S * 1e3,
+              serve=Scenarios.SERVING_MIN_SAMPLES_PER_S, big=LATENCY_BATCHES[-1])
     ax.set_xlabel("\n".join([rule] + notes), fontsize=8, loc="left")
 
 

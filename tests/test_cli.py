@@ -151,7 +151,7 @@ def test_recommendation_rule():
         return {"parameters": params, "flops": flops, "training_memory_bytes": mem,
                 "latency": [{"batch": 1, "median_s": lat1}, {"batch": 8, "median_s": lat8}]}
     gib = 2 ** 30
-    scores = demo.recommend_models({
+    scores = demo.Scenarios.recommend({
         "small": model(1e6, 1e8, 0.001, 0.004, 0.1 * gib),
         "mid": model(5e6, 1e9, 0.010, 0.040, 1 * gib),
         "big": model(50e6, 1e10, 0.100, 0.400, 9 * gib),   # too many params, too slow, too big for 8 GiB

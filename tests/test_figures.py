@@ -67,7 +67,7 @@ def test_ratio_bars_grow_from_one_and_a_slowdown_goes_down():
 @pytest.fixture(scope="module")
 def timelines():
     model = demo.mlp(256)  # Linear(1024, 256) ... small: each step ~10 ms
-    return {s: demo.memory_timeline(model, (8, 1024), strategy=s, micro_batches=4) for s in demo.TIMELINE_STRATEGIES}
+    return {s: demo.memory_timeline(model, (8, 1024), strategy=s, micro_batches=4) for s in demo._PhaseLog.STRATEGIES}
 
 
 def test_the_timeline_replays_the_step_and_keeps_its_peak(timelines):
@@ -160,7 +160,7 @@ def dashboard_data():
     data = {"device": "cpu", "latency_batches": [1, 8], "train_memory_batch": 32, "peak_flops": peak,
             "models": models}
     demo._add_utilisation(data, "cpu", 1.0)
-    data["scores"], data["verdicts"] = demo.recommend_models(models), demo.recommendation_verdicts(models)
+    data["scores"], data["verdicts"] = demo.Scenarios.recommend(models), demo.Scenarios.verdicts(models)
     return data
 
 

@@ -29,7 +29,7 @@ def test_cached_generation_matches_full_recompute():
         torch.testing.assert_close(torch.cat(chunks, 1), model(ids), atol=1e-4, rtol=1e-4)
     assert len(cache) == 11
     # B x T x layers x hidden x 2 (key and value) x 4 bytes
-    assert cache.nbytes() == demo.kv_cache_formula(2, 11, 2, 64, 4) == 2 * 11 * 2 * 64 * 2 * 4
+    assert cache.nbytes() == demo.KVCache.formula_bytes(2, 11, 2, 64, 4) == 2 * 11 * 2 * 64 * 2 * 4
 
 
 def test_kv_cache_measured_by_the_allocator_follows_the_formula():
@@ -149,7 +149,7 @@ def test_claims_table_verdicts_and_slowdowns():
                          "gradient_accumulation": _run(950, 80, 10),
                          "gradient_checkpointing": _run(820, 70, 20)}}
     fusion = {"shape": [8, 8], "dtype": "fp32", "cases": {"GELU": {"speedup": 1.2, "memory_saving": 0.1}}}
-    rows = {(r["technique"], r["aspect"]): r for r in demo.lecture_claims(training, fusion)}
+    rows = {(r["technique"], r["aspect"]): r for r in demo.LectureClaims.rows(training, fusion)}
     assert rows["mixed_precision", "speed"]["measured"] == pytest.approx(0.04)
     assert rows["mixed_precision", "speed"]["verdict"] == "disagree"
     assert rows["gradient_checkpointing", "memory"]["measured"] == pytest.approx(0.5)
@@ -164,18 +164,19 @@ def test_claims_table_verdicts_and_slowdowns():
 
 
 def test_a_spread_across_the_claims_edge_is_uncertain():
-    assert demo._verdict(1.2, (1.05, 1.45), (0.9, 1.3)) == "uncertain"   # the slow end leaves the range
-    assert demo._verdict(1.2, (1.05, 1.45), (1.1, 1.3)) == "agree"
-    assert demo._verdict(3.0, (1.05, 1.45), (2.5, 3.5)) == "disagree"
-    assert demo._verdict({"a": 1.2, "b": 3.0}, (1.05, 1.45), {"a": (1.1, 1.3), "b": (2.9, 3.1)}) == "partly"
+    assert demo.LectureClaims.verdict(1.2, (1.05, 1.45), (0.9, 1.3)) == "uncertain"   # the slow end leaves the range
+    assert demo.LectureClaims.verdict(1.2, (1.05, 1.45), (1.1, 1.3)) == "agree"
+    assert demo.LectureClaims.verdict(3.0, (1.05, 1.45), (2.5, 3.5)) == "disagree"
+    spreads = {"a": (1.1, 1.3), "b": (2.9, 3.1)}
+    assert demo.LectureClaims.verdict({"a": 1.2, "b": 3.0}, (1.05, 1.45), spreads) == "partly"
 
 
 def test_claims_without_the_training_stage_are_not_measured_with_a_reason():
-    rows = demo.lecture_claims(None, None)
+    rows = demo.LectureClaims.rows(None, None)
     assert all(r["verdict"] == "not_measured" and r["reason"] for r in rows)
     skipped = {"model": "m", "batch": 1, "runs": {"baseline": _run(1, 1, 1)},
                "skipped": {"mixed_precision": "does not fit the budget"}}
-    row = demo.lecture_claims(skipped, None)[0]
+    row = demo.LectureClaims.rows(skipped, None)[0]
     assert row["verdict"] == "not_measured" and row["reason"] == "does not fit the budget"
 
 
@@ -187,9 +188,9 @@ def test_lecture_figure_panels(tmp_path):
     assert (tmp_path / demo.FIGURE_FILES["lecture"]).exists()
     table = fig.axes[4].tables[0]
     cases = sum(len(r["cases"]) for r in data["claims"])  # one line per measured case (issue 20)
-    assert cases >= len(demo.LECTURE_CLAIMS) and len(table.get_celld()) == 6 * (cases + 1)
+    assert cases >= len(demo.LectureClaims.TABLE) and len(table.get_celld()) == 6 * (cases + 1)
     text = demo.format_lecture_table(data)
-    assert text.count("\n| ") >= len(demo.LECTURE_CLAIMS) + 4
+    assert text.count("\n| ") >= len(demo.LectureClaims.TABLE) + 4
 
 
 # --- TensorBoard -----------------------------------------------------------------------------------------
