@@ -3270,7 +3270,7 @@ def measure_input_pipeline(dataset=None, *, batch_size, num_workers=(0, 1, 2), p
     for i, workers in enumerate(num_workers):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"num_workers must be integers >= 0, got {workers!r}")
-        data = dataset if dataset is not None else SyntheticImages(n=batch_size * (MAX_RUNS + 4))
+        data = dataset if dataset is not None else SyntheticImages(n=batch_size * (MAX_RUNS + 4) * max(3 * workers, 1))
         rows.append(_time_loader(data, batch_size, workers, pin, device, budget.share(len(num_workers) - i)))
     return {"batch_size": batch_size, "device": str(device), "pin_memory": pin, "rows": rows,
             "dataset": type(dataset).__name__ if dataset is not None else "SyntheticImages (28x28, decoded + "
@@ -3285,18 +3285,26 @@ def _time_loader(dataset, batch_size, workers, pin, device, budget_s):
     started = _now()
     batches = iter(loader)
     try:
+        for _ in range(2 * workers):  # the batches the workers prefetched while starting (prefetch_factor 2
+            next(batches)             # each) arrive at once: the steady rate is what comes after them
         start_s = _now() - started
 
-        def next_batch():
-            x, _ = next(batches)
-            return x.to(device, non_blocking=pin)
-        timed = measure(next_batch, device=device, budget_s=max(budget_s - start_s, 1e-3),
-                        runs=(MIN_RUNS, min(MAX_RUNS, len(loader) - 1)), always=True, what="batch")
+        per_run = max(workers, 1)  # one batch from each worker: the workers take turns, so a single batch
+                                   # alternates between waiting and being ready
+
+        def next_batches():
+            for _ in range(per_run):
+                x, _ = next(batches)
+                x.to(device, non_blocking=pin)
+        runs = min(MAX_RUNS, (len(loader) - 2 * workers) // per_run - 1)
+        timed = measure(next_batches, device=device, budget_s=max(budget_s - start_s, 1e-3), runs=(MIN_RUNS, runs),
+                        always=True, what="batch")
     finally:
         getattr(batches, "_shutdown_workers", lambda: None)()  # no worker process outlives the call
-    return {"num_workers": workers, "start_s": start_s, **timed,
-            "samples_per_s": batch_size / timed["median_s"],
-            "samples_per_s_range": [batch_size / timed["spread_hi_s"], batch_size / timed["spread_lo_s"]]}
+    samples = batch_size * per_run
+    return {"num_workers": workers, "start_s": start_s, "batches_per_run": per_run, **timed,
+            "samples_per_s": samples / timed["median_s"],
+            "samples_per_s_range": [samples / timed["spread_hi_s"], samples / timed["spread_lo_s"]]}
 
 
 def _input_bound(pipeline, step_samples_per_s):
@@ -5706,6 +5714,30 @@ LABELS = {
     "samples_per_s": ("样本/秒", "samples/s"),
     "train_memory": ("一步训练的峰值内存（实测）及峰值时刻的组成", "Peak memory of one step (measured), by part"),
     "mfu": ("MFU：模型 FLOPs / 步时间 / 实测矩阵乘峰值", "MFU: model FLOPs / step time / measured matmul peak"),
+    "grad_norm_title": ("每步的全局梯度范数（优化器更新之前）：检查点与累积应与基线重合",
+                        "Global gradient norm per step (before the optimizer): checkpointing and accumulation "
+                        "should lie on the baseline"),
+    "grad_norm_axis": ("梯度 L2 范数", "gradient L2 norm"),
+    "grad_no_scaler": ("CPU 上没有 GradScaler（bf16 不需要损失缩放），也没有非有限梯度",
+                       "no GradScaler on CPU (bf16 needs no loss scaling), and no non-finite gradients"),
+    "grad_scale_note": ("{strategy}：最后的损失缩放 {scale:g}，跳过 {skipped} 步",
+                        "{strategy}: loss scale {scale:g} at the end, {skipped} steps skipped"),
+    "grad_nonfinite": ("{strategy}：{steps} 步出现 inf/NaN 梯度", "{strategy}: inf/NaN gradients in {steps} steps"),
+    "grad_groups_title": ("基线每个顶层模块的梯度范数：第一步 vs 最后一步",
+                          "Baseline gradient norm per top-level module: first vs last step"),
+    "grad_first": ("第一步", "first step"), "grad_last": ("最后一步", "last step"),
+    "pipeline_title": ("数据管道：DataLoader 每秒交付的样本（batch {batch}）",
+                       "Input pipeline: samples/s a DataLoader delivers (batch {batch})"),
+    "pipeline_data": ("每个样本在 __getitem__ 里解码并归一化（28×28 合成图像）",
+                      "each sample decoded and normalised in __getitem__ (28x28 synthetic images)"),
+    "pipeline_workers": ("num_workers={n}", "num_workers={n}"),
+    "pipeline_step": ("基线训练一步的速率 {rate:,.0f} 样本/秒", "the baseline step's rate, {rate:,.0f} samples/s"),
+    "pipeline_bound": ("最快的设置也低于训练速率：这一步在等数据（受输入限制）",
+                       "even the fastest setting is below the step's rate: the step waits for its data"),
+    "pipeline_not_bound": ("数据比训练快：这一步不受输入限制",
+                           "data arrives faster than the step trains: not input-bound"),
+    "pipeline_no_pin": ("没有加速器：pin_memory 不起作用，未测",
+                        "no accelerator: pin_memory does nothing, not measured"),
     "mfu_peaks": ("峰值：{peaks}", "peaks: {peaks}"),
     "mfu_note": ("检查点重算的前向不计入模型 FLOPs；峰值：{peaks}",
                  "checkpointing's recomputed forward is not model FLOPs; peaks: {peaks}"),
@@ -6725,6 +6757,78 @@ def _strategy_bars(ax, data, values, fmt, label_at=None):
     _barh(ax, names, values, colors, fmt=fmt, label_at=label_at)
 
 
+def _plot_grad_norms(ax, data):
+    """The global gradient norm of every step per strategy (before the optimizer step, unscaled),
+    the GradScaler's loss scale and skipped steps where there is one, non-finite gradients if any."""
+    notes = []
+    for strategy, run in data["runs"].items():
+        color, style, width = STRATEGY_STYLES[strategy]
+        norms = run.get("grad_norm") or []
+        ax.plot(range(1, len(norms) + 1), norms, color=color, ls=style, lw=width, label=_strategy_label(data, strategy))
+        if run.get("loss_scale_per_step"):
+            notes.append(_t("grad_scale_note", strategy=_strategy_label(data, strategy),
+                            scale=run["loss_scale_per_step"][-1], skipped=run["skipped_steps"]))
+        if any(run.get("nonfinite_grads") or ()):
+            notes.append(_t("grad_nonfinite", strategy=_strategy_label(data, strategy),
+                            steps=sum(1 for n in run["nonfinite_grads"] if n)))
+    ax.set_xlabel(_t("opt_step") + "\n" + ("\n".join(notes) if notes else _t("grad_no_scaler")), fontsize=9)
+    ax.set_ylabel(_t("grad_norm_axis"))
+    ax.legend(fontsize=8)
+    ax.set_title(_t("grad_norm_title"))
+
+
+def _plot_grad_groups(ax, data):
+    """The baseline's gradient norm per top-level layer group, at its first and its last step."""
+    run = data["runs"].get("baseline") or next(iter(data["runs"].values()))
+    groups = run.get("grad_norm_by_group") or {}
+    if not groups:
+        _not_measured(ax, "")
+        ax.set_title(_t("grad_groups_title"))
+        return
+    names = list(groups["first"])
+    y = np.arange(len(names))
+    for offset, key, color in ((-0.2, "first", PALETTE.muted), (0.2, "last", PALETTE.blue)):
+        values = [groups[key][n] for n in names]
+        ax.barh(y + offset, values, 0.4, color=color, label=_t(f"grad_{key}"))
+        for yi, v in zip(y + offset, values):
+            ax.annotate(f"{v:.3g}", (v, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel(_t("grad_norm_axis"))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(_t("grad_groups_title"))
+
+
+def _plot_input_pipeline(ax, pipeline):
+    """Samples/s a DataLoader delivers per num_workers (median, bar = its spread), against the
+    baseline's training step rate: below the line the step waits for its data."""
+    if not pipeline:
+        _not_measured(ax, "")
+        ax.set_title(_t("pipeline_title"))
+        return
+    rows = pipeline["rows"]
+    y = np.arange(len(rows))
+    values = [r["samples_per_s"] for r in rows]
+    ax.barh(y, values, 0.6, color=PALETTE.cyan)
+    lo = [v - r["samples_per_s_range"][0] for v, r in zip(values, rows)]
+    hi = [r["samples_per_s_range"][1] - v for v, r in zip(values, rows)]
+    ax.errorbar(values, y, xerr=[lo, hi], fmt="none", ecolor="k", capsize=3, lw=1)
+    for yi, v, r in zip(y, values, rows):
+        ax.annotate(f"{v:,.0f}", (r["samples_per_s_range"][1], yi), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=8)
+    step = pipeline.get("step_samples_per_s")
+    if step:
+        ax.axvline(step, color=PALETTE.red, ls="--", lw=1.5, label=_t("pipeline_step", rate=step))
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_yticks(y, [_t("pipeline_workers", n=r["num_workers"]) for r in rows])
+    ax.invert_yaxis()
+    verdict = _t("pipeline_bound" if pipeline.get("input_bound") else "pipeline_not_bound") if step else ""
+    note = _t("pipeline_no_pin") if pipeline.get("pin_memory_note") else ""
+    ax.set_xlabel("\n".join(t for t in (_t("samples_per_s"), _t("pipeline_data"), verdict, note) if t), fontsize=9)
+    ax.set_title(_t("pipeline_title", batch=pipeline["batch_size"]))
+
+
 def _plot_throughput(ax, data):
     """Samples per second per strategy (median, bar = its spread)."""
     runs = list(data["runs"].values())
@@ -6810,17 +6914,21 @@ def _plot_training_tradeoff(ax, data):
 
 
 def plot_training_performance(data):
-    """Six panels from `run_training_comparison` data; returns the Figure."""
+    """Nine panels from `run_training_comparison` data; returns the Figure."""
     import matplotlib.pyplot as plt
     with _figure_style():
-        fig = plt.figure(figsize=(19, 12), layout="constrained")
-        axs = fig.subplot_mosaic([["loss", "gap", "throughput"], ["memory", "mfu", "tradeoff"]])
+        fig = plt.figure(figsize=(19, 17), layout="constrained")
+        axs = fig.subplot_mosaic([["loss", "gap", "throughput"], ["memory", "mfu", "tradeoff"],
+                                  ["grad_norm", "grad_groups", "pipeline"]])
         _plot_loss_curves(axs["loss"], data)
         _plot_loss_gap(axs["gap"], data)
         _plot_throughput(axs["throughput"], data)
         _plot_training_memory(axs["memory"], data)
         _plot_mfu(axs["mfu"], data)
         _plot_training_tradeoff(axs["tradeoff"], data)
+        _plot_grad_norms(axs["grad_norm"], data)
+        _plot_grad_groups(axs["grad_groups"], data)
+        _plot_input_pipeline(axs["pipeline"], data.get("input_pipeline"))
         _suptitle(fig, _t("train_title"), _t("train_sub", device=data["device"], model=data["model"],
                                              params=readable(data["parameters"]), batch=data["batch"],
                                              steps=data["steps"], dataset=data["dataset"], lr=data["lr"])
