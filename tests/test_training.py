@@ -183,7 +183,11 @@ def test_peak_flops_is_a_measurement():
 def test_figure_from_data_and_saved_file(four_strategies, tmp_path):
     fig = plot_training_performance(four_strategies)
     assert isinstance(fig, matplotlib.figure.Figure)
-    assert_panels(fig, 6)
+    assert_panels(fig, 9)  # six of the strategies, then gradient norms, per-group norms, the input pipeline
+    titles = [ax.get_title() for ax in fig.axes]
+    assert demo._t("grad_norm_title") in titles and demo._t("grad_groups_title") in titles
+    gap = next(ax for ax in fig.axes if ax.get_title() == demo._t("grad_norm_title"))
+    assert len(gap.get_lines()) == len(four_strategies["runs"])  # one gradient-norm curve per strategy
     visualize_training_performance(tmp_path, data=four_strategies, dpi=40)
     assert (tmp_path / FIGURE_FILES["training"]).exists()
 
