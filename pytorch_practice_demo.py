@@ -3630,9 +3630,9 @@ def run_training_comparison(run, *, strategies=None, steps=None, batch=None, wid
     def every(n):
         return eval_every or max(1, n // 10)
     calibrate = TrainingPlan.calibrator(strategies, data, device, options, p.depth, run.seed)
-    plan = TrainingPlan.plan(calibrate, budget.left(),
-                         steps=steps, batch=batch, width=width, min_steps=min(p.min_steps, steps),
-                         eval_every=every, accumulation=accumulation, fixed=fixed)
+    plan = TrainingPlan.plan(calibrate, budget.left(), steps=steps, batch=batch, width=width,
+                             min_steps=min(p.min_steps, steps), eval_every=every, accumulation=accumulation,
+                             fixed=fixed)
     run.report(0, len(strategies), f"planned {plan['steps']} steps x batch {plan['batch']}, width {plan['width']} "
                                    f"(predicted {plan['predicted_s']:.1f} s)")
     seed_everything(run.seed)
@@ -3646,17 +3646,23 @@ def run_training_comparison(run, *, strategies=None, steps=None, batch=None, wid
     for i, strategy in enumerate(to_run):
         result["runs"][strategy] = _train_one(model, strategy, data, order, options)
         run.report(i + 1, len(to_run), strategy)
-    _add_mfu(result, device, p.peak_s)
-    result["input_pipeline"] = measure_input_pipeline(batch_size=plan["batch"], device=device,
-                                                      time_budget_s=p.pipeline_s)
+    _training_findings(result, device, p)
+    result["wall_s"] = budget.elapsed()
+    return result
+
+
+def _training_findings(result, device, profile):
+    """What the runs tell beside themselves: MFU, whether the data keeps up with the step (the input
+    pipeline at the same batch), the ratio chart's scores, each curve's largest gap from the baseline."""
+    _add_mfu(result, device, profile.peak_s)
+    result["input_pipeline"] = measure_input_pipeline(batch_size=result["batch"], device=device,
+                                                      time_budget_s=profile.pipeline_s)
     if "baseline" in result["runs"]:
         result["input_pipeline"].update(_input_bound(result["input_pipeline"],
                                                      result["runs"]["baseline"]["samples_per_s"]))
     result["radar"] = _radar_scores(result["runs"])
     result["loss_diff_vs_baseline"] = {s: {key: _max_loss_diff(result, s, key) for key in ("train_loss", "val_loss")}
                                        for s in result["runs"]}
-    result["wall_s"] = budget.elapsed()
-    return result
 
 
 def _training_header(run, plan, model, data, options):
