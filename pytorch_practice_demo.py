@@ -3653,14 +3653,13 @@ def run_training_comparison(run, *, strategies=None, steps=None, batch=None, wid
 
 def _training_findings(result, device, profile):
     """What the runs tell beside themselves: MFU, whether the data keeps up with the step (the input
-    pipeline at the same batch), the ratio chart's scores, each curve's largest gap from the baseline."""
+    pipeline at the same batch), each curve's largest gap from the baseline."""
     _add_mfu(result, device, profile.peak_s)
     result["input_pipeline"] = measure_input_pipeline(batch_size=result["batch"], device=device,
                                                       time_budget_s=profile.pipeline_s)
     if "baseline" in result["runs"]:
         result["input_pipeline"].update(_input_bound(result["input_pipeline"],
                                                      result["runs"]["baseline"]["samples_per_s"]))
-    result["radar"] = _radar_scores(result["runs"])
     result["loss_diff_vs_baseline"] = {s: {key: _max_loss_diff(result, s, key) for key in ("train_loss", "val_loss")}
                                        for s in result["runs"]}
 
@@ -3679,21 +3678,6 @@ def _training_header(run, plan, model, data, options):
 
 TRAINING_FLOPS_NOTE = ("model FLOPs of one step (forward + backward, FLOPCalculator); the forward that checkpointing "
                        "recomputes is not counted (MFU as in PaLM, App. B)")
-
-
-RADAR_AXES = ("r_throughput", "r_memory", "r_loss", "r_mfu", "r_wall")
-
-
-def _radar_scores(runs):
-    """The training radar: each metric of each strategy's run scaled to (0, 1] so that bigger is
-    better (x / best or best / x).  {axis: {strategy: score}}."""
-    names, runs = list(runs), list(runs.values())
-    raw = {"r_throughput": [r["samples_per_s"] for r in runs], "r_memory": [r["peak_memory_bytes"] for r in runs],
-           "r_loss": [r["val_loss"][-1] for r in runs], "r_mfu": [r["mfu"] or 0.0 for r in runs],
-           "r_wall": [r["wall_s"] for r in runs]}
-    higher_is_better = {"r_throughput", "r_mfu"}
-    return {k: dict(zip(names, (v / (max(vals) or 1) if k in higher_is_better else min(vals) / v for v in vals)))
-            for k, vals in raw.items()}
 
 
 def _max_loss_diff(data, strategy, key):
@@ -4008,27 +3992,7 @@ def run_dashboard_analysis(run, *, flop_records=None, peak_flops=None, time_budg
         data["models"][name]["latency"] = runs
     _add_utilisation(data, run.device, run.profile.peak_s)
     data["scores"], data["verdicts"] = Scenarios.recommend(data["models"]), Scenarios.verdicts(data["models"])
-    data["radar"] = dashboard_radar(data["models"])
     return data
-
-
-DASH_RADAR_MODELS = ("MNIST-CNN", "ResNet-18", "ResNet-50", "MobileNetV2", "ViT-B/16", "TinyGPT")
-DASH_RADAR_AXES = ("d_latency", "d_throughput", "d_params", "d_memory", "d_util")
-
-
-def dashboard_radar(models):
-    """The dashboard radar: for DASH_RADAR_MODELS, batch-1 latency, batch-8 throughput, parameters,
-    training memory and utilisation, each log-scaled to [0, 1] with 1 the best (Scenarios.log_scores);
-    {axis: {model: score}}, a model missing where it was not measured."""
-    chosen = {name: m for name, m in models.items() if name in DASH_RADAR_MODELS}
-    big = LATENCY_BATCHES[-1]
-    latency = {n: (Scenarios.latency_of(m, 1), Scenarios.latency_of(m, big)) for n, m in chosen.items()}
-    raw = {"d_latency": ({n: one for n, (one, _) in latency.items() if one}, False),
-           "d_throughput": ({n: big / many for n, (_, many) in latency.items() if many}, True),
-           "d_params": ({n: m["parameters"] for n, m in chosen.items()}, False),
-           "d_memory": ({n: m["training_memory_bytes"] for n, m in chosen.items()}, False),
-           "d_util": ({n: m["utilisation"] for n, m in chosen.items() if m["utilisation"]}, True)}
-    return {k: Scenarios.log_scores(values, better) for k, (values, better) in raw.items()}
 
 
 def _add_utilisation(data, device, peak_s):
@@ -5697,7 +5661,6 @@ LABELS = {
     "strat_mixed_precision": ("混合精度（{precision}）", "mixed precision ({precision})"),
     "strat_gradient_accumulation": ("梯度累积（{k} × {micro}）", "gradient accumulation ({k} × {micro})"),
     "strat_gradient_checkpointing": ("梯度检查点（{blocks} 个块）", "gradient checkpointing ({blocks} blocks)"),
-    "vs_baseline": ("与基线最大差 {diff:.1e}", "max |Δ| vs baseline {diff:.1e}"),
     "plan": ("计划：{steps} 步 × batch {batch}，宽 {width}（校准后预测 {pred:.1f} s，测量预算 {budget:.0f} s）",
              "plan: {steps} steps × batch {batch}, width {width} (predicted {pred:.1f} s after calibration, "
              "measuring budget {budget:.0f} s)"),
@@ -5747,12 +5710,6 @@ LABELS = {
     "mfu_peaks": ("峰值：{peaks}", "peaks: {peaks}"),
     "mfu_note": ("检查点重算的前向不计入模型 FLOPs；峰值：{peaks}",
                  "checkpointing's recomputed forward is not model FLOPs; peaks: {peaks}"),
-    "radar": ("综合（归一化，越外越好）", "Overall (normalised, outer is better)"),
-    "r_throughput": ("吞吐", "throughput"), "r_memory": ("内存更省", "less memory"),
-    "r_loss": ("最终验证损失更低", "lower final val loss"), "r_mfu": ("MFU", "MFU"),
-    "r_wall": ("总耗时更短", "shorter wall time"),
-    "radar_row": ("{name}：{sps:,.0f} 样本/s，{mem:.1f} MiB，验证损失 {loss:.3f}，MFU {mfu:.1%}，{wall:.1f} s",
-                  "{name}: {sps:,.0f} samples/s, {mem:.1f} MiB, val loss {loss:.3f}, MFU {mfu:.1%}, {wall:.1f} s"),
     # mixed-precision figure
     "amp_title": ("混合精度：在这台机器上实测", "Mixed precision, measured on this machine"),
     "amp_sub": ("设备 {device}；训练一步（前向+反向+Adam）；batch={batch}；硬件：{support}",
@@ -5764,9 +5721,7 @@ LABELS = {
     "amp_speedup": ("相对 fp32 的速度（对数轴，1× 居中；向下 = 变慢）",
                     "Speed vs fp32 (log axis centred on 1×; down = slower)"),
     "amp_saving": ("激活内存相对 fp32 的节省（峰值见中上图）", "Activation memory saved vs fp32 (peaks: top middle)"),
-    "amp_error": ("输出与 fp32 的最大相对误差", "Max relative error of outputs vs fp32"),
     "amp_ranges": ("为什么 fp16 需要损失缩放：可表示范围", "Why fp16 needs loss scaling: representable ranges"),
-    "range_bar": ("最小次正规数 … 最大值", "smallest subnormal … max"),
     "skipped": ("跳过", "skipped"),
     "skip_budget": ("未测：预算不够", "not measured: budget"),
     "skip_unsupported": ("未测：不支持", "not measured: unsupported"),
@@ -5784,7 +5739,6 @@ LABELS = {
                  "(inference_mode); training memory estimated at batch={tb} with Adam (fake tensors)"),
     "bubble": ("复杂度：FLOPs 与参数量（颜色 = 模型类别，气泡面积 = 训练峰值内存）",
                "Complexity: FLOPs vs parameters (colour = kind, bubble area = training peak memory)"),
-    "latency_ms": ("batch-1 延迟（ms，实测；灰色 = 未测）", "batch-1 latency (ms, measured; grey = not measured)"),
     "relation": ("FLOPs 与实测延迟：离虚线越远，算力用得越少",
                  "FLOPs vs measured latency: far from the line = poorly used"),
     "per_sample_ms": ("每样本时间（ms；误差棒 = 波动范围）", "time per sample (ms; bar = spread)"),
@@ -5792,11 +5746,6 @@ LABELS = {
     "batch_n": ("batch={n}（每样本）", "batch={n} (per sample)"),
     "ranking": ("效率排行（都在 batch=1）：推理达到的 FLOP/s 占实测矩阵乘峰值",
                 "Efficiency ranking (all at batch 1): inference FLOP/s as % of the matmul peak"),
-    "at_batch": ("batch={n}", "batch={n}"),
-    "dash_radar": ("归一化指标（对数刻度，越外越好）", "Normalised metrics (log scale, outer is better)"),
-    "d_latency": ("低延迟", "low latency"), "d_throughput": ("高吞吐", "high throughput"),
-    "d_params": ("参数少", "few parameters"), "d_memory": ("训练内存小", "small training memory"),
-    "d_util": ("算力利用率", "utilisation"),
     "train_mem_bars": ("训练峰值内存（batch={tb}，Adam，估计）与 8 GiB 显卡",
                        "Training peak (batch={tb}, Adam, estimated) vs an 8 GiB GPU"),
     "gpu_8gb": ("8 GiB 显卡", "8 GiB GPU"),
@@ -5859,7 +5808,6 @@ LABELS = {
     "faster": ("快 {x:.1f}×", "{x:.1f}× faster"), "slower": ("慢 {x:.1f}×", "{x:.1f}× slower"),
     "as_fast": ("持平（相差 10% 以内）", "as fast (within 10%)"),
     "ms": ("毫秒", "ms"),
-    "compile_row": ("torch.compile 训练步", "torch.compile train step"),
     "compile_note": ("torch.compile（训练对比的 ResMLP {depth}×{width}，batch={batch}，Adam 一步）：\n"
                      "编译 {c:.1f} s（另计）；之后每步 {e:.1f} → {k:.1f} ms，{speed}",
                      "torch.compile (the training comparison's ResMLP {depth}×{width}, batch={batch}, one Adam step):\n"
@@ -5985,7 +5933,6 @@ LABELS = {
                      "(the memory and mixed-precision figures use T=64)"),
     "margin_pass": ("✓ {value}\n余量 {m}×", "✓ {value}\n{m}× headroom"),
     "margin_fail": ("✗ {value}\n超限 {m}×", "✗ {value}\n{m}× over"),
-    "nm_cell": ("未测\n{why}", "n/m\n{why}"),
     "samples_s": ("{v:,.0f} 样本/s", "{v:,.0f} samples/s"),
     "params_v": ("{v} 参数", "{v} params"),
     "margin_axis": ("余量（限制 ÷ 实测，对数）", "margin (limit ÷ measured, log)"),
