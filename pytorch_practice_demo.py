@@ -1,17 +1,18 @@
 """PyTorch resource-accounting lab: FLOPs, memory, training strategies, mixed precision.
 
-One command draws six figures (the sixth puts the lecture's formulas and optimisation table beside
-this machine's numbers), and every number on them is counted or measured on the machine that runs it:
+One command runs eight stages (flop, memory, training, amp, dashboard, roofline, distributed,
+lecture) and draws nine figures (the memory stage draws two: the analysis and the memory timeline
+of one training step); every number on them is counted or measured on the machine that runs it:
 
-    python pytorch_practice_demo.py                 # six PNGs + results.json in 生成的图片/
-    python pytorch_practice_demo.py --quick         # smaller sizes, a fast check
-    python pytorch_practice_demo.py --only flop,amp --lang en
+    python pytorch_practice_demo.py                 # nine PNGs + results.json in 生成的图片/
+    python pytorch_practice_demo.py --quick         # the QUICK profile: smaller sizes, a fast check
+    python pytorch_practice_demo.py --only flop,roofline --lang en
 
 The helpers behind the figures work on your own models:
 
     from pytorch_practice_demo import FLOPCalculator
     result = FLOPCalculator().analyze_model(model, (32, 1024))
-    print(result["flops_readable"], result["parameters_readable"])
+    print(result["flops_readable"], result["parameters_readable"], result["intensity"])
 
 Conventions (stated once, used everywhere):
 - FLOPs = 2 x multiply-adds (MACs). Bias adds are not counted. ``flops`` holds the matmul-class
@@ -20,12 +21,15 @@ Conventions (stated once, used everywhere):
 - Memory is the peak of bytes allocated during one steady-state step.  Measured: the allocator's
   own count (CPU: torch.profiler's allocation events; CUDA: max_memory_allocated); estimated:
   the same step on fake tensors, plus the CPU kernels' scratch rules (CpuScratch).
+- Bytes are counted beside FLOPs: each op reads its inputs and writes its outputs (a model of
+  memory traffic, no caches); intensity = FLOPs / byte places an op under the roofline's roofs.
 
 Contents (each section opens with a `# %%` cell, so VS Code, PyCharm or Jupytext run it one
 section at a time; the sections follow the data: units -> a model's replica -> measuring ->
 the models -> counting and measuring them -> the figures -> the command line):
   1. Units, precision names and the hardware .... readable, PRECISIONS, hardware_info, resolve_device
-  2. Running a model on a replica ............... LabError, training_step (the lab's one training step)
+  2. Running a model on a replica ............... LabError, Replica, StepLoss (the step's loss rules),
+                                                  training_step (the lab's one training step)
   3. Timing and measuring primitives ............ Budget, time_stats, measure, Load (the machine's load),
                                                   measure_peak_flops, checked_utilisation
   4. The model zoo .............................. mlp, MnistNet, TinyGPT (with KVCache), LSTMClassifier,
@@ -34,14 +38,17 @@ the models -> counting and measuring them -> the figures -> the command line):
   6. Memory ..................................... estimate_memory, measure_memory, measure_kv_cache,
                                                   zero_memory_per_device, memory_timeline, run_memory_analysis
   7. Mixed precision ............................ benchmark_mixed_precision, run_amp_analysis, dtype_ranges
-  8. Training ................................... run_training_comparison, TrainingPlan, load_mnist,
+  8. Training ................................... run_training_comparison, TrainingData, TrainingPlan,
+                                                  load_mnist, measure_input_pipeline (SyntheticImages),
                                                   write_tensorboard
   9. Model selection ............................ measure_latency, Scenarios.recommend, run_dashboard_analysis
  9b. The roofline ............................. measure_bandwidth (section 3), roofline, measure_dispatch,
                                                   run_roofline_analysis
  9c. Beyond one device ......................... measure_distributed (N gloo/NCCL processes),
                                                   estimate_distributed (fake process group, any N),
-                                                  communication_formula, LlamaLike, run_distributed_analysis
+                                                  communication_formula, fsdp_shard_bytes,
+                                                  LlamaLike/build_llama, simulate_per_layer,
+                                                  run_distributed_analysis
  10. The lecture, claim by claim ................ measure_fusion, measure_compile, LectureClaims.rows,
                                                   run_lecture_comparison, format_lecture_table
  11. Your own model ............................. load_model, analyze, format_model_table
@@ -62,6 +69,7 @@ References behind the formulas:
 - Rajbhandari et al. 2020, "ZeRO", Section 3 and Figure 1 (16 bytes/parameter for mixed-precision
   Adam; ZeRO-1/2/3 partitioning).
 - Micikevicius et al. 2018, "Mixed Precision Training" (loss scaling).
+- Williams, Waterman & Patterson 2009, "Roofline", CACM 52(4); McCalpin's STREAM (bandwidth).
 - Patarasuk & Yuan 2009, "Bandwidth optimal all-reduce algorithms" (ring all-reduce: 2(N-1)/N);
   Li et al. 2020, "PyTorch Distributed" (DDP); Zhao et al. 2023, "PyTorch FSDP".
 """
