@@ -203,7 +203,7 @@ class Profile:
     # distributed: 2 ranks forked from a server that imports torch once (~4 s quiet, ~10 s busy), 9
     # fake-tensor steps (~0.5 s), a Llama-70B simulated with 3 and 4 layers at 2 world sizes (~2.5 s quiet)
     distributed_budget_s: float = 14.0
-    distributed_measure_s: float | None = 8.0  # what the spawn needs of the budget; None: not measured
+    distributed_measure_s: float | None = 8.0  # what the ranks need of the budget; None: not measured
     distributed_width: int = 512      # MLP 256 -> 512 -> 512 -> 10 with Adam: ~10 MB a rank, steps of ~10 ms
     distributed_batch: int = 64       # the global batch, 32 per rank
     distributed_large: str = "Llama-70B"
@@ -4752,8 +4752,8 @@ def measure_distributed(model, inputs, *, world_size=2, strategy="ddp", optimize
                         device=None):
     """Train a copy of `model` data-parallel in `world_size` processes and measure each rank.
 
-    Spawns the ranks (torch.multiprocessing, spawn) on a free port of 127.0.0.1: gloo on CPU, NCCL
-    on CUDA with one GPU per rank.  `inputs` is the global batch, split along dim 0.  Each rank runs
+    Starts the ranks (torch.multiprocessing: from a forkserver, else spawn) on a free port of
+    127.0.0.1: gloo on CPU, NCCL on CUDA with one GPU per rank.  `inputs` is the global batch, split along dim 0.  Each rank runs
     one step compared with a single process on the whole batch (parity), one step read from its
     allocator (as measure_memory: the profiler's allocation events on CPU, max_memory_allocated on
     CUDA, the parts from the storage tracker) with its collectives counted, and DIST_TIMED_STEPS
