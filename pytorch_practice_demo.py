@@ -4753,8 +4753,8 @@ def measure_distributed(model, inputs, *, world_size=2, strategy="ddp", optimize
     """Train a copy of `model` data-parallel in `world_size` processes and measure each rank.
 
     Starts the ranks (torch.multiprocessing: from a forkserver, else spawn) on a free port of
-    127.0.0.1: gloo on CPU, NCCL on CUDA with one GPU per rank.  `inputs` is the global batch, split along dim 0.  Each rank runs
-    one step compared with a single process on the whole batch (parity), one step read from its
+    127.0.0.1: gloo on CPU, NCCL on CUDA with one GPU per rank.  `inputs` is the global batch, split
+    along dim 0.  Each rank runs one step compared with a single process on the whole batch (parity), one step read from its
     allocator (as measure_memory: the profiler's allocation events on CPU, max_memory_allocated on
     CUDA, the parts from the storage tracker) with its collectives counted, and DIST_TIMED_STEPS
     timed steps.  `strategy` is one of DISTRIBUTED_STRATEGIES, or a tuple of them run in one spawn
