@@ -4755,9 +4755,10 @@ def measure_distributed(model, inputs, *, world_size=2, strategy="ddp", optimize
     Starts the ranks (torch.multiprocessing: from a forkserver, else spawn) on a free port of
     127.0.0.1: gloo on CPU, NCCL on CUDA with one GPU per rank.  `inputs` is the global batch, split
     along dim 0.  Each rank runs one step compared with a single process on the whole batch
-    (parity), one step read from its allocator (as measure_memory: the profiler's allocation events on CPU, max_memory_allocated on
-    CUDA, the parts from the storage tracker) with its collectives counted, and DIST_TIMED_STEPS
-    timed steps.  `strategy` is one of DISTRIBUTED_STRATEGIES, or a tuple of them run in one start of the ranks
+    (parity), one step read from its allocator (as measure_memory: the profiler's allocation events
+    on CPU, max_memory_allocated on CUDA, the parts from the storage tracker) with its collectives
+    counted, and DIST_TIMED_STEPS timed steps.  `strategy` is one of DISTRIBUTED_STRATEGIES, or a
+    tuple of them run in one start of the ranks
     (then {strategy: result}).  The loss is the mean of the outputs (_mean_loss).  Returns per rank
     `total` (peak bytes), the parts, `sent_bytes`/`received_bytes` per step, `collectives`, `step`
     (time_stats) and on rank 0 `parity`.  Every process is stopped before it returns, on error too.
