@@ -544,7 +544,12 @@ class StepLoss:
             loss = StepLoss.own(output)
             self.used = "output.loss" if loss is not None else "sum of outputs"
             return loss
-        loss = self.loss_fn(output, batch) if self.takes_batch else self.loss_fn(output)
+        try:
+            loss = self.loss_fn(output, batch) if self.takes_batch else self.loss_fn(output)
+        except Exception as err:  # the loss's own failure, not the model's: say how it was called
+            raise LabError(f"loss_fn failed: {type(err).__name__}: {_first_line(err)}; it was called as "
+                           "loss_fn(output, batch) with batch = targets when given, else the inputs: pass "
+                           "targets= (e.g. integer labels for nn.CrossEntropyLoss)") from None
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             got = "a tensor that does not require grad" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise LabError(f"loss_fn must return a scalar tensor that requires grad (computed from the output, "
@@ -943,7 +948,7 @@ def measure(fn, *args, device, budget_s, runs=(MIN_RUNS, MAX_RUNS), predicted_s=
     (median_s, spread, runs, times_s) with warmup_s and skipped=None, or a skip:
     {"skipped": reason, "median_s": None, "runs": 0, ...}.
     """
-    budget, fewest, most = Budget(budget_s), runs[0], runs[1]
+    budget, fewest, most = Budget(max(budget_s, 1e-9)), runs[0], runs[1]  # a spent share is a zero share, no error
 
     def not_timed(reason, warm_s=None):
         return {"median_s": None, "iqr_s": None, "spread_lo_s": None, "spread_hi_s": None, "spread": None,
@@ -4252,23 +4257,40 @@ def run_roofline_analysis(run, *, peak_flops=None, models=None):
     peak = peak_flops or measure_peak_flops(device, time_budget_s=p.peak_s)
     bandwidth = measure_bandwidth(device, time_budget_s=p.bandwidth_s)
     dispatch = measure_dispatch(device)
+    models = _roofline_models(run, names, peak, bandwidth, dispatch)
+    if peak_flops and _above(models, peak):  # a peak taken in a bad moment: measured once more, as MFU's is
+        again = measure_peak_flops(device, time_budget_s=p.peak_s)
+        if again["flops_per_s"] > peak["flops_per_s"]:
+            peak = {**again, "remeasured": True}
+            models = _roofline_models(run, names, peak, bandwidth, dispatch)
     data = {"device": _device_name(device), "profile": p.name, "peak_flops": {"fp32": peak}, "bandwidth": bandwidth,
             "dispatch": dispatch, "ridge_flops_per_byte": peak["flops_per_s"] / bandwidth["bytes_per_s"],
-            "models": {}, "low_precision": None}
-    for i, name in enumerate(names):
-        builder, make_inputs, batch = ROOFLINE_MODELS[name]
-        result = roofline(builder(), make_inputs(batch), device=device, peak=peak, bandwidth=bandwidth,
-                          dispatch=dispatch, time_budget_s=p.roofline_step_s)
-        data["models"][name] = {"batch": batch, **result, "rows": result["rows"][:ROOFLINE_TOP_OPS]}
-        run.report(i + 1, len(names) + 1, name)
+            "models": models, "low_precision": None}
     data["low_precision"] = _low_precision_case(run, names[0], peak, bandwidth, dispatch)
     data["why"] = {name: {c: v["why"] for c, v in m["classes"].items()} for name, m in data["models"].items()}
     data["above_roof"] = [f"{name} {c}: {readable(v['achieved_flops_per_s'], 'FLOP/s')} above the measured peak "
                           "(a kernel the matmul sweep does not reach, or a peak measured in a busy moment)"
-                          for name, m in data["models"].items() for c, v in m["classes"].items()
-                          if (v["achieved_flops_per_s"] or 0) > peak["flops_per_s"]]
+                          for name, c, v in _above(models, peak)]
     run.report(len(names) + 1, len(names) + 1, "low precision")
     return data
+
+
+def _roofline_models(run, names, peak, bandwidth, dispatch):
+    """roofline() of each of ROOFLINE_MODELS[names] in fp32 against these roofs."""
+    models = {}
+    for i, name in enumerate(names):
+        builder, make_inputs, batch = ROOFLINE_MODELS[name]
+        result = roofline(builder(), make_inputs(batch), device=run.device, peak=peak, bandwidth=bandwidth,
+                          dispatch=dispatch, time_budget_s=run.profile.roofline_step_s)
+        models[name] = {"batch": batch, **result, "rows": result["rows"][:ROOFLINE_TOP_OPS]}
+        run.report(i + 1, len(names) + 1, name)
+    return models
+
+
+def _above(models, peak):
+    """(model, class, row) of every op class whose achieved FLOP/s is above the compute roof."""
+    return [(name, c, v) for name, m in models.items() for c, v in m["classes"].items()
+            if (v["achieved_flops_per_s"] or 0) > peak["flops_per_s"]]
 
 
 ROOFLINE_TOP_OPS = 25  # per-op rows kept per model in results.json (by measured time): the rest is in the classes
@@ -5873,6 +5895,17 @@ LABELS = {
                           "more than the {4} s left"),
     "why_latency_not_measured": ("batch-{0} 延迟未测", "batch-{0} latency not measured"),
     "why_failed": ("出错：{0}", "failed: {0}"),
+    "why_budget_spent": ("阶段的预算已用完", "the stage's budget is spent"),
+    "loss_gap_nothing": ("除基线外没有别的策略运行", "no strategy but the baseline ran"),
+    "variant_pure bf16": ("纯 bf16（权重本身 bf16）", "pure bf16"),
+    "variant_AMP bf16 + checkpoint": ("AMP bf16 + 检查点", "AMP bf16 + checkpoint"),
+    "variant_fp32 + checkpoint": ("fp32 + 检查点", "fp32 + checkpoint"),
+    "why_no_autocast": ("这里没有 autocast 低精度", "no autocast precision here"),
+    "bound_compute": ("受算力限制", "compute-bound"), "bound_memory": ("受带宽限制", "memory-bound"),
+    "bound_none": ("没有 FLOPs 也没有字节：只有开销", "no FLOPs, no bytes: overhead only"),
+    "why_bound": ("{bound}：{intensity:.3g} FLOP/字节（脊点 {ridge:.3g}）",
+                  "{bound}: {intensity:.3g} FLOP/byte (ridge {ridge:.3g})"),
+    "roof_peak_method": ("{n}×{n} 矩阵乘 {runs} 次中最快", "fastest of {runs} runs of a {n}x{n} matmul"),
     "hw_support": ("torch {torch}，{threads} 线程，TF32 {tf32}", "torch {torch}, {threads} threads, TF32 {tf32}"),
     "word_step": ("步", "step"), "word_run": ("次", "run"),
     "amp_predicted": ("探针预测（未实测）", "probe's prediction (not measured)"),
@@ -5900,6 +5933,7 @@ LABELS = {
     # memory timeline (issue 20)
     "tl_title": ("内存时间线：一个稳态训练步里内存怎样涨落（{model}，batch={batch}，fp32，Adam）",
                  "Memory over one steady-state training step ({model}, batch={batch}, fp32, Adam)"),
+    "tracker": ("张量存储追踪器：分发层记录每个存储的分配与释放", "live tensor storages (dispatch-mode tracker)"),
     "tl_sub": ("设备 {device}；真实运行一步，每次分配与释放按发生顺序记录（{method}），按类别堆叠；"
                "Adam 状态在步前已存在（第一步之后的稳态）",
                "device {device}; one real step, every allocation and free in order ({method}), stacked by "
@@ -6192,7 +6226,8 @@ def _kind_legend(ax, kinds, loc="lower right"):
 def _not_measured(ax, why):
     """An empty panel that says it was not measured, and why (wrapped inside the panel)."""
     import textwrap
-    why = textwrap.fill(textwrap.shorten(why, 220, placeholder=" …"), 48) if why else ""
+    why = _localized_reason(why)  # said in the figure's language
+    why = textwrap.fill(textwrap.shorten(why, 220, placeholder=" …"), 48 if _lang() == "en" else 30) if why else ""
     ax.text(0.5, 0.5, _t("not_measured_long") + ("\n" + why if why else ""), ha="center", va="center",
             fontsize=9, color=PALETTE.muted, transform=ax.transAxes, clip_on=True)
     ax.set_xticks([])
@@ -6233,6 +6268,8 @@ REASON_PHRASES = (
      r"([\d.]+) s left", "why_planned_total"),
     (r"batch-(\d+) latency not measured", "why_latency_not_measured"),
     (r"failed: (.*)", "why_failed"),
+    (r"the stage's budget is spent", "why_budget_spent"),
+    (r"no autocast precision here", "why_no_autocast"),
 )
 
 
@@ -6511,7 +6548,7 @@ def _plot_memory_variants(ax, variants, parameters, model_name, batch):
     """Bytes per parameter at the peak for each precision / checkpointing variant (estimates)."""
     labels = list(variants)
     per_param = [variants[label] / parameters for label in labels]
-    _barh(ax, labels, per_param,
+    _barh(ax, [_t("variant_" + label) if "variant_" + label in LABELS else label for label in labels], per_param,
           [PALETTE.blue, PALETTE.green, PALETTE.cyan, PALETTE.purple, PALETTE.red, PALETTE.orange],
           fmt=lambda v: _t("bytes_per_param_v", v=v))
     ax.set_xlabel(_t("bytes_per_param"))
@@ -6639,9 +6676,10 @@ def plot_memory_timeline(data):
                     handles.append(h)
                     labels.append(label)
         np.atleast_1d(axs)[0].legend(handles[::-1], labels[::-1], loc="upper right", fontsize=9)
+        method = next(iter(runs.values()))["method"]  # no timing drawn: a busy machine changes nothing here
         _suptitle(fig, _t("tl_title", model=timeline["model"], batch=timeline["batch"]),
-                  _t("tl_sub", device=data["device"], method=next(iter(runs.values()))["method"]),
-                  data.get("conditions"))
+                  _t("tl_sub", device=data["device"], method=_t("tracker") if method == _StorageTracker.SOURCE
+                     else method))
         fig.supxlabel(_wrap(_t("tl_notes", k=timeline["micro_batches"]), 120 if _lang() == "zh" else 230),
                       fontsize=9, x=0.01, ha="left", color=PALETTE.ink)
     return fig
@@ -6707,6 +6745,8 @@ def _plot_loss_gap(ax, data):
     for i, name in enumerate(same):
         ax.text(0.02, 0.97 - 0.07 * i, _t("bitwise_same", name=name), transform=ax.transAxes, va="top", fontsize=9,
                 color=PALETTE.dark)
+    if not ax.lines and not same:  # only the baseline ran: the others' reasons (the plan's skips)
+        _not_measured(ax, "; ".join((data.get("skipped") or {}).values()) or _t("loss_gap_nothing"))
     ax.set_xlabel(_t("opt_step"))
     ax.set_ylabel(_t("gap_axis"))
     ax.set_title(_t("loss_gap"))
@@ -6756,7 +6796,7 @@ def _plot_grad_groups(ax, data):
             ax.annotate(f"{v:.3g}", (v, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
-    ax.set_xscale("log")
+    ax.set_xlim(0, max(max(groups[k].values()) for k in ("first", "last")) * 1.25)  # room for the labels
     ax.set_xlabel(_t("grad_norm_axis"))
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(_t("grad_groups_title"))
@@ -7406,8 +7446,8 @@ def _plot_shares(ax, data):
     ax.barh(y + h / 2, t, h, color=[CLASS_COLORS[c] for c in names], label=_t("roof_share_time"))
     for yi, fv, tv, c in zip(y, f, t, names):
         ax.annotate(f"{fv:.1%}", (fv, yi - h / 2), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
-        ax.annotate(f"{tv:.1%}  {classes[c]['why']}", (tv, yi + h / 2), xytext=(3, 0), textcoords="offset points",
-                    va="center", fontsize=8)
+        ax.annotate(f"{tv:.1%}  {_why_words(classes[c], data['ridge_flops_per_byte'])}", (tv, yi + h / 2),
+                    xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_yticks(y, [_t(f"class_{c}") for c in names])
     ax.invert_yaxis()
     ax.set_xlim(0, 1.9)
@@ -7462,7 +7502,7 @@ def _plot_low_precision(ax, data):
     ax.barh(y - h / 2, a, h, color=DTYPE_COLORS["fp32"], label="fp32")
     ax.barh(y + h / 2, b, h, color=DTYPE_COLORS["bf16"], label=low["precision"])
     for yi, va, vb, c in zip(y, a, b, names):
-        why = low["classes"].get(c, {}).get("bound", "")
+        why = _t("bound_" + low["classes"].get(c, {}).get("bound", "none"))
         ax.annotate(f"{va:.2f} ms", (va, yi - h / 2), xytext=(3, 0), textcoords="offset points", va="center",
                     fontsize=8)
         ax.annotate(f"{vb:.2f} ms ({va / vb:.2f}x, {why})" if vb else "", (vb, yi + h / 2), xytext=(3, 0),
@@ -7490,10 +7530,18 @@ def plot_roofline(data):
         _suptitle(fig, _t("roof_title"), _wrap(_t(
             "roof_sub", device=data["device"], load="?" if load is None else f"{load:.1f}",
             peak=_rate(peak["flops_per_s"], "FLOP/s"),
-            peak_method=peak.get("method", ""), bw=_rate(bw["bytes_per_s"], "B/s"), kernel=bw["kernel"],
+            peak_method=_t("roof_peak_method", runs=peak.get("repeats", "?"), n=peak.get("matmul_size", "?")),
+            bw=_rate(bw["bytes_per_s"], "B/s"), kernel=bw["kernel"],
             bw_med=_rate(bw["median_bytes_per_s"], "B/s"), bw_lo=_rate(bw["spread_lo"], "B/s"),
             bw_hi=_rate(bw["spread_hi"], "B/s")), 150), data.get("conditions"))
     return fig
+
+
+def _why_words(row, ridge):
+    """A class's bound in the figure's language: 'memory-bound: 0.25 FLOP/byte (ridge 5)'."""
+    if row.get("intensity") is None:
+        return _t("bound_none")
+    return _t("why_bound", bound=_t("bound_" + row["bound"]), intensity=row["intensity"], ridge=ridge)
 
 
 def visualize_roofline(output_dir=DEFAULT_OUTPUT_DIR, *, data=None, dpi=DPI, **options):
@@ -7688,7 +7736,7 @@ def plot_distributed(data):
         _plot_dist_comm(axs[1, 0], data)
         _plot_dist_parity(axs[1, 1], data)
         _suptitle(fig, _t("dist_title"), _t("dist_sub", model=data["model"], params=readable(data["parameters"]),
-                                            batch=data["batch"], n=data["world_size"]), data.get("conditions"))
+                                            batch=data["batch"], n=data["world_size"]))  # bytes only: no busy note
     return fig
 
 
@@ -8031,8 +8079,10 @@ def _reused(stage, done):
     flop_records = ok.get("flop", {}).get("records")
     if stage == "dashboard":
         return {"flop_records": flop_records, "peak_flops": ok.get("training", {}).get("peak_flops", {}).get("fp32")}
-    if stage == "roofline":
-        return {"peak_flops": ok.get("training", {}).get("peak_flops", {}).get("fp32")}
+    if stage == "roofline":  # the best fp32 peak so far: the dashboard re-measures one a latency beat
+        peaks = [ok.get(s, {}).get("peak_flops", {}) for s in ("training", "dashboard")]
+        peaks = [p.get("fp32", p) for p in peaks if p]
+        return {"peak_flops": max(peaks, key=lambda p: p["flops_per_s"], default=None)}
     if stage == "lecture":
         return {"flop_records": flop_records, "memory": ok.get("memory"), "training": ok.get("training")}
     return {}
@@ -8296,7 +8346,8 @@ def main(argv=None):
         _release_memory()
     results["wall_s"] = _now() - started
     write_json_atomic(results, out / "results.json")
-    print(f"wrote {len(args.only) - len(failed)} figure(s) and results.json to {out} "
+    pngs = len(args.only) - len(failed) + ("memory" in args.only and "memory" not in failed)  # + the timeline
+    print(f"wrote {pngs} figure(s) and results.json to {out} "
           f"in {results['wall_s']:.1f}s", flush=True)
     if failed:
         print(f"failed stage(s): {', '.join(failed)}", file=sys.stderr)
