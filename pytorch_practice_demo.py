@@ -6176,9 +6176,24 @@ KIND_COLORS = {"mlp": PALETTE.blue, "cnn": PALETTE.green, "transformer": PALETTE
 
 def _suptitle(fig, title, subtitle, conditions=None):
     """Title on the first line, the conditions of the numbers (device, dtype, batch) below it, and
-    a warning line when the measured times come from a busy machine."""
+    a warning line when the measured times come from a busy machine; every panel title is wrapped
+    to its panel's width (an English title runs longer than its Chinese one)."""
     busy = _busy_note(conditions)
     fig.suptitle(f"{title}\n{subtitle}" + (f"\n{busy}" if busy else ""), fontsize=14, linespacing=1.6)
+    for ax in fig.axes:
+        for text in (ax.title, ax.xaxis.label):
+            _fit_text(text, ax.get_position().width * fig.get_figwidth())
+
+
+def _fit_text(text, width_in):
+    """Wrap a panel's title or axis label, line by line, to `width_in` inches of its font."""
+    import unicodedata
+    fits = int(width_in * 72 / (text.get_fontsize() * 0.55))  # half-width characters per line
+    lines = []
+    for line in text.get_text().split("\n"):
+        wide = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in line)
+        lines.append(_wrap(line, int(fits * len(line) / wide)) if wide > fits > 10 else line)
+    text.set_text("\n".join(lines))
 
 
 def _busy_note(conditions):
