@@ -67,3 +67,8 @@ def assert_panels(fig, n):
         drawn = (len(ax.lines) + len(ax.patches) + len(ax.collections) + len(ax.texts) + len(ax.tables)
                  + len(ax.images))
         assert drawn > 0, f"nothing drawn in {ax.get_title()!r}"
+
+
+def same_title(ax, title):
+    """A panel's title as written, whatever lines the figure wrapped it into."""
+    return "".join(ax.get_title().split()) == "".join(title.split())

@@ -8,6 +8,7 @@ from matplotlib.patches import Rectangle
 from matplotlib.text import Text
 
 import pytorch_practice_demo as demo
+from conftest import same_title
 
 MIN_POINTS = 8
 
@@ -21,7 +22,7 @@ def small_texts(fig):
 
 
 def axes_titled(fig, title):
-    return next(ax for ax in fig.axes if ax.get_title() == title)
+    return next(ax for ax in fig.axes if same_title(ax, title))
 
 
 def legend_colour(ax, label):
