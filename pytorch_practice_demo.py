@@ -8194,20 +8194,18 @@ def _progress(stage, started):
     return report
 
 
-DRAW_SECONDS = {}  # stage -> seconds its figures took to draw and save in this run (results.json "timing")
+PENDING_FIGURES = {}  # stage -> what draws its figure(s), once every stage has measured (_draw_all)
 
 
 def _run_stage(stage, args, device, out, done, budget_s):
-    """Run one stage with the run's profile (run_stage), draw and save its figure(s); its data.
-    The drawing time goes to DRAW_SECONDS[stage]."""
+    """Run one stage with the run's profile (run_stage) and keep what draws its figure(s) in
+    PENDING_FIGURES; its data."""
     options = {"device": device, "profile": PROFILES[args.profile], "seed": args.seed, "budget_s": budget_s,
                "progress": _progress(stage, _now()), "threads": None if args.threads == "auto" else int(args.threads)}
     if stage == "model":
         data = analyze(args.loaded_model, _cli_inputs(args), **options)
         print(format_model_table(data), flush=True)
-        drawing = _now()
-        visualize_own_model(None, None, out, data=data, dpi=args.dpi)
-        DRAW_SECONDS[stage] = _now() - drawing
+        PENDING_FIGURES[stage] = [functools.partial(visualize_own_model, None, None, out, data=data, dpi=args.dpi)]
         return data
     extra = {"training": {"dataset": args.dataset, "data_dir": args.data_dir, "download": args.download_mnist},
              "lecture": {"compile": args.compile}}.get(stage, {})
@@ -8215,15 +8213,49 @@ def _run_stage(stage, args, device, out, done, budget_s):
     data = run(**options, **extra, **_reused(stage, done))
     if stage == "lecture":
         print(format_lecture_table(data), flush=True)
-    drawing = _now()
-    draw(out, data=data, dpi=args.dpi)
+    PENDING_FIGURES[stage] = [functools.partial(draw, out, data=data, dpi=args.dpi)]
     if stage == "memory" and isinstance(data, dict) and "timeline" in data:  # its second figure: one step over time
-        visualize_memory_timeline(out, data=data, dpi=args.dpi)
-    DRAW_SECONDS[stage] = _now() - drawing
+        PENDING_FIGURES[stage].append(functools.partial(visualize_memory_timeline, out, data=data, dpi=args.dpi))
     if stage == "training" and args.tensorboard:
         print(f"  TensorBoard logs: {write_tensorboard(data, args.tensorboard)} "
               f"(tensorboard --logdir {args.tensorboard})", flush=True)
     return data
+
+
+def _draw_stage(stage):
+    """Draw and save one stage's pending figures: (seconds, error or None)."""
+    started = _now()
+    try:
+        for draw in PENDING_FIGURES.pop(stage, ()):
+            draw()
+    except Exception as err:
+        return _now() - started, f"{type(err).__name__}: {_first_line(err)}"
+    return _now() - started, None
+
+
+def _draw_all(stages):
+    """Draw every finished stage's figures once nothing is being measured any more: on Linux two at a
+    time (a forked child draws every other stage while this process draws the rest; matplotlib's
+    layout, not the pixels, makes a figure take ~1 s).  Returns {stage: (seconds, error or None)}."""
+    if len(stages) < 2 or not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2:
+        return {stage: _draw_stage(stage) for stage in stages}
+    mine, theirs = stages[0::2], stages[1::2]
+    with tempfile.TemporaryDirectory(prefix="lab-draw-") as tmp:
+        path = Path(tmp) / "drawn.json"
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: its half of the figures, then out, without the interpreter's teardown
+            code = 1
+            try:
+                write_json_atomic({stage: _draw_stage(stage) for stage in theirs}, path)
+                code = 0
+            finally:
+                os._exit(code)
+        drawn = {stage: _draw_stage(stage) for stage in mine}
+        os.waitpid(pid, 0)
+        theirs_drawn = json.loads(path.read_text()) if path.exists() else {}
+    return {**drawn, **{stage: tuple(theirs_drawn.get(stage, (None, "its drawing process failed")))
+                        for stage in theirs}}
 
 
 def _cli_inputs(args):
@@ -8288,11 +8320,11 @@ def _stage_budget_s(args, stage, done):
     return profile.lecture_budget_s + (profile.alone_s if alone else 0) + (profile.compile_s if args.compile else 0)
 
 
-def _stage_timing(data, wall_s, budget_s, draw_s=None):
-    """results.json "timing": the conditions the stage ran under (run_stage's), and its whole wall
-    time (drawing included) against its budget, and `draw_s`, the part its figures took."""
+def _stage_timing(data, wall_s, budget_s):
+    """results.json "timing": the conditions the stage ran under (run_stage's) and its wall time
+    against its budget (_draw_all adds its figures' `draw_s`, part of the stage's budget)."""
     conditions = data.get("conditions") if isinstance(data, dict) else None
-    return {**(conditions or {}), "budget_s": budget_s, "wall_s": wall_s, "draw_s": draw_s,
+    return {**(conditions or {}), "budget_s": budget_s, "wall_s": wall_s,
             "within_budget": wall_s <= STAGE_OVERRUN * budget_s}
 
 
@@ -8349,10 +8381,12 @@ def main(argv=None):
         try:
             results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"], budget_s)
             print(f"[{stage}] done in {_now() - started_stage:.1f}s", flush=True)
-        except KeyboardInterrupt:  # figures already written stay whole; a PNG being written is dropped
-            if done:
+        except KeyboardInterrupt:  # the finished stages are drawn (Ctrl-C again skips that); a PNG
+            if done:               # being written is dropped, the others stay whole
                 results.update(interrupted=stage, wall_s=_now() - started)
                 write_json_atomic(results, out / "results.json")
+                with contextlib.suppress(KeyboardInterrupt):
+                    _draw_all([s for s in args.only if s in PENDING_FIGURES])
             print(f"\ninterrupted during [{stage}]; results.json " +
                   (f"keeps the {done} stage(s) that finished" if done else "not written"), file=sys.stderr)
             return 130
@@ -8360,11 +8394,28 @@ def main(argv=None):
             failed.append(stage)
             results["stages"][stage] = {"error": f"{type(err).__name__}: {_first_line(err)}"}
             print(f"[{stage}] FAILED: {type(err).__name__}: {_first_line(err)}", file=sys.stderr, flush=True)
-        results["timing"][stage] = _stage_timing(results["stages"][stage], _now() - started_stage, budget_s,
-                                                 DRAW_SECONDS.pop(stage, None))
+        results["timing"][stage] = _stage_timing(results["stages"][stage], _now() - started_stage, budget_s)
         results["runs"][stage] = _stage_stamp(args)
         done += 1
         _release_memory()
+    drawing = _now()
+    try:
+        drawn = _draw_all([s for s in args.only if s in PENDING_FIGURES])
+    except KeyboardInterrupt:  # every number is in: results.json is written; a PNG being written is dropped
+        results.update(interrupted="drawing", wall_s=_now() - started)
+        write_json_atomic(results, out / "results.json")
+        print("\ninterrupted while drawing; results.json keeps every stage's numbers", file=sys.stderr)
+        return 130
+    for stage, (seconds, error) in drawn.items():
+        timing = results["timing"][stage]
+        timing.update(draw_s=seconds,
+                      within_budget=timing["wall_s"] + (seconds or 0) <= STAGE_OVERRUN * timing["budget_s"])
+        if error:
+            failed.append(stage)
+            if isinstance(results["stages"][stage], dict):
+                results["stages"][stage]["figure_error"] = error
+            print(f"[{stage}] FAILED to draw: {error}", file=sys.stderr, flush=True)
+    print(f"drew the figures in {_now() - drawing:.1f}s", flush=True)
     results["wall_s"] = _now() - started
     write_json_atomic(results, out / "results.json")
     pngs = len(args.only) - len(failed) + ("memory" in args.only and "memory" not in failed)  # + the timeline
