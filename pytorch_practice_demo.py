@@ -219,7 +219,7 @@ class Profile:
 DEFAULT = Profile()
 QUICK = Profile(  # what differs from DEFAULT, and why
     name="quick",
-    peak_s=0.3,                                   # 512-1024: a lower peak, still a real one
+    peak_s=0.25,                                  # 512-1024: a lower peak, still a real one
     flop_budget_s=7.0, flop_models=("MLP-512", "MLP-2048", "MNIST-CNN", "TinyGPT"),  # no torchvision import
     memory_budget_s=6.0, memory_batch=8,
     memory_models=("MLP-2048", "TinyGPT (T=64)"),  # an MLP and a transformer: each real+fake step ~1 s busy
@@ -228,8 +228,8 @@ QUICK = Profile(  # what differs from DEFAULT, and why
     kv=(4, 8, 16),                                 # ~0.1 s quiet: a busy laptop's quick run is tight
     training_budget_s=4.5, steps=30, training_batch=64,
     depth=4,                                       # half the per-step overhead: fits a busy laptop
-    pipeline_s=0.5,
-    amp_budget_s=2.5, amp_measure_s=0.8, amp_batch=16,
+    pipeline_s=0.25,                               # 3 worker settings, 3 runs each of a few ms
+    amp_budget_s=2.5, amp_measure_s=0.6, amp_batch=16,
     amp_models=("MLP-1024",),                      # MLP-4096 (21 M parameters) does not fit 1 s
     dashboard_budget_s=5.0, latency_s=0.6,         # the FLOP stage's quick zoo
     model_budget_s=20.0, model_amp_s=3.0, model_latency_s=1.0,
@@ -239,7 +239,7 @@ QUICK = Profile(  # what differs from DEFAULT, and why
     fusion_shape=(512, 1024), fusion_s=0.2, compile_s=60.0, alone_s=5.0,
     distributed_budget_s=4.0, distributed_measure_s=None,  # no spawn: start-up alone is ~5 s
     distributed_worlds=(),                         # the large model's formula only: a simulation is ~1 s
-    training_measure_s=1.8,
+    training_measure_s=1.5,
 )
 PROFILES = {"default": DEFAULT, "quick": QUICK}
 
