@@ -8370,7 +8370,26 @@ def main(argv=None):
     for key in ("timing", "runs"):
         results.setdefault(key, {})
     results.pop("interrupted", None)
-    failed, started, done = [], _now(), 0
+    started, failed = _now(), []
+    code = _measure_stages(args, device, out, results, failed)
+    if code is None:
+        code = _draw_stages(args, out, results, failed)
+    if code is not None:
+        return code
+    results["wall_s"] = _now() - started
+    write_json_atomic(results, out / "results.json")
+    pngs = len(args.only) - len(failed) + ("memory" in args.only and "memory" not in failed)  # + the timeline
+    print(f"wrote {pngs} figure(s) and results.json to {out} in {results['wall_s']:.1f}s", flush=True)
+    if failed:
+        print(f"failed stage(s): {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _measure_stages(args, device, out, results, failed):
+    """Every stage in order, its data and timing into `results`; 130 on Ctrl-C (the finished
+    stages' numbers written and their figures drawn, Ctrl-C again skips that), else None."""
+    started, done = _now(), 0
     early = "distributed" in args.only and PROFILES[args.profile].distributed_measure_s is not None
     for stage in args.only:
         if early and stage in ("memory", "distributed"):  # its imports overlap the memory stage, which times
@@ -8381,8 +8400,8 @@ def main(argv=None):
         try:
             results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"], budget_s)
             print(f"[{stage}] done in {_now() - started_stage:.1f}s", flush=True)
-        except KeyboardInterrupt:  # the finished stages are drawn (Ctrl-C again skips that); a PNG
-            if done:               # being written is dropped, the others stay whole
+        except KeyboardInterrupt:  # a PNG being written is dropped, the others stay whole
+            if done:
                 results.update(interrupted=stage, wall_s=_now() - started)
                 write_json_atomic(results, out / "results.json")
                 with contextlib.suppress(KeyboardInterrupt):
@@ -8398,11 +8417,17 @@ def main(argv=None):
         results["runs"][stage] = _stage_stamp(args)
         done += 1
         _release_memory()
+    return None
+
+
+def _draw_stages(args, out, results, failed):
+    """Every measured stage's figures (_draw_all), their drawing time into each stage's timing
+    (part of its budget); 130 on Ctrl-C, results.json kept whole, else None."""
     drawing = _now()
     try:
         drawn = _draw_all([s for s in args.only if s in PENDING_FIGURES])
     except KeyboardInterrupt:  # every number is in: results.json is written; a PNG being written is dropped
-        results.update(interrupted="drawing", wall_s=_now() - started)
+        results["interrupted"] = "drawing"
         write_json_atomic(results, out / "results.json")
         print("\ninterrupted while drawing; results.json keeps every stage's numbers", file=sys.stderr)
         return 130
@@ -8416,16 +8441,7 @@ def main(argv=None):
                 results["stages"][stage]["figure_error"] = error
             print(f"[{stage}] FAILED to draw: {error}", file=sys.stderr, flush=True)
     print(f"drew the figures in {_now() - drawing:.1f}s", flush=True)
-    results["wall_s"] = _now() - started
-    write_json_atomic(results, out / "results.json")
-    pngs = len(args.only) - len(failed) + ("memory" in args.only and "memory" not in failed)  # + the timeline
-    print(f"wrote {pngs} figure(s) and results.json to {out} "
-          f"in {results['wall_s']:.1f}s", flush=True)
-    if failed:
-        print(f"failed stage(s): {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
-
+    return None
 
 if __name__ == "__main__":
     code = main()
