@@ -614,11 +614,10 @@ class StepLoss:
         return run_args[0] if len(run_args) == 1 else run_args
 
 
-def _checkpoint_blocks(model):
-    """Recompute each block in backward: torch.utils.checkpoint around the elements of the model's
-    outermost nn.Sequential / nn.ModuleList containers (the model itself if it is one).
-    Only for replicas: it sets `forward` on the blocks.  Returns the number of blocks wrapped."""
-    from torch.utils.checkpoint import checkpoint
+def _blocks(model):
+    """A model's blocks: the elements that hold parameters of its outermost nn.Sequential /
+    nn.ModuleList containers (the model itself if it is one): transformer blocks, ResNet stages,
+    an MLP's linears.  What checkpointing recomputes, and what FSDP shards one by one."""
     containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
 
     def visit(module):
@@ -630,7 +629,14 @@ def _checkpoint_blocks(model):
 
     if not containers:
         visit(model)
-    blocks = [b for c in containers for b in c if any(True for _ in b.parameters())]
+    return [b for c in containers for b in c if any(True for _ in b.parameters())]
+
+
+def _checkpoint_blocks(model):
+    """Recompute each block (_blocks) in backward: torch.utils.checkpoint around it.  Only for
+    replicas: it sets `forward` on the blocks.  Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+    blocks = _blocks(model)
     for block in blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return len(blocks)
@@ -4380,23 +4386,6 @@ def _check_distributed_options(world_size, strategy, optimizer, precision, most=
     return strategies
 
 
-def _shard_units(model):
-    """The modules FSDP shards one by one (then the root): the elements of the model's outermost
-    nn.Sequential / nn.ModuleList containers that hold parameters (transformer blocks, ResNet
-    blocks, an MLP's linears), as one wraps transformer blocks in practice."""
-    containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
-
-    def visit(module):
-        for child in module.children():
-            if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
-                containers.append(child)
-            else:
-                visit(child)
-    if not containers:
-        visit(model)
-    return [b for c in containers for b in c if any(True for _ in b.parameters())]
-
-
 def _data_parallel(replica, strategy, mesh=None, device=None):
     """`replica` wrapped for `strategy` (the process group must exist): DDP, or fully_shard on each
     unit and the root (fsdp: parameters freed after forward; zero2: kept until backward)."""
@@ -4406,7 +4395,7 @@ def _data_parallel(replica, strategy, mesh=None, device=None):
         return DistributedDataParallel(replica, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
     reshard = strategy == "fsdp"
-    for unit in _shard_units(replica):
+    for unit in _blocks(replica):
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
     return fully_shard(replica, mesh=mesh, reshard_after_forward=reshard)
 
