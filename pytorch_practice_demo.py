@@ -376,6 +376,24 @@ class Replica:
     """
 
     @staticmethod
+    def blocks(model):
+        """A model's blocks: the elements that hold parameters of its outermost nn.Sequential /
+        nn.ModuleList containers (the model itself if it is one): transformer blocks, ResNet stages,
+        an MLP's linears.  What checkpointing recomputes, and what FSDP shards one by one."""
+        containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
+
+        def visit(module):
+            for child in module.children():
+                if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
+                    containers.append(child)
+                else:
+                    visit(child)
+
+        if not containers:
+            visit(model)
+        return [b for c in containers for b in c if any(True for _ in b.parameters())]
+
+    @staticmethod
     @contextlib.contextmanager
     def eval_mode(model):
         """model.eval() inside the block; every submodule's own mode is put back afterwards."""
@@ -614,29 +632,11 @@ class StepLoss:
         return run_args[0] if len(run_args) == 1 else run_args
 
 
-def _blocks(model):
-    """A model's blocks: the elements that hold parameters of its outermost nn.Sequential /
-    nn.ModuleList containers (the model itself if it is one): transformer blocks, ResNet stages,
-    an MLP's linears.  What checkpointing recomputes, and what FSDP shards one by one."""
-    containers = [model] if isinstance(model, (nn.Sequential, nn.ModuleList)) else []
-
-    def visit(module):
-        for child in module.children():
-            if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 1:
-                containers.append(child)
-            else:
-                visit(child)
-
-    if not containers:
-        visit(model)
-    return [b for c in containers for b in c if any(True for _ in b.parameters())]
-
-
 def _checkpoint_blocks(model):
-    """Recompute each block (_blocks) in backward: torch.utils.checkpoint around it.  Only for
+    """Recompute each block (Replica.blocks) in backward: torch.utils.checkpoint around it.  Only for
     replicas: it sets `forward` on the blocks.  Returns the number of blocks wrapped."""
     from torch.utils.checkpoint import checkpoint
-    blocks = _blocks(model)
+    blocks = Replica.blocks(model)
     for block in blocks:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
     return len(blocks)
@@ -4395,7 +4395,7 @@ def _data_parallel(replica, strategy, mesh=None, device=None):
         return DistributedDataParallel(replica, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
     reshard = strategy == "fsdp"
-    for unit in _blocks(replica):
+    for unit in Replica.blocks(replica):
         fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
     return fully_shard(replica, mesh=mesh, reshard_after_forward=reshard)
 
