@@ -2400,8 +2400,9 @@ class _StorageTracker(TorchDispatchMode):
         for finalizer in self._finalizers:
             finalizer.detach()
 
-    # what the tracker sorts storages into, and the result keys they become: bytes are *_bytes
-    # (`parameters` elsewhere is a count)
+    # what the tracker sorts storages into (in this order: what lives all step first, then what comes
+    # and goes, the memory timeline's stack from the bottom), and the result keys they become: bytes
+    # are *_bytes (`parameters` elsewhere is a count)
     CATEGORIES = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
                   "temporary")
     PART_KEYS = {"parameters": "parameter_bytes", "buffers": "buffer_bytes", "inputs": "input_bytes",
@@ -2811,12 +2812,7 @@ class _PhaseLog(_StorageTracker):
     """The storage tracker, also logging every phase change in order: with micro-batches forward
     and backward repeat, and `phase_start` keeps only the last start of each."""
 
-    # bottom to top in the timeline: what lives all step first, then what comes and goes
-    STACK = ("parameters", "buffers", "inputs", "optimizer", "gradients", "activations", "weight_copies",
-                      "temporary")
-
     STRATEGIES = ("baseline", "gradient_checkpointing", "gradient_accumulation")
-
     MICRO_BATCHES = 4  # the training comparison's accumulation: 4 micro-batches of batch / 4
 
     @staticmethod
@@ -2846,9 +2842,9 @@ class _PhaseLog(_StorageTracker):
         `points` samples: each keeps the event where its stretch of events held the most, so the
         peak is never thinned away.  Returns plain lists (results.json)."""
         categories = _PhaseLog.categories(tracker)
-        column = {c: i for i, c in enumerate(_PhaseLog.STACK)}
+        column = {c: i for i, c in enumerate(_StorageTracker.CATEGORIES)}
         n = len(tracker.events)
-        delta = np.zeros((n, len(_PhaseLog.STACK)))
+        delta = np.zeros((n, len(_StorageTracker.CATEGORIES)))
         for i, (key, sign) in enumerate(tracker.events):
             delta[i, column[categories[key]]] = sign * tracker.info[key][0]
         live = np.cumsum(delta, axis=0)  # (events, categories): bytes alive after each event
@@ -6636,7 +6632,7 @@ def _timeline_panel(ax, timeline, title):
     index = np.array(timeline["index"])
     parts = dict(timeline["parts"])
     parts["buffer_bytes"] = np.add(parts.get("buffer_bytes", 0), parts.pop("input_bytes", 0))
-    order = [_StorageTracker.PART_KEYS[c] for c in _PhaseLog.STACK if _StorageTracker.PART_KEYS[c] in parts]
+    order = [_StorageTracker.PART_KEYS[c] for c in _StorageTracker.CATEGORIES if _StorageTracker.PART_KEYS[c] in parts]
     shown = [p for p in order if np.any(parts[p])]
     ax.stackplot(index, [np.array(parts[p]) / MIB for p in shown], colors=[MEMORY_COLORS[p] for p in shown],
                  labels=[_t(f"{p}_part") for p in shown], step="post", linewidth=0)
