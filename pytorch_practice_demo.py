@@ -433,6 +433,15 @@ class Replica:
         return torch.empty_like(x, device="meta")
 
     @staticmethod
+    def fake_like(mode, device, dtype=None):
+        """Fake copies (no data) made in `mode` on `device`, floating tensors cast to `dtype`."""
+        def make(x):
+            with mode:
+                cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+                return torch.empty_like(x, device=device, dtype=cast)
+        return make
+
+    @staticmethod
     def real_like(device, dtype=None, seed=0, ids_below=None):
         """Real copies on `device` (floating tensors cast to `dtype`); a meta input (a shape the user
         gave) becomes random data: normal floats, or integer ids below `ids_below` (zeros without)."""
@@ -2163,10 +2172,7 @@ class FLOPCalculator:
         else:  # fake tensors of the target device: the kernels it would choose (CPU flash attention), no data
             compute = FakeTensors.mode()
             target = Replica.device(model) if Replica.device(model).type != "meta" else torch.device("cpu")
-
-            def make(x):
-                with compute:
-                    return torch.empty_like(x, device=target)
+            make = Replica.fake_like(compute, target)
         replica = Replica.of(model, make)
         if not training:
             replica.eval()  # the copy only
@@ -2616,12 +2622,7 @@ def estimate_memory(model, inputs, *, training=True, optimizer="adam", precision
     if device.type == "meta":
         device = torch.device("cpu")
     fake_mode = FakeTensors.mode()
-    dtype = PURE_DTYPES.get(precision)
-
-    def make(x):
-        with fake_mode:
-            cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
-            return torch.empty_like(x, device=device, dtype=cast)
+    make = Replica.fake_like(fake_mode, device, PURE_DTYPES.get(precision))
     from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
     try:
         with FakeTensors.quiet():
@@ -4827,12 +4828,7 @@ def _fake_process_group(world_size):
 def _simulate_sharded(model, run_args, run_kwargs, strategy, world_size, optimizer, precision):
     """Rank 0's tracked step of fully_shard on fake tensors with the fake process group."""
     cpu, fake_mode = torch.device("cpu"), FakeTensors.mode()
-    dtype = PURE_DTYPES.get(precision)
-
-    def make(x):
-        with fake_mode:
-            cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
-            return torch.empty_like(x, device=cpu, dtype=cast)
+    make = Replica.fake_like(fake_mode, cpu, PURE_DTYPES.get(precision))
     tracker = _RankTracker(world_size, scratch=True)  # CPU kernels' working memory, as estimate_memory
     with _fake_process_group(world_size) as mesh:
         replica = Replica.of(model, make)
