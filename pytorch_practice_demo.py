@@ -4058,9 +4058,7 @@ def _profiled_self_times(step, device):
     prof = profile(activities=activities)
     with _AllocatorPeak.quiet():
         prof.start()
-    start = _now()
-    _timed(device, step)
-    wall = _now() - start
+    _, wall = _timed(device, step)
     with _AllocatorPeak.quiet():
         prof.stop()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
