@@ -589,13 +589,16 @@ class StepLoss:
         return loss
 
     @staticmethod
+    def leaves(output):
+        """Every floating-point output tensor that requires grad."""
+        return [x for x in tree_flatten(output)[0]
+                if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+
+    @staticmethod
     def summed(output):
         """Sum of every floating-point output tensor that requires grad (None if there is none)."""
-        leaves = [x for x in tree_flatten(output)[0]
-                  if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
-        if not leaves:
-            return None
-        return sum(x.float().sum() for x in leaves)
+        leaves = StepLoss.leaves(output)
+        return sum(x.float().sum() for x in leaves) if leaves else None
 
     @staticmethod
     def own(output):
@@ -4405,8 +4408,7 @@ def _mean_loss(output, batch=None):
     """The distributed lesson's loss: the mean of every floating output.  A mean, not the lab's sum:
     N ranks averaging their local means give the mean over the global batch, so DDP's and FSDP's
     averaged gradient equals one process's on the whole batch (a sum would give 1/N of it)."""
-    leaves = [x for x in tree_flatten(output)[0]
-              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad]
+    leaves = StepLoss.leaves(output)
     return sum(x.float().mean() for x in leaves) if leaves else None
 
 
