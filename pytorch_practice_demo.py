@@ -7045,7 +7045,8 @@ def _plot_amp_time(ax, models):
     ax.set_xlabel("")
     ax.set_ylabel(_t("seconds"))
     ax.set_title(_t("amp_time"))
-    ax.legend(fontsize=8, title=None)
+    if runs:  # every run skipped: nothing to tell apart
+        ax.legend(fontsize=8, title=None)
 
 
 def _plot_amp_memory(ax, models):
