@@ -4053,9 +4053,11 @@ def _add_utilisation(data, device, peak_s):
 ROOFLINE_PRECISIONS = ("fp32", "amp_bf16", "amp_fp16")  # what a step can run in (autocast, fp32 weights)
 
 
-def _profiled_self_times(step, device):
+def _profiled_self_times(step, device, counted=frozenset()):
     """Run `step()` once under torch.profiler; {(op name, in the optimizer): self seconds} of every
-    aten op (CUDA: the device time of its kernels; CPU and MPS: host time), and the profiled wall."""
+    aten op (CUDA: the device time of its kernels; CPU and MPS: host time), and the profiled wall.
+    An op the counter never saw (a backend kernel such as mkldnn_convolution, called inside the
+    aten::convolution the counter priced) is timed as its nearest ancestor among the `counted` names."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
@@ -4069,10 +4071,13 @@ def _profiled_self_times(step, device):
     for ev in prof.events():
         if not ev.name.startswith("aten::"):
             continue  # autograd nodes, Optimizer.step: the framework's own time (the profiled wall keeps it)
-        parent, in_optimizer = ev.cpu_parent, False
-        while parent is not None and not in_optimizer:
-            in_optimizer, parent = parent.name.startswith("Optimizer.step"), parent.cpu_parent
-        times[(ev.name[len("aten::"):], in_optimizer)] += getattr(ev, attr) * 1e-6
+        name, parent, in_optimizer = ev.name[len("aten::"):], ev.cpu_parent, False
+        while parent is not None:
+            parent_name = parent.name[len("aten::"):] if parent.name.startswith("aten::") else None
+            if name not in counted and parent_name in counted:
+                name = parent_name
+            in_optimizer, parent = in_optimizer or parent.name.startswith("Optimizer.step"), parent.cpu_parent
+        times[(name, in_optimizer)] += getattr(ev, attr) * 1e-6
     return times, wall
 
 
@@ -4190,7 +4195,7 @@ def roofline(model, inputs, *, training=True, device=None, precision="fp32", tim
         counter = _CountingMode()
         with counter.tracking(replica):
             step(counter)
-        times, profiled_s = _profiled_self_times(step, device)
+        times, profiled_s = _profiled_self_times(step, device, {name for _, name in counter.ops})
     except LabError:
         raise
     except Exception as err:  # the model cannot run these inputs: the lab's short error, naming the cause
@@ -5024,6 +5029,32 @@ def run_distributed_analysis(run, *, world_size=2):
     return data
 
 
+def own_distributed(run, model, inputs, world_size):
+    """Your model data-parallel, `inputs` being one rank's batch: a list for 2 and for `world_size`
+    ranks, each in run_distributed_analysis's shape (single, estimated, measured, measured_skipped).  On 2 ranks
+    measured (gloo, CPU; a model on meta is not) beside the estimate; on `world_size` ranks simulated,
+    with one process on one rank's batch as the "single" bar."""
+    _check_distributed_options(world_size, DISTRIBUTED_STRATEGIES, "adam", "fp32")
+    local = Replica.map(Replica.inputs(inputs, model), Replica.meta_like)
+
+    def global_batch(n):  # n ranks' batches, as one input
+        args, kwargs = Replica.map(local, lambda t: t.repeat(n, *[1] * (t.dim() - 1)) if t.dim() else t)
+        return kwargs or args
+    out = []
+    for n in dict.fromkeys((2, int(world_size))):
+        data = {"world_size": n, "estimated": {s: estimate_distributed(model, global_batch(n), world_size=n, strategy=s)
+                                               for s in DISTRIBUTED_STRATEGIES},
+                "single": {"measured": None, "estimate": estimate_memory(model, local[1] or local[0],
+                                                                         loss_fn=_mean_loss)}}
+        data["measured"], data["measured_skipped"] = None, f"simulated only: this machine runs 2 ranks, not {n}"
+        if n == 2 and Replica.device(model).type == "meta":
+            data["measured_skipped"] = "the model is on the meta device: no weights to train"
+        elif n == 2:
+            data["measured"], data["measured_skipped"] = _measured_part(model, global_batch(2), 2, run)
+        out.append(data)
+    return out
+
+
 # %% =============================================================================================
 # 10. The lecture, claim by claim
 # ================================================================================================
@@ -5508,15 +5539,16 @@ def _per_module_rows(model, flops, activations):
 
 
 @stage("model")
-def analyze(run, model, inputs, *, loss_fn=None, targets=None):
+def analyze(run, model, inputs, *, loss_fn=None, targets=None, world_size=None):
     """The whole lab on one model of yours: counted FLOPs per top-level module and by op class,
     estimated and measured training memory, mixed-precision step time and memory, and latency at
     your batch.  Measured parts run within the profile's model_* budgets; anything that cannot run
     on this model is None with the reason (`skipped`).  Your model is never changed.
     Call it as analyze(model, inputs, device=None, profile=DEFAULT, progress=None, loss_fn=None,
-    targets=None): `loss_fn` and `targets` are the loss your training step uses, as in
-    estimate_memory (the memory results say which loss was used); the mixed-precision step uses
-    the default rule."""
+    targets=None, world_size=None): `loss_fn` and `targets` are the loss your training step uses, as
+    in estimate_memory (the memory results say which loss was used); the mixed-precision step uses
+    the default rule.  `world_size` N adds data-parallel training with `inputs` as each rank's batch
+    (own_distributed): measured on 2 ranks beside the estimate, and simulated on N."""
     Replica.check(model)
     StepLoss.takes_batch_of(loss_fn)  # a loss_fn that cannot be called is refused before any work
     device, p, skipped = run.device, run.profile, {}
@@ -5534,7 +5566,8 @@ def analyze(run, model, inputs, *, loss_fn=None, targets=None):
              ("amp", lambda: [{k: v for k, v in r.items() if k not in ("outputs", "hardware")} for r in
                               benchmark_mixed_precision(model, inputs, device=device, time_budget_s=p.model_amp_s)]),
              ("latency", lambda: measure_latency(model, inputs, device=device, time_budget_s=p.model_latency_s)),
-             ("roofline", lambda: roofline(model, inputs, device=device, time_budget_s=p.roofline_step_s)))
+             ("roofline", lambda: roofline(model, inputs, device=device, time_budget_s=p.roofline_step_s)),
+             *((("distributed", lambda: own_distributed(run, model, inputs, world_size)),) if world_size else ()))
     for i, (key, measure_it) in enumerate(steps):
         try:
             data[key] = measure_it()
@@ -7574,6 +7607,12 @@ LABELS.update({
     "dist_mem_note": ("黑线：分配器读数（实测）；百分比：估计相对实测",
                       "black tick: the allocator's peak (measured); %: estimate vs measured"),
     "dist_single": ("单进程", "single process"),
+    "own_dist_two": ("2 个进程的每卡内存：实测（实心）与估计（斜线）", "Per-rank memory on 2 ranks: measured (solid), "
+                     "estimated (hatched)"),
+    "own_dist_sim": ("{n} 个进程的每卡内存（模拟）", "Per-rank memory on {n} ranks (simulated)"),
+    "own_dist_sim_note": ("fake 张量 + fake 进程组；每个进程的 batch 即 --input-shape；单进程：一个进程训练同一 batch",
+                          "fake tensors, fake process group; each rank's batch is --input-shape; single process: "
+                          "one process, the same batch"),
     "dist_large": ("{name}（{params} 参数）每卡内存 vs 卡数",
                    "{name} ({params} parameters): memory per device vs ranks"),
     "dist_large_note": ("点：fsdp 在 fake 张量 + fake 进程组上模拟（rank 0，每卡 1×{tokens} token，fp32 Adam；"
@@ -7626,6 +7665,7 @@ def _plot_dist_memory(ax, data):
     rows = {"single": (data["single"]["measured"], data["single"]["estimate"])}
     rows.update({s: ((measured[s]["ranks"][0] if s in measured else None), data["estimated"][s])
                  for s in DISTRIBUTED_STRATEGIES})
+    labelled = set()
     for i, name in enumerate(names):
         meas, est = rows[name]
         for offset, result, hatch in ((-0.2, meas, None), (0.2, est, "//")):
@@ -7634,7 +7674,8 @@ def _plot_dist_memory(ax, data):
             bottom = 0.0
             for value, (_, key, color) in zip(_dist_parts(result), DIST_PARTS):
                 ax.bar(i + offset, value, 0.38, bottom=bottom, color=color, hatch=hatch, edgecolor="white",
-                       label=_t(key) if (i, offset) == (0, -0.2) else None)
+                       label=None if key in labelled else _t(key))
+                labelled.add(key)
                 bottom += value
         if meas is not None:
             ax.plot([i - 0.39, i - 0.01], [meas["total"] / MIB] * 2, color="k", lw=2)
@@ -8035,17 +8076,33 @@ def _plot_own_classes(ax, data):
     ax.set_title(_t("own_classes"))
 
 
+def _plot_own_distributed(axs, runs):
+    """Per-rank memory on 2 ranks (measured beside the estimate), then on N ranks (simulated), or
+    the 2 ranks' communication when N is 2."""
+    _plot_dist_memory(axs[0], runs[0])
+    axs[0].set_title(_t("own_dist_two"))
+    if len(runs) == 1:
+        _plot_dist_comm(axs[1], runs[0])
+        return
+    _plot_dist_memory(axs[1], runs[1])
+    axs[1].set_title(_t("own_dist_sim", n=runs[1]["world_size"]))
+    axs[1].set_xlabel(_t("own_dist_sim_note"), fontsize=8)
+
+
 def plot_own_model(data):
-    """Six panels from `analyze` data; returns the Figure."""
+    """Six panels from `analyze` data (eight with data-parallel training); returns the Figure."""
     import matplotlib.pyplot as plt
+    columns = 4 if data.get("distributed") else 3
     with _figure_style():
-        fig, axs = plt.subplots(2, 3, figsize=(19, 11), layout="constrained")
+        fig, axs = plt.subplots(2, columns, figsize=(6.3 * columns, 11), layout="constrained")
         _plot_module_flops(axs[0, 0], data)
         _plot_module_sizes(axs[0, 1], data)
         _plot_own_classes(axs[0, 2], data)
         _plot_own_memory(axs[1, 0], data)
         _plot_own_amp(axs[1, 1], data)
         _plot_own_latency(axs[1, 2], data)
+        if columns == 4:
+            _plot_own_distributed(axs[:, 3], data["distributed"])
         sub = _t("own_sub", device=data["device"], shape=data["input_shape"])
         if data["flops"].get("data_dependent"):
             sub += "\n" + _t("own_data_dependent")
@@ -8109,6 +8166,9 @@ def parse_args(argv=None):
                              f"{FIGURE_FILES['model']}")
     parser.add_argument("--input-shape", action="append", default=None,
                         help="with --model: an input shape such as 8,3,224,224 (repeat for several inputs)")
+    parser.add_argument("--world-size", type=int, default=None, metavar="N",
+                        help="with --model: data-parallel training, each rank on --input-shape's batch: "
+                             "measured on 2 ranks (CPU, gloo), simulated on N")
     parser.add_argument("--input-dtype", default=None, choices=["float32", "float64", "bfloat16", "float16", "long"],
                         help="with --model: dtype of the inputs (long: token ids); default: the model's own")
     parser.add_argument("--threads", default="auto",
@@ -8158,9 +8218,11 @@ def _check_model_args(parser, args):
             parser.error(f"--input-shape takes comma-separated integers such as 8,3,224,224, got {args.input_shape}")
         if any(d <= 0 for s in args.input_shape for d in s):
             parser.error("--input-shape: every dimension must be a positive integer")
+        if args.world_size is not None and args.world_size < 1:
+            parser.error(f"--world-size takes an integer >= 1, got {args.world_size}")
         args.only = ["model"]
-    elif args.input_shape or args.input_dtype:
-        parser.error("--input-shape and --input-dtype go with --model")
+    elif args.input_shape or args.input_dtype or args.world_size:
+        parser.error("--input-shape, --input-dtype and --world-size go with --model")
 
 
 def _check_writable(output_dir):
@@ -8188,7 +8250,7 @@ def _run_stage(stage, args, device, out, done, budget_s):
     options = {"device": device, "profile": PROFILES[args.profile], "seed": args.seed, "budget_s": budget_s,
                "progress": _progress(stage, _now()), "threads": None if args.threads == "auto" else int(args.threads)}
     if stage == "model":
-        data = analyze(args.loaded_model, _cli_inputs(args), **options)
+        data = analyze(args.loaded_model, _cli_inputs(args), world_size=args.world_size, **options)
         print(format_model_table(data), flush=True)
         PENDING_FIGURES[stage] = [functools.partial(visualize_own_model, None, None, out, data=data, dpi=args.dpi)]
         return data

@@ -231,6 +231,21 @@ def test_analyze_gives_the_zoo_treatment_and_leaves_the_model_alone(tmp_path):
     assert (tmp_path / demo.FIGURE_FILES["model"]).exists()
 
 
+def test_analyze_world_size_shards_your_model_per_rank_batch(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    before = state(model)
+    data = demo.analyze(model, (4, 16), profile=demo.QUICK, world_size=8)
+    assert_same(before, state(model))
+    two, eight = data["distributed"]
+    assert (two["world_size"], eight["world_size"]) == (2, 8)
+    assert "--quick" in two["measured_skipped"] and "not 8" in eight["measured_skipped"]  # quick: nothing spawned
+    # each rank trains on (4, 16): its fsdp shard is 1/8 of every parameter (padded per parameter)
+    fsdp = eight["estimated"]["fsdp"]
+    assert fsdp["parameter_bytes"] == demo.fsdp_shard_bytes(model, 8)["parameter_bytes"]
+    assert eight["estimated"]["ddp"]["parameter_bytes"] == 4 * (16 * 32 + 32 + 32 * 4 + 4)  # whole model, fp32
+    assert_panels(demo.plot_own_model(data), 8)
+
+
 def test_cli_model_from_a_file_writes_its_figure_and_table(tmp_path, capsys):
     source = tmp_path / "mine.py"
     source.write_text("import torch.nn as nn\n\ndef build():\n"
@@ -249,6 +264,8 @@ def test_cli_model_from_a_file_writes_its_figure_and_table(tmp_path, capsys):
     (["--model", "nowhere.py:build", "--input-shape", "2,4"], "no Python file"),
     (["--model", "torchvision:resnet9000", "--input-shape", "2,4"], "no model"),
     (["--model", "torchvision:resnet18"], "--input-shape"),
+    (["--model", "torchvision:resnet18", "--input-shape", "2,3,32,32", "--world-size", "0"], "--world-size"),
+    (["--world-size", "4"], "go with --model"),
 ])
 def test_cli_model_errors_are_short(tmp_path, capsys, argv, message):
     try:

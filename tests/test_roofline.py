@@ -98,6 +98,17 @@ def test_roofline_on_a_tiny_mlp_returns_rows_and_leaves_the_model_unchanged():
     assert r["predicted_with_dispatch_s"] == pytest.approx(r["predicted_step_s"] + r["calls"] * 1e-6)
 
 
+def test_time_in_a_backend_kernel_goes_to_the_op_the_counter_priced():
+    # aten::convolution (counted) runs aten::_convolution and a backend kernel (mkldnn_convolution on
+    # CPU) the counter never sees: their self time is the convolution's, in the conv class
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 2))
+    r = demo.roofline(model, (2, 3, 8, 8), device="cpu", time_budget_s=0.05, **ROOFS)
+    uncounted = {row["op"] for row in r["rows"] if row["calls"] == 0}
+    assert not uncounted & {"_convolution", "mkldnn_convolution"}
+    conv = next(row for row in r["rows"] if row["op"] == "convolution")
+    assert conv["class"] == "conv" and conv["calls"] == 1 and conv["measured_s"] > 0
+
+
 def test_roofline_refuses_bad_inputs():
     model = demo.mlp(32, in_features=16)
     with pytest.raises(TypeError):
