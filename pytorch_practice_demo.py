@@ -429,8 +429,10 @@ class Replica:
                            "module (or give it a __deepcopy__)") from None
 
     @staticmethod
-    def meta_like(x):
-        return torch.empty_like(x, device="meta")
+    def meta_like(x, dtype=None):
+        """An empty meta copy (a shape, no storage), a floating tensor cast to `dtype`."""
+        cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
+        return torch.empty_like(x, device="meta", dtype=cast)
 
     @staticmethod
     def fake_like(mode, device, dtype=None):
@@ -440,6 +442,19 @@ class Replica:
                 cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
                 return torch.empty_like(x, device=device, dtype=cast)
         return make
+
+    @staticmethod
+    def materialize(replica, mode, device):
+        """`replica` (on meta) given empty storages on `device` in `mode` (replica.to_empty), a buffer
+        that several modules share shared again (to_empty gives each of them its own)."""
+        owners = [(m, name, b) for m in replica.modules()
+                  for name, b in m.named_buffers(recurse=False, remove_duplicate=False)]
+        with mode:
+            replica.to_empty(device=device)
+        made = {}
+        for m, name, b in owners:
+            setattr(m, name, made.setdefault(id(b), getattr(m, name)))
+        return replica
 
     @staticmethod
     def real_like(device, dtype=None, seed=0, ids_below=None):
@@ -4832,14 +4847,18 @@ def _fake_process_group(world_size):
 
 def _simulate_sharded(model, run_args, run_kwargs, strategy, world_size, optimizer, precision):
     """Rank 0's tracked step of fully_shard on fake tensors with the fake process group."""
-    cpu, fake_mode = torch.device("cpu"), FakeTensors.mode()
-    make = Replica.fake_like(fake_mode, cpu, PURE_DTYPES.get(precision))
+    cpu, fake_mode, dtype = torch.device("cpu"), FakeTensors.mode(), PURE_DTYPES.get(precision)
+    make = Replica.fake_like(fake_mode, cpu, dtype)
     tracker = _RankTracker(world_size, scratch=True)  # CPU kernels' working memory, as estimate_memory
     with _fake_process_group(world_size) as mesh:
-        replica = Replica.of(model, make)
+        # sharded on meta, then given fake storages (FSDP2's deferred initialisation, to_empty); fully_shard
+        # splits each parameter into N views (torch.chunk), cheap on meta but N Python objects each on fake
+        # tensors (Llama-70B at N=512: 30 s of 37).  to_empty gives rank 0 its padded shards, as sharding fake
+        # tensors does; the tracker starts at register_state, which counts them as parameters.
+        replica = Replica.of(model, functools.partial(Replica.meta_like, dtype=dtype))
+        wrapped = _data_parallel(replica, strategy, mesh=mesh)
+        Replica.materialize(replica, fake_mode, cpu)
         try:
-            with fake_mode, tracker:
-                wrapped = _data_parallel(replica, strategy, mesh=mesh)
             opt = _make_optimizer(optimizer, replica.parameters(), foreach=False)
             with fake_mode:
                 args, kwargs = Replica.map(_local_batch((run_args, run_kwargs), 0, world_size), make)
@@ -4969,8 +4988,8 @@ def simulate_per_layer(name, world_size, *, strategy="fsdp", tokens=256, layers=
     """Rank 0's peak for LLAMA_CONFIGS[name] on `world_size` ranks, cheaply: the model simulated with
     3 and with 4 layers (estimate_distributed, batch 1 x `tokens` per rank), and each further layer
     adding what the fourth added: peak(L) = peak(4) + (L - 4) x (peak(4) - peak(3)).  Checked against
-    all 80 layers of Llama-70B at 8 and 64 ranks (benchmarks/bench.py: equal to the byte shown,
-    143.35 and 41.39 GiB), where simulating them all takes ~10-20 s a world size.  `layers`
+    all 80 layers of Llama-70B at 8, 64 and 512 ranks (benchmarks/bench.py: equal to the byte shown,
+    143.35, 41.39 and 30.83 GiB), where simulating them all takes ~10 s a world size.  `layers`
     simulates that many layers whole instead."""
     inputs = torch.zeros(world_size, tokens, dtype=torch.long, device="meta")
     if layers:

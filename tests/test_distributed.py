@@ -121,6 +121,15 @@ def test_fake_group_cleaned_up_after_an_error():
     assert float((x @ x).sum()) == 8.0
 
 
+def test_shared_buffer_counted_once():
+    # fully_shard runs on meta and to_empty gives the storages: one buffer in two modules stays one
+    table = torch.zeros(4, 8)
+    blocks = [nn.Linear(8, 8) for _ in range(2)]
+    for block in blocks:
+        block.register_buffer("table", table)
+    est = demo.estimate_distributed(nn.Sequential(*blocks), (4, 8), world_size=2, strategy="fsdp")
+    assert est["buffer_bytes"] == table.nbytes
+
 def test_meta_llama_at_many_ranks():
     model = demo.build_llama("Llama-7B", layers=1)  # on meta: 1 layer of the 7B config
     e8 = demo.estimate_distributed(model, torch.zeros(8, 16, dtype=torch.long, device="meta"), world_size=8,
