@@ -1202,9 +1202,10 @@ def measure_bandwidth(device=None, *, time_budget_s=DEFAULT.bandwidth_s, array_b
 
 class _AllocatorPeak:
     """Reads the CPU allocator's own alloc/free events through torch.profiler (profile_memory=True)
-    while the body runs: `peak_bytes` is the most allocated at once, counted from the start, and
-    `end_bytes` what was still held at the end.  A source the storage tracker shares nothing with:
-    it also sees memory no tensor reaches the dispatcher with (kernel scratch, oneDNN workspaces).
+    while the body runs, each with the allocator's running total after it: `peak_bytes` is the
+    most allocated at once, counted from the start, and `end_bytes` what was still held at the
+    end.  A source the storage tracker shares nothing with: it also sees memory no tensor reaches
+    the dispatcher with (kernel scratch, oneDNN workspaces).
 
     Unavailable (`reason` says why, peaks stay None) when another profiler is running (torch
     cannot nest them) or kineto is missing from this torch build.
@@ -1265,40 +1266,65 @@ class _AllocatorPeak:
         return False
 
     @staticmethod
+    def count_every_thread():
+        """Make the allocator's running total count frees on every thread; True when it could.
+
+        The profiler records an allocation or a free only on a thread that carries its state.  gloo
+        runs each collective on a worker thread that carries it only while the collective runs, then
+        drops its reference to the collective's buffers; when that is the last one (a race with the
+        main thread, a different one each run) the free goes unrecorded and the buffer looks held to
+        the end: 0.5 to 18 MiB more on one rank here.  c10's CPU memory reporter keeps the total every
+        event carries (`total_allocated`); with FLAGS_caffe2_report_cpu_memory_usage set it follows
+        every block allocated from then on, whichever thread frees it.  NB: no Python API sets that
+        flag: this writes libc10's exported global (c10/core/CPUAllocator.cpp, torch 2.14), for the
+        rest of the process, so only the spawned ranks call it, first thing."""
+        import ctypes
+        lib = Path(torch.__file__).parent / "lib"
+        for name in ("libc10.so", "libc10.dylib", "c10.dll"):
+            with contextlib.suppress(OSError, ValueError):
+                ctypes.c_bool.in_dll(ctypes.CDLL(str(lib / name)), "FLAGS_caffe2_report_cpu_memory_usage").value = True
+                return True
+        return False
+
+    @staticmethod
     def events(prof):
-        """(time, address, +bytes allocated / -bytes freed, or None at a mark) of the CPU allocator."""
+        """(time, address, +bytes allocated / -bytes freed, the allocator's total after it), or
+        (time, 0, None, None) at a mark, of the CPU allocator."""
         from torch._C._profiler import _EventType
         found, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
             node = stack.pop()
             stack.extend(node.children)
             if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-                found.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+                fields = node.extra_fields
+                found.append((node.start_time_ns, fields.ptr, fields.alloc_size, fields.total_allocated))
             elif node.tag == _EventType.TorchOp and node.name == _AllocatorPeak.MARK:
-                found.append((node.start_time_ns, 0, None))
+                found.append((node.start_time_ns, 0, None, None))
         return sorted(found, key=lambda e: e[0])
-
 
     @staticmethod
     def running_peak(events):
         """(highest running total, final total, [(total, peak since the last) at each mark]) of
-        (time, address, +/- bytes) events.  A free counts only when its block was allocated in the
-        window: one freed there that was allocated before (earlier garbage, collected now) is not
-        this window's memory."""
-        live = peak = since = 0
-        held, marks = set(), []
-        for _, address, nbytes in events:
+        (time, address, +/- bytes, allocator total) events, counted from the window's start.
+
+        The running total is the allocator's own (see count_every_thread), so a free the events do
+        not show still counts.  A free of a block allocated before the window (earlier garbage,
+        collected now) is added back: it is not this window's memory."""
+        live = peak = since = earlier = 0
+        start, held, marks = None, set(), []
+        for _, address, nbytes, total in events:
             if nbytes is None:
                 marks.append((live, since))
                 since = live
                 continue
+            start = total - nbytes if start is None else start
             if nbytes > 0:
                 held.add(address)
             elif address in held:
                 held.discard(address)
             else:
-                continue
-            live += nbytes
+                earlier -= nbytes
+            live = total - start + earlier
             peak, since = max(peak, live), max(since, live)
         return peak, live, marks
 
@@ -4625,13 +4651,14 @@ def _parity(replica, grads, reference, world_size):
 
 
 def _rank_strategy(model, local, strategy, world_size, job, device, reference):
-    """One strategy on this rank: a parity step, a tracked step read from the allocator, timed steps."""
+    """One strategy on this rank: a parity step, a tracked step read from the allocator (on CPU one
+    more beside it), timed steps."""
     run_args, run_kwargs = local
     micro = [(run_args, run_kwargs, None, None)]
     options = {"precision": job["precision"], "device": device, "loss_fn": _mean_loss}
     tracker, peak, grads = _RankTracker(world_size), _PeakMemory(device), {}
     try:
-        with peak:  # the whole copy-wrap-step, as measure_memory reads it; the peak is step 2's
+        with peak:  # the whole copy-wrap-step, as measure_memory reads it; the peaks are step 2's (and 3's)
             replica = Replica.of(model, Replica.real_like(device))
             with tracker:
                 wrapped = _data_parallel(replica, strategy, device=device)
@@ -4647,6 +4674,9 @@ def _rank_strategy(model, local, strategy, world_size, job, device, reference):
             with step_peak, _fsdp_storage_hooks(tracker):
                 training_step(wrapped, optimizer, micro, **options, tracker=tracker)
             _AllocatorPeak.mark()
+            if device.type == "cpu":  # gloo's worker thread now and then releases a buffer late: a second reading
+                training_step(wrapped, optimizer, micro, **options)
+                _AllocatorPeak.mark()
         summary = _rank_summary(tracker)
     finally:
         tracker.close()
@@ -4654,10 +4684,14 @@ def _rank_strategy(model, local, strategy, world_size, job, device, reference):
     if device.type == "cuda":
         summary["total"], summary["method"] = before + step_peak.peak_bytes, _PeakMemory.CUDA_SOURCE
     elif peak._cpu.marks:
-        summary["total"], summary["method"] = peak._cpu.marks[-1][1], _AllocatorPeak.SOURCE
+        summary["step_peaks"] = [since for _, since in peak._cpu.marks[1:]]  # steps 2 and 3
+        summary["total"], summary["method"] = max(summary["step_peaks"]), _AllocatorPeak.SOURCE
+        if not job["every_thread"]:
+            summary["method"] += "; NB: a free made on gloo's worker thread may be missed (an overcount)"
         summary["held_before_step_bytes"] = peak._cpu.marks[0][0]  # allocated and not freed when step 2 began
     else:
         summary["method"] = _StorageTracker.SOURCE + f": {peak.reason}"
+    summary.setdefault("step_peaks", [summary["total"]])
     summary["state_bytes"] = state_bytes  # parameters, optimizer state, inputs: what the tracker knew of
     step = functools.partial(training_step, wrapped, optimizer, micro, **options)
     times = [_timed(device, step)[1] for _ in range(DIST_TIMED_STEPS)]
@@ -4668,7 +4702,8 @@ def _distributed_child(rank, world_size, port, job_path, out_dir):
     """One rank of measure_distributed (spawned): join the group, run every strategy, write JSON."""
     import datetime
     import torch.distributed as dist
-    job = torch.load(job_path, weights_only=False)
+    every_thread = _AllocatorPeak.count_every_thread()  # first: it knows the blocks allocated from now on
+    job = {**torch.load(job_path, weights_only=False), "every_thread": every_thread}
     torch.set_num_threads(job["threads"])
     device = torch.device(f"cuda:{rank}") if job["backend"] == "nccl" else torch.device("cpu")
     out = {"rank": rank}
@@ -4790,13 +4825,18 @@ def measure_distributed(model, inputs, *, world_size=2, strategy="ddp", optimize
     Starts the ranks (torch.multiprocessing: from a forkserver, else spawn) on a free port of
     127.0.0.1: gloo on CPU, NCCL on CUDA with one GPU per rank.  `inputs` is the global batch, split
     along dim 0.  Each rank runs one step compared with a single process on the whole batch
-    (parity), one step read from its allocator (as measure_memory: the profiler's allocation events
-    on CPU, max_memory_allocated on CUDA, the parts from the storage tracker) with its collectives
-    counted, and DIST_TIMED_STEPS timed steps.  `strategy` is one of DISTRIBUTED_STRATEGIES, or a
-    tuple of them run in one start of the ranks
+    (parity), one step read from its allocator (as measure_memory: the allocator's total through the
+    profiler on CPU, max_memory_allocated on CUDA, the parts from the storage tracker) with its
+    collectives counted, and DIST_TIMED_STEPS timed steps.  `strategy` is one of
+    DISTRIBUTED_STRATEGIES, or a tuple of them run in one start of the ranks
     (then {strategy: result}).  The loss is the mean of the outputs (_mean_loss).  Returns per rank
     `total` (peak bytes), the parts, `sent_bytes`/`received_bytes` per step, `collectives`, `step`
     (time_stats) and on rank 0 `parity`.  Every process is stopped before it returns, on error too.
+
+    On CPU a rank reads a second step's peak too (`step_peaks`; `total` is the higher): gloo's
+    worker thread releases a collective's buffers when it next runs, now and then milliseconds after
+    the program let go of them, and a peak that falls then holds them too.  The lowest reading is the
+    program's own, what estimate_distributed predicts; the others show that scheduling's cost.
     """
     device = resolve_device(device, model)
     strategies = _check_distributed_options(world_size, strategy, optimizer, precision, _most_ranks(device))

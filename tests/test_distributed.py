@@ -56,11 +56,9 @@ def test_ddp_estimate_within_5_percent_and_comm_formula(measured):
     # gradients: (64*128 + 128 + 128*10 + 10) * 4 = 38_344 bytes; ring all-reduce on 2 ranks sends
     # 2 * (2 - 1) / 2 * 38_344 = 38_344 bytes per rank and step
     grad_bytes = (64 * 128 + 128 + 128 * 10 + 10) * 4
-    # NB: when gloo's asynchronous all-reduce frees its bucket varies from run to run: a rank's peak
-    # now and then holds one more gradient-sized buffer (257_772 or 296_212 bytes here, spawn or forkserver)
-    assert min(abs(est["total"] - rank["total"]) for rank in ddp["ranks"]) <= 0.05 * est["total"]
-    for rank in ddp["ranks"]:
-        assert abs(est["total"] - rank["total"]) <= 0.05 * rank["total"] + grad_bytes
+    for rank in ddp["ranks"]:  # the lowest of a rank's readings is the program's own peak
+        assert len(rank["step_peaks"]) == 2 and max(rank["step_peaks"]) == rank["total"]
+        assert abs(est["total"] - min(rank["step_peaks"])) <= 0.05 * min(rank["step_peaks"])
     assert ddp["formula_sent_bytes"] == pytest.approx(grad_bytes)
     counted = ddp["ranks"][0]["collectives"]["all_reduce"]
     assert counted["payload_bytes"] == grad_bytes

@@ -55,11 +55,20 @@ def test_kv_cache_refuses_what_it_cannot_measure():
 # --- measured memory from the allocator, not from the estimate's tracker -------------------------------
 
 def test_running_peak_ignores_frees_of_blocks_allocated_before_the_window():
-    events = [(1, 0xA, 100), (2, 0xB, 50), (3, 0xF, -999), (4, 0, None), (5, 0xA, -100), (6, 0xC, 30),
-              (7, 0, None)]
+    # (time, address, bytes, the allocator's total after it); 999 bytes were held before the window
+    events = [(1, 0xA, 100, 1099), (2, 0xB, 50, 1149), (3, 0xF, -999, 150), (4, 0, None, None),
+              (5, 0xA, -100, 50), (6, 0xC, 30, 80), (7, 0, None, None)]
     peak, end, marks = demo._AllocatorPeak.running_peak(events)
     assert (peak, end) == (150, 80)
     assert marks == [(150, 150), (80, 150)]
+
+
+def test_running_peak_counts_a_free_the_events_do_not_show():
+    # 0xA is freed on a thread the profiler does not follow (gloo's worker): no event, but the
+    # allocator's total drops by its 100 bytes before 0xC is allocated
+    events = [(1, 0xA, 100, 100), (2, 0xB, 50, 150), (3, 0xC, 30, 80), (4, 0, None, None)]
+    peak, end, marks = demo._AllocatorPeak.running_peak(events)
+    assert (peak, end, marks) == (150, 80, [(80, 150)])
 
 
 def test_measure_memory_reads_the_cpu_allocator():
