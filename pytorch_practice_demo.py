@@ -210,6 +210,9 @@ class Profile:
     distributed_batch: int = 64       # the global batch, 32 per rank
     distributed_large: str = "Llama-70B"
     distributed_worlds: tuple = (64,)  # each: a 3- and a 4-layer simulation, ~1 s (8: ~1 s, 512: ~5 s)
+    # the CLI: the zoo's count, the dashboard's memory estimates and the simulations in processes beside
+    # the memory stage (untimed work all): ~107 -> ~94 s busy, about even quiet (2 cores, 4 processes)
+    beside: bool = True
 
     def budget_s(self, stage):
         return getattr(self, f"{stage}_budget_s")
@@ -241,6 +244,7 @@ QUICK = Profile(  # what differs from DEFAULT, and why
     fusion_shape=(512, 1024), fusion_s=0.2, compile_s=60.0, alone_s=5.0,
     distributed_budget_s=4.0, distributed_measure_s=None,  # no spawn: start-up alone is ~5 s
     distributed_worlds=(),                         # the large model's formula only: a simulation is ~1 s
+    beside=False,                                  # starting the processes (~3 s) costs more than it saves
     training_measure_s=1.5,
 )
 PROFILES = {"default": DEFAULT, "quick": QUICK}
@@ -2281,11 +2285,8 @@ class FLOPCalculator:
         }
 
 
-@stage("flop", measures=False)
-def run_flop_analysis(run, *, models=None, batch=1):
-    """Count every zoo model at `batch` (the profile's list by default); one record (dict) per model.
-    Models are built on the meta device, so this takes seconds even for ViT-B/16."""
-    names = list(models or run.profile.flop_models or MODEL_ZOO)
+def count_zoo(names, batch=1, report=None):
+    """One record (dict) per zoo model of `names`: its count at `batch` (FLOPCalculator, on meta)."""
     keys = ("flops", "macs", "other_flops", "training_flops", "backward_flops", "parameters", "trainable_parameters",
             "by_operator", "by_class", "unsupported_ops", "mode", "input_shape", "bytes", "training_bytes",
             "intensity", "by_op_class")  # what the figures draw
@@ -2294,8 +2295,18 @@ def run_flop_analysis(run, *, models=None, batch=1):
         kind, _, make_inputs = MODEL_ZOO[name]
         result = FLOPCalculator().analyze_model(build_model(name), make_inputs(batch))
         records.append({"name": name, "kind": kind, "batch": batch, **{k: result[k] for k in keys}})
-        run.report(i + 1, len(names), name)
-    return {"records": records}
+        if report:
+            report(i + 1, len(names), name)
+    return records
+
+
+@stage("flop", measures=False)
+def run_flop_analysis(run, *, models=None, batch=1, records=None):
+    """Count every zoo model at `batch` (the profile's list by default); one record (dict) per model.
+    Models are built on the meta device, so this takes seconds even for ViT-B/16.  `records`: the
+    same count_zoo already done (the CLI counts it beside the memory stage)."""
+    names = list(models or run.profile.flop_models or MODEL_ZOO)
+    return {"records": records or count_zoo(names, batch, run.report)}
 
 
 # %% =============================================================================================
@@ -4026,12 +4037,18 @@ def plan_latency(calibration, budget_s):
             for n in calibration}
 
 
+def zoo_training_memory(names, batch=Scenarios.TRAIN_MEMORY_BATCH):
+    """{zoo model: estimated peak bytes of a training step (fake tensors, fp32 Adam) at `batch`}."""
+    return {name: estimate_memory(build_model(name), MODEL_ZOO[name][2](batch))["total"] for name in names}
+
+
 @stage("dashboard")
-def run_dashboard_analysis(run, *, flop_records=None, peak_flops=None, time_budget_s=None):
+def run_dashboard_analysis(run, *, flop_records=None, peak_flops=None, time_budget_s=None, training_memory=None):
     """Everything the dashboard draws, per model of the FLOP figure's zoo.
 
     Reuses `flop_records` (the FLOP stage's records, batch 1) and `peak_flops` (the training
-    stage's fp32 matmul peak) when given; adds the estimated training peak at Scenarios.TRAIN_MEMORY_BATCH
+    stage's fp32 matmul peak) and `training_memory` (zoo_training_memory, worked out beside the
+    counting stages) when given; adds the estimated training peak at Scenarios.TRAIN_MEMORY_BATCH
     (fake tensors, fp32 Adam), the measured inference latency at LATENCY_BATCHES planned within
     `time_budget_s` (default: the profile's `latency_s`), each model's utilisation of the peak at
     its largest measured batch (checked_utilisation: never above 1), and the recommendation verdicts.
@@ -4043,11 +4060,12 @@ def run_dashboard_analysis(run, *, flop_records=None, peak_flops=None, time_budg
             "train_memory_batch": Scenarios.TRAIN_MEMORY_BATCH, "peak_flops": peak, "latency_budget_s": budget,
             "models": {}}
     steps = (1 + len(LATENCY_BATCHES)) * len(records)  # a memory estimate, then each latency batch
+    training_memory = training_memory or {}
     for i, record in enumerate(records):  # training memory: fake tensors, no real compute
         name = record["name"]
-        memory = estimate_memory(build_model(name), MODEL_ZOO[name][2](Scenarios.TRAIN_MEMORY_BATCH))
+        memory = training_memory.get(name) or zoo_training_memory([name])[name]
         data["models"][name] = {**{k: record[k] for k in ("kind", "flops", "macs", "training_flops", "parameters")},
-                                "training_memory_bytes": memory["total"]}
+                                "training_memory_bytes": memory}
         run.report(i + 1, steps, f"{name} memory")
     latency = _measure_latencies(records, run.device, budget, run.progress, done=len(records), total=steps,
                                  seed=run.seed)
@@ -4739,8 +4757,9 @@ def _stop(processes):
 
 
 def rank_server():
-    """The multiprocessing context ranks start from, its server started now (main() starts it before
-    the counting stages, whose work does not mind sharing the CPU with the server's imports).
+    """The multiprocessing context ranks (and the CLI's work beside the counting stages, _Beside)
+    start from, its server started now (main() starts it before the counting stages, whose work does
+    not mind sharing the CPU with the server's imports).
 
     forkserver (Linux, macOS) imports torch and this module once, in a fresh server process, and
     forks every rank from it: ~3 s saved per rank on 2 cores.  Not plain fork: this process may have
@@ -4752,13 +4771,24 @@ def rank_server():
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "pytorch_practice_demo"])
+    context.set_forkserver_preload(["torch", "torch._dynamo", "pytorch_practice_demo"])  # _dynamo: the first
+    # optimizer or fake tensor imports it (and sympy), ~1.1 s quiet: paid once here, not in every child
     sys.path.insert(0, str(_HERE))  # the server imports this module by its path
     try:
         server.ensure_running()
     finally:
         sys.path.remove(str(_HERE))
     return context
+
+
+def stop_rank_server():
+    """Nothing stays behind: the forkserver and the resource tracker it started, stopped and waited
+    for (CPython's own _stop, as its tests use); nothing to do when none runs."""
+    import multiprocessing.forkserver as server
+    import multiprocessing.resource_tracker as tracker
+    with contextlib.suppress(AttributeError, OSError, ChildProcessError):
+        server._forkserver._stop()
+        tracker._resource_tracker._stop()
 
 
 def _spawn_ranks(job, world_size, timeout_s):
@@ -4786,12 +4816,7 @@ def _spawn_ranks(job, world_size, timeout_s):
                 processes[0].join(0.05)
         finally:
             _stop(processes)
-            if context.get_start_method() == "forkserver":  # nothing stays behind: the server and the resource
-                import multiprocessing.forkserver as server    # tracker it started, stopped and waited for
-                import multiprocessing.resource_tracker as tracker  # (CPython's own _stop, as its tests use)
-                with contextlib.suppress(AttributeError, OSError, ChildProcessError):
-                    server._forkserver._stop()
-                    tracker._resource_tracker._stop()
+            stop_rank_server()
         results = []
         for rank, p in enumerate(processes):
             path = Path(tmp) / f"rank{rank}.json"
@@ -5059,11 +5084,17 @@ def _measured_part(model, inputs, world_size, run):
                                device="cpu"), None
 
 
+def simulate_worlds(name, worlds):
+    """simulate_per_layer(name, n) for each world size n of `worlds`."""
+    return [simulate_per_layer(name, n) for n in worlds]
+
+
 @stage("distributed")
-def run_distributed_analysis(run, *, world_size=2):
+def run_distributed_analysis(run, *, world_size=2, simulated=None):
     """Per-rank memory, communication and gradient parity of ddp, zero2 and fsdp for a small MLP on
     `world_size` ranks, measured in spawned processes (gloo on CPU) beside the estimate; a Llama-70B
-    simulated per rank (one layer scaled) beside the ZeRO paper's formula."""
+    simulated per rank (one layer scaled) beside the ZeRO paper's formula (`simulated`: those
+    simulations, simulate_worlds of the profile's, worked out beside the counting stages)."""
     p = run.profile
     model, batch = mlp(p.distributed_width, in_features=256), p.distributed_batch
     inputs = (batch, 256)
@@ -5081,7 +5112,7 @@ def run_distributed_analysis(run, *, world_size=2):
     large, (parameters, zero) = p.distributed_large, _zero_curves(p.distributed_large)
     data["large"] = {"name": large, "parameters": parameters, "worlds": list(ZERO_WORLDS), "zero": zero,
                      "tokens": 256, "simulated_worlds": list(p.distributed_worlds),
-                     "simulated": [simulate_per_layer(large, n) for n in p.distributed_worlds],
+                     "simulated": simulated or simulate_worlds(large, p.distributed_worlds),
                      "zero_7b": _zero_curves("Llama-7B")[1]["ZeRO-3"],
                      "device_memory_bytes": DEVICE_MEMORY_BYTES}
     run.report(4, 4, large)
@@ -8202,8 +8233,13 @@ def _reused(stage, done):
     """Earlier stages' data a stage takes instead of redoing it (a stage that failed left an error)."""
     ok = {name: data for name, data in done.items() if isinstance(data, dict) and "error" not in data}
     flop_records = ok.get("flop", {}).get("records")
+    if stage == "flop":
+        return {"records": BESIDE.pop("flop", None)}
     if stage == "dashboard":
-        return {"flop_records": flop_records, "peak_flops": ok.get("training", {}).get("peak_flops", {}).get("fp32")}
+        return {"flop_records": flop_records, "peak_flops": ok.get("training", {}).get("peak_flops", {}).get("fp32"),
+                "training_memory": BESIDE.pop("dashboard", None)}
+    if stage == "distributed":
+        return {"simulated": BESIDE.pop("distributed", None)}
     if stage == "roofline":  # the best fp32 peak so far: the dashboard re-measures one a latency beat
         peaks = [ok.get(s, {}).get("peak_flops", {}) for s in ("training", "dashboard")]
         peaks = [p.get("fp32", p) for p in peaks if p]
@@ -8306,6 +8342,64 @@ def _progress(stage, started):
 
 
 PENDING_FIGURES = {}  # stage -> what draws its figure(s), once every stage has measured (_draw_all)
+
+
+def _write_result(fn, args, path):
+    write_json_atomic(fn(*args), Path(path))
+
+
+class _Beside:
+    """`fn(*args)` in a process of the rank server (a clean one, torch imported) while this one runs
+    the counting stages: untimed work both, so sharing the CPU changes no number (_start_beside:
+    ~5 s of a quiet run, ~15 s of a busy one)."""
+
+    def __init__(self, fn, *args):
+        self._dir = tempfile.TemporaryDirectory(prefix="lab-beside-")
+        self._path = Path(self._dir.name) / "result.json"
+        sys.path.insert(0, str(_HERE))  # the child imports this module by its path
+        try:
+            self._process = rank_server().Process(target=_write_result, args=(fn, args, str(self._path)),
+                                                  daemon=True)
+            self._process.start()
+        finally:
+            sys.path.remove(str(_HERE))
+
+    def result(self):
+        """Its result once it is done (None if it failed: the stage then does the work itself)."""
+        self._process.join()
+        try:
+            return json.loads(self._path.read_text()) if self._path.exists() else None
+        finally:
+            self._dir.cleanup()
+
+    def stop(self):
+        _stop([self._process])
+        self._dir.cleanup()
+
+
+BESIDE = {}  # stage -> its _Beside work while the counting stages run, then that work's result
+
+
+def _start_beside(args):
+    """The zoo's count, the dashboard's memory estimates and the distributed stage's large simulations
+    beside the memory stage (run first then) and the FLOP stage."""
+    p = PROFILES[args.profile]
+    if not p.beside or not {"flop", "memory"} & set(args.only) or (os.cpu_count() or 1) < 2:
+        return
+    if {"flop", "memory"} <= set(args.only):
+        BESIDE["flop"] = _Beside(count_zoo, list(p.flop_models or MODEL_ZOO))
+    if "dashboard" in args.only:
+        BESIDE["dashboard"] = _Beside(zoo_training_memory, list(p.flop_models or MODEL_ZOO))
+    if "distributed" in args.only:
+        BESIDE["distributed"] = _Beside(simulate_worlds, p.distributed_large, list(p.distributed_worlds))
+
+
+def _finish_beside(stage):
+    """Before `stage`: wait for its work started beside, or for all of it before a stage that times
+    something (nothing runs beside one); keep the results."""
+    for name, work in list(BESIDE.items()):
+        if isinstance(work, _Beside) and (name == stage or stage not in ("flop", "memory")):
+            BESIDE[name] = work.result()
 
 
 def _run_stage(stage, args, device, out, done, budget_s):
@@ -8500,12 +8594,28 @@ def main(argv=None):
 def _measure_stages(args, device, out, results, failed):
     """Every stage in order, its data and timing into `results`; 130 on Ctrl-C (the finished
     stages' numbers written and their figures drawn, Ctrl-C again skips that), else None."""
-    started, done = _now(), 0
     early = "distributed" in args.only and PROFILES[args.profile].distributed_measure_s is not None
-    for stage in args.only:
+    _start_beside(args)
+    try:
+        return _each_stage(args, device, out, results, failed, early)
+    finally:  # after Ctrl-C or a failure too: no process stays behind
+        for work in BESIDE.values():
+            if isinstance(work, _Beside):
+                work.stop()
+        BESIDE.clear()
+        stop_rank_server()
+
+
+def _each_stage(args, device, out, results, failed, early):
+    started, done = _now(), 0
+    order = list(args.only)
+    if "flop" in BESIDE:  # the memory stage first: the zoo is counted beside it
+        order.sort(key=lambda s: s != "memory")
+    for stage in order:
         if early and stage in ("memory", "distributed"):  # its imports overlap the memory stage, which times
             rank_server()                                  # nothing (allocator readings do not mind a busy CPU)
             early = False
+        _finish_beside(stage)
         started_stage, budget_s = _now(), _stage_budget_s(args, stage, results["stages"])
         print(f"[{stage}] {FIGURE_FILES[stage]} (budget {budget_s:g}s) ...", flush=True)
         try:

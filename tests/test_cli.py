@@ -138,14 +138,27 @@ def test_dashboard_reuses_flop_counts_and_the_training_peak(monkeypatch):
     peak = {"flops_per_s": 1e15, "precision": "fp32", "matmul_size": 512, "method": "given"}
     monkeypatch.setattr(demo, "run_flop_analysis", lambda **kw: pytest.fail("FLOPs counted again"))
     monkeypatch.setattr(demo, "measure_peak_flops", lambda *a, **kw: pytest.fail("peak measured again"))
-    data = demo.run_dashboard_analysis(flop_records=records, peak_flops=peak, time_budget_s=1)
+    memory = demo.zoo_training_memory(["MLP-512", "MNIST-CNN"])
+    monkeypatch.setattr(demo, "zoo_training_memory", lambda *a, **kw: pytest.fail("memory estimated again"))
+    data = demo.run_dashboard_analysis(flop_records=records, peak_flops=peak, time_budget_s=1, training_memory=memory)
     assert list(data["models"]) == ["MLP-512", "MNIST-CNN"] and data["peak_flops"] is peak
-    for m in data["models"].values():
-        assert m["training_memory_bytes"] > 0
+    for name, m in data["models"].items():
+        assert m["training_memory_bytes"] == memory[name] > 0
         assert [r["batch"] for r in m["latency"]] == list(demo.LATENCY_BATCHES)
         assert m["latency"][0]["median_s"] > 0
     fig = demo.create_comprehensive_dashboard(None, data=data)
     assert_panels(fig, 6)
+
+
+def test_work_beside_the_counting_stages_gives_the_same_numbers_and_leaves_nothing():
+    import multiprocessing
+    work = demo._Beside(demo.count_zoo, ["MLP-512", "MNIST-CNN"])
+    try:
+        beside = work.result()
+    finally:
+        demo.stop_rank_server()
+    assert beside == json.loads(json.dumps(demo.count_zoo(["MLP-512", "MNIST-CNN"])))  # through its JSON
+    assert multiprocessing.active_children() == []
 
 
 def test_recommendation_rule():
@@ -185,9 +198,9 @@ def test_only_updates_its_stage_inside_the_existing_results(tmp_path, monkeypatc
     monkeypatch.setattr(demo, "run_memory_analysis", fast["memory"])
     monkeypatch.setattr(demo, "visualize_flop_analysis", lambda *a, **kw: None)
     monkeypatch.setattr(demo, "visualize_memory_analysis", lambda *a, **kw: None)
-    assert demo.main(["--only", "flop,memory", "--output-dir", str(tmp_path)]) == 0
+    assert demo.main(["--only", "flop,memory", "--quick", "--output-dir", str(tmp_path)]) == 0
     first = json.loads((tmp_path / "results.json").read_text())
-    assert demo.main(["--only", "flop", "--output-dir", str(tmp_path), "--seed", "3"]) == 0
+    assert demo.main(["--only", "flop", "--quick", "--output-dir", str(tmp_path), "--seed", "3"]) == 0
     second = json.loads((tmp_path / "results.json").read_text())
     assert set(second["stages"]) == {"flop", "memory"}  # memory's numbers stay beside its PNG
     assert second["stages"]["memory"] == first["stages"]["memory"]
@@ -202,7 +215,8 @@ def test_ctrl_c_keeps_the_numbers_of_the_stages_that_finished(tmp_path, monkeypa
     def interrupted(**kw):
         raise KeyboardInterrupt
     monkeypatch.setattr(demo, "run_memory_analysis", interrupted)
-    assert demo.main(["--only", "flop,memory", "--output-dir", str(tmp_path)]) == 130
+    # --quick: nothing beside the stages (the default profile counts the zoo beside memory, run first)
+    assert demo.main(["--only", "flop,memory", "--quick", "--output-dir", str(tmp_path)]) == 130
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["stages"]) == {"flop"} and results["interrupted"] == "memory"
 
