@@ -4227,18 +4227,21 @@ def _step_of(model, inputs, training, precision, device):
 
 
 def roofline(model, inputs, *, training=True, device=None, precision="fp32", time_budget_s=None, peak=None,
-             bandwidth=None, dispatch=None):
+             bandwidth=None, dispatch=None, page_faults=None):
     """Where the time of one step of `model` goes, and why: each op's FLOPs and bytes (counted),
     its measured self time (torch.profiler), its bound and its roofline time max(FLOPs / peak,
     bytes / bandwidth), per op and per op class (_CountingMode.OP_CLASSES), against the measured step.
 
     training: a training step (forward, backward, Adam) or a no-grad forward; precision: fp32 or an
     autocast precision (amp_bf16, amp_fp16), as supported_precisions(device) lists.  `peak`,
-    `bandwidth` and `dispatch` (measure_peak_flops, measure_bandwidth, measure_dispatch results) are
-    measured when not given.  The model is never changed: everything runs on a replica.
+    `bandwidth`, `dispatch` and `page_faults` (measure_peak_flops, measure_bandwidth,
+    measure_dispatch, measure_page_faults results) are measured when not given.  The model is never
+    changed: everything runs on a replica.
     Returns rows (per op), classes, predicted_step_s (roofs only), predicted_with_dispatch_s (plus
-    each op call's measured dispatch cost), measured_step_s (median, with its spread),
-    overhead_s, peak_flops_per_s, bandwidth_bytes_per_s, ridge_flops_per_byte.
+    each op call's measured dispatch cost), page_faults and page_fault_s (a timed step's minor page
+    faults, median, and what they cost at measure_page_faults' rate: measured, not predicted),
+    measured_step_s (median, with its spread), overhead_s, peak_flops_per_s, bandwidth_bytes_per_s,
+    ridge_flops_per_byte.
     """
     Replica.check(model)
     device = resolve_device(device, model)
@@ -4248,9 +4251,12 @@ def roofline(model, inputs, *, training=True, device=None, precision="fp32", tim
     peak = peak or measure_peak_flops(device, precision, time_budget_s=DEFAULT.peak_s / 2)
     bandwidth = bandwidth or measure_bandwidth(device, time_budget_s=DEFAULT.bandwidth_s)
     dispatch = dispatch or measure_dispatch(device)
+    page_faults = page_faults or measure_page_faults(device)
     try:
         replica, step = _step_of(model, inputs, training, precision, device)
-        timed = measure(step, device=device, budget_s=budget.seconds, always=True, what="step")
+        faults = []  # minor page faults of each call
+        timed = measure(_counting_faults(step, faults), device=device, budget_s=budget.seconds, always=True,
+                        what="step")
         counter = _CountingMode()
         with counter.tracking(replica):
             step(counter)
@@ -4259,8 +4265,13 @@ def roofline(model, inputs, *, training=True, device=None, precision="fp32", tim
         raise
     except Exception as err:  # the model cannot run these inputs: the lab's short error, naming the cause
         raise Replica.error(model, args, kwargs, err) from None
-    return _roofline_result(counter, times, timed, profiled_s, peak, bandwidth, dispatch, training, precision,
-                            device)
+    result = _roofline_result(counter, times, timed, profiled_s, peak, bandwidth, dispatch, training, precision,
+                              device)
+    faults = float(np.median(faults[-timed["runs"]:])) if None not in faults else None  # the timed runs'
+    rate = page_faults.get("s_per_fault")
+    result.update(page_faults=faults, page_fault_s=None if faults is None or rate is None else faults * rate,
+                  page_fault_cost=page_faults)
+    return result
 
 
 def _roofline_result(counter, times, timed, profiled_s, peak, bandwidth, dispatch, training, precision, device):
@@ -4299,6 +4310,57 @@ def measure_dispatch(device=None, *, time_budget_s=0.1):
                       f"{calls} op calls"}
 
 
+def _counting_faults(step, counts):
+    """`step` that appends its call's minor page faults to `counts` (None where the OS does not
+    count them).  NB: counted on the timed runs, not on the profiled step: the profiler's own
+    buffers keep the heap's top in use, and the step's faults vanish under it."""
+    def run(*args, **kwargs):
+        before = minor_page_faults()
+        out = step(*args, **kwargs)
+        counts.append(None if before is None else minor_page_faults() - before)
+        return out
+    return run
+
+
+def minor_page_faults():
+    """The process's minor page faults so far (getrusage), or None where the OS does not count them."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+FIRST_TOUCH_BYTES = 64 * MIB  # above glibc's largest mmap threshold (32 MiB): a fresh mapping every time
+
+
+def measure_page_faults(device=None, *, time_budget_s=0.1):
+    """Seconds one minor page fault costs on this CPU: filling a fresh FIRST_TOUCH_BYTES tensor
+    (memory the OS maps in and zeroes page by page as it is first touched) against filling one
+    already held, over the faults the fresh one took.  A large tensor made anew each step pays this
+    every step: the CPU allocator hands big blocks back to the OS on free (glibc maps blocks above its
+    mmap threshold and unmaps them; it trims the heap's free top), where a GPU's caching allocator
+    keeps them.  CPU only; elsewhere `skipped` says why."""
+    device = resolve_device(device)
+    if device.type != "cpu" or minor_page_faults() is None:
+        return {"s_per_fault": None, "skipped": "page faults are counted on a CPU whose OS reports them "
+                                                f"(getrusage): not {device.type} here"}
+    n = FIRST_TOUCH_BYTES // 4
+    held = torch.empty(n)
+    fresh = measure(lambda: torch.empty(n).fill_(1.0), device=device, budget_s=time_budget_s / 2, always=True,
+                    what="fresh fill")
+    reused = measure(held.fill_, 1.0, device=device, budget_s=time_budget_s / 2, always=True, what="held fill")
+    before = minor_page_faults()
+    torch.empty(n).fill_(1.0)
+    faults = minor_page_faults() - before
+    extra_s = max(fresh["median_s"] - reused["median_s"], 0.0)
+    return {"s_per_fault": extra_s / faults if faults else None, "faults_per_fill": faults,
+            "fresh_s": fresh["median_s"], "held_s": reused["median_s"], "bytes": FIRST_TOUCH_BYTES,
+            "skipped": None if faults else "filling fresh memory took no page fault here",
+            "method": f"fill of a fresh {FIRST_TOUCH_BYTES // MIB} MiB tensor minus the same fill of a held one "
+                      f"(medians), over its {faults} minor page faults"}
+
+
 # name -> (builder, inputs(batch), batch): small models of four kinds, a step each of a few ms
 ROOFLINE_MODELS = {
     "MLP-2048": (functools.partial(mlp, 2048), lambda b: (b, 1024), 64),
@@ -4327,19 +4389,19 @@ def run_roofline_analysis(run, *, peak_flops=None, models=None):
     names = list(models or p.roofline_models or ROOFLINE_MODELS)
     peak = peak_flops or measure_peak_flops(device, time_budget_s=p.peak_s)
     bandwidth = measure_bandwidth(device, time_budget_s=p.bandwidth_s)
-    dispatch = measure_dispatch(device)
-    models = _roofline_models(run, names, peak, bandwidth, dispatch)
+    roofs = {"bandwidth": bandwidth, "dispatch": measure_dispatch(device), "page_faults": measure_page_faults(device)}
+    models = _roofline_models(run, names, peak, roofs)
     if peak_flops and _above(models, {**peak, "flops_per_s": 1.3 * peak["flops_per_s"]}):  # far above: a peak
         # taken in a bad moment (a busy machine), measured once more as MFU's is; a oneDNN convolution a few
         # percent above the matmul sweep's best is real and stays listed in above_roof
         again = measure_peak_flops(device, time_budget_s=p.peak_s)
         if again["flops_per_s"] > peak["flops_per_s"]:
             peak = {**again, "remeasured": True}
-            models = _roofline_models(run, names, peak, bandwidth, dispatch)
-    data = {"device": _device_name(device), "profile": p.name, "peak_flops": {"fp32": peak}, "bandwidth": bandwidth,
-            "dispatch": dispatch, "ridge_flops_per_byte": peak["flops_per_s"] / bandwidth["bytes_per_s"],
+            models = _roofline_models(run, names, peak, roofs)
+    data = {"device": _device_name(device), "profile": p.name, "peak_flops": {"fp32": peak}, **roofs,
+            "ridge_flops_per_byte": peak["flops_per_s"] / bandwidth["bytes_per_s"],
             "models": models, "low_precision": None}
-    data["low_precision"] = _low_precision_case(run, names[0], peak, bandwidth, dispatch)
+    data["low_precision"] = _low_precision_case(run, names[0], roofs)
     data["why"] = {name: {c: v["why"] for c, v in m["classes"].items()} for name, m in data["models"].items()}
     data["above_roof"] = [f"{name} {c}: {readable(v['achieved_flops_per_s'], 'FLOP/s')} above the measured peak "
                           "(a kernel the matmul sweep does not reach, or a peak measured in a busy moment)"
@@ -4348,13 +4410,14 @@ def run_roofline_analysis(run, *, peak_flops=None, models=None):
     return data
 
 
-def _roofline_models(run, names, peak, bandwidth, dispatch):
-    """roofline() of each of ROOFLINE_MODELS[names] in fp32 against these roofs."""
+def _roofline_models(run, names, peak, roofs):
+    """roofline() of each of ROOFLINE_MODELS[names] in fp32 against these roofs (bandwidth, dispatch,
+    page_faults)."""
     models = {}
     for i, name in enumerate(names):
         builder, make_inputs, batch = ROOFLINE_MODELS[name]
-        result = roofline(builder(), make_inputs(batch), device=run.device, peak=peak, bandwidth=bandwidth,
-                          dispatch=dispatch, time_budget_s=run.profile.roofline_step_s)
+        result = roofline(builder(), make_inputs(batch), device=run.device, peak=peak, **roofs,
+                          time_budget_s=run.profile.roofline_step_s)
         models[name] = {"batch": batch, **result, "rows": result["rows"][:ROOFLINE_TOP_OPS]}
         run.report(i + 1, len(names) + 1, name)
     return models
@@ -4369,7 +4432,7 @@ def _above(models, peak):
 ROOFLINE_TOP_OPS = 25  # per-op rows kept per model in results.json (by measured time): the rest is in the classes
 
 
-def _low_precision_case(run, name, peak, bandwidth, dispatch):
+def _low_precision_case(run, name, roofs):
     """The first model's step in fp32 beside the same step under low-precision autocast, each class
     on its own precision's roofs; None with a reason where no low precision runs here."""
     precision = _low_precision(run.device)
@@ -4377,8 +4440,8 @@ def _low_precision_case(run, name, peak, bandwidth, dispatch):
         return {"skipped": "no autocast precision here" if precision is None else "the stage's budget is spent"}
     builder, make_inputs, batch = ROOFLINE_MODELS[name]
     low_peak = measure_peak_flops(run.device, precision, time_budget_s=run.profile.peak_s / 2)
-    low = roofline(builder(), make_inputs(batch), device=run.device, precision=precision, peak=low_peak,
-                   bandwidth=bandwidth, dispatch=dispatch, time_budget_s=run.profile.roofline_step_s)
+    low = roofline(builder(), make_inputs(batch), device=run.device, precision=precision, peak=low_peak, **roofs,
+                   time_budget_s=run.profile.roofline_step_s)
     return {"model": name, "batch": batch, "precision": precision, "peak_flops": low_peak, "skipped": None,
             **{k: low[k] for k in ("classes", "measured_step_s", "predicted_step_s", "ridge_flops_per_byte")}}
 
@@ -6146,6 +6209,9 @@ LABELS = {
     "roof_pred": ("屋顶线预测 max(FLOPs/峰值, 字节/带宽)", "roofline: max(FLOPs/peak, bytes/bandwidth)"),
     "roof_dispatch": ("每次算子调用的开销 × 调用次数（实测 {us:.1f} µs/次）",
                       "per-call overhead x calls ({us:.1f} µs/call, measured)"),
+    "roof_faults": ("缺页：首次触碰新分配的内存（实测次数 × {us:.2f} µs/次）",
+                    "page faults: first touch of fresh memory (counted x {us:.2f} µs each)"),
+    "roof_faults_none": ("缺页：本机未计数", "page faults: not counted here"),
     "roof_overhead": ("其余开销（调度、Python、小算子达不到屋顶）",
                       "rest: overhead (dispatch, Python, small ops below the roof)"),
     "roof_pred_share": ("屋顶线解释 {v:.0%}", "roofline explains {v:.0%}"),
@@ -7592,13 +7658,17 @@ def _plot_step_prediction(ax, data):
     ms = {n: data["models"][n] for n in names}
     pred = np.array([ms[n]["predicted_step_s"] for n in names]) * 1e3
     disp = np.array([ms[n]["predicted_with_dispatch_s"] - ms[n]["predicted_step_s"] for n in names]) * 1e3
+    faults = np.array([ms[n].get("page_fault_s") or 0.0 for n in names]) * 1e3
     meas = np.array([ms[n]["measured_step_s"] for n in names]) * 1e3
-    rest = np.maximum(meas - pred - disp, 0)
+    rest = np.maximum(meas - pred - disp - faults, 0)
     ax.barh(y - h / 2, pred, h, color=PALETTE.blue, label=_t("roof_pred"))
     ax.barh(y - h / 2, disp, h, left=pred, color=PALETTE.olive,
             label=_t("roof_dispatch", us=data["dispatch"]["s_per_call"] * 1e6))
-    ax.barh(y - h / 2, rest, h, left=pred + disp, color=PALETTE.unmeasured, hatch="xx", edgecolor=PALETTE.faint,
-            label=_t("roof_overhead"))
+    cost = (data.get("page_faults") or {}).get("s_per_fault")
+    ax.barh(y - h / 2, faults, h, left=pred + disp, color=PALETTE.purple,
+            label=_t("roof_faults", us=cost * 1e6) if cost else _t("roof_faults_none"))
+    ax.barh(y - h / 2, rest, h, left=pred + disp + faults, color=PALETTE.unmeasured, hatch="xx",
+            edgecolor=PALETTE.faint, label=_t("roof_overhead"))
     err = [[(ms[n]["measured"]["median_s"] - ms[n]["measured"]["spread_lo_s"]) * 1e3 for n in names],
            [(ms[n]["measured"]["spread_hi_s"] - ms[n]["measured"]["median_s"]) * 1e3 for n in names]]
     ax.barh(y + h / 2, meas, h, color=PALETTE.dark, xerr=err, capsize=3, label=_t("roof_measured"))

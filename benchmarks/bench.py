@@ -290,11 +290,11 @@ def case_roofline_prediction():
     import torch
     import transformers
 
-    from pytorch_practice_demo import (ROOFLINE_MODELS, measure_bandwidth, measure_dispatch, measure_peak_flops,
-                                       roofline, threads_for_load)
+    from pytorch_practice_demo import (ROOFLINE_MODELS, measure_bandwidth, measure_dispatch, measure_page_faults,
+                                       measure_peak_flops, roofline, threads_for_load)
     torch.set_num_threads(threads_for_load()[0])
     roofs = {"peak": measure_peak_flops("cpu"), "bandwidth": measure_bandwidth("cpu"),
-             "dispatch": measure_dispatch("cpu")}
+             "dispatch": measure_dispatch("cpu"), "page_faults": measure_page_faults("cpu")}
     cases = {name: (builder(), make(batch)) for name, (builder, make, batch) in ROOFLINE_MODELS.items()}
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=2048,
                                                                 n_positions=64))
@@ -303,15 +303,19 @@ def case_roofline_prediction():
     for name, (model, x) in cases.items():
         r = roofline(model, x, device="cpu", time_budget_s=0.5, **roofs)
         miss = max(r["classes"].items(), key=lambda kv: kv[1]["measured_s"] - kv[1]["predicted_s"])
+        explained = r["predicted_with_dispatch_s"] + (r["page_fault_s"] or 0)
         rows[name] = {"measured_ms": round(r["measured_step_s"] * 1e3, 2),
                       "predicted_ms": round(r["predicted_step_s"] * 1e3, 2),
                       "with_dispatch_ms": round(r["predicted_with_dispatch_s"] * 1e3, 2),
                       "error": f"{r['predicted_step_s'] / r['measured_step_s'] - 1:+.0%}",
                       "error_with_dispatch": f"{r['predicted_with_dispatch_s'] / r['measured_step_s'] - 1:+.0%}",
+                      "page_faults": r["page_faults"], "page_fault_ms": round((r["page_fault_s"] or 0) * 1e3, 2),
+                      "explained_with_faults": f"{explained / r['measured_step_s'] - 1:+.0%}",
                       "largest_miss": f"{miss[0]} ({(miss[1]['measured_s'] - miss[1]['predicted_s']) * 1e3:.1f} ms)"}
     return {"peak_gflops": round(roofs["peak"]["flops_per_s"] / 1e9, 1),
             "bandwidth_gb_s": round(roofs["bandwidth"]["bytes_per_s"] / 1e9, 1),
             "dispatch_us": round(roofs["dispatch"]["s_per_call"] * 1e6, 2), "threads": torch.get_num_threads(),
+            "page_fault_us": round((roofs["page_faults"]["s_per_fault"] or 0) * 1e6, 2),
             "models": rows, "goal": "within 30 %"}
 
 

@@ -78,7 +78,8 @@ def test_last_level_cache_says_where_it_comes_from():
 
 # --- roofline() on the learner's model ------------------------------------------------------------------
 
-ROOFS = {"peak": {"flops_per_s": 1e10}, "bandwidth": {"bytes_per_s": 1e10}, "dispatch": {"s_per_call": 1e-6}}
+ROOFS = {"peak": {"flops_per_s": 1e10}, "bandwidth": {"bytes_per_s": 1e10}, "dispatch": {"s_per_call": 1e-6},
+         "page_faults": {"s_per_fault": 1e-6}}
 
 
 def test_roofline_on_a_tiny_mlp_returns_rows_and_leaves_the_model_unchanged():
@@ -96,6 +97,18 @@ def test_roofline_on_a_tiny_mlp_returns_rows_and_leaves_the_model_unchanged():
         assert set(row) >= {"flops", "bytes", "intensity", "measured_s", "achieved_flops_per_s", "bound",
                             "predicted_s"}
     assert r["predicted_with_dispatch_s"] == pytest.approx(r["predicted_step_s"] + r["calls"] * 1e-6)
+    if r["page_faults"] is not None:  # counted (getrusage): each at the given 1 µs
+        assert r["page_fault_s"] == pytest.approx(r["page_faults"] * 1e-6)
+
+
+@pytest.mark.skipif(demo.minor_page_faults() is None, reason="this OS does not count page faults")
+def test_a_fresh_tensor_pays_its_page_faults():
+    cost = demo.measure_page_faults("cpu", time_budget_s=0.1)
+    # 64 MiB of fresh memory: at most one fault per 4 KiB page and the mapping's header page (fewer with
+    # huge pages), each costing time
+    assert 0 < cost["faults_per_fill"] <= demo.FIRST_TOUCH_BYTES // 4096 + 1
+    assert cost["s_per_fault"] is None or cost["s_per_fault"] > 0
+    assert cost["fresh_s"] > 0 and cost["held_s"] > 0
 
 
 def test_time_in_a_backend_kernel_goes_to_the_op_the_counter_priced():
