@@ -859,18 +859,33 @@ class Load:
 
     @staticmethod
     def ticks():
-        """(busy ticks of the whole machine, all ticks, this process's ticks) from /proc; None off Linux."""
+        """(busy ticks of the whole machine, all ticks, the lab's own ticks) from /proc; None off Linux."""
         try:
             fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-            own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, ValueError, IndexError):
             return None
         idle = fields[3] + fields[4]  # idle + iowait
-        return sum(fields) - idle, sum(fields), int(own[11]) + int(own[12])  # utime + stime
+        return sum(fields) - idle, sum(fields), Load.own_ticks()
+
+    @staticmethod
+    def own_ticks():
+        """CPU ticks of this process and of every process it started, running or ended (the lab's
+        ranks, its work beside a stage, its drawing process): they are not other programs' load."""
+        import psutil
+        try:
+            pids = [os.getpid()] + [c.pid for c in psutil.Process().children(recursive=True)]
+        except psutil.Error:
+            pids = [os.getpid()]
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += sum(int(v) for v in stat[11:15])  # utime, stime, and the ended children's cutime, cstime
+        return total
 
     @staticmethod
     def others_busy_cores(start, end):
-        """Cores that processes other than this one kept busy between two ticks() (None if unknown)."""
+        """Cores that processes other than the lab's kept busy between two ticks() (None if unknown)."""
         if not (start and end):
             return None
         busy, total, own = (e - s for e, s in zip(end, start))
@@ -4240,8 +4255,9 @@ def roofline(model, inputs, *, training=True, device=None, precision="fp32", tim
     Returns rows (per op), classes, predicted_step_s (roofs only), predicted_with_dispatch_s (plus
     each op call's measured dispatch cost), page_faults and page_fault_s (a timed step's minor page
     faults, median, and what they cost at measure_page_faults' rate: measured, not predicted),
-    measured_step_s (median, with its spread), overhead_s, peak_flops_per_s, bandwidth_bytes_per_s,
-    ridge_flops_per_byte.
+    measured_step_s (median, with its spread), overhead_s (measured - predicted_step_s: all the roofs
+    leave unexplained, the per-call cost and the page faults included), peak_flops_per_s,
+    bandwidth_bytes_per_s, ridge_flops_per_byte.
     """
     Replica.check(model)
     device = resolve_device(device, model)
@@ -4587,15 +4603,17 @@ class _RankTracker(_StorageTracker):
 
     def resized(self, tensor, before, after):
         """FSDP frees and re-grows parameter storages in place (storage.resize_): log it as a free or
-        an allocation of that storage."""
+        an allocation of that storage.  What it re-grows holds the all-gathered (unsharded)
+        parameters: "gathered", not the activations or temporaries its phase would make it."""
         storage = _local(tensor).untyped_storage()
         key = self.live.get(id(storage))
         if after and not before:
             if key is None:
-                self.add(tensor)
+                key = self.add(tensor)
             elif key in self.resized_away:
                 self.resized_away.discard(key)
                 self.events.append((key, 1))
+            self.info[key][2] = self.info[key][2] or "gathered"
         elif before and not after and key is not None and key not in self.resized_away:
             self.resized_away.add(key)
             self.events.append((key, -1))
@@ -4637,17 +4655,19 @@ def _fsdp_storage_hooks(tracker):
 
 
 def _rank_summary(tracker):
-    """_memory_summary plus the communication buffers (total and at the peak) and the collectives."""
+    """_memory_summary plus the communication buffers and the all-gathered parameters (total and at
+    the peak) and the collectives."""
     summary = tracker.summary()
-    live = comm = at_peak = peak = 0
+    live, peak, parts, at_peak = 0, 0, Counter(), Counter()
     for key, sign in tracker.events:
         nbytes, _, category = tracker.info[key]
         live += sign * nbytes
-        comm += sign * nbytes if category == "communication" else 0
+        parts[category] += sign * nbytes
         if live > peak:
-            peak, at_peak = live, comm
-    summary["communication_bytes"] = sum(n for n, _, c in tracker.info if c == "communication")
-    summary["at_peak"]["communication_bytes"] = int(at_peak)
+            peak, at_peak = live, Counter(parts)
+    for category, part in (("communication", "communication_bytes"), ("gathered", "gathered_parameter_bytes")):
+        summary[part] = sum(n for n, _, c in tracker.info if c == category)
+        summary["at_peak"][part] = int(at_peak[category])
     summary["collectives"], summary["sent_bytes"] = tracker.communication()
     summary["received_bytes"] = summary["sent_bytes"]  # a ring receives what it sends
     return summary
@@ -5193,10 +5213,11 @@ def own_distributed(run, model, inputs, world_size):
     def global_batch(n):  # n ranks' batches, as one input
         args, kwargs = Replica.map(local, lambda t: t.repeat(n, *[1] * (t.dim() - 1)) if t.dim() else t)
         return kwargs or args
-    out = []
+    out, rank_batch = [], tree_flatten(local)[0][0].shape[0]
     for n in dict.fromkeys((2, int(world_size))):
-        data = {"world_size": n, "estimated": {s: estimate_distributed(model, global_batch(n), world_size=n, strategy=s)
-                                               for s in DISTRIBUTED_STRATEGIES},
+        data = {"world_size": n, "rank_batch": rank_batch, "global_batch": n * rank_batch,
+                "estimated": {s: estimate_distributed(model, global_batch(n), world_size=n, strategy=s)
+                              for s in DISTRIBUTED_STRATEGIES},
                 "single": {"measured": None, "estimate": estimate_memory(model, local[1] or local[0],
                                                                          loss_fn=_mean_loss)}}
         data["measured"], data["measured_skipped"] = None, f"simulated only: this machine runs 2 ranks, not {n}"
@@ -6212,6 +6233,9 @@ LABELS = {
     "roof_faults": ("缺页：首次触碰新分配的内存（实测次数 × {us:.2f} µs/次）",
                     "page faults: first touch of fresh memory (counted x {us:.2f} µs each)"),
     "roof_faults_none": ("缺页：本机未计数", "page faults: not counted here"),
+    "roof_faults_zero": ("缺页：这次各模型每步 0 次（每次 {us:.2f} µs；新进程里的大张量才会缺页）",
+                         "page faults: none per step this run ({us:.2f} µs each; big fresh tensors in a new process "
+                         "take them)"),
     "roof_overhead": ("其余开销（调度、Python、小算子达不到屋顶）",
                       "rest: overhead (dispatch, Python, small ops below the roof)"),
     "roof_pred_share": ("屋顶线解释 {v:.0%}", "roofline explains {v:.0%}"),
@@ -7665,8 +7689,9 @@ def _plot_step_prediction(ax, data):
     ax.barh(y - h / 2, disp, h, left=pred, color=PALETTE.olive,
             label=_t("roof_dispatch", us=data["dispatch"]["s_per_call"] * 1e6))
     cost = (data.get("page_faults") or {}).get("s_per_fault")
-    ax.barh(y - h / 2, faults, h, left=pred + disp, color=PALETTE.purple,
-            label=_t("roof_faults", us=cost * 1e6) if cost else _t("roof_faults_none"))
+    label = (_t("roof_faults_none") if not cost else _t("roof_faults", us=cost * 1e6) if faults.any() else
+             _t("roof_faults_zero", us=cost * 1e6))
+    ax.barh(y - h / 2, faults, h, left=pred + disp, color=PALETTE.purple, label=label)
     ax.barh(y - h / 2, rest, h, left=pred + disp + faults, color=PALETTE.unmeasured, hatch="xx",
             edgecolor=PALETTE.faint, label=_t("roof_overhead"))
     err = [[(ms[n]["measured"]["median_s"] - ms[n]["measured"]["spread_lo_s"]) * 1e3 for n in names],
@@ -7702,7 +7727,9 @@ def _plot_low_precision(ax, data):
         why = _t("bound_" + low["classes"].get(c, {}).get("bound", "none"))
         ax.annotate(f"{va:.2f} ms", (va, yi - h / 2), xytext=(3, 0), textcoords="offset points", va="center",
                     fontsize=8)
-        ax.annotate(f"{vb:.2f} ms ({va / vb:.2f}x, {why})" if vb else "", (vb, yi + h / 2), xytext=(3, 0),
+        ratio = (_t("faster", x=va / vb) if va >= vb else _t("slower", x=vb / va)) if va and vb else None
+        ax.annotate(f"{vb:.2f} ms ({', '.join(filter(None, (ratio, why)))})" if vb else "", (vb, yi + h / 2),
+                    xytext=(3, 0),
                     textcoords="offset points", va="center", fontsize=8)
     ax.set_yticks(y, [_t(f"class_{c}") for c in names])
     ax.invert_yaxis()
@@ -7768,12 +7795,14 @@ LABELS.update({
                       "black tick: the allocator's peak (measured, rank 0's lower of two steps); %: estimate vs "
                       "measured"),
     "dist_single": ("单进程", "single process"),
-    "own_dist_two": ("2 个进程的每卡内存：实测（实心）与估计（斜线）", "Per-rank memory on 2 ranks: measured (solid), "
+    "own_dist_two": ("2 个进程的每卡内存（每卡 batch {b}，全局 {g}）：实测（实心）与估计（斜线）",
+                     "Per-rank memory on 2 ranks (batch {b} a rank, {g} in all): measured (solid), "
                      "estimated (hatched)"),
-    "own_dist_sim": ("{n} 个进程的每卡内存（模拟）", "Per-rank memory on {n} ranks (simulated)"),
-    "own_dist_sim_note": ("fake 张量 + fake 进程组；每个进程的 batch 即 --input-shape；单进程：一个进程训练同一 batch",
-                          "fake tensors, fake process group; each rank's batch is --input-shape; single process: "
-                          "one process, the same batch"),
+    "own_dist_sim": ("{n} 个进程的每卡内存（模拟；每卡 batch {b}，全局 {g}）",
+                     "Per-rank memory on {n} ranks (simulated; batch {b} a rank, {g} in all)"),
+    "own_dist_sim_note": ("fake 张量 + fake 进程组；单进程：一个进程训练一个 rank 的 batch（估计）",
+                          "fake tensors, fake process group; single process: one process on one rank's batch "
+                          "(estimated)"),
     "dist_large": ("{name}（{params} 参数）每卡内存 vs 卡数",
                    "{name} ({params} parameters): memory per device vs ranks"),
     "dist_large_note": ("点：fsdp 在 fake 张量 + fake 进程组上模拟（rank 0，每卡 1×{tokens} token，fp32 Adam；"
@@ -7807,11 +7836,13 @@ LABELS.update({
                         "{peaks}"),
 })
 LABELS.update({"dist_comm_buffers": ("通信缓冲", "communication buffers"),
+               "dist_gathered": ("聚集的完整参数", "all-gathered parameters"),
                "dist_other": ("其他（输入、临时）", "other (inputs, temporaries)")})
 DIST_PARTS = (("parameter_bytes", "parameter_bytes_part", PALETTE.blue),
               ("gradient_bytes", "gradient_bytes_part", PALETTE.orange),
               ("optimizer_bytes", "optimizer_bytes_part", PALETTE.green),
               ("activation_bytes", "activation_bytes_part", PALETTE.red),
+              ("gathered_parameter_bytes", "dist_gathered", PALETTE.cyan),
               ("communication_bytes", "dist_comm_buffers", PALETTE.purple), (None, "dist_other", PALETTE.faint))
 
 
@@ -7843,7 +7874,7 @@ def _plot_dist_memory(ax, data):
         if meas is not None:
             own = min(meas.get("step_peaks") or [meas["total"]])  # the program's own peak (measure_distributed)
             ax.plot([i - 0.39, i - 0.01], [own / MIB] * 2, color="k", lw=2)
-            error = 100 * (est["total"] - own) / own
+            error = round(100 * (est["total"] - own) / own, 1) + 0.0  # + 0.0: no "-0.0"
             ax.annotate(f"{error:+.1f}%", (i + 0.2, est["total"] / MIB), xytext=(0, 3), textcoords="offset points",
                         ha="center", fontsize=8)
     ax.set_xticks(range(len(names)), [_t("dist_single"), *DISTRIBUTED_STRATEGIES])
@@ -8245,12 +8276,12 @@ def _plot_own_distributed(axs, runs):
     """Per-rank memory on 2 ranks (measured beside the estimate), then on N ranks (simulated), or
     the 2 ranks' communication when N is 2."""
     _plot_dist_memory(axs[0], runs[0])
-    axs[0].set_title(_t("own_dist_two"))
+    axs[0].set_title(_t("own_dist_two", b=runs[0]["rank_batch"], g=runs[0]["global_batch"]))
     if len(runs) == 1:
         _plot_dist_comm(axs[1], runs[0])
         return
     _plot_dist_memory(axs[1], runs[1])
-    axs[1].set_title(_t("own_dist_sim", n=runs[1]["world_size"]))
+    axs[1].set_title(_t("own_dist_sim", n=runs[1]["world_size"], b=runs[1]["rank_batch"], g=runs[1]["global_batch"]))
     axs[1].set_xlabel(_t("own_dist_sim_note"), fontsize=8)
 
 
@@ -8687,10 +8718,11 @@ def _each_stage(args, device, out, results, failed, early):
             early = False
         _finish_beside(stage)
         started_stage, budget_s = _now(), _stage_budget_s(args, stage, results["stages"])
+        beside = " (its work ran beside the stages before)" if isinstance(BESIDE.get(stage), (list, dict)) else ""
         print(f"[{stage}] {FIGURE_FILES[stage]} (budget {budget_s:g}s) ...", flush=True)
         try:
             results["stages"][stage] = _run_stage(stage, args, device, out, results["stages"], budget_s)
-            print(f"[{stage}] done in {_now() - started_stage:.1f}s", flush=True)
+            print(f"[{stage}] done in {_now() - started_stage:.1f}s{beside}", flush=True)
         except KeyboardInterrupt:  # a PNG being written is dropped, the others stay whole
             if done:
                 results.update(interrupted=stage, wall_s=_now() - started)
