@@ -4422,6 +4422,10 @@ def run_roofline_analysis(run, *, peak_flops=None, models=None):
     data["above_roof"] = [f"{name} {c}: {readable(v['achieved_flops_per_s'], 'FLOP/s')} above the measured peak "
                           "(a kernel the matmul sweep does not reach, or a peak measured in a busy moment)"
                           for name, c, v in _above(models, peak)]
+    data["above_bandwidth"] = [f"{name} {c}: {readable(v['bytes'] / v['measured_s'], 'B/s')} above the measured "
+                               "bandwidth (part of its data in cache, the roof being DRAM's, or a roof measured in a "
+                               "slow moment)"
+                               for name, c, v in _above_bandwidth(models, bandwidth)]
     run.report(len(names) + 1, len(names) + 1, "low precision")
     return data
 
@@ -4437,6 +4441,12 @@ def _roofline_models(run, names, peak, roofs):
         models[name] = {"batch": batch, **result, "rows": result["rows"][:ROOFLINE_TOP_OPS]}
         run.report(i + 1, len(names) + 1, name)
     return models
+
+
+def _above_bandwidth(models, bandwidth):
+    """(model, class, row) of every op class that moved its counted bytes faster than the bandwidth roof."""
+    return [(name, c, v) for name, m in models.items() for c, v in m["classes"].items()
+            if v["measured_s"] and v["bytes"] / v["measured_s"] > bandwidth["bytes_per_s"]]
 
 
 def _above(models, peak):
@@ -6221,6 +6231,9 @@ LABELS = {
     "roof_memory": ("带宽屋顶 {v}", "bandwidth roof {v}"),
     "roof_ridge": ("脊点 {v:.3g} FLOP/字节", "ridge {v:.3g} FLOP/byte"),
     "roof_nopoint": ("不在图上（没有 FLOPs）：拷贝类与优化器中无计算的部分", "not on the plot (no FLOPs): copies"),
+    "roof_in_cache": ("高于带宽屋顶的点：部分数据在缓存里（屋顶是内存带宽），或带宽测在慢的时刻",
+                      "points above the bandwidth roof: part of their data in cache (the roof is DRAM's), or a roof "
+                      "measured in a slow moment"),
     "roof_share": ("{model}：FLOPs 占比 vs 时间占比（一步训练）",
                    "{model}: share of FLOPs vs share of time (one step)"),
     "roof_share_flops": ("FLOPs 占比", "share of FLOPs"),
@@ -7640,7 +7653,8 @@ def _plot_roofs(ax, data):
     handles += [Line2D([], [], ls="", marker="o", color=CLASS_COLORS[c], label=_t(f"class_{c}"))
                 for c in _CountingMode.OP_CLASSES if any(pc == c for _, pc, _ in points)]
     ax.legend(handles=handles, fontsize=8, loc="lower right", ncol=2)
-    ax.text(0.01, 0.99, _t("roof_nopoint"), transform=ax.transAxes, fontsize=8, va="top", color=PALETTE.note)
+    note = _t("roof_nopoint") + ("\n" + _t("roof_in_cache") if data.get("above_bandwidth") else "")
+    ax.text(0.01, 0.99, note, transform=ax.transAxes, fontsize=8, va="top", color=PALETTE.note)
 
 
 def _share_model(data):
