@@ -211,7 +211,7 @@ class Profile:
     distributed_large: str = "Llama-70B"
     distributed_worlds: tuple = (64,)  # each: a 3- and a 4-layer simulation, ~1 s (8: ~1 s, 512: ~5 s)
     # the CLI: the zoo's count, the dashboard's memory estimates and the simulations in processes beside
-    # the memory stage (untimed work all): ~107 -> ~94 s busy, about even quiet (2 cores, 4 processes)
+    # the memory stage (untimed work all): ~100 -> ~85 s busy, about even quiet (2 cores, 4 processes)
     beside: bool = True
 
     def budget_s(self, stage):
@@ -8466,7 +8466,7 @@ def _write_result(fn, args, path):
 class _Beside:
     """`fn(*args)` in a process of the rank server (a clean one, torch imported) while this one runs
     the counting stages: untimed work both, so sharing the CPU changes no number (_start_beside:
-    ~5 s of a quiet run, ~15 s of a busy one)."""
+    ~15 s of a busy run, about even on a quiet 2-core one)."""
 
     def __init__(self, fn, *args):
         self._dir = tempfile.TemporaryDirectory(prefix="lab-beside-")
