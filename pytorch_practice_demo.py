@@ -8498,8 +8498,10 @@ BESIDE = {}  # stage -> its _Beside work while the counting stages run, then tha
 def _start_beside(args):
     """The zoo's count, the dashboard's memory estimates and the distributed stage's large simulations
     beside the memory stage (run first then) and the FLOP stage."""
+    import multiprocessing
     p = PROFILES[args.profile]
-    if not p.beside or not {"flop", "memory"} & set(args.only) or (os.cpu_count() or 1) < 2:
+    if not p.beside or not {"flop", "memory"} & set(args.only) or (os.cpu_count() or 1) < 2 or \
+            "forkserver" not in multiprocessing.get_all_start_methods():  # spawn (Windows): an import of torch each
         return
     if {"flop", "memory"} <= set(args.only):
         BESIDE["flop"] = _Beside(count_zoo, list(p.flop_models or MODEL_ZOO))
