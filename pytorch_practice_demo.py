@@ -4359,8 +4359,9 @@ def measure_page_faults(device=None, *, time_budget_s=0.1):
     keeps them.  CPU only; elsewhere `skipped` says why."""
     device = resolve_device(device)
     if device.type != "cpu" or minor_page_faults() is None:
-        return {"s_per_fault": None, "skipped": "page faults are counted on a CPU whose OS reports them "
-                                                f"(getrusage): not {device.type} here"}
+        why = "this OS does not report them" if device.type == "cpu" else f"{device.type} is not the CPU"
+        return {"s_per_fault": None, "skipped": f"page faults are counted on a CPU whose OS reports them "
+                                                f"(getrusage): {why}"}
     n = FIRST_TOUCH_BYTES // 4
     held = torch.empty(n)
     fresh = measure(lambda: torch.empty(n).fill_(1.0), device=device, budget_s=time_budget_s / 2, always=True,
