@@ -5565,25 +5565,12 @@ class LectureClaims:
 lecture_claims = LectureClaims.rows  # public name
 
 
-def _speed_text(speedup):
-    """1.4 -> '1.40x faster', 0.45 -> '2.22x slower' (a slowdown is written as one)."""
-    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
-
-
 def format_lecture_table(data):
-    """The optimisation table and the formula checks as text (Markdown), as drawn in 讲义对照.png."""
-    lines = ["| technique | aspect | lecture | measured here | source | verdict |", "|---|---|---|---|---|---|"]
-    for r in data["claims"]:
-        value = r["measured"]
-        if value is None:
-            text = f"not measured: {r['reason']}"
-        else:
-            values = value if isinstance(value, dict) else {"": value}
-            text = "; ".join((f"{k} {_speed_text(v)}" if r["aspect"] == "speed" else
-                              f"{k} {v:.0%} saved" if v >= 0 else f"{k} {-v:.0%} more").strip()
-                             for k, v in values.items())
-        lines.append(f"| {r['technique']} | {r['aspect']} | {r['claim']} | {text} | {r['source'] or '-'} | "
-                     f"{r['verdict']} |")
+    """The optimisation table (the same cells as 讲义对照.png, in its language) and the formula
+    checks as text (Markdown)."""
+    header, cells, _ = _claim_cells(data["claims"])
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(str(c).replace("\n", " ") for c in row) + " |" for row in cells]
     lines += ["", "| formula | lecture | counted | error | corrected |", "|---|---|---|---|---|"]
     for r in data["flops"]:
         fixed = f"{r['correct_expr']} ({r['correct_error']:+.1%})" if r.get("correct_expr") else "-"
@@ -8143,10 +8130,9 @@ def _claim_source(row):
     return _t("src_training") + {"peak": _t("peak_suffix"), "activations": _t("act_suffix")}.get(row.get("basis"), "")
 
 
-def _plot_claims_table(ax, rows):
-    """The lecture's optimisation table with this machine's value in every cell, one line per
-    measured case, coloured by its verdict (better and worse than claimed told apart)."""
-    ax.axis("off")
+def _claim_cells(rows):
+    """The optimisation table's header, its cells (one line per measured case) and each line's
+    verdict, in the figure's language: what 讲义对照.png draws and the terminal prints."""
     header = [_t("col_technique"), _t("col_aspect"), _t("col_claim"), _t("col_measured"), _t("col_source"),
               _t("col_verdict")]
     cells, verdicts = [], []
@@ -8160,6 +8146,14 @@ def _plot_claims_table(ax, rows):
             cells.append([_t("tech_" + r["technique"]), _t("aspect_" + r["aspect"]), _t("claim_" + r["claim"]),
                           measured, source, _t("verdict_" + case["verdict"])])
             verdicts.append(case["verdict"])
+    return header, cells, verdicts
+
+
+def _plot_claims_table(ax, rows):
+    """The lecture's optimisation table with this machine's value in every cell, one line per
+    measured case, coloured by its verdict (better and worse than claimed told apart)."""
+    ax.axis("off")
+    header, cells, verdicts = _claim_cells(rows)
     table = ax.table(cellText=cells, colLabels=header, loc="upper center", cellLoc="center",
                      colWidths=[0.13, 0.1, 0.13, 0.26, 0.26, 0.12])
     table.auto_set_font_size(False)
