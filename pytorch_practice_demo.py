@@ -3998,6 +3998,9 @@ def _measure_latencies(records, device, budget_s, progress=None, done=0, total=0
                    f"{predicted * Budget.MARGIN:.1f} s), more than the {budget.left():.1f} s left of the latency "
                    "budget")
             latency[name] = [{"batch": b, "skipped": why} for b in LATENCY_BATCHES]
+            done += len(LATENCY_BATCHES)
+            if progress:
+                progress(done, total, f"{name} latency skipped (budget)")
             continue
         started = _now()
         seed_everything(seed)
