@@ -4870,12 +4870,28 @@ def rank_server():
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["torch", "torch._dynamo", "pytorch_practice_demo"])  # _dynamo: the first
     # optimizer or fake tensor imports it (and sympy), ~1.1 s quiet: paid once here, not in every child
-    sys.path.insert(0, str(_HERE))  # the server imports this module by its path
-    try:
+    with _importable_here():
         server.ensure_running()
+    return context
+
+
+@contextlib.contextmanager
+def _importable_here():
+    """This module importable by its path inside the block: the forkserver imports it, and a
+    spawned child (spawn copies sys.path) imports it by name."""
+    sys.path.insert(0, str(_HERE))
+    try:
+        yield
     finally:
         sys.path.remove(str(_HERE))
-    return context
+
+
+def _start_process(target, *args):
+    """A daemon process running target(*args), started from rank_server()'s context."""
+    with _importable_here():
+        process = rank_server().Process(target=target, args=args, daemon=True)
+        process.start()
+    return process
 
 
 def stop_rank_server():
@@ -4891,20 +4907,13 @@ def stop_rank_server():
 def _spawn_ranks(job, world_size, timeout_s):
     """Run `world_size` ranks of _distributed_child (forkserver or spawn) and read what each wrote.
     Every process is stopped on return: on success, on a rank's error, on timeout or on Ctrl-C."""
-    context, processes = rank_server(), []
+    processes = []
     with tempfile.TemporaryDirectory(prefix="lab-dist-") as tmp:
         job_path = Path(tmp) / "job.pt"
         torch.save(job, job_path)
         port, deadline = _free_port(), _now() + timeout_s
-        sys.path.insert(0, str(_HERE))  # the children import this module by its path (spawn copies sys.path)
-        try:
-            for rank in range(world_size):
-                p = context.Process(target=_distributed_child, args=(rank, world_size, port, str(job_path), tmp),
-                                    daemon=True)
-                p.start()
-                processes.append(p)
-        finally:
-            sys.path.remove(str(_HERE))
+        for rank in range(world_size):
+            processes.append(_start_process(_distributed_child, rank, world_size, port, str(job_path), tmp))
         try:
             while any(p.is_alive() for p in processes):
                 failed = [p for p in processes if not p.is_alive() and p.exitcode]
@@ -8469,13 +8478,7 @@ class _Beside:
     def __init__(self, fn, *args):
         self._dir = tempfile.TemporaryDirectory(prefix="lab-beside-")
         self._path = Path(self._dir.name) / "result.json"
-        sys.path.insert(0, str(_HERE))  # the child imports this module by its path
-        try:
-            self._process = rank_server().Process(target=_write_result, args=(fn, args, str(self._path)),
-                                                  daemon=True)
-            self._process.start()
-        finally:
-            sys.path.remove(str(_HERE))
+        self._process = _start_process(_write_result, fn, args, str(self._path))
 
     def result(self):
         """Its result once it is done (None if it failed: the stage then does the work itself)."""
