@@ -2142,11 +2142,6 @@ class _CountingMode(TorchDispatchMode):
         cls._plans[func] = plan
         return plan
 
-    @classmethod
-    def cost(cls, func, args, kwargs, out):
-        """(kind, amount) for one op: kind in {"macs", "other", "zero", "unsupported"}."""
-        return cls._price(cls._plans.get(func) or cls._plan(func), args, kwargs, out)
-
     @staticmethod
     @functools.lru_cache(maxsize=None)
     def pointwise(name):
@@ -5237,12 +5232,11 @@ def own_distributed(run, model, inputs, world_size):
         args, kwargs = Replica.map(local, lambda t: t.repeat(n, *[1] * (t.dim() - 1)) if t.dim() else t)
         return kwargs or args
     out, rank_batch = [], tree_flatten(local)[0][0].shape[0]
+    single = {"measured": None, "estimate": estimate_memory(model, local[1] or local[0], loss_fn=_mean_loss)}
     for n in dict.fromkeys((2, int(world_size))):
-        data = {"world_size": n, "rank_batch": rank_batch, "global_batch": n * rank_batch,
+        data = {"world_size": n, "rank_batch": rank_batch, "global_batch": n * rank_batch, "single": single,
                 "estimated": {s: estimate_distributed(model, global_batch(n), world_size=n, strategy=s)
-                              for s in DISTRIBUTED_STRATEGIES},
-                "single": {"measured": None, "estimate": estimate_memory(model, local[1] or local[0],
-                                                                         loss_fn=_mean_loss)}}
+                              for s in DISTRIBUTED_STRATEGIES}}
         data["measured"], data["measured_skipped"] = None, f"simulated only: this machine runs 2 ranks, not {n}"
         if n == 2 and Replica.device(model).type == "meta":
             data["measured_skipped"] = "the model is on the meta device: no weights to train"
