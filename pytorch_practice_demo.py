@@ -433,18 +433,18 @@ class Replica:
                            "module (or give it a __deepcopy__)") from None
 
     @staticmethod
-    def meta_like(x, dtype=None):
-        """An empty meta copy (a shape, no storage), a floating tensor cast to `dtype`."""
+    def meta_like(x, dtype=None, device="meta"):
+        """An empty copy (a shape, no data) on meta (or on `device`, inside a fake mode), a floating
+        tensor cast to `dtype`."""
         cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
-        return torch.empty_like(x, device="meta", dtype=cast)
+        return torch.empty_like(x, device=device, dtype=cast)
 
     @staticmethod
     def fake_like(mode, device, dtype=None):
         """Fake copies (no data) made in `mode` on `device`, floating tensors cast to `dtype`."""
         def make(x):
             with mode:
-                cast = dtype if (dtype is not None and x.is_floating_point()) else x.dtype
-                return torch.empty_like(x, device=device, dtype=cast)
+                return Replica.meta_like(x, dtype, device)
         return make
 
     @staticmethod
