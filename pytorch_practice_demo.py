@@ -3232,11 +3232,8 @@ class TrainingData:
         return {"name": "synthetic", "train_x": x, "train_y": y, "val_x": vx, "val_y": vy}
 
     FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-                   "val_x": "t10k-images-idx3-ubyte", "val_y": "t10k-labels-idx1-ubyte"}
-
-    MEAN = 0.1307  # of the training pixels in [0, 1] (pytorch/examples mnist)
-
-    STD = 0.3081
+             "val_x": "t10k-images-idx3-ubyte", "val_y": "t10k-labels-idx1-ubyte"}
+    MEAN, STD = 0.1307, 0.3081  # of the training pixels in [0, 1] (pytorch/examples mnist)
 
     @staticmethod
     def read_idx(path):
